@@ -1,0 +1,76 @@
+"""Shared helpers for the tests: a synthetic dataset, tiny configs, runs of train.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import checkpoint  # noqa: E402
+from prepare import write_tokens  # noqa: E402
+
+VOCAB = 64
+
+
+def make_dataset(data_dir, name="synth", n_train=20000, n_val=4000, seed=0):
+    """Tokens with structure to learn (noisy repeats of short motifs) in data_dir/name."""
+    rng = np.random.default_rng(seed)
+    motifs = rng.integers(0, VOCAB - 1, size=(16, 8))
+    def stream(n):
+        picks = motifs[rng.integers(0, len(motifs), size=n // 8 + 1)].reshape(-1)[:n]
+        noise = rng.random(n) < 0.1
+        return np.where(noise, rng.integers(0, VOCAB - 1, size=n), picks)
+    os.makedirs(os.path.join(data_dir, name), exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        write_tokens(os.path.join(data_dir, name, f"{split}.bin"), stream(n), "byte", VOCAB, VOCAB - 1)
+    return data_dir
+
+
+def tiny_args(tmp_path, **overrides):
+    """--key=value arguments for a tiny fp32 CPU run on the synthetic dataset."""
+    cfg = dict(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), dataset="synth",
+               device="cpu", dtype="float32", dim=32, n_layers=4, n_heads=4, n_kv_heads=2,
+               vocab_size=VOCAB, multiple_of=16, block_size=16, batch_size=8, micro_batch_size=2,
+               max_iters=4, learning_rate=1e-3, min_lr=1e-4, warmup_iters=2, lr_decay_iters=8,
+               log_interval=1, eval_interval=1000, eval_iters=2, checkpoint_interval=1000, seed=7)
+    cfg.update(overrides)
+    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+
+
+def run_train(args, nproc=1, timeout=300, env=None):
+    """train.py in a subprocess (torchrun when nproc > 1); returns the CompletedProcess."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(launcher + [os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def losses(out_dir):
+    """{step: loss} from out_dir/log.jsonl (the last record of a step wins, as after a resume)."""
+    out = {}
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = rec["loss"]
+    return out
+
+
+def final_params(out_dir):
+    return checkpoint.load(checkpoint.latest(out_dir), "model.pt")["state_dict"]
+
+
+def assert_same_run(out_a, out_b, rtol=1e-5, atol=1e-6):
+    la, lb = losses(out_a), losses(out_b)
+    assert la.keys() == lb.keys(), (la, lb)
+    for step in la:
+        assert abs(la[step] - lb[step]) <= atol + rtol * abs(lb[step]), f"step {step}: {la[step]} vs {lb[step]}"
+    pa, pb = final_params(out_a), final_params(out_b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")

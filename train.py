@@ -1,0 +1,526 @@
+"""Train a LLaMA.
+
+  python train.py configs/tiny.py --max_iters=200          one process (CPU or one GPU)
+  torchrun --nproc_per_node=8 train.py configs/llama_1b.py --tp=2 --pp=2 --zero=1
+
+Any key of Config below can be set in the config file (plain Python) or as --key=value.
+The batch of step t depends only on (seed, t, position in the global batch), so every
+parallel layout of the same config trains the same model.
+"""
+import ast
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import checkpoint
+import parallel
+from model import ModelConfig, Transformer, config_from_dict
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    # data and output
+    out_dir: str = "out"
+    dataset: str = "pystdlib"  # data/<dataset>/{train,val}.bin; the offline pystdlib is prepared on first use
+    data_dir: str = "data"
+    init_from: str = "scratch"  # scratch | resume (newest checkpoint in out_dir) | hf:<dir>
+    resume_fallback: bool = False  # resume from an older checkpoint if the newest is corrupt
+    # batch: batch_size sequences per optimizer step, micro_batch_size per forward on one rank
+    block_size: int = 256
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    # AdamW with linear warmup then cosine decay to min_lr at lr_decay_iters
+    max_iters: int = 2000
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    # logging, evaluation and checkpoints
+    log_interval: int = 10
+    eval_interval: int = 250
+    eval_iters: int = 20
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 3
+    checkpoint_errors_fatal: bool = False  # a failed checkpoint write stops the run
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps (bf16/fp32) before the run stops
+    # system
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 | float16
+    compile: bool = False
+    dist_timeout_s: int = 600
+    # model (see model.ModelConfig); max_seq_len is block_size
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = None
+    vocab_size: int = 50304
+    ffn_dim: int = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    attn_impl: str = "sdpa"
+    # parallelism (parallel.py, zero.py)
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    pp_virtual: int = 1  # model chunks per pipeline rank (interleaved)
+    dp_bucket_mb: float = 25.0
+
+
+class UserError(Exception):
+    """A mistake in the config, data or launch: printed as one message, exit code 2."""
+
+
+def _typed(key, value, default):
+    """Check value against the type of the key's default (None defaults take int/float/None)."""
+    kind = type(default) if default is not None else (int, float, type(None))
+    if isinstance(value, bool) and kind is not bool and kind != (int, float, type(None)):
+        raise UserError(f"config key {key}={value!r}: expected {type(default).__name__}, got a bool")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else "a number or None"
+        raise UserError(f"config key {key}={value!r}: expected {want}, got {type(value).__name__}")
+    return value
+
+
+def _unknown(key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see Config in train.py for the keys"
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
+def load_config(argv):
+    """Config from `[config.py] [--key=value ...]`: the file is plain Python whose top-level
+    names are config keys; command-line values are Python literals (or bare strings)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise UserError(f"config file {arg!r} not found")
+            scope = {}
+            exec(compile(open(arg).read(), arg, "exec"), scope)
+            for k, v in scope.items():
+                if k.startswith("_") or callable(v) or type(v).__name__ == "module":
+                    continue
+                if k not in defaults:
+                    raise _unknown(k, list(defaults))
+                values[k] = v
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            if key in ("help", "h"):
+                print(__doc__ + "\nKeys and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+                sys.exit(0)
+            if not eq:
+                raise UserError(f"argument {arg!r}: write --{key}=value")
+            if key not in defaults:
+                raise _unknown(key, list(defaults))
+            try:
+                values[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                values[key] = {"true": True, "false": False}.get(raw.lower(), raw)
+    cfg = Config(**{k: _typed(k, v, defaults[k]) for k, v in values.items()})
+    for key, choices in (("pp_schedule", ("gpipe", "1f1b", "interleaved")), ("zero", (0, 1, 2, 3)),
+                         ("dtype", ("auto", "float32", "bfloat16", "float16")), ("device", ("auto", "cpu", "cuda"))):
+        if getattr(cfg, key) not in choices:
+            raise UserError(f"config key {key}={getattr(cfg, key)!r} must be one of {choices}")
+    for key in ("block_size", "batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_iters",
+                "checkpoint_interval", "max_bad_steps"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"config key {key}={getattr(cfg, key)} must be >= 1")
+    if cfg.max_iters < 0:
+        raise UserError(f"config key max_iters={cfg.max_iters} must be >= 0")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise UserError(f"batch_size={cfg.batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size}")
+    return cfg
+
+
+def model_config(cfg):
+    try:
+        return config_from_dict({**dataclasses.asdict(cfg), "max_seq_len": cfg.block_size})
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+# --------------------------------------------------------------------------- data
+def open_split(cfg, split, vocab_size):
+    from prepare import DataError, load_tokens, prepare
+    path = os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin")
+    if not os.path.exists(path):
+        if cfg.dataset != "pystdlib":
+            raise UserError(f"{path} not found; run: python prepare.py --name={cfg.dataset} --source=...")
+        prepare(name="pystdlib", data_dir=cfg.data_dir)  # the offline default: one command to a first run
+    try:
+        tokens, header = load_tokens(path, expected_vocab_size=vocab_size)
+    except DataError as e:
+        raise UserError(str(e))
+    if len(tokens) < cfg.block_size + 2:
+        raise UserError(f"{path} has {len(tokens)} tokens, fewer than one block (block_size={cfg.block_size}) "
+                        "plus one; use a smaller block_size or more data")
+    return tokens, header
+
+
+def batch_offsets(cfg, n_tokens, step, split):
+    """Start offsets of the global batch of `step`: a function of (seed, split, step) only."""
+    rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, step])
+    return rng.integers(0, n_tokens - cfg.block_size - 1, size=cfg.batch_size)
+
+
+def get_micro_batches(cfg, tokens, step, split, mesh, device):
+    """This dp rank's contiguous share of the global batch, as (x, y) micro-batches."""
+    offsets = batch_offsets(cfg, len(tokens), step, split)
+    per_rank = cfg.batch_size // mesh.dp
+    mine = offsets[mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank]
+    seqs = torch.from_numpy(np.stack([tokens[o:o + cfg.block_size + 1].astype(np.int64) for o in mine]))
+    if device.type == "cuda":
+        seqs = seqs.pin_memory().to(device, non_blocking=True)
+    mb = cfg.micro_batch_size
+    return [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:]) for i in range(0, per_rank, mb)]
+
+
+# --------------------------------------------------------------------------- optimization
+def lr_at(cfg, step):
+    """Linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr (max_iters plays no part)."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on matrices (and embeddings) only, not on norm weights."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, cfg, mesh, device):
+    if cfg.zero:
+        import zero
+        return zero.build_optimizer(model, cfg, mesh)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                             betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+class LossScaler:
+    """fp16 dynamic loss scaling (book 4.2.4): multiply the loss by S so small gradients
+    survive fp16; on overflow skip the step and halve S, after `growth_interval` good
+    steps double it. Disabled (S = 1) for bf16 and fp32."""
+
+    def __init__(self, enabled, scale=2.0 ** 16, growth_interval=1000):
+        self.enabled, self.scale, self.growth_interval, self.good_steps = enabled, scale if enabled else 1.0, growth_interval, 0
+
+    def update(self, overflow):
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale *= 2
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, d):
+        self.scale, self.good_steps = d["scale"], d["good_steps"]
+
+
+def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
+    """Gradient accumulation on one pipeline stage: the mean loss of the micro-batches.
+    Each micro-batch loss is a mean over its tokens, so each backward gets 1/len of it.
+    Gradients sync across dp only in the last micro-step (grad_sync.sync)."""
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (x, y) in enumerate(micro_batches):
+        if grad_sync is not None:
+            grad_sync.sync = i == len(micro_batches) - 1
+        with autocast:
+            _, loss = model(x, y)
+        (loss * (loss_scale / len(micro_batches))).backward()
+        total += loss.detach()
+    if grad_sync is not None:
+        grad_sync.finish()
+    return total / len(micro_batches)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def optimizer_state(model, optimizer):
+    """AdamW state keyed by parameter name, so any layout can load it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {"step": None, "exp_avg": {}, "exp_avg_sq": {}}
+    for p, s in optimizer.state.items():
+        state["step"] = float(s["step"])
+        state["exp_avg"][names[id(p)]] = s["exp_avg"]
+        state["exp_avg_sq"][names[id(p)]] = s["exp_avg_sq"]
+    return state
+
+
+def load_optimizer_state(model, optimizer, state):
+    for n, p in model.named_parameters():
+        if n in state["exp_avg"]:
+            optimizer.state[p] = {"step": torch.tensor(state["step"]),
+                                  "exp_avg": state["exp_avg"][n].to(p.device, p.dtype),
+                                  "exp_avg_sq": state["exp_avg_sq"][n].to(p.device, p.dtype)}
+
+
+def save_checkpoint(cfg, mesh, model, optimizer, scaler, step, tokenizer):
+    """Every rank contributes (gathers are collective); rank 0 writes the single-process files."""
+    tmp = checkpoint.temp_dir(cfg.out_dir, step)
+    params = parallel.gather_full(dict(model.named_parameters()), model, mesh)
+    if cfg.zero:
+        files = optimizer.checkpoint_files(model, mesh)  # ZeRO: one file per rank
+    else:
+        opt = optimizer_state(model, optimizer)
+        opt["exp_avg"] = parallel.gather_full(opt["exp_avg"], model, mesh)
+        opt["exp_avg_sq"] = parallel.gather_full(opt["exp_avg_sq"], model, mesh)
+        files = {"optimizer.pt": opt} if mesh.is_main else {}
+    ok = torch.ones(())
+    try:
+        if mesh.is_main:
+            files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
+                                 "tokenizer": tokenizer}
+            files["train_state.pt"] = {"step": step, "config": dataclasses.asdict(cfg), "scaler": scaler.state_dict(),
+                                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+        checkpoint.write_files(tmp, files)
+    except OSError as e:
+        print(f"rank {mesh.rank}: checkpoint write failed: {e}")
+        ok.zero_()
+    parallel.all_reduce(ok, mesh_world_group(mesh), op=torch.distributed.ReduceOp.MIN)  # all ranks wrote?
+    if mesh.is_main:
+        if ok.item():
+            path = checkpoint.commit(cfg.out_dir, step, cfg.keep_checkpoints)
+            print(f"saved checkpoint {path}")
+        else:
+            checkpoint.discard(cfg.out_dir, step)
+            msg = f"checkpoint at step {step} failed; the previous checkpoint is intact"
+            if cfg.checkpoint_errors_fatal:
+                raise UserError(msg)
+            print("warning: " + msg + " (training goes on; set checkpoint_errors_fatal=True to stop instead)")
+
+
+def mesh_world_group(mesh):
+    return torch.distributed.group.WORLD if mesh.world > 1 else None
+
+
+def load_checkpoint(cfg, mesh, model, optimizer, scaler, path):
+    blob = checkpoint.load(path, "model.pt")
+    saved = config_from_dict(blob["model_config"])
+    mine = model.config
+    diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs config {getattr(mine, k)!r}"
+            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
+            if getattr(saved, k) != getattr(mine, k)]
+    if diff:
+        raise UserError(f"checkpoint {path} is from an incompatible model: " + "; ".join(diff))
+    local = parallel.shard_full(blob["state_dict"], model, mesh)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(local[n])
+    if cfg.zero:
+        optimizer.load_checkpoint(path, model, mesh)
+    else:
+        opt = checkpoint.load(path, "optimizer.pt") if os.path.exists(os.path.join(path, "optimizer.pt")) else None
+        if opt is not None:
+            opt["exp_avg"] = parallel.shard_full(opt["exp_avg"], model, mesh)
+            opt["exp_avg_sq"] = parallel.shard_full(opt["exp_avg_sq"], model, mesh)
+            load_optimizer_state(model, optimizer, opt)
+    state = checkpoint.load(path, "train_state.pt")
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state["step"]
+
+
+# --------------------------------------------------------------------------- the run
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+
+
+def setup_device(cfg):
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if want_cuda else torch.device("cpu")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if want_cuda and torch.cuda.is_bf16_supported() else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
+    return device, dtype, autocast
+
+
+def evaluate(cfg, model, mesh, val, device, autocast):
+    """Mean validation loss over eval_iters fixed batches (the same batches every evaluation)."""
+    from tqdm import tqdm
+    model.eval()
+    total = torch.zeros((), device=device)
+    with torch.no_grad():
+        for i in tqdm(range(cfg.eval_iters), desc="eval", leave=False, disable=not mesh.is_main):
+            for x, y in get_micro_batches(cfg, val, i, "val", mesh, device):
+                with autocast:
+                    total += model(x, y)[1].float()
+    model.train()
+    n = cfg.eval_iters * (cfg.batch_size // mesh.dp // cfg.micro_batch_size)
+    return parallel.reduce_for_log(total / n, mesh).item()
+
+
+def train(cfg):
+    mesh = parallel.init_distributed(cfg)
+    device, dtype, autocast = setup_device(cfg)
+    mcfg = model_config(cfg)
+    train_data, header = open_split(cfg, "train", mcfg.vocab_size)
+    val_data, _ = open_split(cfg, "val", mcfg.vocab_size)
+    resume_path = None
+    if cfg.init_from == "resume":
+        resume_path = checkpoint.latest(cfg.out_dir, fallback=cfg.resume_fallback)
+        if resume_path is None and mesh.is_main:
+            print(f"no checkpoint in {cfg.out_dir}: starting from scratch")
+    elif cfg.init_from != "scratch" and not cfg.init_from.startswith("hf:"):
+        raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or 'hf:<dir>'")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    if cfg.init_from.startswith("hf:"):
+        model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl)
+    else:
+        model = Transformer(mcfg)
+    n_params = model.num_params()
+    flops_per_token = model.flops_per_token(cfg.block_size)
+    model = parallel.parallelize(model.to(device), mesh, cfg)
+    optimizer = build_optimizer(model, cfg, mesh, device)
+    scaler = LossScaler(enabled=dtype == "float16")
+    step = load_checkpoint(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
+    fwd_bwd = torch.compile(model) if cfg.compile else model
+
+    log = print if mesh.is_main else (lambda *a, **k: None)
+    grad_accum = cfg.batch_size // mesh.dp // cfg.micro_batch_size
+    log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
+        f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
+        + (f" | resuming at step {step} from {resume_path}" if resume_path else ""))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    jsonl = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if mesh.is_main else None
+    preempt = Preemption()
+    tokenizer = header.get("tokenizer")
+    bad_steps, t0, tokens_seen, loss_sum = 0, time.time(), 0, torch.zeros((), device=device)
+    world_group = mesh_world_group(mesh)
+    peak_flops = 989e12 if device.type == "cuda" else None  # H100/H200 dense bf16 datasheet
+
+    while step < cfg.max_iters:
+        lr = lr_at(cfg, step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        micro = get_micro_batches(cfg, train_data, step, "train", mesh, device)
+        loss = forward_backward(fwd_bwd, micro, scaler.scale, autocast, model.grad_sync)
+        if scaler.enabled:  # unscale before clipping
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(scaler.scale)
+        norm = parallel.grad_norm(model, mesh)
+        # one small collective and one host sync per step: every rank agrees on skip/stop
+        flags = torch.stack([(~torch.isfinite(norm)).float(), torch.tensor(float(preempt.requested), device=device)])
+        parallel.all_reduce(flags, world_group, op=torch.distributed.ReduceOp.MAX)
+        bad, stop = flags.tolist()
+        if bad:
+            bad_steps += 1
+            scaler.update(overflow=True)
+            log(f"step {step}: non-finite gradient norm, step skipped"
+                + (f", loss scale lowered to {scaler.scale:g}" if scaler.enabled else f" ({bad_steps}/{cfg.max_bad_steps})"))
+            if not scaler.enabled and bad_steps >= cfg.max_bad_steps:
+                raise UserError(f"{bad_steps} consecutive steps with NaN/Inf gradients at step {step}; "
+                                f"the last good checkpoint in {cfg.out_dir} is intact. Lower learning_rate or check the data")
+        else:
+            bad_steps = 0
+            if cfg.grad_clip > 0:
+                coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            optimizer.step()
+            scaler.update(overflow=False)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += cfg.batch_size * cfg.block_size
+        loss_sum += loss
+
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            n_logged = (step - 1) % cfg.log_interval + 1
+            mean_loss = parallel.reduce_for_log(loss_sum / n_logged, mesh).item()
+            loss_sum.zero_()
+            dt = time.time() - t0
+            tok_s = tokens_seen / dt
+            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s,
+                   "loss_scale": scaler.scale}
+            line = f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {norm.item():.3f} | {tok_s:,.0f} tok/s"
+            if device.type == "cuda":
+                rec["mfu"] = flops_per_token * tok_s / (peak_flops * mesh.world)
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                line += f" | MFU {100 * rec['mfu']:.1f}% | mem {rec['peak_mem_gib']:.1f} GiB"
+            log(line)
+            t0, tokens_seen = time.time(), 0
+            if jsonl:
+                jsonl.write(json.dumps(rec) + "\n")
+                jsonl.flush()
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            val_loss = evaluate(cfg, fwd_bwd, mesh, val_data, device, autocast)
+            log(f"step {step:6d} | val loss {val_loss:.4f}")
+            if jsonl:
+                jsonl.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+                jsonl.flush()
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stop:
+            save_checkpoint(cfg, mesh, model, optimizer, scaler, step, tokenizer)
+        if step % cfg.eval_interval == 0 or step % cfg.checkpoint_interval == 0:
+            t0, tokens_seen = time.time(), 0  # tokens/s counts training steps only
+        if stop:
+            log(f"stopped by signal at step {step}; resume with --init_from=resume")
+            break
+    if jsonl:
+        jsonl.close()
+    return model
+
+
+def main(argv):
+    from prepare import DataError
+    try:
+        train(load_config(argv))
+    except (UserError, DataError, parallel.LayoutError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
