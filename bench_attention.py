@@ -1,0 +1,113 @@
+"""TFLOP/s of attention forward and backward: flash_attn.py vs torch SDPA's flash and cuDNN backends.
+
+    python bench_attention.py                                  # seqlen 1k-16k, head dims 64/128, causal and not
+    python bench_attention.py --seqlens 2048,8192 --causal 1   # a subset
+    python bench_attention.py --tiles --seqlens 8192 --head-dims 128 --causal 1   # time every tile config
+
+All three run in the same process on the same inputs, (batch, seqlen, heads, headdim) bf16 with
+batch * seqlen = --tokens and heads * headdim = --dim. FLOPs: forward 4 * B * H * T^2 * D (two
+matmuls), halved when causal; backward 2.5x forward (five matmuls instead of two). Times are
+medians of triton.testing.do_bench (CUDA events), after a warm-up that includes autotuning.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_attn
+from flash_attn import flash_attn_func
+
+
+def sdpa(backend):
+    def f(q, k, v, causal):  # SDPA wants (B, H, T, D): transposed views of the same tensors
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=causal).transpose(1, 2)
+    return f
+
+
+IMPLS = {"triton": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal),
+         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+         "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+
+
+def bench_one(fn, q, k, v, causal):
+    """(forward ms, backward ms); nan where the backend refuses the shape."""
+    try:
+        out = fn(q, k, v, causal)
+        dout = torch.randn_like(out)
+        fwd = triton.testing.do_bench(lambda: fn(q, k, v, causal), warmup=50, rep=200, return_mode="median")
+        bwd = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                                      warmup=50, rep=200, return_mode="median")
+        return fwd, bwd
+    except RuntimeError as e:
+        print(f"  ({e.__class__.__name__}: {str(e).splitlines()[0][:100]})")
+        return float("nan"), float("nan")
+
+
+def time_tiles(q, k, v, causal, flops):
+    """Each kernel's tile configs in turn (the others on their defaults): what the autotuner sees."""
+    fn = IMPLS["triton"]
+    for which, tiles in flash_attn.TILES.items():
+        for tile in tiles:
+            if not flash_attn._fits(which, tile, q.shape[-1]):
+                continue
+            flash_attn.FORCE_TILES = {w: flash_attn.TILES[w][0] for w in flash_attn.TILES} | {which: tile}
+            fwd, bwd = bench_one(fn, q, k, v, causal)
+            print(f"  {which:4s} tile (BLOCK_M, BLOCK_N, warps, stages)={tile}: fwd {fwd:.3f} ms "
+                  f"({flops / fwd * 1e-9:.0f} TFLOP/s), bwd {bwd:.3f} ms ({2.5 * flops / bwd * 1e-9:.0f} TFLOP/s)",
+                  flush=True)
+    flash_attn.FORCE_TILES = {}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--causal", default="1,0", help="comma list of 1 (causal) and/or 0")
+    p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
+    p.add_argument("--dim", type=int, default=2048, help="heads * head dim")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--tiles", action="store_true", help="time each tile config of flash_attn.py instead")
+    args = p.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"{args.dtype}, batch*seqlen={args.tokens}, heads*headdim={args.dim}")
+
+    rows = []
+    for causal in [bool(int(c)) for c in args.causal.split(",")]:
+        for D in [int(d) for d in args.head_dims.split(",")]:
+            for T in [int(t) for t in args.seqlens.split(",")]:
+                B, H = max(1, args.tokens // T), args.dim // D
+                q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+                flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+                if args.tiles:
+                    print(f"causal={causal:d} D={D} T={T} B={B} H={H}")
+                    time_tiles(q, k, v, causal, flops)
+                    continue
+                tf = {}
+                for name, fn in IMPLS.items():
+                    fwd, bwd = bench_one(fn, q, k, v, causal)
+                    tf[name] = (flops / fwd * 1e-9, 2.5 * flops / bwd * 1e-9)
+                rows.append((causal, D, T, tf))
+                t, fl, cu = tf["triton"], tf["sdpa-flash"], tf["sdpa-cudnn"]
+                print(f"causal={causal:d} D={D:3d} T={T:5d}  triton {t[0]:4.0f}/{t[1]:4.0f}  "
+                      f"flash {fl[0]:4.0f}/{fl[1]:4.0f}  cudnn {cu[0]:4.0f}/{cu[1]:4.0f}", flush=True)
+                del q, k, v
+
+    if not rows:
+        return
+    print("\nTFLOP/s fwd / bwd; ratios are triton over SDPA's backend\n")
+    print("| causal | head dim | seqlen | triton | SDPA flash | SDPA cuDNN | vs flash | vs cuDNN |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for causal, D, T, tf in rows:
+        t, fl, cu = tf["triton"], tf["sdpa-flash"], tf["sdpa-cudnn"]
+        print(f"| {'yes' if causal else 'no'} | {D} | {T} | {t[0]:.0f} / {t[1]:.0f} | {fl[0]:.0f} / {fl[1]:.0f} | "
+              f"{cu[0]:.0f} / {cu[1]:.0f} | {t[0] / fl[0]:.2f} / {t[1] / fl[1]:.2f} | "
+              f"{t[0] / cu[0]:.2f} / {t[1] / cu[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""FlashAttention in Triton: forward and backward kernels, (batch, seqlen, nheads, headdim) layout.
+
+    from flash_attn import flash_attn_func
+    out = flash_attn_func(q, k, v, causal=True)   # q (B, T, Hq, D), k/v (B, T, Hkv, D)
+
+The algorithm (the book's section 2.4.2; FlashAttention, algorithm 1; FlashAttention-2's
+work partitioning). Attention is O = softmax(S) V with S = scale * Q K^T. The (T, T) matrix S
+never reaches global memory: one program owns a block of BLOCK_M query rows, keeps it in
+on-chip memory and streams over the key/value blocks. The softmax is computed online: with a
+running row maximum m and running denominator l,
+
+    m_new = max(m, rowmax(S_j))                 S_j: the scores against key block j
+    P_j   = exp(S_j - m_new)
+    l     = l * exp(m - m_new) + rowsum(P_j)
+    acc   = acc * exp(m - m_new) + P_j V_j
+    ...   O = acc / l,  lse = m + log(l)   after the last block
+
+Rescaling by exp(m - m_new) keeps every exponent <= 0 (no overflow) and makes the result exact.
+The kernels work in base 2 (exp2 is one instruction): scores are multiplied by
+scale * log2(e) and lse is kept as m + log2(l) internally.
+
+Backward (recompute instead of storing P): with the saved lse, P = exp(S - lse) is rebuilt
+tile by tile, and with D = rowsum(dO * O) (a small preprocess kernel),
+
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ = scale * dS K,   dK = scale * dS^T Q.
+
+Following FlashAttention-2, one kernel owns a key block and loops over query blocks (dK, dV
+accumulate in registers, no atomics) and a second owns a query block and loops over key
+blocks (dQ). For grouped-query attention the dK/dV program also loops over the query heads
+of its group, so repeated k/v are never materialised. Masks (causal, sliding window, ragged
+tails) split each loop into blocks that need a mask and blocks that don't; fully masked
+blocks are skipped. attention_reference() at the end is the plain PyTorch version, used on
+CPUs and by the tests.
+
+Loads use TMA tensor descriptors (Hopper's bulk tensor copy engine; Triton falls back to
+ordinary loads on older GPUs) and Triton's software pipelining (num_stages). Tile sizes are
+autotuned per (head dim, causal, dtype, sequence-length bucket).
+"""
+import math
+import os
+
+import torch
+
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: kernels run on the CPU in numpy
+HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_BLOCK = 128  # largest tile in any config; lse/delta buffers are padded to a multiple of it
+LOG2E = 1.4426950408889634
+
+if INTERPRET:  # Triton 3.6's interpreter int()s 1-element arrays (loop bounds), an error since numpy 2.4
+    from triton.runtime import interpreter as _interpreter
+    _patch_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_tensor_index(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+    _interpreter._patch_lang_tensor = _patch_tensor_index
+
+
+# --------------------------------------------------------------------------- masks and tile ranges
+@triton.jit
+def _visible(rows, cols, T, BEFORE, AFTER):
+    """(len(rows), len(cols)) bool: row r sees column c iff r - BEFORE <= c <= r + AFTER and c < T.
+    Query i sees key j: rows=i, BEFORE=left window, AFTER=right window (0 when causal)."""
+    r, c = rows[:, None], cols[None, :]
+    return (c < T) & (r - c <= BEFORE) & (c - r <= AFTER)
+
+
+@triton.jit
+def _block_range(start, T, BEFORE, AFTER, BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """Rows start..start+BLOCK-1 see columns [lo, hi) (the band of _visible). Splits it into
+    [lo, mid_lo) masked | [mid_lo, mid_hi) visible to every row, no mask | [mid_hi, hi) masked;
+    lo, mid_lo, mid_hi are multiples of STEP (the column tile). Columns outside [lo, hi) are the
+    fully masked tiles that are skipped (causal: everything right of the diagonal)."""
+    lo = tl.maximum(start - BEFORE, 0) // STEP * STEP
+    hi = tl.minimum(start + BLOCK + AFTER, T)
+    # a column tile [c, c+STEP) is fully visible if the last row reaches back to c, the first
+    # row reaches forward to c+STEP-1, and c+STEP <= T
+    mid_lo = tl.cdiv(tl.maximum(start + BLOCK - 1 - BEFORE, lo), STEP) * STEP
+    mid_hi = tl.minimum(start + 1 + AFTER, T) // STEP * STEP
+    mid_lo = tl.minimum(mid_lo, tl.cdiv(hi, STEP) * STEP)
+    mid_hi = tl.maximum(mid_hi, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, start, end,
+               T, LEFT, RIGHT, qk_scale,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [start, end) for one query block (see the module docstring)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
+        qk = tl.dot(q, k.T, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N); S_j = scale * qk
+        if MASKED:
+            qk = tl.where(_visible(offs_m, start_n + offs_n, T, LEFT, RIGHT), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
+        if MASKED:  # a row that has seen no visible key yet: subtract 0, not -inf (inf - inf = nan)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # P_j = exp(S_j - m_new), one FMA + exp2
+        alpha = tl.math.exp2(m_i - m_new)  # exp(m - m_new) rescales the old sums
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = desc_v.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "SEQ_BUCKET"])
+def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale,
+                stride_ob, stride_ot, stride_oh,
+                T, T_pad, H, GROUP, LEFT, RIGHT, SEQ_BUCKET,
+                HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid: (query blocks, B * H); causal: the longest rows (last blocks) start first
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    m0 = pid_m * BLOCK_M
+    # q/k/v are seen as 2D (B*T, heads*D): a tile is BLOCK rows of one head's D columns.
+    # Rows past T read the next sequence (or zeros at the end): those keys are masked and
+    # those query rows are never stored.
+    kv_row, kv_col = b * T, (h // GROUP) * HEAD_DIM
+    q = desc_q.load([b * T + m0, h * HEAD_DIM])  # (BLOCK_M, D), stays on chip
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = softmax_scale * 1.4426950408889634  # scale * log2(e): exp(x) = exp2(x * log2(e))
+
+    lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
+                               T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
+                               T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
+                               T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+
+    # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there)
+    valid = offs_m < T
+    l_i = tl.where(valid, l_i, 1.0)  # padding rows may have seen no key at all
+    lse = tl.where(valid, m_i + tl.math.log2(l_i), float("inf"))
+    tl.store(Lse + bh.to(tl.int64) * T_pad + offs_m, lse)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :])
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=valid[:, None])
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["T", "T_pad"])
+def _bwd_preprocess(Out, dOut, Delta, stride_b, stride_t, stride_h, T, T_pad, H,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * O) (float32), one value per query row; rows >= T get 0."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs = (b.to(tl.int64) * stride_b + h * stride_h
+            + offs_m[:, None].to(tl.int64) * stride_t + offs_d[None, :])
+    mask = offs_m[:, None] < T
+    o = tl.load(Out + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(dOut + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * T_pad + offs_m, tl.sum(o * do, 1))
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, offs_n, start, end,
+                T, T_pad, LEFT, RIGHT, qk_scale,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block against query blocks [start, end) of one query head; tiles are transposed
+    (keys along rows) so that dK and dV come out as (BLOCK_N, D)."""
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = desc_q.load([q_row + start_m, q_col])  # (BLOCK_M, D)
+        do = desc_do.load([q_row + start_m, q_col])
+        lse = tl.load(Lse + bh * T_pad + offs_m)  # (BLOCK_M,), log2 units
+        delta = tl.load(Delta + bh * T_pad + offs_m)
+        s_t = tl.dot(k, q.T, input_precision=PRECISION) * qk_scale  # S^T: (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t - lse[None, :])  # P^T = exp(S - lse)^T, recomputed
+        if MASKED:  # key j is seen by query i iff j - RIGHT <= i <= j + LEFT, i < T
+            p_t = tl.where(_visible(offs_n, offs_m, T, RIGHT, LEFT), p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
+        dp_t = tl.dot(v, do.T, input_precision=PRECISION)  # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - D)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # dK += dS^T Q
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "SEQ_BUCKET"])
+def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, softmax_scale,
+                     stride_b, stride_t, stride_h,
+                     T, T_pad, H_KV, GROUP, LEFT, RIGHT, SEQ_BUCKET,
+                     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid: (key blocks, B * H_KV); causal: the first key blocks have the most work and start first
+    bhk = tl.program_id(1)
+    b, hk = bhk // H_KV, bhk % H_KV
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = desc_k.load([b * T + n0, hk * HEAD_DIM])  # (BLOCK_N, D), on chip for the whole loop
+    v = desc_v.load([b * T + n0, hk * HEAD_DIM])
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    qk_scale = softmax_scale * 1.4426950408889634
+    # the query rows that see these keys: the transpose of the forward's band (BEFORE <-> AFTER)
+    lo, mid_lo, mid_hi, hi = _block_range(n0, T, RIGHT, LEFT, BLOCK_N, BLOCK_M)
+    for g in range(GROUP):  # grouped-query: sum over the query heads that share this kv head
+        h = hk * GROUP + g
+        bh = (b * H_KV * GROUP + h).to(tl.int64)
+        dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                             lo, mid_lo, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                             mid_lo, mid_hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, False, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                             mid_hi, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs = (b.to(tl.int64) * stride_b + hk * stride_h
+            + offs_n[:, None].to(tl.int64) * stride_t + offs_d[None, :])
+    mask = offs_n[:, None] < T
+    tl.store(dK + offs, (dk * softmax_scale).to(dK.dtype.element_ty), mask=mask)  # dK = scale dS^T Q
+    tl.store(dV + offs, dv.to(dV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, start, end,
+              T, LEFT, RIGHT, qk_scale,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One query block against key blocks [start, end)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
+        v = desc_v.load([kv_row + start_n, kv_col])
+        s = tl.dot(q, k.T, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m, start_n + offs_n, T, LEFT, RIGHT), p, 0.0)
+        dp = tl.dot(do, v.T, input_precision=PRECISION)  # dP = dO V^T
+        ds = p * (dp - delta[:, None])  # dS = P * (dP - D)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dQ += dS K
+    return dq
+
+
+@triton.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "SEQ_BUCKET"])
+def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scale,
+                   stride_b, stride_t, stride_h,
+                   T, T_pad, H, GROUP, LEFT, RIGHT, SEQ_BUCKET,
+                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = desc_q.load([b * T + m0, h * HEAD_DIM])  # (BLOCK_M, D)
+    do = desc_do.load([b * T + m0, h * HEAD_DIM])
+    lse = tl.load(Lse + bh.to(tl.int64) * T_pad + offs_m)
+    delta = tl.load(Delta + bh.to(tl.int64) * T_pad + offs_m)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = softmax_scale * 1.4426950408889634
+    kv_row, kv_col = b * T, (h // GROUP) * HEAD_DIM
+    lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
+                   T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
+                   T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
+                   T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs = (b.to(tl.int64) * stride_b + h * stride_h
+            + offs_m[:, None].to(tl.int64) * stride_t + offs_d[None, :])
+    tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+# --------------------------------------------------------------------------- tile configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M tiles queries, BLOCK_N keys. On Hopper,
+# Triton issues wgmma for the dots (a warpgroup of 4 warps owns 64 rows of a tile) and
+# pipelines the TMA loads num_stages deep; shared memory (228 KB per SM) and registers bound
+# the tiles. The first tile that fits is the default when autotuning is off.
+TILES = {
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
+    "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 2)],
+}
+INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
+# which tiles stay on chip for the whole program and which stream through the pipeline
+# (q: a BLOCK_M x D tile of Q or dO, kv: a BLOCK_N x D tile of K or V)
+ON_CHIP = {"fwd": (1, 2), "dkdv": (2, 2), "dq": (2, 2)}  # (resident, streamed) tile counts
+AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
+FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
+
+
+def _fits(which, tile, head_dim):
+    """Shared memory of the 16-bit tiles: resident ones once, streamed ones num_stages times."""
+    bm, bn, _, stages = tile
+    resident, streamed = ON_CHIP[which]
+    res_rows, stream_rows = (bm, bn) if which in ("fwd", "dq") else (bn, bm)
+    return 2 * head_dim * (resident * res_rows + stages * streamed * stream_rows) <= 200 * 1024
+
+
+def _prune(which):
+    def prune(configs, named_args, **kwargs):
+        d = kwargs["HEAD_DIM"]
+        kept = [c for c in configs if _fits(which, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                    c.num_stages), d)]
+        return kept or configs[-1:]
+    return prune
+
+
+def _set_blocks(nargs):
+    """The descriptors' block shapes must match the tile the kernel is compiled for."""
+    d, bm, bn = nargs["HEAD_DIM"], nargs["BLOCK_M"], nargs["BLOCK_N"]
+    for name, rows in (("desc_q", bm), ("desc_do", bm), ("desc_k", bn), ("desc_v", bn)):
+        if name in nargs:
+            nargs[name].block_shape = [rows, d]
+
+
+def _autotuned(kernel, which):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
+               for bm, bn, w, s in TILES[which]]
+    # key: plus the dtypes of the tensor arguments, which Triton adds itself
+    return triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "SEQ_BUCKET"],
+                           prune_configs_by={"early_config_prune": _prune(which)})(kernel)
+
+
+KERNELS = {"fwd": (_fwd_kernel, _autotuned(_fwd_kernel, "fwd")),
+           "dkdv": (_bwd_dkdv_kernel, _autotuned(_bwd_dkdv_kernel, "dkdv")),
+           "dq": (_bwd_dq_kernel, _autotuned(_bwd_dq_kernel, "dq"))}
+
+
+def _launch(which, T, heads, descs, *args, **meta):
+    """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
+    (keys). Autotuned on a GPU; a fixed tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
+    kernel, autotuned = KERNELS[which]
+    rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
+    tile = FORCE_TILES.get(which)
+    if tile is None and AUTOTUNE and not INTERPRET:
+        autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)
+        return
+    if tile is None:
+        tile = INTERPRET_TILES[which] if INTERPRET else next(
+            (t for t in TILES[which] if _fits(which, t, meta["HEAD_DIM"])), TILES[which][-1])
+    bm, bn, w, s = tile
+    nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
+    _set_blocks(nargs)
+    grid = (triton.cdiv(T, bn if which == "dkdv" else bm), heads)
+    kernel[grid](*descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **meta)
+
+
+# --------------------------------------------------------------------------- host side
+def _desc(x):
+    """TMA descriptor over (B, T, H, D) seen as 2D (B*T, H*D); block shape set at launch."""
+    B, T, H, D = x.shape
+    return TensorDescriptor(x, [B * T, H * D], [H * D, 1], [16, D])
+
+
+def _prepare(x):
+    """Contiguous and 16-byte aligned, as TMA requires."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def _common(q, causal):
+    B, T, H, D = q.shape
+    return dict(HEAD_DIM=D, IS_CAUSAL=causal,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                SEQ_BUCKET=0 if T <= 1024 else 1 if T <= 4096 else 2)
+
+
+def _forward(q, k, v, causal, scale, left, right):
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    T_pad = triton.cdiv(T, MAX_BLOCK) * MAX_BLOCK
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
+    _launch("fwd", T, B * H, [_desc(q), _desc(k), _desc(v)],
+            out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
+            T, T_pad, H, group, left, right, **_common(q, causal))
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, causal, scale, left, right):
+    B, T, H, D = q.shape
+    H_kv = k.shape[2]
+    T_pad = lse.shape[-1]
+    delta = torch.empty_like(lse)
+    _bwd_preprocess[(T_pad // MAX_BLOCK, B * H)](out, do, delta, out.stride(0), out.stride(1), out.stride(2),
+                                                 T, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
+    _launch("dkdv", T, B * H_kv, descs, dk, dv, lse, delta, scale,
+            dk.stride(0), dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right,
+            **_common(q, causal))
+    descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
+    _launch("dq", T, B * H, descs, dq, lse, delta, scale,
+            dq.stride(0), dq.stride(1), dq.stride(2), T, T_pad, H, H // H_kv, left, right,
+            **_common(q, causal))
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, left, right):
+        q, k, v = _prepare(q), _prepare(k), _prepare(v)
+        out, lse = _forward(q, k, v, causal, scale, left, right)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, left, right)
+        lse_e = lse[..., :q.shape[1]] / LOG2E  # natural-log lse, (B, H, T)
+        ctx.mark_non_differentiable(lse_e)
+        return out, lse_e
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(_prepare(do), q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public API
+def _window(causal, window_size, T):
+    """(left, right): query i sees keys i-left..i+right. -1 (or None) means unbounded, which the
+    kernels encode as T; causal forces right = 0 (FlashAttention's convention)."""
+    if window_size is None:
+        window_size = (-1, -1)
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size={window_size!r} must be None or a pair (left, right) of ints >= -1 "
+                         "(-1: unbounded); e.g. window_size=(256, 0) for a causal band of 257 keys")
+    left, right = window_size
+    left = T if left < 0 else min(left, T)
+    right = 0 if causal else (T if right < 0 else min(right, T))
+    return left, right
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (batch, seqlen, nheads, headdim); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"k and v must be (batch, seqlen, nheads_kv, headdim) matching q's batch, seqlen "
+                         f"and headdim; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"nheads={q.shape[2]} of q is not a multiple of nheads_kv={k.shape[2]} of k/v; "
+                         "each kv head must serve a whole group of query heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+
+
+def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, return_lse=False):
+    """softmax(scale * q k^T + mask) v for q (B, T, Hq, D), k/v (B, T, Hkv, D), Hkv dividing Hq
+    (query head h uses kv head h // (Hq // Hkv)). causal: query i sees keys <= i. window_size=
+    (left, right): query i sees keys i-left..i+right (-1: unbounded; the book's band attention).
+    Returns out (B, T, Hq, D), and with return_lse=True also lse (B, Hq, T) float32, the
+    log-sum-exp of each row's scores. Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1);
+    elsewhere the PyTorch reference."""
+    _check(q, k, v)
+    T, D = q.shape[1], q.shape[3]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    left, right = _window(causal, window_size, T)
+    if not (q.is_cuda or INTERPRET):
+        out, lse = attention_reference(q, k, v, causal, scale, window_size)
+    else:
+        if D not in HEAD_DIMS:
+            raise ValueError(f"head dim {D} is not supported by the Triton kernels; use one of {HEAD_DIMS} "
+                             "(or attn_impl='sdpa')")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+        out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(scale), left, right)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------- reference
+def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=None):
+    """Plain PyTorch attention with the same arguments and masks; materialises the (T, T)
+    scores. Computes in float32 (float64 inputs stay float64). Returns (out, lse)."""
+    _check(q, k, v)
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    left, right = _window(causal, window_size, T)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = (x.to(ct).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    s = (qf @ kf.transpose(-2, -1)) * scale  # (B, H, T, T)
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    s = s.masked_fill(~((i - j <= left) & (j - i <= right)), float("-inf"))
+    lse = s.logsumexp(-1)  # (B, H, T)
+    out = torch.exp(s - lse[..., None]) @ vf
+    return out.transpose(1, 2).to(q.dtype), lse.float() if ct == torch.float32 else lse

@@ -1,0 +1,161 @@
+"""flash_attn.py against a float64 reference: forward, lse and all three gradients.
+
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, numpy on the
+CPU; fp16 and fp32, since bf16 is broken there); with one, the GPU tests run them in bf16/fp16
+and check that model.py trains with attn_impl="flash" like "sdpa".
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before flash_attn defines its kernels
+pytest.importorskip("triton", reason="flash_attn.py needs the triton package (pip install triton)")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flash_attn  # noqa: E402
+
+if not HAS_CUDA and not flash_attn.INTERPRET:  # imported earlier without the interpreter
+    flash_attn = importlib.reload(flash_attn)
+
+from flash_attn import attention_reference, flash_attn_func  # noqa: E402
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| (denominator at least 1: gradients that are exactly 0 at seqlen 1)."""
+    return ((a.double() - b.double()).norm() / max(b.double().norm().item(), 1.0)).item()
+
+
+def check_against_reference(B, T, Hq, Hkv, D, causal, window, dtype, device, tol):
+    """Fresh random inputs; kernel vs the reference in float64 on the same (rounded) inputs."""
+    q = torch.randn(B, T, Hq, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, window_size=window)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, T)
+    errs = {"out": rel_err(out, ref), "lse": rel_err(lse, ref_lse)}
+    errs.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    assert all(e < tol for e in errs.values()), f"errors over {tol}: {errs}"
+
+
+# --------------------------------------------------------------------------- CPU (interpreter)
+# (B, T, Hq, Hkv, D, causal, window): ragged lengths, grouped/multi-query, windows, head dims 32-128
+CPU_CASES = [
+    (2, 1, 2, 1, 32, True, None),
+    (2, 17, 4, 2, 64, True, None),
+    (1, 100, 2, 2, 128, False, None),
+    (1, 257, 4, 1, 32, True, None),
+    (1, 257, 2, 1, 64, False, None),
+    (1, 257, 2, 2, 32, True, (48, 0)),
+    (1, 130, 2, 1, 32, False, (20, 7)),
+    (2, 100, 2, 2, 64, True, (-1, -1)),
+]
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines; GPU tests cover CUDA")
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}-T{}-H{}/{}-D{}-causal{}-win{}".format(*c))
+def test_interpreter_matches_reference(case, dtype, tol):
+    assert flash_attn.INTERPRET, "TRITON_INTERPRET=1 was not in effect: the kernels would not run"
+    torch.manual_seed(hash(case) % 2**31)
+    check_against_reference(*case, dtype=dtype, device="cpu", tol=tol)
+
+
+def naive_attention(q, k, v, causal, window):
+    """Row by row, float64: query i attends to keys j with i-left <= j <= i+right."""
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    left, right = window if window is not None else (-1, -1)
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for i in range(T):
+        js = [j for j in range(T) if (left < 0 or j >= i - left)
+              and (j <= i if causal else (right < 0 or j <= i + right))]
+        for h in range(H):
+            s = torch.einsum("bd,bnd->bn", q[:, i, h].double(), k[:, js, h // group].double()) / D ** 0.5
+            out[:, i, h] = torch.einsum("bn,bnd->bd", s.softmax(-1), v[:, js, h // group].double())
+    return out
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, (5, 0)), (False, (3, 6))])
+def test_reference_masks(causal, window):
+    """The reference itself (which the kernel tests trust) against a row-by-row loop."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 19, 4, 8), torch.randn(2, 19, 2, 8), torch.randn(2, 19, 2, 8)
+    out, _ = attention_reference(q, k, v, causal=causal, window_size=window)
+    assert rel_err(out, naive_attention(q, k, v, causal, window)) < 1e-6
+
+
+def test_cpu_fallback_is_the_reference(monkeypatch):
+    """CPU tensors without the interpreter take the PyTorch path (model.py's "flash" on CPU)."""
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    q, k, v = torch.randn(1, 33, 4, 16), torch.randn(1, 33, 1, 16), torch.randn(1, 33, 1, 16)
+    out = flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(out, attention_reference(q, k, v, causal=True)[0])
+
+
+def test_bad_inputs_are_named():
+    q = torch.randn(1, 8, 6, 16)
+    with pytest.raises(ValueError, match="nheads=6"):
+        flash_attn_func(q, torch.randn(1, 8, 4, 16), torch.randn(1, 8, 4, 16))
+    with pytest.raises(ValueError, match="window_size"):
+        flash_attn_func(q, q, q, window_size=5)
+    with pytest.raises(ValueError, match="batch, seqlen"):
+        flash_attn_func(q[0], q[0], q[0])
+
+
+# --------------------------------------------------------------------------- GPU
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+GPU_CASES = [
+    (2, 1000, 8, 2, 128, True, None),
+    (1, 2065, 4, 4, 64, False, None),
+    (2, 1500, 4, 1, 64, True, (256, 0)),
+    (1, 777, 4, 2, 128, False, (100, 50)),
+    (2, 513, 4, 4, 32, True, None),
+    (1, 300, 2, 1, 256, True, None),
+    (3, 1, 2, 2, 64, True, None),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-H{}/{}-D{}-causal{}-win{}".format(*c))
+def test_gpu_matches_reference(case, dtype, tol):
+    torch.manual_seed(hash(case) % 2**31)
+    check_against_reference(*case, dtype=dtype, device="cuda", tol=tol)
+
+
+@cuda_only
+def test_model_trains_like_sdpa():
+    """Same init, same batches, bf16 autocast: the losses of "flash" and "sdpa" agree to bf16 noise."""
+    from model import ModelConfig, Transformer
+    losses = {}
+    for impl in ("sdpa", "flash"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512,
+                          max_seq_len=256, attn_impl=impl)
+        model = Transformer(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        tokens = torch.randint(0, 512, (8, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        losses[impl] = []
+        for _ in range(30):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[impl].append(loss.item())
+    a, b = torch.tensor(losses["sdpa"]), torch.tensor(losses["flash"])
+    print("sdpa ", [f"{x:.4f}" for x in a[::5].tolist()], "\nflash", [f"{x:.4f}" for x in b[::5].tolist()])
+    assert a[-1] < a[0] - 1.0, "the model did not learn"
+    assert (a - b).abs().max() < 0.05, f"losses differ: sdpa {a.tolist()} flash {b.tolist()}"
