@@ -1,0 +1,190 @@
+"""Generate text from a trained model (or a local Hugging Face Llama) with the KV cache.
+
+    python sample.py --init_from=out --start="Once upon a time" --num_samples=3
+    python sample.py --init_from=hf:/path/to/llama --tokenizer=gpt2 --start=FILE:prompt.txt
+    python sample.py --temperature=0            # greedy: the same text every run
+
+Tokens are printed as they are produced. Generation stops at the end-of-text token, after
+--max_new_tokens, or when the sequence reaches the model's max_seq_len.
+"""
+import argparse
+import codecs
+import sys
+from contextlib import nullcontext
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- loading (shared with eval_ppl.py)
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(device, dtype):
+    """Weights stay float32; matmuls run in dtype under autocast (float32: no autocast)."""
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype={dtype!r} is not one of {list(DTYPES)}")
+    if DTYPES[dtype] == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def get_encoding(name):
+    """tiktoken Encoding via prepare.get_tokenizer; offline, its error says how to get the files."""
+    from prepare import get_tokenizer
+    try:
+        return get_tokenizer(name)
+    except ValueError as e:  # prepare.DataError: unknown name, or BPE files not downloadable
+        raise SystemExit(f"error: {e}")
+
+
+def load_checkpoint(init_from, device):
+    """checkpoint.load_model, with a one-line error instead of a traceback."""
+    from checkpoint import CheckpointError, load_model
+    try:
+        return load_model(init_from, device)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load --init_from={init_from}: {e}")
+
+
+def load(init_from, device, tokenizer=None):
+    """(model in eval mode, tiktoken Encoding). A checkpoint names its tokenizer; an hf:<dir>
+    model has none, so --tokenizer (default gpt2) is used."""
+    model, name = load_checkpoint(init_from, device)
+    if name is not None and tokenizer is not None and tokenizer != name:
+        print(f"note: the checkpoint was trained with tokenizer {name!r}; using it, not --tokenizer={tokenizer!r}",
+              file=sys.stderr)
+    enc = get_encoding(name or tokenizer or "gpt2")
+    check_vocab(enc, model)
+    return model.eval(), enc
+
+
+def check_vocab(enc, model):
+    if enc.n_vocab > model.config.vocab_size:
+        raise SystemExit(f"error: tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model's vocab_size "
+                         f"is {model.config.vocab_size}; pass the --tokenizer the model was trained with")
+
+
+# --------------------------------------------------------------------------- sampling
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits: (V,) float32 -> one token id. temperature 0 is greedy (argmax).
+    Order as in transformers: temperature, then top-k, then top-p (nucleus)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of most likely tokens whose probability sums to >= top_p
+        probs, order = logits.softmax(-1).sort(descending=True)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+        drop = order[before >= top_p]  # the most likely token has before = 0, so it always stays
+        logits = logits.index_fill(0, drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
+             generator=None, vocab_limit=None, ctx=nullcontext(), cache_dtype=None):
+    """Yield up to max_new_tokens ids after the prompt (list of ids), one at a time.
+    The prompt is run once to fill the KV cache (prefill); each new token then costs one
+    forward of a single position at start_pos = its index. Stops before yielding eot.
+    vocab_limit: ids >= it (padding of the embedding table) are never sampled."""
+    max_len = model.config.max_seq_len
+    if not prompt:
+        raise ValueError("empty prompt: pass at least one token (sample.py starts from end-of-text)")
+    if len(prompt) >= max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens but the model's max_seq_len is {max_len}; "
+                         "shorten --start")
+    if len(prompt) + max_new_tokens > max_len:
+        print(f"\n[note: max_new_tokens={max_new_tokens} cropped to {max_len - len(prompt)}: "
+              f"the prompt ({len(prompt)} tokens) plus new tokens may not exceed max_seq_len={max_len}]",
+              file=sys.stderr)
+        max_new_tokens = max_len - len(prompt)
+    device = next(model.parameters()).device
+    cache = model.new_kv_cache(1, dtype=cache_dtype)
+    tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T) first, then (1, 1)
+    pos = 0
+    for _ in range(max_new_tokens):
+        with ctx:
+            logits, _ = model(tokens, cache=cache, start_pos=pos)  # (1, T, V)
+        logits = logits[0, -1].float()
+        if vocab_limit is not None:
+            logits[vocab_limit:] = float("-inf")
+        nxt = sample_next(logits.cpu(), temperature, top_k, top_p, generator)
+        if nxt == eot:
+            return
+        yield nxt
+        pos += tokens.shape[1]
+        tokens = torch.tensor([[nxt]], dtype=torch.long, device=device)
+
+
+def stream(token_ids, enc, out=None):
+    """Print tokens as they come; an incremental decoder holds back partial UTF-8 characters
+    (a byte-level token can be half of one). Returns the ids."""
+    out = out or sys.stdout
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ids = []
+    for t in token_ids:
+        ids.append(t)
+        out.write(decoder.decode(enc.decode_single_token_bytes(t)))
+        out.flush()
+    out.write(decoder.decode(b"", final=True))
+    return ids
+
+
+# --------------------------------------------------------------------------- main
+def read_start(start):
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    return start
+
+
+def check_args(a):
+    if a.temperature < 0:
+        raise SystemExit(f"--temperature={a.temperature} must be >= 0 (0 = greedy)")
+    if a.top_k is not None and a.top_k < 1:
+        raise SystemExit(f"--top_k={a.top_k} must be >= 1 (leave it out for no top-k)")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise SystemExit(f"--top_p={a.top_p} must be in (0, 1]")
+    if a.num_samples < 1 or a.max_new_tokens < 0:
+        raise SystemExit(f"--num_samples={a.num_samples} must be >= 1 and --max_new_tokens={a.max_new_tokens} >= 0")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", default="out", help="out_dir, checkpoint folder, or hf:<dir> (default: out)")
+    p.add_argument("--start", default="", help="prompt text, or FILE:path; empty = start of a document (end-of-text)")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
+    p.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus: smallest set with probability >= p")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tokenizer", default=None, help="for hf:<dir> models (default gpt2); a checkpoint names its own")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    a = p.parse_args(argv)
+    check_args(a)
+
+    model, enc = load(a.init_from, a.device, a.tokenizer)
+    ctx = autocast(a.device, a.dtype)
+    cache_dtype = None if a.dtype == "float32" else DTYPES[a.dtype]  # k/v come out of autocast in dtype
+    text = read_start(a.start)
+    prompt = enc.encode(text, allowed_special="all") if text else [enc.eot_token]
+    gen = torch.Generator().manual_seed(a.seed)  # sampling runs on CPU: same seed, same text on any device
+    for i in range(a.num_samples):
+        sys.stdout.write(text)
+        stream(generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, enc.eot_token,
+                        gen, enc.n_vocab, ctx, cache_dtype), enc)
+        sys.stdout.write("\n" + ("-" * 40 + "\n" if i < a.num_samples - 1 else ""))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

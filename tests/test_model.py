@@ -1,0 +1,228 @@
+"""model.py against transformers' LlamaForCausalLM (CPU, float32, built locally: no hub).
+
+Weights go both ways: our model -> save_hf -> LlamaForCausalLM.from_pretrained, and
+LlamaForCausalLM's state dict -> our parameter names -> Transformer. Logits and loss must
+agree to a relative error under 1e-5 for multi-head, grouped-query and multi-query
+attention, tied and untied embeddings, two rope_theta values, attn_impl math and sdpa.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import ModelConfig, Transformer, _HF_TO_OURS  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+TOL = 1e-5
+VOCAB, MAX_LEN, T = 97, 64, 48
+
+#          n_heads, n_kv_heads, tie_embeddings, rope_theta
+CASES = {"mha": (4, 4, False, 10000.0),
+         "mha-tied": (4, 4, True, 500000.0),
+         "gqa": (4, 2, False, 500000.0),
+         "gqa-tied": (4, 2, True, 10000.0),
+         "mqa": (4, 1, False, 10000.0),
+         "mqa-tied-theta5e5": (4, 1, True, 500000.0)}
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def our_config(case, attn_impl="math", **kw):
+    n_heads, n_kv_heads, tie, theta = CASES[case]
+    return ModelConfig(dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=VOCAB,
+                       ffn_dim=96, norm_eps=1e-5, rope_theta=theta, max_seq_len=MAX_LEN,
+                       tie_embeddings=tie, attn_impl=attn_impl, **kw)
+
+
+def hf_config(cfg):
+    return LlamaConfig(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+                       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                       vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                       max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
+                       attn_implementation="eager")
+
+
+def randomize(model, seed=0):
+    """Weights far from init (norm gains too), so a wrong mapping cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+def batch(seed=1, B=2):
+    x = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+    return x, torch.cat([x[:, 1:], torch.full((B, 1), -1)], dim=1)  # last target ignored (-1)
+
+
+def compare(ours, hf):
+    """Our logits/loss vs transformers' on the same tokens; HF shifts labels itself."""
+    x, y = batch()
+    with torch.no_grad():
+        logits, loss = ours(x, y)
+        out = hf(input_ids=x, labels=x)
+    assert logits.shape == out.logits.shape
+    assert rel_err(logits, out.logits) < TOL, rel_err(logits, out.logits)
+    assert abs(loss.item() - out.loss.item()) / out.loss.item() < TOL
+
+
+def load_hf(directory):
+    return LlamaForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------- equality with transformers
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_matches_transformers(case, attn_impl, tmp_path):
+    """ours -> save_hf -> LlamaForCausalLM.from_pretrained: same logits and loss."""
+    torch.manual_seed(0)
+    ours = randomize(Transformer(our_config(case, attn_impl))).eval()
+    ours.save_hf(tmp_path)
+    hf = load_hf(tmp_path)
+    assert hf.config.num_key_value_heads == CASES[case][1]
+    assert hf.config.tie_word_embeddings == CASES[case][2]
+    compare(ours, hf)
+
+
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_mapping_matches_transformers(case, attn_impl):
+    """LlamaForCausalLM(config) -> state dict renamed to ours -> Transformer: same logits and loss."""
+    cfg = our_config(case, attn_impl)
+    torch.manual_seed(0)
+    hf = randomize(LlamaForCausalLM(hf_config(cfg))).eval()
+    state = {_HF_TO_OURS(k): v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    ours = Transformer(cfg)
+    ours.load_state_dict(state, strict=True)
+    compare(ours.eval(), hf)
+
+
+def test_round_trip_export_from_pretrained_from_hf(tmp_path):
+    """ours -> save_hf -> from_pretrained -> save_pretrained (sharded) -> from_hf: same weights,
+    same config, same logits; and a (sharded) pytorch_model*.bin directory loads too."""
+    cfg = our_config("gqa-tied")
+    torch.manual_seed(0)
+    ours = randomize(Transformer(cfg)).eval()
+    ours.save_hf(tmp_path / "a")
+    hf = load_hf(tmp_path / "a")
+    hf.save_pretrained(tmp_path / "b", max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "b" / "model.safetensors.index.json")  # really sharded
+    back = Transformer.from_hf(tmp_path / "b", attn_impl="math").eval()
+    assert back.config == cfg
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    x, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(ours(x)[0], back(x)[0])
+    # pytorch_model.bin, two shards, as older checkpoints ship
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text((tmp_path / "b" / "config.json").read_text())
+    state = dict(hf.state_dict())
+    names = sorted(state)
+    torch.save({k: state[k] for k in names[:5]}, tmp_path / "c" / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: state[k] for k in names[5:]}, tmp_path / "c" / "pytorch_model-00002-of-00002.bin")
+    back_bin = Transformer.from_hf(tmp_path / "c", attn_impl="math").eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x)[0], back_bin(x)[0])
+
+
+def test_from_hf_untied_rope_theta_and_gqa_read_from_config(tmp_path):
+    cfg = our_config("mqa")
+    torch.manual_seed(0)
+    hf = randomize(LlamaForCausalLM(hf_config(cfg))).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_hf(tmp_path, attn_impl="sdpa").eval()
+    assert (ours.config.n_kv_heads, ours.config.rope_theta, ours.config.tie_embeddings) == (1, 10000.0, False)
+    compare(ours, hf)
+
+
+# --------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+@pytest.mark.parametrize("case", ["gqa", "mha-tied"])
+def test_kv_cache_decoding_equals_full_forward(case, attn_impl):
+    torch.manual_seed(0)
+    model = randomize(Transformer(our_config(case, attn_impl))).eval()
+    x, _ = batch(B=2)
+    with torch.no_grad():
+        full = model(x)[0]  # (B, T, V)
+        cache = model.new_kv_cache(2)
+        pieces = [model(x[:, :10], cache=cache, start_pos=0)[0],  # prefill
+                  model(x[:, 10:15], cache=cache, start_pos=10)[0]]  # a chunk after the prefill
+        pieces += [model(x[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(15, T)]  # one by one
+    assert rel_err(torch.cat(pieces, dim=1), full) < TOL
+
+
+def test_forward_beyond_max_seq_len_fails():
+    model = Transformer(our_config("gqa"))
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_kv_cache(1), start_pos=63)
+
+
+# --------------------------------------------------------------------------- flash attention (CPU reference)
+@pytest.mark.parametrize("case", ["gqa", "mqa-tied-theta5e5"])
+def test_flash_attn_impl_matches_math_on_cpu(case):
+    torch.manual_seed(0)
+    ref = randomize(Transformer(our_config(case, "math"))).eval()
+    flash = Transformer(our_config(case, "flash")).eval()
+    flash.load_state_dict(ref.state_dict())
+    x, y = batch()
+    with torch.no_grad():
+        (l_ref, loss_ref), (l_flash, loss_flash) = ref(x, y), flash(x, y)
+        cache = flash.new_kv_cache(2)  # flash prefill, then single-token decoding
+        dec = torch.cat([flash(x[:, :20], cache=cache, start_pos=0)[0]] +
+                        [flash(x[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(20, T)], dim=1)
+    assert rel_err(l_flash, l_ref) < TOL
+    assert abs(loss_flash.item() - loss_ref.item()) < TOL * loss_ref.item()
+    assert rel_err(dec, l_ref) < TOL
+
+
+# --------------------------------------------------------------------------- bad configs
+@pytest.mark.parametrize("kw, words", [
+    (dict(dim=64, n_heads=5), ["dim=64", "n_heads=5"]),
+    (dict(dim=64, n_heads=4, n_kv_heads=3), ["n_heads=4", "n_kv_heads=3"]),
+    (dict(dim=36, n_heads=4), ["36/4=9", "odd", "RoPE"]),
+    (dict(dim=64, n_heads=4, attn_impl="fast"), ["attn_impl='fast'"]),
+    (dict(dim=64, n_heads=4, vocab_size=0), ["vocab_size=0"]),
+])
+def test_bad_config_fails_at_construction_naming_keys(kw, words):
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**kw)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_bad_hf_config_fails_in_from_hf(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=3,
+        vocab_size=10, intermediate_size=32, rms_norm_eps=1e-6)))
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        Transformer.from_hf(tmp_path)
+
+
+# --------------------------------------------------------------------------- scripts
+@pytest.mark.parametrize("script, first_line", [
+    ("sample.py", "Generate text from a trained model"),
+    ("eval_ppl.py", "Perplexity of a model on a text file or a prepared token file"),
+])
+def test_script_help_says_what_it_does(script, first_line):
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    usage, description = r.stdout.split("\n\n")[:2]
+    assert usage.startswith("usage:")
+    assert description.startswith(first_line), r.stdout[:500]  # what it does, right after usage
+    assert "--init_from" in r.stdout and "--device" in r.stdout and "--dtype" in r.stdout
+    with open(os.path.join(ROOT, script)) as f:
+        assert f.readline().startswith('"""' + first_line)  # the file's first line too
