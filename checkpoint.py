@@ -76,6 +76,13 @@ def commit(out_dir, step, keep_last=3):
     return final
 
 
+def clean_temp(out_dir):
+    """Remove temporary folders left by saves that a crash interrupted (call on rank 0 at start)."""
+    for n in os.listdir(out_dir):
+        if n.startswith(".tmp_" + PREFIX):
+            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+
+
 def discard(out_dir, step):
     shutil.rmtree(temp_dir(out_dir, step), ignore_errors=True)
 

@@ -397,6 +397,20 @@ def evaluate(cfg, model, mesh, val, device, autocast):
     return parallel.reduce_for_log(total / n, mesh).item()
 
 
+def open_log(out_dir):
+    """out_dir/log.jsonl for appending; a line cut short by a crash is ended so it stays one bad line."""
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint.clean_temp(out_dir)  # temporary folders of saves that a crash interrupted
+    path = os.path.join(out_dir, "log.jsonl")
+    f = open(path, "a")
+    if f.tell() > 0:
+        with open(path, "rb") as r:
+            r.seek(-1, os.SEEK_END)
+            if r.read(1) != b"\n":
+                f.write("\n")
+    return f
+
+
 def train(cfg):
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
@@ -429,8 +443,7 @@ def train(cfg):
     log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
         f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
         + (f" | resuming at step {step} from {resume_path}" if resume_path else ""))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    jsonl = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if mesh.is_main else None
+    jsonl = open_log(cfg.out_dir) if mesh.is_main else None
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
     bad_steps, t0, tokens_seen, loss_sum = 0, time.time(), 0, torch.zeros((), device=device)
@@ -455,10 +468,13 @@ def train(cfg):
         if bad:
             bad_steps += 1
             scaler.update(overflow=True)
-            log(f"step {step}: non-finite gradient norm, step skipped"
+            if jsonl:
+                jsonl.write(json.dumps({"step": step + 1, "skipped": "non-finite gradient norm",
+                                        "loss_scale": scaler.scale}) + "\n")
+            log(f"step {step + 1}: non-finite gradient norm, step skipped"
                 + (f", loss scale lowered to {scaler.scale:g}" if scaler.enabled else f" ({bad_steps}/{cfg.max_bad_steps})"))
             if not scaler.enabled and bad_steps >= cfg.max_bad_steps:
-                raise UserError(f"{bad_steps} consecutive steps with NaN/Inf gradients at step {step}; "
+                raise UserError(f"{bad_steps} consecutive steps with NaN/Inf gradients at step {step + 1}; "
                                 f"the last good checkpoint in {cfg.out_dir} is intact. Lower learning_rate or check the data")
         else:
             bad_steps = 0
@@ -517,6 +533,11 @@ def main(argv):
     except (UserError, DataError, parallel.LayoutError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.distributed.DistError as e:  # a peer died or timed out (dist_timeout_s)
+        rank = os.environ.get("RANK", "0")
+        print(f"rank {rank}: a collective failed, most likely because another rank died or hung "
+              f"(torchrun's summary names it): {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -55,7 +55,10 @@ def losses(out_dir):
     out = {}
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         for line in f:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by kill -9
+                continue
             if "loss" in rec:
                 out[rec["step"]] = rec["loss"]
     return out
