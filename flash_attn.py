@@ -200,7 +200,7 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, softma
                      stride_b, stride_t, stride_h,
                      T, T_pad, H_KV, GROUP, LEFT, RIGHT, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False):
     # grid: (key blocks, B * H_KV); causal: the first key blocks have the most work and start first
     bhk = tl.program_id(1)
     b, hk = bhk // H_KV, bhk % H_KV
@@ -216,12 +216,16 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, softma
     for g in range(GROUP):  # grouped-query: sum over the query heads that share this kv head
         h = hk * GROUP + g
         bh = (b * H_KV * GROUP + h).to(tl.int64)
-        dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
-                             lo, mid_lo, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
-                             mid_lo, mid_hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, False, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
-                             mid_hi, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+        if ONE_LOOP:  # mask every block: more arithmetic, but fewer live registers (no spills)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 lo, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 lo, mid_lo, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 mid_lo, mid_hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, False, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 mid_hi, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
     offs_d = tl.arange(0, HEAD_DIM)
     offs = (b.to(tl.int64) * stride_b + hk * stride_h
             + offs_n[:, None].to(tl.int64) * stride_t + offs_d[None, :])
@@ -287,11 +291,12 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M tiles queries, BLOCK_N keys. On Hopper,
 # Triton issues wgmma for the dots (a warpgroup of 4 warps owns 64 rows of a tile) and
 # pipelines the TMA loads num_stages deep; shared memory (228 KB per SM) and registers bound
-# the tiles. The first tile that fits is the default when autotuning is off.
+# the tiles (bench_attention.py --tiles times each). The first tile that fits is the default
+# when autotuning is off. dkdv also tries ONE_LOOP (see _bwd_dkdv_kernel).
 TILES = {
-    "fwd": [(128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
-    "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 2)],
+    "fwd": [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)],
 }
 INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
 # which tiles stay on chip for the whole program and which stream through the pipeline
@@ -327,8 +332,9 @@ def _set_blocks(nargs):
 
 
 def _autotuned(kernel, which):
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
-               for bm, bn, w, s in TILES[which]]
+    variants = [{"ONE_LOOP": False}, {"ONE_LOOP": True}] if which == "dkdv" else [{}]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **x}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
+               for bm, bn, w, s in TILES[which] for x in variants]
     # key: plus the dtypes of the tensor arguments, which Triton adds itself
     return triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "SEQ_BUCKET"],
                            prune_configs_by={"early_config_prune": _prune(which)})(kernel)

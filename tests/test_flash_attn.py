@@ -137,25 +137,28 @@ def test_gpu_matches_reference(case, dtype, tol):
 
 @cuda_only
 def test_model_trains_like_sdpa():
-    """Same init, same batches, bf16 autocast: the losses of "flash" and "sdpa" agree to bf16 noise."""
+    """Same init, same batches, bf16 autocast: "flash" follows "sdpa" as closely as "math" (float32
+    attention) does, i.e. to bf16 noise (which training amplifies over the steps)."""
     from model import ModelConfig, Transformer
     losses = {}
-    for impl in ("sdpa", "flash"):
+    for impl in ("sdpa", "math", "flash"):
         torch.manual_seed(0)
         cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512,
                           max_seq_len=256, attn_impl=impl)
         model = Transformer(cfg).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         tokens = torch.randint(0, 512, (8, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         losses[impl] = []
-        for _ in range(30):
+        for _ in range(20):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses[impl].append(loss.item())
-    a, b = torch.tensor(losses["sdpa"]), torch.tensor(losses["flash"])
-    print("sdpa ", [f"{x:.4f}" for x in a[::5].tolist()], "\nflash", [f"{x:.4f}" for x in b[::5].tolist()])
-    assert a[-1] < a[0] - 1.0, "the model did not learn"
-    assert (a - b).abs().max() < 0.05, f"losses differ: sdpa {a.tolist()} flash {b.tolist()}"
+    sdpa, math_, flash = (torch.tensor(losses[k]) for k in ("sdpa", "math", "flash"))
+    for k in losses:
+        print(f"{k:5s}", " ".join(f"{x:.4f}" for x in losses[k][::4]))
+    noise = (math_ - sdpa).abs().max().item()
+    assert sdpa[-1] < sdpa[0] - 0.5, "the model did not learn"
+    assert (flash - sdpa).abs().max().item() <= max(2 * noise, 0.02), f"flash {flash.tolist()} sdpa {sdpa.tolist()}"
