@@ -295,7 +295,7 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
 # when autotuning is off. dkdv also tries ONE_LOOP (see _bwd_dkdv_kernel).
 TILES = {
     "fwd": [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
-    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
+    "dkdv": [(32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (16, 64, 4, 3)],
     "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)],
 }
 INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
