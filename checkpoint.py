@@ -153,5 +153,8 @@ def load_model(spec, device="cpu", **config_overrides):
         raise CheckpointError(f"no checkpoint in {spec}: train first (python train.py ...) or pass hf:<dir>")
     blob = load(path, "model.pt")
     model = Transformer(config_from_dict({**blob["model_config"], **config_overrides}))
-    model.load_state_dict(blob["state_dict"])
+    state = dict(blob["state_dict"])
+    if model.config.tie_embeddings:  # saved once, under its first name
+        state.setdefault("output.weight", state["tok_embeddings.weight"])
+    model.load_state_dict(state)
     return model.to(device), blob.get("tokenizer")
