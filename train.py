@@ -83,6 +83,9 @@ class Config:
     zero: int = 0
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     pp_virtual: int = 1  # model chunks per pipeline rank (interleaved)
+    pp_first_layers: int = 0  # layers of the first pipeline chunk (it also holds the embedding); 0: balanced
+    pp_last_layers: int = 0  # layers of the last chunk (it also holds the output head); 0: balanced
+    pp_measure_idle: bool = False  # log each stage's measured idle share (syncs the device: slower)
     dp_bucket_mb: float = 25.0
 
 
@@ -389,7 +392,11 @@ def evaluate(cfg, model, mesh, val, device, autocast):
     total = torch.zeros((), device=device)
     with torch.no_grad():
         for i in tqdm(range(cfg.eval_iters), desc="eval", leave=False, disable=not mesh.is_main):
-            for x, y in get_micro_batches(cfg, val, i, "val", mesh, device):
+            micro = get_micro_batches(cfg, val, i, "val", mesh, device)
+            if mesh.pp > 1:  # through the pipeline: the loss sum is on the last stage, 0 elsewhere
+                total += parallel.pipeline_forward(model, micro, autocast)
+                continue
+            for x, y in micro:
                 with autocast:
                     total += model(x, y)[1].float()
     model.train()
@@ -436,13 +443,18 @@ def train(cfg):
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
     step = load_checkpoint(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
-    fwd_bwd = torch.compile(model) if cfg.compile else model
+    fwd_bwd = torch.compile(model) if cfg.compile and mesh.pp == 1 else model
 
     log = print if mesh.is_main else (lambda *a, **k: None)
     grad_accum = cfg.batch_size // mesh.dp // cfg.micro_batch_size
     log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
         f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
         + (f" | resuming at step {step} from {resume_path}" if resume_path else ""))
+    if mesh.pp > 1:
+        bubble = parallel.bubble_fraction(cfg.pp_schedule, mesh.pp, grad_accum, cfg.pp_virtual)
+        log(f"pipeline: {cfg.pp_schedule} schedule, {mesh.pp} stages x {cfg.pp_virtual} chunks, {grad_accum} "
+            f"micro-batches | theoretical bubble {bubble:.1%} of each step"
+            + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
     jsonl = open_log(cfg.out_dir) if mesh.is_main else None
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
@@ -455,7 +467,10 @@ def train(cfg):
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = get_micro_batches(cfg, train_data, step, "train", mesh, device)
-        loss = forward_backward(fwd_bwd, micro, scaler.scale, autocast, model.grad_sync)
+        if mesh.pp > 1:  # the pipeline schedule runs the same micro-batches over the stages
+            loss = parallel.pipeline_step(model, micro, scaler.scale, autocast)
+        else:
+            loss = forward_backward(fwd_bwd, micro, scaler.scale, autocast, model.grad_sync)
         if scaler.enabled:  # unscale before clipping
             for p in model.parameters():
                 if p.grad is not None:
@@ -503,6 +518,9 @@ def train(cfg):
                 rec["mfu"] = flops_per_token * tok_s / (peak_flops * mesh.world)
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 line += f" | MFU {100 * rec['mfu']:.1f}% | mem {rec['peak_mem_gib']:.1f} GiB"
+            if cfg.pp_measure_idle and mesh.pp > 1:
+                rec["pp_idle"] = parallel.pipeline_idle(model)
+                line += " | idle by stage " + " ".join(f"{f:.0%}" for f in rec["pp_idle"])
             log(line)
             t0, tokens_seen = time.time(), 0
             if jsonl:
