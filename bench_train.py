@@ -1,0 +1,152 @@
+"""Time train.py's training step against transformers' LlamaForCausalLM on the same GPU.
+
+    python bench_train.py                      # both shapes, every implementation
+    python bench_train.py --shapes=134m --steps=30 --impls=ours_compile,hf_compile
+
+Each implementation runs the same shapes in one process, one after the other: float32
+master weights, bf16 autocast, fused torch AdamW, random tokens (never zeros). "ours" is
+model.py through train.py's forward_backward / grad_norm / clip / optimizer.step; "hf" is
+LlamaForCausalLM with SDPA attention. MFU counts 6N + 12*L*d*T FLOPs per token (PaLM),
+against the bf16 matmul rate measured in this run and against the datasheet peak.
+"""
+import argparse
+import gc
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+
+import parallel
+import train
+import model as model_module
+from model import ModelConfig, Transformer
+from torch.nn.attention import SDPBackend
+
+SHAPES = {  # name: (model config, batch, seq)
+    "134m": (dict(dim=768, n_layers=12, n_heads=12, ffn_dim=2048, vocab_size=32000), 16, 1024),
+    "1b": (dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=8192, vocab_size=32000), 4, 2048),
+}
+DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16
+
+
+def measured_matmul_rate(n=8192, iters=20):
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3)
+
+
+def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION):
+    model_module.SDPA_BACKENDS.sort(key=lambda b: b != sdpa_first)  # which SDPA backend is tried first
+    mcfg = ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)
+    model = Transformer(mcfg).cuda()
+    model.grad_sync = None
+    cfg = train.Config(weight_decay=0.1)
+    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile_model else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    mesh = parallel.Mesh()
+
+    def step(x, y):
+        train.forward_backward(fwd, [(x, y)], 1.0, autocast, None)
+        norm = parallel.grad_norm(model, mesh)
+        coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_([p.grad for p in model.parameters()], coef)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, step
+
+
+def hf_step(shape, batch, seq, compile_model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hcfg = LlamaConfig(hidden_size=shape["dim"], num_hidden_layers=shape["n_layers"],
+                       num_attention_heads=shape["n_heads"], num_key_value_heads=shape.get("n_kv_heads", shape["n_heads"]),
+                       intermediate_size=shape["ffn_dim"], vocab_size=shape["vocab_size"],
+                       max_position_embeddings=seq, tie_word_embeddings=False)
+    hcfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hcfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile_model else model
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, step
+
+
+IMPLS = {
+    "hf": lambda s, b, t: hf_step(s, b, t, False),
+    "hf_compile": lambda s, b, t: hf_step(s, b, t, True),
+    "ours": lambda s, b, t: ours_step(s, b, t, False, "sdpa"),
+    "ours_compile": lambda s, b, t: ours_step(s, b, t, True, "sdpa"),
+    "ours_compile_flash": lambda s, b, t: ours_step(s, b, t, True, "flash"),
+    "ours_compile_sdpa_flash": lambda s, b, t: ours_step(s, b, t, True, "sdpa", sdpa_first=SDPBackend.FLASH_ATTENTION),
+}
+
+
+def bench(impl, shape_name, steps, warmup):
+    shape, batch, seq = SHAPES[shape_name]
+    torch.manual_seed(0)
+    model, step = IMPLS[impl](shape, batch, seq)
+    n_nonemb = sum(p.numel() for p in model.parameters()) - shape["vocab_size"] * shape["dim"]
+    flops_per_token = 6 * n_nonemb + 12 * shape["n_layers"] * shape["dim"] * seq
+    x = torch.randint(0, shape["vocab_size"], (batch, seq), device="cuda")
+    y = torch.roll(x, -1, 1)
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step(x, y)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    del model, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return batch * seq / dt, flops_per_token, peak
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="134m,1b")
+    p.add_argument("--impls", default="hf,hf_compile,ours,ours_compile,ours_compile_flash")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rate = measured_matmul_rate()
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | measured bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    rows = []
+    for shape_name in args.shapes.split(","):
+        for impl in args.impls.split(","):
+            try:
+                tok_s, fpt, peak = bench(impl, shape_name, args.steps, args.warmup)
+            except Exception as e:  # one failing implementation must not hide the others' numbers
+                print(f"{shape_name} {impl}: failed: {type(e).__name__}: {e}")
+                continue
+            rows.append((shape_name, impl, tok_s, fpt * tok_s / rate, fpt * tok_s / DATASHEET_BF16, peak))
+            print(f"{shape_name:5s} {impl:20s} {tok_s:12,.0f} tok/s  MFU {100 * rows[-1][3]:5.1f}% (measured) "
+                  f"{100 * rows[-1][4]:5.1f}% (datasheet)  peak {peak:6.1f} GiB", flush=True)
+    print("\n| shape | implementation | tokens/s | MFU (measured) | MFU (datasheet) | peak GiB | vs hf_compile |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for shape_name, impl, tok_s, mfu, mfu_ds, peak in rows:
+        ref = next((r[2] for r in rows if r[0] == shape_name and r[1] == "hf_compile"), math.nan)
+        print(f"| {shape_name} | {impl} | {tok_s:,.0f} | {100 * mfu:.1f}% | {100 * mfu_ds:.1f}% | {peak:.1f} | {tok_s / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
