@@ -13,9 +13,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import RMSNorm
 
 
 # --------------------------------------------------------------------------- the mesh
@@ -174,6 +179,285 @@ def check_replicas_identical(model, group):
         raise RuntimeError("data-parallel replicas start with different parameters; every rank must use the same seed")
 
 
+# --------------------------------------------------------------------------- tensor parallelism
+# Megatron-LM (book 4.2.2): inside a block, the first matrix of each sublayer is split by
+# columns (4.2: wq/wk/wv by heads, SwiGLU's gate w1 and up w3 by hidden units), the second
+# by rows (4.3: wo, down w2). The column-split output is exactly the row-split input, so a
+# sublayer needs one all-reduce forward (after the row-parallel matrix, Megatron's g) and
+# one backward (where the replicated input enters the sublayer, Megatron's f).
+#
+# Every parameter carries `tp_dim`, read by grad_norm and gather_full / shard_full:
+#   tp_dim None   the full tensor, the same on every tp rank (norm weights; all of tp=1)
+#   tp_dim 0 / 1  a slice along that dim: the full tensor is split in `tp_shards` equal
+#                 slices (default tp) and tp rank r holds slice r * tp_shards // tp. With
+#                 n_kv_heads < tp a kv head's wk/wv slice is held by tp / n_kv_heads ranks.
+# Parameters are sliced from the full, seeded single-device model, so tp=T trains the same
+# model as tp=1 with the same seed.
+
+def _all_gather(x, group, dim):
+    """Concatenate every rank's x along dim (all ranks hold equal shapes)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim)
+
+
+class CopyToTP(torch.autograd.Function):
+    """Megatron's f: identity forward; backward sums the input gradient over the tp ranks
+    (each rank's heads / hidden units contribute part of dL/dx)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous().clone(), ctx.group), None
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """Megatron's g, f's conjugate: all-reduce forward (sum the partial products X_i A_i of a
+    row-parallel matrix, or the partial embeddings); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# Sequence parallelism (Korthikanti et al. 2022): between the sublayers, the residual
+# stream, the norms and the residual adds work on T/tp tokens per rank, (B, T/tp, dim).
+# f becomes an all-gather over the sequence (backward: reduce-scatter) and g a
+# reduce-scatter (backward: all-gather): the same bytes as one all-reduce, but the
+# activations outside attention/ffn take 1/tp of the memory.
+# (torch >= 2.12 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _seq_first(x):
+    return x.transpose(0, 1).contiguous()  # (B, T, d) -> (T, B, d): collectives split dim 0
+
+
+def _gather_seq(x, group):
+    """(B, T/tp, d) on each rank -> (B, T, d), rank order along T."""
+    x = _seq_first(x)
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group),) + x.shape[1:])
+    _all_gather_single(out, x, group=group)
+    return out.transpose(0, 1)
+
+
+def _reduce_scatter_seq(x, group):
+    """(B, T, d) partial sums on each rank -> (B, T/tp, d): the sum, this rank's tokens."""
+    x = _seq_first(x)
+    out = x.new_empty((x.shape[0] // dist.get_world_size(group),) + x.shape[1:])
+    _reduce_scatter_single(out, x, group=group)
+    return out.transpose(0, 1)
+
+
+class GatherSeqToTP(torch.autograd.Function):
+    """Sequence-parallel f: all-gather the tokens forward, reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class ScatterSeqFromTP(torch.autograd.Function):
+    """Sequence-parallel g: reduce-scatter the tokens forward, all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+def enter_tp(x, group, sequence_parallel):
+    return (GatherSeqToTP if sequence_parallel else CopyToTP).apply(x, group)
+
+
+def leave_tp(x, group, sequence_parallel):
+    return (ScatterSeqFromTP if sequence_parallel else ReduceFromTP).apply(x, group)
+
+
+class NormEnterTP(RMSNorm):
+    """RMSNorm, then f: the one place where the replicated stream enters a tensor-parallel
+    region, shared by wq, wk, wv (or w1, w3; or the vocab-parallel output), so backward
+    all-reduces dL/dx once per sublayer, as Megatron's fused QKV matrix does."""
+
+    def __init__(self, norm, group, sequence_parallel):
+        nn.Module.__init__(self)
+        self.eps, self.weight = norm.eps, norm.weight
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x):
+        return enter_tp(super().forward(x), self.group, self.sequence_parallel)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y_i = X A_i (4.2): this rank's output features; the output stays split. Its input
+    has passed f already (NormEnterTP)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight  # (out / tp, in)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = sum_i X_i A_i (4.3): X_i is this rank's share of the features (a column-parallel
+    output), g sums the partial products (sequence parallel: and scatters the tokens)."""
+
+    def __init__(self, weight, group, sequence_parallel):
+        super().__init__()
+        self.weight = weight  # (out, in / tp)
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x):
+        return leave_tp(F.linear(x, self.weight), self.group, self.sequence_parallel)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + V/tp) of the table (book figure 4.9): ids outside give zero
+    vectors, and one all-reduce sums the ranks' partial lookups into the full embedding."""
+
+    def __init__(self, weight, start, group, sequence_parallel):
+        super().__init__()
+        self.weight, self.start = weight, start  # (V / tp, dim)
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, ids):
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, dim)
+        return leave_tp(h.masked_fill(outside[..., None], 0.0), self.group, self.sequence_parallel)
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over targets != -1 from vocab-sharded logits, never gathering them
+    (book 4.4-4.5): log sum_j e^{x_j} - x_target = log(sum_p sum_{j on p} e^{x_j - m}) + m
+    - x_target with m = max_p max_k x_k. Three small all-reduces of one number per token:
+    the max, the sum of exponentials and the target logit (found on one rank, 0 elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, group):
+        x = logits.float().flatten(0, 1)  # (N, V/tp)
+        t = targets.flatten()  # (N,)
+        m = all_reduce(x.max(-1).values, group, op=dist.ReduceOp.MAX)  # (4.5)
+        e = (x - m[:, None]).exp_()
+        sum_e = all_reduce(e.sum(-1), group)  # the denominator of (4.4)
+        local = t - start
+        mine = (local >= 0) & (local < x.shape[1])
+        local = local.clamp(0, x.shape[1] - 1)
+        x_t = all_reduce(torch.where(mine, x.gather(1, local[:, None])[:, 0] - m, 0.0), group)
+        valid = t != -1
+        n = valid.sum().clamp(min=1)
+        loss = ((sum_e.log() - x_t) * valid).sum() / n
+        ctx.save_for_backward(e.div_(sum_e[:, None]), local, mine, valid, n)  # e is now softmax
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        # d loss / d x_j = (softmax_j - [j == target]) / n for each counted token
+        softmax, local, mine, valid, n = ctx.saved_tensors
+        g = softmax.scatter_add_(1, local[:, None], -mine[:, None].to(softmax.dtype))  # in place
+        g.mul_((valid / n * grad)[:, None])
+        return g.view(ctx.shape).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, targets, start, group):
+    return VocabParallelCrossEntropy.apply(logits, targets, start, group)
+
+
+def gather_logits(local_logits, mesh):
+    """(B, T, V/tp) vocab-sharded logits -> (B, T, V) on every tp rank, e.g. for sampling."""
+    if mesh.tp == 1:
+        return local_logits
+    return _all_gather(local_logits, mesh.tp_group, dim=-1)
+
+
+def _sum_grad_over(p, group):
+    """A parameter whose copies get partial gradients (a kv head shared by several tp ranks,
+    a norm weight under sequence parallelism): sum them in backward. Megatron does this
+    once per step; here it is once per micro-batch, simpler and equally exact."""
+    p.register_hook(lambda grad: all_reduce(grad.clone(), group))
+
+
+def _kv_groups(mesh, share):
+    """Process groups of the `share` consecutive tp ranks that hold the same kv head. Every
+    rank must create every group in the same order; returns this rank's."""
+    mine = None
+    for first in range(0, mesh.world, share):  # share divides tp, and a tp group is tp consecutive ranks
+        group = dist.new_group(list(range(first, first + share)))
+        if first <= mesh.rank < first + share:
+            mine = group
+    return mine
+
+
+def _shard(p, dim, mesh, shards=None):
+    """The slice of full parameter p that this tp rank holds, tagged for grad_norm/gather."""
+    shards = shards or mesh.tp
+    local = nn.Parameter(p.detach().chunk(shards, dim)[mesh.tp_rank * shards // mesh.tp].clone())
+    local.tp_dim, local.tp_shards = dim, shards
+    return local
+
+
+def tensor_parallel(model, mesh, cfg):
+    """Swap the model's matrices for tp-sharded ones in place; names stay the single-process ones."""
+    c, tp, group = model.config, mesh.tp, mesh.tp_group
+    sp = getattr(cfg, "sequence_parallel", False)
+    if c.ffn_dim % tp:
+        raise LayoutError(f"ffn_dim={c.ffn_dim} is not divisible by tp={tp}; set ffn_dim (or multiple_of) "
+                          f"to a multiple of {tp}")
+    if sp and cfg.block_size % tp:
+        raise LayoutError(f"sequence_parallel splits each sequence over tp ranks: block_size={cfg.block_size} "
+                          f"must be divisible by tp={tp}")
+    kv_shards = min(c.n_kv_heads, tp)  # n_kv_heads < tp: tp / n_kv_heads ranks share a kv head
+    kv_group = _kv_groups(mesh, tp // kv_shards) if kv_shards < tp else None
+    for block in model.layers.values():
+        attn, ffn = block.attention, block.feed_forward
+        block.attention_norm = NormEnterTP(block.attention_norm, group, sp)
+        block.ffn_norm = NormEnterTP(block.ffn_norm, group, sp)
+        attn.wq = ColumnParallelLinear(_shard(attn.wq.weight, 0, mesh))  # this rank's q heads
+        attn.wk = ColumnParallelLinear(_shard(attn.wk.weight, 0, mesh, kv_shards))  # and their kv heads
+        attn.wv = ColumnParallelLinear(_shard(attn.wv.weight, 0, mesh, kv_shards))
+        attn.wo = RowParallelLinear(_shard(attn.wo.weight, 1, mesh), group, sp)
+        ffn.w1 = ColumnParallelLinear(_shard(ffn.w1.weight, 0, mesh))
+        ffn.w3 = ColumnParallelLinear(_shard(ffn.w3.weight, 0, mesh))
+        ffn.w2 = RowParallelLinear(_shard(ffn.w2.weight, 1, mesh), group, sp)
+        if kv_group is not None:
+            _sum_grad_over(attn.wk.weight, kv_group)
+            _sum_grad_over(attn.wv.weight, kv_group)
+        if sp:
+            _sum_grad_over(block.attention_norm.weight, group)
+            _sum_grad_over(block.ffn_norm.weight, group)
+    start = mesh.tp_rank * c.vocab_size // tp
+    emb = _shard(model.tok_embeddings.weight, 0, mesh)
+    model.tok_embeddings = VocabParallelEmbedding(emb, start, group, sp)
+    model.norm = NormEnterTP(model.norm, group, sp)
+    if sp:
+        _sum_grad_over(model.norm.weight, group)
+    # the output's logits stay vocab-sharded, (B, T, V/tp); tied embeddings share the slice
+    model.output = ColumnParallelLinear(emb if c.tie_embeddings else _shard(model.output.weight, 0, mesh))
+    model.loss_fn = partial(vocab_parallel_cross_entropy, start=start, group=group)
+    return model
+
+
 # --------------------------------------------------------------------------- pipeline parallelism
 # Book 4.2.2, figures 4.6-4.8. The layers are cut into n_chunks = pp * pp_virtual chunks in
 # model order; chunk g lives on stage g % pp, so with pp_virtual = 1 stage s holds chunk s,
@@ -252,7 +536,7 @@ def pipeline_split(model, mesh, cfg):
     elif model.config.tie_embeddings:
         model.output.weight.pp_tied_copy = True  # the first stage's copy is the one counted and saved
     model.pipeline = Pipeline(mesh, cfg.pp_schedule, cfg.pp_virtual, mine, n_chunks,
-                              (cfg.micro_batch_size, cfg.block_size, model.config.dim),
+                              (cfg.micro_batch_size, cfg.block_size // (mesh.tp if cfg.sequence_parallel else 1), model.config.dim),
                               embed_group=_embedding_group(mesh) if model.config.tie_embeddings else None,
                               measure_idle=cfg.pp_measure_idle)
 
@@ -475,6 +759,8 @@ def parallelize(model, mesh, cfg):
     """Tensor parallelism, then pipeline stages, then data-parallel gradient hooks.
     Returns the model; model.grad_sync is None without data parallelism."""
     model.grad_sync = None
+    if mesh.tp > 1:  # tp=1: no transform at all, so f and g cost nothing
+        tensor_parallel(model, mesh, cfg)
     if mesh.pp > 1:  # pipeline: keep this rank's chunks of layers (after TP, before the DP hooks)
         pipeline_split(model, mesh, cfg)
     if mesh.dp > 1 and not cfg.zero:
@@ -492,14 +778,45 @@ def grad_norm(model, mesh):
     for p in model.parameters():
         if getattr(p, "pp_tied_copy", False):  # pipeline: the first stage counts the tied embedding
             continue
-        if p.grad is not None and (getattr(p, "tp_dim", None) is not None or mesh.tp_rank == 0):
+        if p.grad is not None and _counted_on_this_tp_rank(p, mesh):
             sq += p.grad.float().pow(2).sum()
     return all_reduce(sq, mesh.mp_group).sqrt()
+
+
+def _counted_on_this_tp_rank(p, mesh):
+    """The first tp rank holding each distinct slice (see tp_dim / tp_shards above)."""
+    if getattr(p, "tp_dim", None) is None:
+        return mesh.tp_rank == 0
+    return mesh.tp_rank % (mesh.tp // p.tp_shards) == 0
+
+
+def _gather_tp(named, model, mesh):
+    """{name: local slice} -> {name: this stage's full tensor} on every tp rank."""
+    params = dict(model.named_parameters())
+    out = {}
+    for k, v in named.items():
+        p = params[k]
+        if getattr(p, "tp_dim", None) is not None:
+            parts = _all_gather(v.detach(), mesh.tp_group, dim=p.tp_dim).chunk(mesh.tp, p.tp_dim)
+            v = torch.cat(parts[::mesh.tp // p.tp_shards], p.tp_dim)  # replicated kv: once each
+        out[k] = v
+    return out
+
+
+def _shard_tp(full, params, mesh):
+    """{name: full tensor} -> {name: this tp rank's slice} (identity for tp_dim None)."""
+    out = {}
+    for k, v in full.items():
+        dim = getattr(params[k], "tp_dim", None)
+        out[k] = v if dim is None else v.chunk(params[k].tp_shards, dim)[mesh.tp_rank * params[k].tp_shards // mesh.tp]
+    return out
 
 
 def gather_full(named, model, mesh):
     """{name: local tensor} on every rank -> {name: full single-process tensor} on rank 0
     (others get {}). Used for parameters and for per-parameter optimizer moments."""
+    if mesh.tp > 1:  # tensor parallelism: full tensors on every tp rank of the stage
+        named = _gather_tp(named, model, mesh)
     full = {k: v.detach().cpu() for k, v in named.items()}
     if mesh.pp > 1:  # pipeline: stage 0 merges the stages' dicts (names are single-process)
         full = gather_stages(full, model, mesh)
@@ -511,7 +828,8 @@ def shard_full(full, model, mesh):
     params = dict(model.named_parameters())
     if "output.weight" in params and "output.weight" not in full and "tok_embeddings.weight" in full:
         full = {**full, "output.weight": full["tok_embeddings.weight"]}  # pipeline: last stage's tied copy
-    return {k: v for k, v in full.items() if k in params}
+    mine = {k: v for k, v in full.items() if k in params}
+    return _shard_tp(mine, params, mesh) if mesh.tp > 1 else mine
 
 
 def reduce_for_log(value, mesh):

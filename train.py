@@ -79,6 +79,7 @@ class Config:
     attn_impl: str = "sdpa"
     # parallelism (parallel.py, zero.py)
     tp: int = 1
+    sequence_parallel: bool = False  # tp > 1: norms and residuals on T/tp tokens per rank (parallel.py)
     pp: int = 1
     zero: int = 0
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
