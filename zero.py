@@ -13,10 +13,10 @@ bytes per rank are (book, with k = 2):
   zero=2  P_os+g:   gradients too        k*Phi + (k + 12)*Phi/N        = 2Phi + 14Phi/N
   zero=3  P_os+g+p: parameters too       (2k + 12)*Phi/N               = 16Phi/N
 
-Layout: the parameters are grouped into units (the "root": embeddings, final norm and
-output head; then one unit per transformer layer). Each unit is one flat buffer padded to a
-multiple of N, and dp rank r owns the contiguous slice [r*S, (r+1)*S) of every unit. The
-rank's float32 master weights and moments are its slices of all units, concatenated, and
+Layout: the parameters are grouped into units (one per parameter outside the layers:
+embedding, final norm, output head; then one per transformer layer). Each unit is one flat
+buffer padded to a multiple of N, and dp rank r owns the contiguous slice [r*S, (r+1)*S) of
+every unit. The rank's float32 master weights and moments are its slices of all units, concatenated, and
 the AdamW update runs on that shard only:
 
   stage 1: backward fills full gradients; finish() reduce-scatters each unit (every rank
@@ -33,7 +33,6 @@ dp group. Checkpoints: per-name full tensors in the zero=0 format (model.pt, opt
 any layout, zero stage or dp size resumes) plus each rank's shard file optim_rank<r>.pt,
 loaded directly when the layout is unchanged.
 """
-import math
 import os
 import sys
 
@@ -128,15 +127,12 @@ class Unit:
         return flat
 
     def ranges(self, keep):
-        """[(a, b)] in shard coordinates covering the parameters p with keep(p), merged."""
+        """[(a, b)] in shard coordinates covering the parameters p with keep(p)."""
         out = []
         for p, o in zip(self.params, self.offsets):
             a, b = max(o, self.start) - self.start, min(o + p.numel(), self.start + self.S) - self.start
             if keep(p) and a < b:
-                if out and out[-1][1] == a:
-                    out[-1] = (out[-1][0], b)
-                else:
-                    out.append((a, b))
+                out.append((a, b))
         return out
 
     # stage 3: gather / free the low-precision parameters. Freeing resizes the storage to 0
@@ -163,16 +159,16 @@ class Unit:
 
 
 def make_units(model, mesh, dtype, stage):
-    """The root unit (everything outside model.layers, if any) then one unit per layer."""
-    layer_of = {}
-    for key, layer in model.layers.items():
-        for n, p in layer.named_parameters(prefix=f"layers.{key}"):
-            layer_of[id(p)] = key
-    root = [(n, p) for n, p in model.named_parameters() if id(p) not in layer_of]
-    units = [Unit(root, mesh, dtype, stage)] if root else []
+    """One unit per parameter outside model.layers (embedding, final norm, output head: the
+    "root"), then one unit per layer. Returns (units, number of root units). A root parameter
+    gets a unit of its own so that its shard boundaries depend only on its size: a pipeline's
+    two copies of a tied embedding then shard alike and their gradients can be summed."""
+    in_layers = {id(p) for layer in model.layers.values() for p in layer.parameters()}
+    root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]
+    units = [Unit([named], mesh, dtype, stage) for named in root]
     for key, layer in model.layers.items():
         units.append(Unit(list(layer.named_parameters(prefix=f"layers.{key}")), mesh, dtype, stage))
-    return units, bool(root)
+    return units, len(root)
 
 
 # --------------------------------------------------------------------------- gradients: model.grad_sync
@@ -243,14 +239,13 @@ class GradShards:
 
 
 # --------------------------------------------------------------------------- stage 3: gather hooks
-def install_gather_hooks(model, units, has_root):
+def install_gather_hooks(model, units, n_root):
     """Stage 3: all-gather a layer's parameters right before its forward (starting the next
     layer's gather meanwhile) and free them after; a hook on the layer's output gathers them
-    again when backward reaches the layer (prefetching the layer before it). The root unit
-    (embedding, norm, head; maybe tied) stays gathered from the model's forward to the end
-    of its backward."""
-    root = units[0] if has_root else None
-    layers = units[1:] if has_root else units
+    again when backward reaches the layer (prefetching the layer before it). The root units
+    (embedding, norm, head; maybe tied) stay gathered from the model's forward to the end of
+    their backward."""
+    root, layers = units[:n_root], units[n_root:]
 
     def before_backward(i):
         def hook(grad):
@@ -276,9 +271,19 @@ def install_gather_hooks(model, units, has_root):
     for i, layer in enumerate(model.layers.values()):
         layer.register_forward_pre_hook(before_forward(i))
         layer.register_forward_hook(after_forward(i))
-    if root is not None:
-        model.register_forward_pre_hook(lambda module, args: root.gather())
-        model.register_forward_hook(lambda module, args, out: None if torch.is_grad_enabled() else root.free())
+    def gather_root(module, args):
+        for u in root:
+            u.gather(async_op=True)
+        for u in root:
+            u.wait()
+
+    def free_root_after_no_grad_forward(module, args, output):
+        if not torch.is_grad_enabled():
+            for u in root:
+                u.free()
+
+    model.register_forward_pre_hook(gather_root)
+    model.register_forward_hook(free_root_after_no_grad_forward)
 
 
 # --------------------------------------------------------------------------- the optimizer
@@ -302,7 +307,7 @@ class ZeroAdamW:
         self.betas, self.eps, self.weight_decay = (cfg.beta1, cfg.beta2), 1e-8, cfg.weight_decay
         self.param_groups = [{"lr": cfg.learning_rate}]  # train.py sets the learning rate here
         self.step_count = 0
-        self.units, has_root = make_units(model, mesh, dtype, cfg.zero)
+        self.units, n_root = make_units(model, mesh, dtype, cfg.zero)
         self.shard_offsets = [0]
         for u in self.units:
             self.shard_offsets.append(self.shard_offsets[-1] + u.S)
@@ -320,24 +325,33 @@ class ZeroAdamW:
             self.grad_shards = torch.zeros(self.shard_offsets[-1], dtype=dtype, device=device)
         model.grad_sync = GradShards(self.units, self.stage, self.group, self._views(self.grad_shards))
         if self.stage == 3:
-            install_gather_hooks(model, self.units, has_root)
+            install_gather_hooks(model, self.units, n_root)
 
     def _views(self, flat):
         return [None if flat is None else flat[a:b] for a, b in zip(self.shard_offsets, self.shard_offsets[1:])]
 
     def _ranges(self, keep):
-        return [(off + a, off + b) for u, off in zip(self.units, self.shard_offsets) for a, b in u.ranges(keep)]
+        """[(a, b)] in this rank's concatenated shard covering the parameters with keep(p), merged."""
+        out = []
+        for u, off in zip(self.units, self.shard_offsets):
+            for a, b in u.ranges(keep):
+                if out and out[-1][1] == off + a:
+                    out[-1] = (out[-1][0], off + b)
+                else:
+                    out.append((off + a, off + b))
+        return out
 
-    def local_grads(self):
-        """This rank's gradient shard of every unit (mean over dp, low precision)."""
+    def _flat_grads(self):
+        """This rank's gradient shard of every unit, concatenated (mean over dp, low precision)."""
         if self.stage == 1:
-            return [u.shard(u.grad) for u in self.units]
-        return self._views(self.grad_shards)
+            return torch.cat([u.shard(u.grad) for u in self.units])
+        return self.grad_shards
 
     def grad_norm(self):
         """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp."""
-        flat = torch.cat(self.local_grads()).float()
-        sq = sum((flat[a:b].pow(2).sum() for a, b in self.norm_ranges), torch.zeros((), device=flat.device))
+        flat = self._flat_grads()
+        sq = sum((flat[a:b].float().pow(2).sum() for a, b in self.norm_ranges),
+                 torch.zeros((), device=flat.device))
         parallel.all_reduce(sq, self.group)
         return parallel.all_reduce(sq, self.mesh.mp_group).sqrt()
 
@@ -347,7 +361,7 @@ class ZeroAdamW:
         gradient in float32. Then the new low-precision parameters reach every rank (stages 1-2)."""
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
         self.step_count += 1
-        g = torch.cat(self.local_grads()).to(self.state_device, torch.float32)
+        g = self._flat_grads().to(self.state_device, torch.float32, copy=True)
         g.mul_(grad_scale.to(self.state_device) if torch.is_tensor(grad_scale) else grad_scale)
         w, m, v = self.master, self.exp_avg, self.exp_avg_sq
         for a, b in self.decay_ranges:  # decoupled weight decay, matrices only
