@@ -82,6 +82,7 @@ class Config:
     sequence_parallel: bool = False  # tp > 1: norms and residuals on T/tp tokens per rank (parallel.py)
     pp: int = 1
     zero: int = 0
+    zero_offload: bool = False  # zero>0: keep the float32 master weights and AdamW moments in CPU memory
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     pp_virtual: int = 1  # model chunks per pipeline rank (interleaved)
     pp_first_layers: int = 0  # layers of the first pipeline chunk (it also holds the embedding); 0: balanced
@@ -221,9 +222,12 @@ def param_groups(model, weight_decay):
 
 
 def build_optimizer(model, cfg, mesh, device):
-    if cfg.zero:
+    if cfg.zero:  # sharded AdamW; the parameters become low-precision copies of float32 master weights
         import zero
-        return zero.build_optimizer(model, cfg, mesh)
+        try:
+            return zero.build_optimizer(model, cfg, mesh, getattr(torch, setup_device(cfg)[1]))
+        except ValueError as e:
+            raise UserError(str(e))
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                              betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -293,10 +297,10 @@ def load_optimizer_state(model, optimizer, state):
 def save_checkpoint(cfg, mesh, model, optimizer, scaler, step, tokenizer):
     """Every rank contributes (gathers are collective); rank 0 writes the single-process files."""
     tmp = checkpoint.temp_dir(cfg.out_dir, step)
-    params = parallel.gather_full(dict(model.named_parameters()), model, mesh)
-    if cfg.zero:
-        files = optimizer.checkpoint_files(model, mesh)  # ZeRO: one file per rank
+    if cfg.zero:  # ZeRO: full tensors gathered from the dp shards (same files as zero=0) + optim_rank<r>.pt
+        params, files = optimizer.checkpoint_files(model, mesh)
     else:
+        params = parallel.gather_full(dict(model.named_parameters()), model, mesh)
         opt = optimizer_state(model, optimizer)
         opt["exp_avg"] = parallel.gather_full(opt["exp_avg"], model, mesh)
         opt["exp_avg_sq"] = parallel.gather_full(opt["exp_avg_sq"], model, mesh)
@@ -339,12 +343,12 @@ def load_checkpoint(cfg, mesh, model, optimizer, scaler, path):
     if diff:
         raise UserError(f"checkpoint {path} is from an incompatible model: " + "; ".join(diff))
     local = parallel.shard_full(blob["state_dict"], model, mesh)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(local[n])
-    if cfg.zero:
-        optimizer.load_checkpoint(path, model, mesh)
+    if cfg.zero:  # ZeRO: master weights from model.pt, moments from this rank's shard file or optimizer.pt
+        optimizer.load_checkpoint(path, local, model, mesh)
     else:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(local[n])
         opt = checkpoint.load(path, "optimizer.pt") if os.path.exists(os.path.join(path, "optimizer.pt")) else None
         if opt is not None:
             opt["exp_avg"] = parallel.shard_full(opt["exp_avg"], model, mesh)
@@ -472,11 +476,14 @@ def train(cfg):
             loss = parallel.pipeline_step(model, micro, scaler.scale, autocast)
         else:
             loss = forward_backward(fwd_bwd, micro, scaler.scale, autocast, model.grad_sync)
-        if scaler.enabled:  # unscale before clipping
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(scaler.scale)
-        norm = parallel.grad_norm(model, mesh)
+        if cfg.zero:  # ZeRO: this rank holds a shard of the gradients; step() unscales and clips in float32
+            norm = optimizer.grad_norm() / scaler.scale
+        else:
+            if scaler.enabled:  # unscale before clipping
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(scaler.scale)
+            norm = parallel.grad_norm(model, mesh)
         # one small collective and one host sync per step: every rank agrees on skip/stop
         flags = torch.stack([(~torch.isfinite(norm)).float(), torch.tensor(float(preempt.requested), device=device)])
         parallel.all_reduce(flags, world_group, op=torch.distributed.ReduceOp.MAX)
@@ -494,12 +501,15 @@ def train(cfg):
                                 f"the last good checkpoint in {cfg.out_dir} is intact. Lower learning_rate or check the data")
         else:
             bad_steps = 0
-            if cfg.grad_clip > 0:
-                coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0)
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-            optimizer.step()
+            coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0) if cfg.grad_clip > 0 else 1.0
+            if cfg.zero:
+                optimizer.step(grad_scale=coef / scaler.scale)
+            else:
+                if cfg.grad_clip > 0:
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+                optimizer.step()
             scaler.update(overflow=False)
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -1,0 +1,233 @@
+"""ZeRO stages 1-3 (zero.py) on CPU with gloo train the same model as one process with torch's AdamW."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import checkpoint
+import parallel
+import train
+import zero
+from util import assert_same_run, final_params, losses, make_dataset, run_train, tiny_args
+
+CLIP = 0.5  # below the tiny model's gradient norms (~0.9), so clipping is active in every step
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The one-process reference: zero=0, torch.optim.AdamW, 2 micro-steps of accumulation."""
+    base = tmp_path_factory.mktemp("zero")
+    make_dataset(base / "data")
+    r = run_train(tiny_args(base, out_dir=str(base / "single"), grad_clip=CLIP))
+    assert r.returncode == 0, r.stderr
+    return base
+
+
+def run_ok(args, nproc):
+    r = run_train(args, nproc=nproc)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+# --------------------------------------------------------------------------- same trajectory as one process
+@pytest.mark.parametrize("stage, nproc", [(1, 2), (2, 2), (3, 2), (3, 4),
+                                          pytest.param(1, 4, marks=pytest.mark.slow),
+                                          pytest.param(2, 4, marks=pytest.mark.slow)])
+def test_zero_matches_one_process(single, stage, nproc):
+    """Per rank 4 (dp=2) or 2 (dp=4) sequences in micro-batches of 2 or 1: two accumulation micro-steps."""
+    out = single / f"zero{stage}_dp{nproc}"
+    micro = 2 if nproc == 2 else 1
+    r = run_ok(tiny_args(single, out_dir=str(out), zero=stage, grad_clip=CLIP, micro_batch_size=micro), nproc)
+    assert f"dp {nproc}" in r.stdout and f"memory per rank: zero={stage} N={nproc}" in r.stdout
+    assert_same_run(out, single / "single")
+    ckpt = checkpoint.latest(str(out))
+    assert {f for f in os.listdir(ckpt) if f.startswith("optim")} == \
+        {"optimizer.pt"} | {f"optim_rank{r}.pt" for r in range(nproc)}
+
+
+def test_zero3_one_process(single):
+    """dp=1: a degenerate shard (the whole model), still through every hook."""
+    out = single / "zero3_dp1"
+    run_ok(tiny_args(single, out_dir=str(out), zero=3, grad_clip=CLIP), 1)
+    assert_same_run(out, single / "single")
+
+
+@pytest.mark.parametrize("before, after, files", [
+    ((4, 3, 1), (2, 1, 2), "full"),  # another dp size and stage: from optimizer.pt
+    pytest.param((2, 3, 2), (2, 2, 2), "shard", marks=pytest.mark.slow),  # same layout: optim_rank<r>.pt
+])
+def test_resume_with_another_stage_and_dp(single, before, after, files):
+    """Save at step 2 under (dp, zero, micro_batch_size) `before`, resume under `after`: losses continue."""
+    out = single / f"resume_{files}"
+    (n0, z0, mb0), (n1, z1, mb1) = before, after
+    run_ok(tiny_args(single, out_dir=str(out), zero=z0, grad_clip=CLIP, micro_batch_size=mb0, max_iters=2), n0)
+    r = run_ok(tiny_args(single, out_dir=str(out), zero=z1, grad_clip=CLIP, micro_batch_size=mb1,
+                         init_from="resume"), n1)
+    assert "resuming at step 2" in r.stdout and f"moments from {files}" in r.stdout, r.stdout
+    assert_same_run(out, single / "single")
+
+
+def test_load_picks_shard_file_or_full_state(single, monkeypatch):
+    """In one process: the same layout loads optim_rank0.pt, another dp size falls back to optimizer.pt,
+    and both give the moments of the saved run."""
+    out = single / "zero3_dp1"  # written by test_zero3_one_process (dp=1) -- or written here
+    if checkpoint.latest(str(out)) is None:
+        run_ok(tiny_args(single, out_dir=str(out), zero=3, grad_clip=CLIP), 1)
+    path = checkpoint.latest(str(out))
+    full = checkpoint.load(path, "optimizer.pt")
+    cfg = train.load_config(tiny_args(single, zero=2))
+    from model import Transformer
+    model = Transformer(train.model_config(cfg))
+    opt = zero.ZeroAdamW(model, cfg, parallel.Mesh(), torch.float32)
+    local = checkpoint.load(path, "model.pt")["state_dict"]
+    assert opt.load_checkpoint(path, local, model, parallel.Mesh()) == "shard"
+    by_name = opt._by_name(opt.exp_avg_sq)
+    for k, v in full["exp_avg_sq"].items():
+        torch.testing.assert_close(by_name[k], v, rtol=0, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), local[n], rtol=0, atol=0)
+    monkeypatch.setattr(opt, "layout", lambda: {"dp": 99})  # as if another dp size
+    opt.exp_avg_sq.zero_()
+    assert opt.load_checkpoint(path, local, model, parallel.Mesh()) == "full"
+    by_name = opt._by_name(opt.exp_avg_sq)
+    for k, v in full["exp_avg_sq"].items():
+        torch.testing.assert_close(by_name[k], v, rtol=0, atol=0)
+    assert opt.step_count == 4
+
+
+# --------------------------------------------------------------------------- tensor / pipeline parallelism
+@pytest.mark.skipif(not hasattr(parallel, "ColumnParallelLinear"), reason="needs tensor parallelism in parallel.py")
+def test_zero2_with_tp2_matches_one_process(single):
+    out = single / "zero2_tp2"
+    run_ok(tiny_args(single, out_dir=str(out), zero=2, tp=2, grad_clip=CLIP), 4)  # dp=2 x tp=2
+    assert_same_run(out, single / "single")
+
+
+@pytest.mark.skipif(not hasattr(parallel, "pipeline_step"), reason="needs pipeline parallelism in parallel.py")
+def test_zero1_with_pp2_matches_one_process(single):
+    out = single / "zero1_pp2"
+    run_ok(tiny_args(single, out_dir=str(out), zero=1, pp=2, grad_clip=CLIP), 4)  # dp=2 x pp=2
+    assert_same_run(out, single / "single")
+
+
+def test_zero3_with_pp_is_a_clear_error(single):
+    cfg = train.load_config(tiny_args(single, zero=3, pp=2))
+    from model import Transformer
+    with pytest.raises(ValueError, match="pipeline parallelism works with zero=1 only"):
+        zero.build_optimizer(Transformer(train.model_config(cfg)), cfg, parallel.Mesh(pp=2))
+
+
+# --------------------------------------------------------------------------- mixed precision
+def test_bf16_zero2_close_to_fp32(single):
+    """bf16 parameters/gradients with float32 master weights: the fp32 run's losses to bf16 accuracy."""
+    out = single / "zero2_bf16"
+    run_ok(tiny_args(single, out_dir=str(out), zero=2, grad_clip=CLIP, dtype="bfloat16"), 2)
+    la, lb = losses(out), losses(single / "single")
+    assert all(abs(la[s] - lb[s]) < 0.02 * lb[s] for s in lb), (la, lb)
+    pa, pb = final_params(out), final_params(single / "single")
+    assert all(pa[k].dtype == torch.float32 for k in pa)  # checkpoints hold the float32 master weights
+    assert all((pa[k] - pb[k]).abs().max() < 2e-2 for k in pa)
+
+
+def test_fp16_overflow_skips_step_and_lowers_scale(single, monkeypatch, capsys):
+    """An inf in the gradient shard: the step is skipped, the loss scale halves, training goes on."""
+    original = train.forward_backward
+    calls = {"n": 0}
+
+    def patched(model, micro, scale, autocast, grad_sync):
+        loss = original(model, micro, scale, autocast, grad_sync)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            grad_sync.units[1].grad_shard[0] = float("inf")
+        return loss
+    monkeypatch.setattr(train, "forward_backward", patched)
+    out = single / "zero2_fp16"
+    model = train.train(train.load_config(tiny_args(single, out_dir=str(out), zero=2, dtype="float16", max_iters=6)))
+    recs = {r["step"]: r for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r}
+    assert recs[2]["loss_scale"] == 2.0 ** 16 and recs[3]["loss_scale"] == 2.0 ** 15
+    assert "non-finite gradient norm, step skipped, loss scale lowered to 32768" in capsys.readouterr().out
+    assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in model.parameters())
+    assert recs[6]["loss"] < recs[1]["loss"]
+
+
+# --------------------------------------------------------------------------- memory report
+def test_memory_report_matches_formulas():
+    """Bytes measured from the tensors after one bf16 step, for dp = 1, 2, 4, equal 2Phi+2Phi+12Phi
+    (as 4+4+8 for zero=0's float32 path), 4Phi+12Phi/N, 2Phi+14Phi/N and 16Phi/N up to the
+    padding of the shards."""
+    measured = zero.measure(dps=(1, 2, 4))
+    assert len(measured) == 12
+    for (dp, stage), (got, phi) in measured.items():
+        want = zero.formula(stage, phi, dp, k=2)
+        n_units = 5  # embedding, norm, output + 2 layers: each pads fewer than N elements
+        for key, w in zip(("params", "grads", "optimizer"), want):
+            per_elem = {"params": 2, "grads": 2, "optimizer": 12}[key] if stage else 0
+            assert w <= got[key] <= w + per_elem * n_units * (dp - 1), (dp, stage, key, got[key], w)
+        book = {0: 2 * phi + 2 * phi + 12 * phi, 1: 4 * phi + 12 * phi / dp, 2: 2 * phi + 14 * phi / dp,
+                3: 16 * phi / dp}[stage]
+        assert sum(want) == book
+    report = zero.memory_report(3, *measured[(4, 3)], 4, 2)
+    assert "16Phi/N" in report
+
+
+# --------------------------------------------------------------------------- overflow agreed by all ranks
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _norm_worker(rank, world, port, results):
+    from types import SimpleNamespace
+
+    from model import ModelConfig, Transformer
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16, multiple_of=16))
+    reference = [p.detach().clone() for p in model.parameters()]
+    mesh = parallel.Mesh(world=world, rank=rank, dp=world, dp_rank=rank, dp_group=dist.group.WORLD)
+    cfg = SimpleNamespace(zero=2, learning_rate=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1)
+    opt = zero.ZeroAdamW(model, cfg, mesh, torch.float32)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    model(x, x)[1].backward()
+    model.grad_sync.finish()
+    finite = opt.grad_norm().item()
+    if rank == 1:
+        opt.grad_shards[0] = float("inf")  # only rank 1's shard overflows
+    results[rank] = (finite, opt.grad_norm().item(),
+                     [torch.equal(p, q) for p, q in zip(model.parameters(), reference)])
+    dist.destroy_process_group()
+
+
+def test_overflow_on_one_rank_is_seen_by_all():
+    results = mp.Manager().dict()
+    mp.spawn(_norm_worker, args=(2, _free_port(), results), nprocs=2)
+    assert results[0][0] == results[1][0] and results[0][0] > 0
+    assert results[0][1] == results[1][1] == float("inf")
+    assert all(results[0][2]) and all(results[1][2])  # sharding kept the initial parameters
+
+
+# --------------------------------------------------------------------------- the GPU benchmark's CPU path
+@pytest.mark.slow
+def test_bench_zero_runs_on_cpu(tmp_path):
+    """bench_zero.py (meant for GPUs) on 2 CPU ranks with gloo: every mode trains the same losses."""
+    import subprocess
+    import sys
+    from util import ROOT
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "bench_zero.py"), "--device=cpu", "--dim=64", "--n_layers=2",
+                        "--n_heads=4", "--n_kv_heads=2", "--vocab_size=256", "--seq=32", "--steps=2",
+                        "--warmup=1", f"--out={out}"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.load(open(out))["results"]
+    assert [x["mode"] for x in results] == ["ddp", "torch_zero", "zero1", "zero2", "zero3", "fsdp2"]
+    for x in results:  # torch_zero puts decay on every tensor: same first loss, close last loss
+        assert x["first_loss"] == pytest.approx(results[0]["first_loss"], rel=1e-3)
+        assert x["last_loss"] == pytest.approx(results[0]["last_loss"], rel=1e-2)

@@ -1,0 +1,615 @@
+"""ZeRO: a sharded mixed-precision AdamW over the data-parallel group (book 4.2.4, fig. 4.16-4.17).
+
+  torchrun --nproc_per_node=8 train.py configs/llama_1b.py --zero=1|2|3 [--zero_offload=True]
+  python zero.py --report [--dp=1,2,4] [--dim=256 ...]      measured bytes next to the book's formulas
+
+Mixed precision as figure 4.16: the model computes with low-precision (bf16/fp16) parameters
+and gradients (k = 2 bytes each; 4 in fp32 runs), while AdamW keeps float32 master weights
+and both moments: 12 bytes per parameter. With Phi parameters and N data-parallel ranks,
+bytes per rank are (book, with k = 2):
+
+  zero=0  plain data parallelism         k*Phi + k*Phi + 12*Phi        = 2Phi + 2Phi + 12Phi
+  zero=1  P_os:     optimizer sharded    k*Phi + k*Phi + 12*Phi/N      = 4Phi + 12Phi/N
+  zero=2  P_os+g:   gradients too        k*Phi + (k + 12)*Phi/N        = 2Phi + 14Phi/N
+  zero=3  P_os+g+p: parameters too       (2k + 12)*Phi/N               = 16Phi/N
+
+Layout: the parameters are grouped into units (one per parameter outside the layers:
+embedding, final norm, output head; then one per transformer layer). Each unit is one flat
+buffer padded to a multiple of N, and dp rank r owns the contiguous slice [r*S, (r+1)*S) of
+every unit. The rank's float32 master weights and moments are its slices of all units, concatenated, and
+the AdamW update runs on that shard only:
+
+  stage 1: backward fills full gradients; finish() reduce-scatters each unit (every rank
+           gets the mean gradient of its slice), step() updates the slice, then the updated
+           parameters are all-gathered.
+  stage 2: as soon as backward has produced a unit's gradients, a hook reduce-scatters them
+           asynchronously (overlapping the rest of backward) and drops the full gradients.
+  stage 3: only the slice of the parameters is kept too; a unit is all-gathered right before
+           its forward and again before its backward (the next unit's gather is started
+           while the current one computes) and freed after use.
+
+With tensor/pipeline parallelism each rank shards its own (tp/pp-local) parameters within its
+dp group. Checkpoints: per-name full tensors in the zero=0 format (model.pt, optimizer.pt:
+any layout, zero stage or dp size resumes) plus each rank's shard file optim_rank<r>.pt,
+loaded directly when the layout is unchanged.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import parallel
+
+
+# --------------------------------------------------------------------------- collectives (one process: copies)
+# torch 2.13 renamed the flat-tensor collectives
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _size(group):
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def reduce_scatter(out, inp, group, async_op=False):
+    """out (S,) = the sum over ranks of slice `rank` of inp (N*S,)."""
+    if _size(group) == 1:
+        out.copy_(inp)
+        return None
+    return _reduce_scatter(out, inp, group=group, async_op=async_op)
+
+
+def all_gather(out, inp, group, async_op=False):
+    """out (N*S,) = the concatenation of every rank's inp (S,)."""
+    if _size(group) == 1:
+        out.copy_(inp)
+        return None
+    return _all_gather(out, inp, group=group, async_op=async_op)
+
+
+def gather_to_first(inp, group):
+    """The concatenation of every rank's inp on the group's first rank (None elsewhere)."""
+    if _size(group) == 1:
+        return inp
+    first = dist.get_global_rank(group, 0)
+    parts = [torch.empty_like(inp) for _ in range(_size(group))] if dist.get_rank() == first else None
+    dist.gather(inp, parts, dst=first, group=group)
+    return torch.cat(parts) if parts is not None else None
+
+
+# --------------------------------------------------------------------------- units: flat, padded, sharded
+class Unit:
+    """Parameters stored as one flat buffer `full` of `padded` = N*S elements; rank r owns
+    full[r*S:(r+1)*S]. Matrices come first, so weight decay is one range of the flat buffer."""
+
+    def __init__(self, named_params, mesh, dtype, stage):
+        named_params = sorted(named_params, key=lambda np_: np_[1].dim() < 2)  # stable: matrices first
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.shapes = [p.shape for p in self.params]
+        self.offsets, offset = [], 0
+        for p in self.params:
+            self.offsets.append(offset)
+            offset += p.numel()
+        self.numel, self.n_decay = offset, sum(p.numel() for p in self.params if p.dim() >= 2)
+        self.S = -(-self.numel // mesh.dp)  # shard size: ceil(numel / N)
+        self.padded, self.start = self.S * mesh.dp, self.S * mesh.dp_rank
+        self.group, self.stage, self.ready, self.handle = mesh.dp_group, stage, 0, None
+        device = self.params[0].device
+        flat32 = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        for p, o in zip(self.params, self.offsets):
+            flat32[o:o + p.numel()] = p.detach().reshape(-1)
+        self.master_init = self.shard(flat32).clone()  # float32, before rounding to `dtype`
+        self.full = flat32.to(dtype)
+        with torch.no_grad():
+            for p, o, shape in zip(self.params, self.offsets, self.shapes):
+                p.data = self.full[o:o + shape.numel()].view(shape)  # parameters are views of `full`
+        self.grad = None  # stage 1: the full flat gradient (N*S,), p.grad are views of it
+        if stage == 1:
+            self.grad = torch.zeros_like(self.full)
+            for p, o, shape in zip(self.params, self.offsets, self.shapes):
+                p.grad = self.grad[o:o + shape.numel()].view(shape)
+        self.param_shard = self.shard(self.full)  # stages 1-2: a view; stage 3: its own (S,) buffer
+        self.gathered = True
+        if stage == 3:
+            self.param_shard = self.param_shard.clone()
+            self.free()
+
+    def shard(self, flat):
+        return flat[self.start:self.start + self.S]
+
+    def flatten(self, named):
+        """{name: tensor} -> this unit's padded float32 flat buffer (on the CPU)."""
+        flat = torch.zeros(self.padded)
+        for n, o, shape in zip(self.names, self.offsets, self.shapes):
+            flat[o:o + shape.numel()] = named[n].reshape(-1)
+        return flat
+
+    def ranges(self, keep):
+        """[(a, b)] in shard coordinates covering the parameters p with keep(p)."""
+        out = []
+        for p, o in zip(self.params, self.offsets):
+            a, b = max(o, self.start) - self.start, min(o + p.numel(), self.start + self.S) - self.start
+            if keep(p) and a < b:
+                out.append((a, b))
+        return out
+
+    # stage 3: gather / free the low-precision parameters. Freeing resizes the storage to 0
+    # bytes and gathering refills the same storage, so the parameter views and the views
+    # autograd saved for backward (e.g. weight.t()) stay valid without re-pointing anything.
+    def gather(self, async_op=False):
+        if not self.gathered:
+            self.full.untyped_storage().resize_(self.padded * self.full.element_size())
+            self.handle = all_gather(self.full, self.param_shard, self.group, async_op=async_op)
+            self.gathered = True
+        if not async_op:
+            self.wait()
+
+    def wait(self):
+        if self.handle is not None:
+            self.handle.wait()
+            self.handle = None
+
+    def free(self):
+        if self.stage == 3 and self.gathered:
+            self.wait()
+            self.full.untyped_storage().resize_(0)
+            self.gathered = False
+
+
+def make_units(model, mesh, dtype, stage):
+    """One unit per parameter outside model.layers (embedding, final norm, output head: the
+    "root"), then one unit per layer. Returns (units, number of root units). A root parameter
+    gets a unit of its own so that its shard boundaries depend only on its size: a pipeline's
+    two copies of a tied embedding then shard alike and their gradients can be summed."""
+    in_layers = {id(p) for layer in model.layers.values() for p in layer.parameters()}
+    root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]
+    units = [Unit([named], mesh, dtype, stage) for named in root]
+    for key, layer in model.layers.items():
+        units.append(Unit(list(layer.named_parameters(prefix=f"layers.{key}")), mesh, dtype, stage))
+    return units, len(root)
+
+
+# --------------------------------------------------------------------------- gradients: model.grad_sync
+class GradShards:
+    """model.grad_sync for ZeRO, with GradBuckets' interface: `sync` (False in the gradient-
+    accumulation micro-steps) and finish() after the last backward.
+
+    stage 1: nothing during backward; finish() reduce-scatters each unit's flat gradient.
+    stages 2-3: a hook counts a unit's gradients; when all are there (in a sync micro-step)
+    the unit's gradient is reduce-scattered asynchronously, added to this rank's shard, and
+    the full gradients are dropped. In the no-sync micro-steps gradients accumulate locally
+    at full size, as DeepSpeed does: exact, but the full gradients (k*Phi bytes) live through
+    the accumulation. Reducing every micro-step instead would keep only k*Phi/N but cost one
+    reduce-scatter per micro-batch. Stage 3 also frees a unit's parameters after its backward."""
+
+    def __init__(self, units, stage, group, grad_shards):
+        self.units, self.stage, self.group, self.dp = units, stage, group, _size(group)
+        self.sync, self.pending = True, []
+        if stage >= 2:
+            for unit, shard in zip(units, grad_shards):
+                unit.grad_shard = shard
+                for p in unit.params:
+                    p.register_post_accumulate_grad_hook(lambda p, unit=unit: self._on_grad_ready(unit))
+
+    def _on_grad_ready(self, unit):
+        unit.ready += 1
+        if unit.ready < len(unit.params):
+            return
+        unit.ready = 0  # every parameter of the unit has its gradient for this backward
+        if self.sync:
+            pad = unit.padded - unit.numel
+            flat = torch.cat([p.grad.reshape(-1) for p in unit.params] + [unit.full.new_zeros(pad)])
+            out = torch.empty_like(unit.grad_shard)
+            handle = reduce_scatter(out, flat.div_(self.dp), self.group, async_op=True)  # mean: pre-divide by N
+            self.pending.append((handle, out, unit.grad_shard, flat))
+            for p in unit.params:
+                p.grad = None
+        unit.free()  # stage 3: the unit's backward is over
+
+    def finish(self):
+        if self.stage == 1:
+            for unit in self.units:
+                self._check_grad_views(unit)
+                out = torch.empty_like(unit.shard(unit.grad))
+                self.pending.append((reduce_scatter(out, unit.grad.div_(self.dp), self.group, async_op=True),
+                                     out, unit.shard(unit.grad), None))
+        elif any(u.ready for u in self.units):
+            raise RuntimeError("ZeRO gradient sync incomplete: some parameters got no gradient in the last "
+                               "micro-step (unused parameters are not supported)")
+        for handle, out, dest, _ in self.pending:
+            if handle is not None:
+                handle.wait()
+            if self.stage == 1:
+                dest.copy_(out)
+            else:
+                dest.add_(out)  # stages 2-3 accumulate: correct even if every micro-step syncs
+        self.pending = []
+
+    @staticmethod
+    def _check_grad_views(unit):
+        """Stage 1 keeps p.grad as views of unit.grad; put back any gradient autograd replaced."""
+        for p, o, shape in zip(unit.params, unit.offsets, unit.shapes):
+            view = unit.grad[o:o + shape.numel()].view(shape)
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+
+
+# --------------------------------------------------------------------------- stage 3: gather hooks
+def install_gather_hooks(model, units, n_root):
+    """Stage 3: all-gather a layer's parameters right before its forward (starting the next
+    layer's gather meanwhile) and free them after; a hook on the layer's output gathers them
+    again when backward reaches the layer (prefetching the layer before it). The root units
+    (embedding, norm, head; maybe tied) stay gathered from the model's forward to the end of
+    their backward."""
+    root, layers = units[:n_root], units[n_root:]
+
+    def before_backward(i):
+        def hook(grad):
+            layers[i].gather()
+            if i > 0:
+                layers[i - 1].gather(async_op=True)
+        return hook
+
+    def before_forward(i):
+        def hook(module, args):
+            layers[i].gather()
+            if i + 1 < len(layers):
+                layers[i + 1].gather(async_op=True)
+        return hook
+
+    def after_forward(i):
+        def hook(module, args, output):
+            layers[i].free()
+            if torch.is_grad_enabled() and output.requires_grad:
+                output.register_hook(before_backward(i))
+        return hook
+
+    for i, layer in enumerate(model.layers.values()):
+        layer.register_forward_pre_hook(before_forward(i))
+        layer.register_forward_hook(after_forward(i))
+    def gather_root(module, args):
+        for u in root:
+            u.gather(async_op=True)
+        for u in root:
+            u.wait()
+
+    def free_root_after_no_grad_forward(module, args, output):
+        if not torch.is_grad_enabled():
+            for u in root:
+                u.free()
+
+    model.register_forward_pre_hook(gather_root)
+    model.register_forward_hook(free_root_after_no_grad_forward)
+
+
+# --------------------------------------------------------------------------- the optimizer
+def counted_in_norm(p, mesh):
+    """parallel.grad_norm's rule: each distinct tensor once. A tp-replicated parameter counts on
+    tp rank 0, a tp-sharded one on every rank holding a distinct slice, a pipeline's tied copy of
+    the embedding not at all (the first stage counts it)."""
+    if getattr(p, "pp_tied_copy", False):
+        return False
+    if hasattr(parallel, "_counted_on_this_tp_rank"):  # kv heads shared by several tp ranks
+        return parallel._counted_on_this_tp_rank(p, mesh)
+    return getattr(p, "tp_dim", None) is not None or mesh.tp_rank == 0
+
+
+class ZeroAdamW:
+    """AdamW (torch.optim.AdamW's math: decoupled weight decay on matrices only, bias
+    corrections, eps outside the square root) on this rank's float32 shard of every unit."""
+
+    def __init__(self, model, cfg, mesh, dtype):
+        self.stage, self.mesh, self.group = cfg.zero, mesh, mesh.dp_group
+        self.betas, self.eps, self.weight_decay = (cfg.beta1, cfg.beta2), 1e-8, cfg.weight_decay
+        self.param_groups = [{"lr": cfg.learning_rate}]  # train.py sets the learning rate here
+        self.step_count = 0
+        self.units, n_root = make_units(model, mesh, dtype, cfg.zero)
+        self.shard_offsets = [0]
+        for u in self.units:
+            self.shard_offsets.append(self.shard_offsets[-1] + u.S)
+        device = self.units[0].full.device
+        self.state_device = torch.device("cpu") if getattr(cfg, "zero_offload", False) else device  # ZeRO-Offload
+        # this rank's float32 state: master weights, exp_avg, exp_avg_sq, each (sum of S,)
+        self.master = torch.cat([u.master_init for u in self.units]).to(self.state_device)
+        for u in self.units:
+            del u.master_init
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
+        self.decay_ranges = self._ranges(lambda p: p.dim() >= 2)
+        self.norm_ranges = self._ranges(lambda p: counted_in_norm(p, mesh))
+        self.grad_shards = None  # stages 2-3: this rank's gradient shard of every unit, (sum of S,)
+        if self.stage >= 2:
+            self.grad_shards = torch.zeros(self.shard_offsets[-1], dtype=dtype, device=device)
+        model.grad_sync = GradShards(self.units, self.stage, self.group, self._views(self.grad_shards))
+        if self.stage == 3:
+            install_gather_hooks(model, self.units, n_root)
+
+    def _views(self, flat):
+        return [None if flat is None else flat[a:b] for a, b in zip(self.shard_offsets, self.shard_offsets[1:])]
+
+    def _ranges(self, keep):
+        """[(a, b)] in this rank's concatenated shard covering the parameters with keep(p), merged."""
+        out = []
+        for u, off in zip(self.units, self.shard_offsets):
+            for a, b in u.ranges(keep):
+                if out and out[-1][1] == off + a:
+                    out[-1] = (out[-1][0], off + b)
+                else:
+                    out.append((off + a, off + b))
+        return out
+
+    def _flat_grads(self):
+        """This rank's gradient shard of every unit, concatenated (mean over dp, low precision)."""
+        if self.stage == 1:
+            return torch.cat([u.shard(u.grad) for u in self.units])
+        return self.grad_shards
+
+    def grad_norm(self):
+        """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp."""
+        flat = self._flat_grads()
+        sq = sum((flat[a:b].float().pow(2).sum() for a, b in self.norm_ranges),
+                 torch.zeros((), device=flat.device))
+        parallel.all_reduce(sq, self.group)
+        return parallel.all_reduce(sq, self.mesh.mp_group).sqrt()
+
+    @torch.no_grad()
+    def step(self, grad_scale=1.0):
+        """One AdamW step on the shard; grad_scale (clip coefficient / loss scale) multiplies the
+        gradient in float32. Then the new low-precision parameters reach every rank (stages 1-2)."""
+        lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
+        self.step_count += 1
+        g = self._flat_grads().to(self.state_device, torch.float32, copy=True)
+        g.mul_(grad_scale.to(self.state_device) if torch.is_tensor(grad_scale) else grad_scale)
+        w, m, v = self.master, self.exp_avg, self.exp_avg_sq
+        for a, b in self.decay_ranges:  # decoupled weight decay, matrices only
+            w[a:b].mul_(1 - lr * self.weight_decay)
+        m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+        bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
+        denom = (v.sqrt() / bias2 ** 0.5).add_(self.eps)
+        w.addcdiv_(m, denom, value=-lr / bias1)  # w -= lr * m_hat / (sqrt(v_hat) + eps)
+        for u, shard in zip(self.units, self._views(w)):
+            u.param_shard.copy_(shard)
+        if self.stage < 3:  # stage 3 gathers on demand, in the next forward
+            handles = [all_gather(u.full, u.param_shard.clone(), self.group, async_op=True) for u in self.units]
+            for h in handles:
+                if h is not None:
+                    h.wait()
+
+    def zero_grad(self, set_to_none=True):
+        """Zero the gradient buffers (they are reused: set_to_none only drops stray p.grad)."""
+        for u in self.units:
+            if self.stage == 1:
+                u.grad.zero_()
+            else:
+                for p in u.params:
+                    p.grad = None
+        if self.grad_shards is not None:
+            self.grad_shards.zero_()
+
+    # ----------------------------------------------------------------------- checkpoints
+    def _by_name(self, flat):
+        """This rank's shards (sum of S,) -> {name: full tp/pp-local tensor} on dp rank 0 ({} elsewhere)."""
+        out = {}
+        for u, shard in zip(self.units, self._views(flat)):
+            full = gather_to_first(shard.to(u.full.device), self.group)
+            if full is not None:
+                for n, o, shape in zip(u.names, u.offsets, u.shapes):
+                    out[n] = full[o:o + shape.numel()].view(shape).cpu()
+        return out
+
+    def layout(self):
+        return {"dp": self.mesh.dp, "tp": self.mesh.tp, "pp": self.mesh.pp,
+                "units": [list(zip(u.names, u.offsets, [tuple(s) for s in u.shapes])) for u in self.units]}
+
+    def checkpoint_files(self, model, mesh):
+        """(full float32 parameters by name on rank 0, {file: object} this rank writes).
+        Every rank writes optim_rank<r>.pt (its shard, with the layout it needs); rank 0 also
+        writes optimizer.pt in the zero=0 format. Only dp rank 0 takes part in the per-name
+        gathers across tp/pp (the other replicas would only repeat them)."""
+        master, m, v = self._by_name(self.master), self._by_name(self.exp_avg), self._by_name(self.exp_avg_sq)
+        params, files = {}, {}
+        if mesh.dp_rank == 0:
+            params = parallel.gather_full(master, model, mesh)
+            opt = {"step": float(self.step_count), "exp_avg": parallel.gather_full(m, model, mesh),
+                   "exp_avg_sq": parallel.gather_full(v, model, mesh)}
+            if mesh.is_main:
+                files["optimizer.pt"] = opt
+        files[f"optim_rank{mesh.rank}.pt"] = {
+            "layout": self.layout(), "ranks": (mesh.dp_rank, mesh.pp_rank, mesh.tp_rank), "zero": self.stage,
+            "step": float(self.step_count), "master": self.master.cpu(), "exp_avg": self.exp_avg.cpu(),
+            "exp_avg_sq": self.exp_avg_sq.cpu()}
+        return params, files
+
+    @torch.no_grad()
+    def load_checkpoint(self, path, local_params, model, mesh):
+        """Parameters from model.pt (local_params: this rank's tp/pp slices by name); moments from
+        this rank's shard file if it was written by the same layout, else from optimizer.pt."""
+        for u, shard in zip(self.units, self._views(self.master)):
+            flat = u.flatten(local_params)
+            shard.copy_(u.shard(flat))
+            u.param_shard.copy_(shard)
+            if self.stage < 3:
+                u.full.copy_(flat)
+        source = self._load_moments(path, model, mesh)
+        if mesh.is_main:
+            where = {"shard": "optim_rank<r>.pt, same layout", "full": "optimizer.pt, re-sharded"}.get(source, "")
+            print(f"ZeRO resume: parameters from model.pt, AdamW moments from {source} ({where})")
+        return source
+
+    def _load_moments(self, path, model, mesh):
+        import checkpoint
+        mine = os.path.join(path, f"optim_rank{mesh.rank}.pt")
+        blob = checkpoint.load(path, f"optim_rank{mesh.rank}.pt") if os.path.exists(mine) else None
+        if blob is not None and blob["layout"] == self.layout() \
+                and blob["ranks"] == (mesh.dp_rank, mesh.pp_rank, mesh.tp_rank):
+            self.exp_avg.copy_(blob["exp_avg"])
+            self.exp_avg_sq.copy_(blob["exp_avg_sq"])
+            self.step_count = int(blob["step"])
+            return "shard"
+        if not os.path.exists(os.path.join(path, "optimizer.pt")):
+            return "nowhere: no optimizer.pt, AdamW starts fresh"
+        opt = checkpoint.load(path, "optimizer.pt")
+        for key, dest in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            local = parallel.shard_full(opt[key], model, mesh)
+            for u, shard in zip(self.units, self._views(dest)):
+                shard.copy_(u.shard(u.flatten(local)))
+        self.step_count = int(opt["step"] or 0)
+        return "full"
+
+    # ----------------------------------------------------------------------- memory
+    def memory(self, model):
+        """Bytes this rank holds, measured from the tensors' storages (views of one buffer count once)."""
+        params = [p for p in model.parameters()] + [u.param_shard for u in self.units]
+        grads = [p.grad for p in model.parameters()] + [u.grad for u in self.units] + [self.grad_shards]
+        return {"params": storage_bytes(params), "grads": storage_bytes(grads),
+                "optimizer": storage_bytes([self.master, self.exp_avg, self.exp_avg_sq])}
+
+
+def storage_bytes(tensors):
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            s = t.untyped_storage()
+            storages[(s.data_ptr(), s.nbytes())] = s.nbytes()  # a freed (stage 3) storage has 0 bytes
+    return sum(storages.values())
+
+
+def torch_adamw_memory(model, optimizer):
+    """The same measurement for train.py's zero=0 path (torch.optim.AdamW)."""
+    state = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
+    return {"params": storage_bytes(list(model.parameters())),
+            "grads": storage_bytes([p.grad for p in model.parameters()]), "optimizer": storage_bytes(state)}
+
+
+def formula(stage, phi, n, k):
+    """(params, grads, optimizer) bytes per rank by the book's formulas, k bytes per
+    low-precision element. zero=0 is train.py's path: float32 parameters under autocast and
+    torch's AdamW (no separate master copy): 4Phi + 4Phi + 8Phi, the same 16Phi as 2Phi+2Phi+12Phi."""
+    return {0: (4 * phi, 4 * phi, 8 * phi),
+            1: (k * phi, k * phi, 12 * phi / n),
+            2: (k * phi, k * phi / n, 12 * phi / n),
+            3: (k * phi / n, k * phi / n, 12 * phi / n)}[stage]
+
+
+def memory_report(stage, measured, phi, n, k):
+    """One line per term: measured bytes next to the formula."""
+    names = {0: "2Phi+2Phi+12Phi", 1: "4Phi+12Phi/N", 2: "2Phi+14Phi/N", 3: "16Phi/N"}
+    want = formula(stage, phi, n, k)
+    parts = [f"{key} {measured[key] / 2 ** 20:.2f} MiB (formula {w / 2 ** 20:.2f})"
+             for key, w in zip(("params", "grads", "optimizer"), want)]
+    total = sum(measured.values())
+    return (f"zero={stage} N={n} Phi={phi:,}: " + ", ".join(parts)
+            + f" | total {total / 2 ** 20:.2f} MiB, book {names[stage]} = {sum(want) / 2 ** 20:.2f} MiB")
+
+
+# --------------------------------------------------------------------------- entry point from train.py
+def build_optimizer(model, cfg, mesh, dtype=torch.float32):
+    """Called by train.build_optimizer when cfg.zero: converts the model's parameters to the
+    low-precision `dtype`, builds the sharded AdamW and sets model.grad_sync."""
+    if cfg.zero >= 2 and mesh.pp > 1:
+        raise ValueError(f"zero={cfg.zero} with pp={mesh.pp}: pipeline parallelism works with zero=1 only "
+                         "(as in DeepSpeed: sharded gradients/parameters conflict with the per-micro-batch "
+                         "pipeline backward); use --zero=1")
+    if cfg.compile and cfg.zero == 3:
+        raise ValueError("zero=3 with compile=True: the gather/free hooks are not traceable; use --compile=False")
+    parallel.check_replicas_identical(model, mesh.dp_group)
+    phi = sum(p.numel() for p in model.parameters())
+    optimizer = ZeroAdamW(model, cfg, mesh, dtype)
+    if mesh.is_main:
+        k = torch.empty((), dtype=dtype).element_size()
+        where = " (optimizer state offloaded to CPU)" if optimizer.state_device.type == "cpu" \
+            and optimizer.units[0].full.device.type != "cpu" else ""
+        print("memory per rank: " + memory_report(cfg.zero, optimizer.memory(model), phi, mesh.dp, k) + where)
+    return optimizer
+
+
+# --------------------------------------------------------------------------- python zero.py --report
+def _report_worker(rank, world, port, args, results):
+    """For each dp size (the first dp ranks of the job) and stage: build the model, run one
+    training step and measure the bytes rank 0 holds."""
+    from types import SimpleNamespace
+
+    import train
+    from model import ModelConfig, Transformer
+    if world > 1:
+        torch.set_num_threads(1)  # world processes share the CPU cores
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    groups = {dp: dist.new_group(list(range(dp))) if dp > 1 else None for dp in args["dps"]}  # all ranks create all
+    dtype = getattr(torch, args["dtype"])
+    mcfg = ModelConfig(dim=args["dim"], n_layers=args["n_layers"], n_heads=args["n_heads"],
+                       vocab_size=args["vocab_size"], max_seq_len=16, multiple_of=16)
+    cfg = SimpleNamespace(learning_rate=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1)
+    out = {}
+    for dp in args["dps"]:
+        if rank >= dp:
+            continue
+        mesh = parallel.Mesh(world=dp, rank=rank, dp=dp, dp_rank=rank, dp_group=groups[dp])
+        for stage in args["stages"]:
+            torch.manual_seed(0)
+            model = Transformer(mcfg)
+            x = torch.randint(0, mcfg.vocab_size, (2, 16))
+            if stage == 0:  # train.py's zero=0 path: float32 parameters, torch's AdamW
+                opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-3)
+                model(x, x)[1].backward()
+                opt.step()
+                measured = torch_adamw_memory(model, opt)
+            else:
+                cfg.zero = stage
+                opt = ZeroAdamW(model, cfg, mesh, dtype)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    loss = model(x, x)[1]
+                loss.backward()
+                model.grad_sync.finish()
+                opt.step(grad_scale=1.0 / opt.grad_norm())
+                measured = opt.memory(model)
+            out[(dp, stage)] = (measured, model.num_params())
+    if rank == 0:
+        results.update(out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def measure(dps=(1, 2, 4), stages=(0, 1, 2, 3), dtype="bfloat16", dim=64, n_layers=2, n_heads=4, vocab_size=128):
+    """{(dp, stage): (measured bytes of rank 0, Phi)} from one CPU/gloo job of max(dps) ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+    args = dict(dps=list(dps), stages=list(stages), dtype=dtype, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                vocab_size=vocab_size)
+    world = max(dps)
+    if world == 1:
+        results = {}
+        _report_worker(0, 1, 0, args, results)
+        return results
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_report_worker, args=(world, port, args, results), nprocs=world)
+    return dict(results)
+
+
+def main(argv):
+    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "--report" not in argv:
+        print(__doc__)
+        return
+    dps = [int(d) for d in opts.get("dp", "1,2,4").split(",")]
+    dtype = opts.get("dtype", "bfloat16")
+    kw = {k: int(opts[k]) for k in ("dim", "n_layers", "n_heads", "vocab_size") if k in opts}
+    kw.setdefault("dim", 256)
+    kw.setdefault("n_layers", 4)
+    kw.setdefault("vocab_size", 1024)
+    k = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    print(f"bytes per rank, {dtype} compute (k = {k}), measured from the tensors after one step on CPU/gloo")
+    for (dp, stage), (measured, phi) in sorted(measure(dps, dtype=dtype, **kw).items()):
+        print(memory_report(stage, measured, phi, dp, k))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
