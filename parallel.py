@@ -420,7 +420,7 @@ def _shard(p, dim, mesh, shards=None):
 def tensor_parallel(model, mesh, cfg):
     """Swap the model's matrices for tp-sharded ones in place; names stay the single-process ones."""
     c, tp, group = model.config, mesh.tp, mesh.tp_group
-    sp = getattr(cfg, "sequence_parallel", False)
+    sp = cfg.sequence_parallel
     if c.ffn_dim % tp:
         raise LayoutError(f"ffn_dim={c.ffn_dim} is not divisible by tp={tp}; set ffn_dim (or multiple_of) "
                           f"to a multiple of {tp}")
@@ -535,8 +535,9 @@ def pipeline_split(model, mesh, cfg):
         model.norm = model.output = None
     elif model.config.tie_embeddings:
         model.output.weight.pp_tied_copy = True  # the first stage's copy is the one counted and saved
+    tokens = cfg.block_size // mesh.tp if cfg.sequence_parallel else cfg.block_size  # per message
     model.pipeline = Pipeline(mesh, cfg.pp_schedule, cfg.pp_virtual, mine, n_chunks,
-                              (cfg.micro_batch_size, cfg.block_size // (mesh.tp if cfg.sequence_parallel else 1), model.config.dim),
+                              (cfg.micro_batch_size, tokens, model.config.dim),
                               embed_group=_embedding_group(mesh) if model.config.tie_embeddings else None,
                               measure_idle=cfg.pp_measure_idle)
 

@@ -305,7 +305,7 @@ def save_checkpoint(cfg, mesh, model, optimizer, scaler, step, tokenizer):
         opt["exp_avg"] = parallel.gather_full(opt["exp_avg"], model, mesh)
         opt["exp_avg_sq"] = parallel.gather_full(opt["exp_avg_sq"], model, mesh)
         files = {"optimizer.pt": opt} if mesh.is_main else {}
-    ok = torch.ones(())
+    ok = torch.ones((), device=next(model.parameters()).device)  # NCCL reduces device tensors only
     try:
         if mesh.is_main:
             files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
@@ -316,17 +316,18 @@ def save_checkpoint(cfg, mesh, model, optimizer, scaler, step, tokenizer):
     except OSError as e:
         print(f"rank {mesh.rank}: checkpoint write failed: {e}")
         ok.zero_()
-    parallel.all_reduce(ok, mesh_world_group(mesh), op=torch.distributed.ReduceOp.MIN)  # all ranks wrote?
+    parallel.all_reduce(ok, mesh_world_group(mesh), op=torch.distributed.ReduceOp.MIN)  # did every rank write?
+    if ok.item():
+        if mesh.is_main:
+            print(f"saved checkpoint {checkpoint.commit(cfg.out_dir, step, cfg.keep_checkpoints)}")
+        return
     if mesh.is_main:
-        if ok.item():
-            path = checkpoint.commit(cfg.out_dir, step, cfg.keep_checkpoints)
-            print(f"saved checkpoint {path}")
-        else:
-            checkpoint.discard(cfg.out_dir, step)
-            msg = f"checkpoint at step {step} failed; the previous checkpoint is intact"
-            if cfg.checkpoint_errors_fatal:
-                raise UserError(msg)
-            print("warning: " + msg + " (training goes on; set checkpoint_errors_fatal=True to stop instead)")
+        checkpoint.discard(cfg.out_dir, step)
+    msg = f"checkpoint at step {step} failed; the previous checkpoint is intact"
+    if cfg.checkpoint_errors_fatal:  # every rank raises, so none waits for the others
+        raise UserError(msg)
+    if mesh.is_main:
+        print("warning: " + msg + " (training goes on; set checkpoint_errors_fatal=True to stop instead)")
 
 
 def mesh_world_group(mesh):

@@ -173,7 +173,7 @@ def _step_worker(rank, world, port, results):
         ref_loss.backward()
         model = Transformer(mcfg)
         model.load_state_dict(ref.state_dict())
-        cfg = types.SimpleNamespace(pp_schedule=schedule, pp_virtual=v, pp_first_layers=0, pp_last_layers=0,
+        cfg = types.SimpleNamespace(sequence_parallel=False, pp_schedule=schedule, pp_virtual=v, pp_first_layers=0, pp_last_layers=0,
                                     micro_batch_size=2, block_size=16, pp_measure_idle=False, zero=0,
                                     dp_bucket_mb=25.0)
         model = parallel.parallelize(model, mesh, cfg)

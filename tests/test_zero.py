@@ -214,20 +214,20 @@ def test_overflow_on_one_rank_is_seen_by_all():
 
 # --------------------------------------------------------------------------- the GPU benchmark's CPU path
 @pytest.mark.slow
-def test_bench_zero_runs_on_cpu(tmp_path):
-    """bench_zero.py (meant for GPUs) on 2 CPU ranks with gloo: every mode trains the same losses."""
+def test_bench_parallel_runs_on_cpu(tmp_path):
+    """bench_parallel.py (meant for GPUs) on 2 CPU ranks with gloo: every mode trains the same losses."""
     import subprocess
     import sys
     from util import ROOT
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "bench_zero.py"), "--device=cpu", "--dim=64", "--n_layers=2",
+                        os.path.join(ROOT, "bench_parallel.py"), "--device=cpu", "--dim=64", "--n_layers=2",
                         "--n_heads=4", "--n_kv_heads=2", "--vocab_size=256", "--seq=32", "--steps=2",
                         "--warmup=1", f"--out={out}"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.load(open(out))["results"]
-    assert [x["mode"] for x in results] == ["ddp", "torch_zero", "zero1", "zero2", "zero3", "fsdp2"]
+    assert [x["mode"] for x in results] == ["ddp", "dp", "torch_zero", "zero1", "zero2", "zero3", "fsdp2"]
     for x in results:  # torch_zero puts decay on every tensor: same first loss, close last loss
         assert x["first_loss"] == pytest.approx(results[0]["first_loss"], rel=1e-3)
         assert x["last_loss"] == pytest.approx(results[0]["last_loss"], rel=1e-2)

@@ -68,7 +68,12 @@ def final_params(out_dir):
     return checkpoint.load(checkpoint.latest(out_dir), "model.pt")["state_dict"]
 
 
-def assert_same_run(out_a, out_b, rtol=1e-5, atol=1e-6):
+def assert_same_run(out_a, out_b, rtol=1e-5, atol=1e-6, param_atol=1e-5):
+    """Per-step losses to fp32 tolerance, then the final parameters. Parameters get param_atol:
+    Adam divides each gradient by its own running size, so an element whose gradient is near
+    zero turns float32 summation-order noise into a step of up to lr (1e-3 here); one process
+    with micro_batch_size 1 vs 2 already differs by ~3e-6 there. A wrong slice, a missing or
+    double reduction moves parameters by ~lr per step, far above 1e-5."""
     la, lb = losses(out_a), losses(out_b)
     assert la.keys() == lb.keys(), (la, lb)
     for step in la:
@@ -76,4 +81,4 @@ def assert_same_run(out_a, out_b, rtol=1e-5, atol=1e-6):
     pa, pb = final_params(out_a), final_params(out_b)
     assert pa.keys() == pb.keys()
     for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(pa[k], pb[k], rtol=rtol, atol=max(atol, param_atol), msg=lambda m: f"{k}: {m}")

@@ -1,16 +1,17 @@
-"""Step time and peak memory of our ZeRO stages against torch's own sharding, in one run.
+"""Step time and peak memory of our data parallelism and ZeRO stages against torch's, in one run.
 
-  torchrun --nproc_per_node=8 bench_zero.py                          all GPUs of a node, ~1.4B model
-  torchrun --nproc_per_node=8 bench_zero.py --dim=4096 --n_layers=8 --micro=1
-  torchrun --nproc_per_node=2 bench_zero.py --device=cpu --dim=64 --n_layers=2 --vocab_size=256 --seq=32
+  torchrun --nproc_per_node=8 bench_parallel.py                      all GPUs of a node, ~1.4B model
+  torchrun --nproc_per_node=8 bench_parallel.py --dim=4096 --n_layers=8 --micro=1
+  torchrun --nproc_per_node=2 bench_parallel.py --device=cpu --dim=64 --n_layers=2 --vocab_size=256 --seq=32
 
 Modes (--modes=a,b,...), each on a freshly built model with the same data, one after another:
-  ddp         torch DDP + fused AdamW, float32 parameters under bf16 autocast (zero=0)
+  ddp         torch DDP + fused AdamW, float32 parameters under bf16 autocast
+  dp          parallel.py's bucketed all-reduce (GradBuckets), otherwise the same as ddp (zero=0)
   torch_zero  DDP + torch.distributed.optim.ZeroRedundancyOptimizer (stage 1, float32 parameters)
   zero1..3    zero.py: bf16 parameters/gradients, float32 master weights and moments sharded
   fsdp2       torch's fully_shard per layer + root, bf16 parameters (a ZeRO-3)
 Every mode clips gradients at global norm 1.0. Prints one line per mode on rank 0 and writes
-bench_zero.json: median step time (after warm-up), tokens/s, peak allocated memory per GPU.
+bench_parallel.json: median step time (after warm-up), tokens/s, peak allocated memory per GPU.
 """
 import gc
 import json
@@ -28,8 +29,8 @@ import zero
 from model import ModelConfig, Transformer
 
 DEFAULTS = dict(dim=2048, n_layers=24, n_heads=16, n_kv_heads=8, vocab_size=32000, seq=2048, micro=2,
-                steps=10, warmup=3, modes="ddp,torch_zero,zero1,zero2,zero3,fsdp2", device="auto",
-                out="bench_zero.json")
+                steps=10, warmup=3, modes="ddp,dp,torch_zero,zero1,zero2,zero3,fsdp2", device="auto",
+                out="bench_parallel.json", bucket_mb=25.0)
 
 
 def parse(argv):
@@ -67,6 +68,19 @@ def build(mode, args, mcfg, device, rank, world):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return ddp, step
+
+    if mode == "dp":
+        buckets = parallel.GradBuckets(list(model.parameters()), dist.group.WORLD, args.bucket_mb) if world > 1 else None
+        opt = torch.optim.AdamW(groups(), lr=1e-4, fused=cuda)
+
+        def step(loss):
+            loss.backward()
+            if buckets is not None:
+                buckets.finish()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model, step
 
     if mode.startswith("zero"):
         mesh = parallel.Mesh(world=world, rank=rank, dp=world, dp_rank=rank,
