@@ -13,7 +13,6 @@ import argparse
 import gc
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -44,22 +43,19 @@ def measured_matmul_rate(n=8192, iters=20):
 
 
 def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION):
+    """train.py's step: compute_gradients (forward_backward, grad_norm) and apply_update (clip, AdamW)."""
     model_module.SDPA_BACKENDS.sort(key=lambda b: b != sdpa_first)  # which SDPA backend is tried first
-    mcfg = ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)
-    model = Transformer(mcfg).cuda()
+    model = Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)).cuda()
     model.grad_sync = None
-    cfg = train.Config(weight_decay=0.1)
-    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4, fused=True)
+    cfg, mesh = train.Config(), parallel.Mesh()
+    opt = train.build_optimizer(model, cfg, mesh, torch.device("cuda"))
     fwd = torch.compile(model) if compile_model else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    mesh = parallel.Mesh()
+    scaler = train.LossScaler(enabled=False)
 
     def step(x, y):
-        train.forward_backward(fwd, [(x, y)], 1.0, autocast, None)
-        norm = parallel.grad_norm(model, mesh)
-        coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_([p.grad for p in model.parameters()], coef)
-        opt.step()
+        _, norm = train.compute_gradients(cfg, mesh, model, fwd, opt, [(x, y)], scaler, autocast)
+        train.apply_update(cfg, model, opt, norm, scaler)
         opt.zero_grad(set_to_none=True)
     return model, step
 

@@ -24,7 +24,7 @@ import torch
 
 import checkpoint
 import parallel
-from model import ModelConfig, Transformer, config_from_dict
+from model import Transformer, config_from_dict
 
 
 # --------------------------------------------------------------------------- config
@@ -274,6 +274,33 @@ def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
     return total / len(micro_batches)
 
 
+def compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro_batches, scaler, autocast):
+    """Forward and backward over one step's micro-batches. Returns the mean loss (a device
+    tensor: no host sync) and the global norm of the unscaled gradients."""
+    if mesh.pp > 1:  # the pipeline schedule runs the same micro-batches over the stages
+        loss = parallel.pipeline_step(model, micro_batches, scaler.scale, autocast)
+    else:
+        loss = forward_backward(fwd_bwd, micro_batches, scaler.scale, autocast, model.grad_sync)
+    if cfg.zero:  # ZeRO: this rank holds a shard of the gradients; step() unscales them in float32
+        return loss, optimizer.grad_norm() / scaler.scale
+    if scaler.enabled:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(scaler.scale)
+    return loss, parallel.grad_norm(model, mesh)
+
+
+def apply_update(cfg, model, optimizer, norm, scaler):
+    """Scale the gradients by min(1, grad_clip / norm) (global-norm clipping) and step AdamW."""
+    if cfg.zero:
+        coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0) if cfg.grad_clip > 0 else 1.0
+        optimizer.step(grad_scale=coef / scaler.scale)
+        return
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, norm)
+    optimizer.step()
+
+
 # --------------------------------------------------------------------------- checkpoints
 def optimizer_state(model, optimizer):
     """AdamW state keyed by parameter name, so any layout can load it."""
@@ -473,18 +500,7 @@ def train(cfg):
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = get_micro_batches(cfg, train_data, step, "train", mesh, device)
-        if mesh.pp > 1:  # the pipeline schedule runs the same micro-batches over the stages
-            loss = parallel.pipeline_step(model, micro, scaler.scale, autocast)
-        else:
-            loss = forward_backward(fwd_bwd, micro, scaler.scale, autocast, model.grad_sync)
-        if cfg.zero:  # ZeRO: this rank holds a shard of the gradients; step() unscales and clips in float32
-            norm = optimizer.grad_norm() / scaler.scale
-        else:
-            if scaler.enabled:  # unscale before clipping
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(scaler.scale)
-            norm = parallel.grad_norm(model, mesh)
+        loss, norm = compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro, scaler, autocast)
         # one small collective and one host sync per step: every rank agrees on skip/stop
         flags = torch.stack([(~torch.isfinite(norm)).float(), torch.tensor(float(preempt.requested), device=device)])
         parallel.all_reduce(flags, world_group, op=torch.distributed.ReduceOp.MAX)
@@ -502,15 +518,7 @@ def train(cfg):
                                 f"the last good checkpoint in {cfg.out_dir} is intact. Lower learning_rate or check the data")
         else:
             bad_steps = 0
-            coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0) if cfg.grad_clip > 0 else 1.0
-            if cfg.zero:
-                optimizer.step(grad_scale=coef / scaler.scale)
-            else:
-                if cfg.grad_clip > 0:
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
-                optimizer.step()
+            apply_update(cfg, model, optimizer, norm, scaler)
             scaler.update(overflow=False)
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -1,13 +1,12 @@
 """Hand-written data parallelism (gloo, CPU) trains the same model as one process."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from util import assert_same_run, make_dataset, run_train, tiny_args
+from util import assert_same_run, free_port, make_dataset, run_train, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +38,6 @@ def test_dp_single_small_buckets(single):
 
 
 # --------------------------------------------------------------------------- against torch DDP
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -75,7 +69,7 @@ def _ddp_worker(rank, world, port, results):
 
 def test_bucketed_all_reduce_equals_ddp():
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), results), nprocs=2)
     for rank in range(2):
         for name, diff, scale in results[rank]:
             assert diff <= 1e-6 * max(1.0, scale), f"rank {rank} {name}: {diff}"

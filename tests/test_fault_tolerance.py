@@ -3,7 +3,6 @@ import errno
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import train
-from util import ROOT, assert_same_run, final_params, losses, make_dataset, run_train, tiny_args
+from util import ROOT, assert_same_run, final_params, free_port, losses, make_dataset, run_train, tiny_args
 
 
 @pytest.fixture
@@ -151,9 +150,7 @@ def _nan_worker(rank, world, port, args, results):
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(data):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_nan_worker, args=(2, port, tiny_args(data, max_iters=4), results), nprocs=2)
     assert '{"step": 2, "skipped": "non-finite gradient norm"' in open(data / "out" / "log.jsonl").read()

@@ -7,7 +7,6 @@ process; and whole train.py runs (per-step losses and final parameters at 1e-5, 
 a different pp, evaluation, tied embeddings, dp x pp, dp x pp x tp)."""
 import json
 import os
-import socket
 import types
 from contextlib import nullcontext
 
@@ -18,7 +17,7 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import parallel
-from util import assert_same_run, final_params, make_dataset, run_train, tiny_args
+from util import assert_same_run, final_params, free_port, make_dataset, run_ok, run_train, tiny_args
 
 
 # --------------------------------------------------------------------------- schedules as lists
@@ -122,11 +121,6 @@ def test_impossible_layouts_name_the_numbers(world, tp, pp, kw, message):
 
 
 # --------------------------------------------------------------------------- one pipeline step, in process
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _mesh(world, rank, dp, pp):
     """The mesh init_distributed builds, for a dp x pp (tp = 1) layout of an existing world."""
@@ -197,7 +191,7 @@ def _step_worker(rank, world, port, results):
 @pytest.fixture(scope="module")
 def step_results():
     results = mp.Manager().dict()
-    mp.spawn(_step_worker, args=(WORLD, _free_port(), results), nprocs=WORLD)
+    mp.spawn(_step_worker, args=(WORLD, free_port(), results), nprocs=WORLD)
     return dict(results)
 
 
@@ -231,11 +225,6 @@ def single(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     return base
 
-
-def run_ok(args, nproc):
-    r = run_train(args, nproc=nproc)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
 @pytest.mark.parametrize("pp, schedule, extra", [

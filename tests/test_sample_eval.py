@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import eval_ppl  # noqa: E402
 import sample  # noqa: E402
-from checkpoint import commit, load_model, temp_dir, write_files  # noqa: E402
+from checkpoint import commit, temp_dir, write_files  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from prepare import get_tokenizer, write_tokens  # noqa: E402
 

@@ -1,7 +1,6 @@
 """Megatron tensor parallelism (gloo, CPU): the same model as one process, one all-reduce
 per sublayer, a vocabulary-parallel loss equal to torch's, and layout-free checkpoints."""
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from util import assert_same_run, make_dataset, run_train, tiny_args
+from util import assert_same_run, free_port, make_dataset, run_ok, tiny_args
 
 MHA = dict(n_kv_heads=4)  # the tiny default is grouped-query: 4 q heads, 2 kv heads
 # (util.assert_same_run explains its parameter tolerance; gradients themselves are compared
@@ -23,11 +22,6 @@ def base(tmp_path_factory):
     make_dataset(base / "data")
     return base
 
-
-def run_ok(args, nproc=1):
-    r = run_train(args, nproc=nproc)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
 def reference(base, **model):
@@ -90,15 +84,10 @@ def test_layout_errors_are_clear():
 
 
 # --------------------------------------------------------------------------- in-process checks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _spawn(fn, world, *args):
     results = mp.Manager().dict()
-    mp.spawn(_init_and_run, args=(world, _free_port(), fn, results, args), nprocs=world)
+    mp.spawn(_init_and_run, args=(world, free_port(), fn, results, args), nprocs=world)
     return dict(results)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from util import assert_same_run, final_params, losses, make_dataset, run_train, tiny_args
+from util import assert_same_run, final_params, losses, make_dataset, run_ok, run_train, tiny_args
 
 
 @pytest.fixture
@@ -14,11 +14,6 @@ def data(tmp_path):
     make_dataset(tmp_path / "data")
     return tmp_path
 
-
-def run_ok(args, **kw):
-    r = run_train(args, **kw)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
 @pytest.mark.parametrize("arg, message", [

@@ -1,7 +1,6 @@
 """ZeRO stages 1-3 (zero.py) on CPU with gloo train the same model as one process with torch's AdamW."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import checkpoint
 import parallel
 import train
 import zero
-from util import assert_same_run, final_params, losses, make_dataset, run_train, tiny_args
+from util import assert_same_run, final_params, free_port, losses, make_dataset, run_ok, run_train, tiny_args
 
 CLIP = 0.5  # below the tiny model's gradient norms (~0.9), so clipping is active in every step
 
@@ -26,11 +25,6 @@ def single(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     return base
 
-
-def run_ok(args, nproc):
-    r = run_train(args, nproc=nproc)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
 
 
 # --------------------------------------------------------------------------- same trajectory as one process
@@ -175,11 +169,6 @@ def test_memory_report_matches_formulas():
 
 
 # --------------------------------------------------------------------------- overflow agreed by all ranks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _norm_worker(rank, world, port, results):
     from types import SimpleNamespace
@@ -206,7 +195,7 @@ def _norm_worker(rank, world, port, results):
 
 def test_overflow_on_one_rank_is_seen_by_all():
     results = mp.Manager().dict()
-    mp.spawn(_norm_worker, args=(2, _free_port(), results), nprocs=2)
+    mp.spawn(_norm_worker, args=(2, free_port(), results), nprocs=2)
     assert results[0][0] == results[1][0] and results[0][0] > 0
     assert results[0][1] == results[1][1] == float("inf")
     assert all(results[0][2]) and all(results[1][2])  # sharding kept the initial parameters

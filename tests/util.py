@@ -1,6 +1,7 @@
 """Shared helpers for the tests: a synthetic dataset, tiny configs, runs of train.py."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -48,6 +49,20 @@ def run_train(args, nproc=1, timeout=300, env=None):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(launcher + [os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def run_ok(args, nproc=1, **kw):
+    """run_train that must succeed; its output is shown when it does not."""
+    r = run_train(args, nproc=nproc, **kw)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def free_port():
+    """A free TCP port on loopback for a torch.multiprocessing rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def losses(out_dir):
