@@ -113,6 +113,31 @@ def all_reduce(tensor, group, op=dist.ReduceOp.SUM):
     return tensor
 
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _size(group):
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def reduce_scatter_flat(out, inp, group, async_op=False):
+    """out (S,...) = the sum over ranks of slice `rank` (along dim 0) of inp (N*S,...)."""
+    if _size(group) == 1:
+        out.copy_(inp)
+        return None
+    return _reduce_scatter(out, inp, group=group, async_op=async_op)
+
+
+def all_gather_flat(out, inp, group, async_op=False):
+    """out (N*S,...) = every rank's inp (S,...) concatenated along dim 0, in rank order."""
+    if _size(group) == 1:
+        out.copy_(inp)
+        return None
+    return _all_gather(out, inp, group=group, async_op=async_op)
+
+
 # --------------------------------------------------------------------------- data parallelism
 class GradBuckets:
     """Average gradients over the dp group (book 4.2.1), overlapping backward.
@@ -194,7 +219,7 @@ def check_replicas_identical(model, group):
 # Parameters are sliced from the full, seeded single-device model, so tp=T trains the same
 # model as tp=1 with the same seed.
 
-def _all_gather(x, group, dim):
+def _all_gather_cat(x, group, dim):
     """Concatenate every rank's x along dim (all ranks hold equal shapes)."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
@@ -233,9 +258,6 @@ class ReduceFromTP(torch.autograd.Function):
 # f becomes an all-gather over the sequence (backward: reduce-scatter) and g a
 # reduce-scatter (backward: all-gather): the same bytes as one all-reduce, but the
 # activations outside attention/ffn take 1/tp of the memory.
-# (torch >= 2.12 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single)
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _seq_first(x):
@@ -246,7 +268,7 @@ def _gather_seq(x, group):
     """(B, T/tp, d) on each rank -> (B, T, d), rank order along T."""
     x = _seq_first(x)
     out = x.new_empty((x.shape[0] * dist.get_world_size(group),) + x.shape[1:])
-    _all_gather_single(out, x, group=group)
+    all_gather_flat(out, x, group)
     return out.transpose(0, 1)
 
 
@@ -254,7 +276,7 @@ def _reduce_scatter_seq(x, group):
     """(B, T, d) partial sums on each rank -> (B, T/tp, d): the sum, this rank's tokens."""
     x = _seq_first(x)
     out = x.new_empty((x.shape[0] // dist.get_world_size(group),) + x.shape[1:])
-    _reduce_scatter_single(out, x, group=group)
+    reduce_scatter_flat(out, x, group)
     return out.transpose(0, 1)
 
 
@@ -388,7 +410,7 @@ def gather_logits(local_logits, mesh):
     """(B, T, V/tp) vocab-sharded logits -> (B, T, V) on every tp rank, e.g. for sampling."""
     if mesh.tp == 1:
         return local_logits
-    return _all_gather(local_logits, mesh.tp_group, dim=-1)
+    return _all_gather_cat(local_logits, mesh.tp_group, dim=-1)
 
 
 def _sum_grad_over(p, group):
@@ -802,7 +824,7 @@ def _gather_tp(named, model, mesh):
     for k, v in named.items():
         p = params[k]
         if getattr(p, "tp_dim", None) is not None:
-            parts = _all_gather(v.detach(), mesh.tp_group, dim=p.tp_dim).chunk(mesh.tp, p.tp_dim)
+            parts = _all_gather_cat(v.detach(), mesh.tp_group, dim=p.tp_dim).chunk(mesh.tp, p.tp_dim)
             v = torch.cat(parts[::mesh.tp // p.tp_shards], p.tp_dim)  # replicated kv: once each
         out[k] = v
     return out

@@ -43,29 +43,7 @@ import parallel
 
 
 # --------------------------------------------------------------------------- collectives (one process: copies)
-# torch 2.13 renamed the flat-tensor collectives
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _size(group):
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def reduce_scatter(out, inp, group, async_op=False):
-    """out (S,) = the sum over ranks of slice `rank` of inp (N*S,)."""
-    if _size(group) == 1:
-        out.copy_(inp)
-        return None
-    return _reduce_scatter(out, inp, group=group, async_op=async_op)
-
-
-def all_gather(out, inp, group, async_op=False):
-    """out (N*S,) = the concatenation of every rank's inp (S,)."""
-    if _size(group) == 1:
-        out.copy_(inp)
-        return None
-    return _all_gather(out, inp, group=group, async_op=async_op)
+from parallel import _size, all_gather_flat as all_gather, reduce_scatter_flat as reduce_scatter  # noqa: E402
 
 
 def gather_to_first(inp, group):
