@@ -5,17 +5,22 @@ A checkpoint is a folder out_dir/ckpt_<step>/ of torch.save files plus manifest.
 fsynced, then renamed into place: rename is atomic, so a kill -9 at any moment leaves
 either the old set of checkpoints or the new one, never a half-written newest one.
 
-Files: model.pt (full, single-process state dict with the model config: any layout
-loads it), optimizer.pt (per-parameter-name AdamW state, or optim_rank<r>.pt when ZeRO
-shards it), train_state.pt (step, config, RNG, loss scaler; the data position is the
-step itself, since the batch of step t depends only on seed and t).
+Files (save_training / load_training, for train.py): model.pt (the full, single-process
+state dict and the model config: any layout loads it), optimizer.pt (AdamW's moments keyed
+by parameter name; ZeRO adds each rank's shard as optim_rank<r>.pt), train_state.pt (step,
+config, RNG, loss scaler; the data position is the step itself, since the batch of step t
+depends only on seed and t).
 """
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 
+import numpy as np
 import torch
+
+import parallel
 
 PREFIX = "ckpt_"
 
@@ -158,3 +163,93 @@ def load_model(spec, device="cpu", **config_overrides):
         state.setdefault("output.weight", state["tok_embeddings.weight"])
     model.load_state_dict(state)
     return model.to(device), blob.get("tokenizer")
+
+
+# --------------------------------------------------------------------------- a training run's state (train.py)
+def optimizer_state(model, optimizer):
+    """AdamW state keyed by parameter name, so any layout can load it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {"step": None, "exp_avg": {}, "exp_avg_sq": {}}
+    for p, s in optimizer.state.items():
+        state["step"] = float(s["step"])
+        state["exp_avg"][names[id(p)]] = s["exp_avg"]
+        state["exp_avg_sq"][names[id(p)]] = s["exp_avg_sq"]
+    return state
+
+
+def load_optimizer_state(model, optimizer, state):
+    for n, p in model.named_parameters():
+        if n in state["exp_avg"]:
+            optimizer.state[p] = {"step": torch.tensor(state["step"]),
+                                  "exp_avg": state["exp_avg"][n].to(p.device, p.dtype),
+                                  "exp_avg_sq": state["exp_avg_sq"][n].to(p.device, p.dtype)}
+
+
+def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
+    """Every rank contributes (gathers are collective); rank 0 writes the single-process files."""
+    tmp = temp_dir(cfg.out_dir, step)
+    if cfg.zero:  # ZeRO: full tensors gathered from the dp shards (same files as zero=0) + optim_rank<r>.pt
+        params, files = optimizer.checkpoint_files(model, mesh)
+    else:
+        params = parallel.gather_full(dict(model.named_parameters()), model, mesh)
+        opt = optimizer_state(model, optimizer)
+        opt["exp_avg"] = parallel.gather_full(opt["exp_avg"], model, mesh)
+        opt["exp_avg_sq"] = parallel.gather_full(opt["exp_avg_sq"], model, mesh)
+        files = {"optimizer.pt": opt} if mesh.is_main else {}
+    ok = torch.ones((), device=next(model.parameters()).device)  # NCCL reduces device tensors only
+    try:
+        if mesh.is_main:
+            files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
+                                 "tokenizer": tokenizer}
+            files["train_state.pt"] = {"step": step, "config": dataclasses.asdict(cfg), "scaler": scaler.state_dict(),
+                                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+        write_files(tmp, files)
+    except OSError as e:
+        print(f"rank {mesh.rank}: checkpoint write failed: {e}")
+        ok.zero_()
+    parallel.all_reduce(ok, _world(mesh), op=torch.distributed.ReduceOp.MIN)  # did every rank write?
+    if ok.item():
+        if mesh.is_main:
+            print(f"saved checkpoint {commit(cfg.out_dir, step, cfg.keep_checkpoints)}")
+        return
+    if mesh.is_main:
+        discard(cfg.out_dir, step)
+    msg = f"checkpoint at step {step} failed; the previous checkpoint is intact"
+    if cfg.checkpoint_errors_fatal:  # every rank raises, so none waits for the others
+        raise CheckpointError(msg)
+    if mesh.is_main:
+        print("warning: " + msg + " (training goes on; set checkpoint_errors_fatal=True to stop instead)")
+
+
+def _world(mesh):
+    return torch.distributed.group.WORLD if mesh.world > 1 else None
+
+
+def load_training(cfg, mesh, model, optimizer, scaler, path):
+    """Restore a run saved by save_training into this (possibly different) layout; returns the step."""
+    from model import config_from_dict
+    blob = load(path, "model.pt")
+    saved = config_from_dict(blob["model_config"])
+    mine = model.config
+    diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs config {getattr(mine, k)!r}"
+            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
+            if getattr(saved, k) != getattr(mine, k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} is from an incompatible model: " + "; ".join(diff))
+    local = parallel.shard_full(blob["state_dict"], model, mesh)
+    if cfg.zero:  # ZeRO: master weights from model.pt, moments from this rank's shard file or optimizer.pt
+        optimizer.load_checkpoint(path, local, model, mesh)
+    else:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(local[n])
+        opt = load(path, "optimizer.pt") if os.path.exists(os.path.join(path, "optimizer.pt")) else None
+        if opt is not None:
+            opt["exp_avg"] = parallel.shard_full(opt["exp_avg"], model, mesh)
+            opt["exp_avg_sq"] = parallel.shard_full(opt["exp_avg_sq"], model, mesh)
+            load_optimizer_state(model, optimizer, opt)
+    state = load(path, "train_state.pt")
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state["step"]

@@ -301,94 +301,6 @@ def apply_update(cfg, model, optimizer, norm, scaler):
     optimizer.step()
 
 
-# --------------------------------------------------------------------------- checkpoints
-def optimizer_state(model, optimizer):
-    """AdamW state keyed by parameter name, so any layout can load it."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = {"step": None, "exp_avg": {}, "exp_avg_sq": {}}
-    for p, s in optimizer.state.items():
-        state["step"] = float(s["step"])
-        state["exp_avg"][names[id(p)]] = s["exp_avg"]
-        state["exp_avg_sq"][names[id(p)]] = s["exp_avg_sq"]
-    return state
-
-
-def load_optimizer_state(model, optimizer, state):
-    for n, p in model.named_parameters():
-        if n in state["exp_avg"]:
-            optimizer.state[p] = {"step": torch.tensor(state["step"]),
-                                  "exp_avg": state["exp_avg"][n].to(p.device, p.dtype),
-                                  "exp_avg_sq": state["exp_avg_sq"][n].to(p.device, p.dtype)}
-
-
-def save_checkpoint(cfg, mesh, model, optimizer, scaler, step, tokenizer):
-    """Every rank contributes (gathers are collective); rank 0 writes the single-process files."""
-    tmp = checkpoint.temp_dir(cfg.out_dir, step)
-    if cfg.zero:  # ZeRO: full tensors gathered from the dp shards (same files as zero=0) + optim_rank<r>.pt
-        params, files = optimizer.checkpoint_files(model, mesh)
-    else:
-        params = parallel.gather_full(dict(model.named_parameters()), model, mesh)
-        opt = optimizer_state(model, optimizer)
-        opt["exp_avg"] = parallel.gather_full(opt["exp_avg"], model, mesh)
-        opt["exp_avg_sq"] = parallel.gather_full(opt["exp_avg_sq"], model, mesh)
-        files = {"optimizer.pt": opt} if mesh.is_main else {}
-    ok = torch.ones((), device=next(model.parameters()).device)  # NCCL reduces device tensors only
-    try:
-        if mesh.is_main:
-            files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
-                                 "tokenizer": tokenizer}
-            files["train_state.pt"] = {"step": step, "config": dataclasses.asdict(cfg), "scaler": scaler.state_dict(),
-                                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
-        checkpoint.write_files(tmp, files)
-    except OSError as e:
-        print(f"rank {mesh.rank}: checkpoint write failed: {e}")
-        ok.zero_()
-    parallel.all_reduce(ok, mesh_world_group(mesh), op=torch.distributed.ReduceOp.MIN)  # did every rank write?
-    if ok.item():
-        if mesh.is_main:
-            print(f"saved checkpoint {checkpoint.commit(cfg.out_dir, step, cfg.keep_checkpoints)}")
-        return
-    if mesh.is_main:
-        checkpoint.discard(cfg.out_dir, step)
-    msg = f"checkpoint at step {step} failed; the previous checkpoint is intact"
-    if cfg.checkpoint_errors_fatal:  # every rank raises, so none waits for the others
-        raise UserError(msg)
-    if mesh.is_main:
-        print("warning: " + msg + " (training goes on; set checkpoint_errors_fatal=True to stop instead)")
-
-
-def mesh_world_group(mesh):
-    return torch.distributed.group.WORLD if mesh.world > 1 else None
-
-
-def load_checkpoint(cfg, mesh, model, optimizer, scaler, path):
-    blob = checkpoint.load(path, "model.pt")
-    saved = config_from_dict(blob["model_config"])
-    mine = model.config
-    diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs config {getattr(mine, k)!r}"
-            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
-            if getattr(saved, k) != getattr(mine, k)]
-    if diff:
-        raise UserError(f"checkpoint {path} is from an incompatible model: " + "; ".join(diff))
-    local = parallel.shard_full(blob["state_dict"], model, mesh)
-    if cfg.zero:  # ZeRO: master weights from model.pt, moments from this rank's shard file or optimizer.pt
-        optimizer.load_checkpoint(path, local, model, mesh)
-    else:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(local[n])
-        opt = checkpoint.load(path, "optimizer.pt") if os.path.exists(os.path.join(path, "optimizer.pt")) else None
-        if opt is not None:
-            opt["exp_avg"] = parallel.shard_full(opt["exp_avg"], model, mesh)
-            opt["exp_avg_sq"] = parallel.shard_full(opt["exp_avg_sq"], model, mesh)
-            load_optimizer_state(model, optimizer, opt)
-    state = checkpoint.load(path, "train_state.pt")
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    return state["step"]
-
-
 # --------------------------------------------------------------------------- the run
 class Preemption:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
@@ -475,7 +387,7 @@ def train(cfg):
     model = parallel.parallelize(model.to(device), mesh, cfg)
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
-    step = load_checkpoint(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
+    step = checkpoint.load_training(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
     fwd_bwd = torch.compile(model) if cfg.compile and mesh.pp == 1 else model
 
     log = print if mesh.is_main else (lambda *a, **k: None)
@@ -492,7 +404,7 @@ def train(cfg):
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
     bad_steps, t0, tokens_seen, loss_sum = 0, time.time(), 0, torch.zeros((), device=device)
-    world_group = mesh_world_group(mesh)
+    world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
     peak_flops = 989e12 if device.type == "cuda" else None  # H100/H200 dense bf16 datasheet
 
     while step < cfg.max_iters:
@@ -553,7 +465,7 @@ def train(cfg):
                 jsonl.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
                 jsonl.flush()
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stop:
-            save_checkpoint(cfg, mesh, model, optimizer, scaler, step, tokenizer)
+            checkpoint.save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer)
         if step % cfg.eval_interval == 0 or step % cfg.checkpoint_interval == 0:
             t0, tokens_seen = time.time(), 0  # tokens/s counts training steps only
         if stop:

@@ -102,7 +102,7 @@ def test_checkpoint_write_failure_keeps_previous_and_training_goes_on(data, monk
     calls["n"] = 0
     cfg = train.load_config(tiny_args(data, out_dir=str(data / "o2"), max_iters=6, checkpoint_interval=2,
                                       checkpoint_errors_fatal=True))
-    with pytest.raises(train.UserError, match="checkpoint at step 4 failed"):
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint at step 4 failed"):
         train.train(cfg)
 
 
