@@ -797,24 +797,25 @@ def parallelize(model, mesh, cfg):
 
 
 # --------------------------------------------------------------------------- whole-model helpers
-def grad_norm(model, mesh):
-    """Global L2 norm of the gradients of the whole model (a float32 0-dim tensor).
-    Each parameter is counted once: a tensor-sharded one contributes its shard on
-    every tp rank, a replicated one only on tp rank 0; stages add up over pp."""
-    sq = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
-    for p in model.parameters():
-        if getattr(p, "pp_tied_copy", False):  # pipeline: the first stage counts the tied embedding
-            continue
-        if p.grad is not None and _counted_on_this_tp_rank(p, mesh):
-            sq += p.grad.float().pow(2).sum()
-    return all_reduce(sq, mesh.mp_group).sqrt()
-
-
-def _counted_on_this_tp_rank(p, mesh):
-    """The first tp rank holding each distinct slice (see tp_dim / tp_shards above)."""
+def counted_in_norm(p, mesh):
+    """Whether this rank adds p to the global gradient norm, so that each distinct tensor
+    counts once: a tp-replicated one on tp rank 0, a tp-sharded one on the first tp rank
+    holding each distinct slice (see tp_dim / tp_shards), a pipeline's tied copy of the
+    embedding nowhere (the first stage counts it). Stages add up over pp."""
+    if getattr(p, "pp_tied_copy", False):
+        return False
     if getattr(p, "tp_dim", None) is None:
         return mesh.tp_rank == 0
     return mesh.tp_rank % (mesh.tp // p.tp_shards) == 0
+
+
+def grad_norm(model, mesh):
+    """Global L2 norm of the gradients of the whole model (a float32 0-dim tensor)."""
+    sq = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    for p in model.parameters():
+        if p.grad is not None and counted_in_norm(p, mesh):
+            sq += p.grad.float().pow(2).sum()
+    return all_reduce(sq, mesh.mp_group).sqrt()
 
 
 def _gather_tp(named, model, mesh):

@@ -265,17 +265,6 @@ def install_gather_hooks(model, units, n_root):
 
 
 # --------------------------------------------------------------------------- the optimizer
-def counted_in_norm(p, mesh):
-    """parallel.grad_norm's rule: each distinct tensor once. A tp-replicated parameter counts on
-    tp rank 0, a tp-sharded one on every rank holding a distinct slice, a pipeline's tied copy of
-    the embedding not at all (the first stage counts it)."""
-    if getattr(p, "pp_tied_copy", False):
-        return False
-    if hasattr(parallel, "_counted_on_this_tp_rank"):  # kv heads shared by several tp ranks
-        return parallel._counted_on_this_tp_rank(p, mesh)
-    return getattr(p, "tp_dim", None) is not None or mesh.tp_rank == 0
-
-
 class ZeroAdamW:
     """AdamW (torch.optim.AdamW's math: decoupled weight decay on matrices only, bias
     corrections, eps outside the square root) on this rank's float32 shard of every unit."""
@@ -297,7 +286,7 @@ class ZeroAdamW:
             del u.master_init
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
         self.decay_ranges = self._ranges(lambda p: p.dim() >= 2)
-        self.norm_ranges = self._ranges(lambda p: counted_in_norm(p, mesh))
+        self.norm_ranges = self._ranges(lambda p: parallel.counted_in_norm(p, mesh))
         self.grad_shards = None  # stages 2-3: this rank's gradient shard of every unit, (sum of S,)
         if self.stage >= 2:
             self.grad_shards = torch.zeros(self.shard_offsets[-1], dtype=dtype, device=device)
