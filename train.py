@@ -171,10 +171,14 @@ def model_config(cfg):
 def open_split(cfg, split, vocab_size):
     from prepare import DataError, load_tokens, prepare
     path = os.path.join(cfg.data_dir, cfg.dataset, f"{split}.bin")
+    if cfg.dataset == "pystdlib":  # the offline default: prepared on first use, one command to a first run
+        if int(os.environ.get("RANK", "0")) == 0 and not os.path.exists(path):
+            prepare(name="pystdlib", data_dir=cfg.data_dir)  # one writer
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # on every rank, whatever it saw: the others wait for the writer
     if not os.path.exists(path):
-        if cfg.dataset != "pystdlib":
-            raise UserError(f"{path} not found; run: python prepare.py --name={cfg.dataset} --source=...")
-        prepare(name="pystdlib", data_dir=cfg.data_dir)  # the offline default: one command to a first run
+        raise UserError(f"{path} not found; run: python prepare.py --name={cfg.dataset} --source=... "
+                        "(on several nodes, data_dir must be on a shared file system or prepared on each)")
     try:
         tokens, header = load_tokens(path, expected_vocab_size=vocab_size)
     except DataError as e:
