@@ -48,7 +48,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: kernels run on the CPU in numpy
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_BLOCK = 128  # largest tile in any config; lse/delta buffers are padded to a multiple of it
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # log2(e); written out inside the kernels, which cannot read Python globals
 
 if INTERPRET:  # Triton 3.6's interpreter int()s 1-element arrays (loop bounds), an error since numpy 2.4
     from triton.runtime import interpreter as _interpreter
@@ -111,19 +111,24 @@ def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, start, 
     return acc, l_i, m_i
 
 
+@triton.jit
+def _query_block(H, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's (batch * head index, batch, head, first query row). Grid: (query blocks,
+    B * H); causal: the longest rows (the last blocks) start first, so the tail is short."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    return bh, bh // H, bh % H, pid_m * BLOCK_M
+
+
 @triton.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "SEQ_BUCKET"])
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale,
                 stride_ob, stride_ot, stride_oh,
                 T, T_pad, H, GROUP, LEFT, RIGHT, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # grid: (query blocks, B * H); causal: the longest rows (last blocks) start first
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    m0 = pid_m * BLOCK_M
+    bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     # q/k/v are seen as 2D (B*T, heads*D): a tile is BLOCK rows of one head's D columns.
     # Rows past T read the next sequence (or zeros at the end): those keys are masked and
     # those query rows are never stored.
@@ -260,12 +265,7 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
                    T, T_pad, H, GROUP, LEFT, RIGHT, SEQ_BUCKET,
                    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    m0 = pid_m * BLOCK_M
+    bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = desc_q.load([b * T + m0, h * HEAD_DIM])  # (BLOCK_M, D)
     do = desc_do.load([b * T + m0, h * HEAD_DIM])
