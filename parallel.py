@@ -7,7 +7,11 @@ links), then pipeline stages, then data-parallel replicas.
 
 parallelize() applies the transforms to a built single-device model in a fixed order:
 tensor parallelism (swap Linear/Embedding for sharded ones), pipeline parallelism (keep
-this stage's layers), then data parallelism (gradient all-reduce hooks).
+this stage's layers), the move to the GPU, then data parallelism (gradient all-reduce
+hooks). ZeRO (zero.py) replaces the data-parallel hooks with its own sharded ones.
+
+Sections: the mesh | data parallelism | tensor parallelism | pipeline parallelism |
+parallelize | whole-model helpers (gradient norm, gathering full tensors for checkpoints).
 """
 import os
 import time
@@ -782,14 +786,17 @@ def gather_stages(full, model, mesh):
 
 
 # --------------------------------------------------------------------------- apply, in a fixed order
-def parallelize(model, mesh, cfg):
-    """Tensor parallelism, then pipeline stages, then data-parallel gradient hooks.
-    Returns the model; model.grad_sync is None without data parallelism."""
+def parallelize(model, mesh, cfg, device=None):
+    """Tensor parallelism, then pipeline stages (both on the full model where it was built,
+    e.g. the CPU, so only this rank's part reaches the GPU), then the move to `device`, then
+    data-parallel gradient hooks. Returns the model; model.grad_sync is None without dp."""
     model.grad_sync = None
     if mesh.tp > 1:  # tp=1: no transform at all, so f and g cost nothing
         tensor_parallel(model, mesh, cfg)
     if mesh.pp > 1:  # pipeline: keep this rank's chunks of layers (after TP, before the DP hooks)
         pipeline_split(model, mesh, cfg)
+    if device is not None:
+        model.to(device)
     if mesh.dp > 1 and not cfg.zero:
         check_replicas_identical(model, mesh.dp_group)
         model.grad_sync = GradBuckets(list(model.parameters()), mesh.dp_group, cfg.dp_bucket_mb)

@@ -388,7 +388,7 @@ def train(cfg):
         model = Transformer(mcfg)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.block_size)
-    model = parallel.parallelize(model.to(device), mesh, cfg)
+    model = parallel.parallelize(model, mesh, cfg, device)  # built on the CPU, sliced, then moved
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
     step = checkpoint.load_training(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
