@@ -477,10 +477,13 @@ def memory_report(stage, measured, phi, n, k):
 def build_optimizer(model, cfg, mesh, dtype=torch.float32):
     """Called by train.build_optimizer when cfg.zero: converts the model's parameters to the
     low-precision `dtype`, builds the sharded AdamW and sets model.grad_sync."""
-    if cfg.zero >= 2 and mesh.pp > 1:
-        raise ValueError(f"zero={cfg.zero} with pp={mesh.pp}: pipeline parallelism works with zero=1 only "
-                         "(as in DeepSpeed: sharded gradients/parameters conflict with the per-micro-batch "
-                         "pipeline backward); use --zero=1")
+    if mesh.pp > 1 and cfg.zero == 3:
+        raise ValueError(f"zero=3 with pp={mesh.pp}: the pipeline runs a stage's layers outside model.forward, "
+                         "where zero=3 gathers the embedding and head; use --zero=2 or --zero=1")
+    if mesh.pp > 1 and cfg.zero == 2 and model.config.tie_embeddings:
+        raise ValueError(f"zero=2 with pp={mesh.pp} and tie_embeddings=True: the tied matrix's gradient is "
+                         "summed between the first and last stage after backward, when zero=2 has already "
+                         "reduced and dropped it; use --zero=1 or tie_embeddings=False")
     if cfg.compile and cfg.zero == 3:
         raise ValueError("zero=3 with compile=True: the gather/free hooks are not traceable; use --compile=False")
     parallel.check_replicas_identical(model, mesh.dp_group)

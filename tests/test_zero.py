@@ -108,10 +108,18 @@ def test_zero1_with_pp2_matches_one_process(single):
     assert_same_run(out, single / "single")
 
 
-def test_zero3_with_pp_is_a_clear_error(single):
-    cfg = train.load_config(tiny_args(single, zero=3, pp=2))
+def test_zero2_with_pp2_matches_one_process(single):
+    out = single / "zero2_pp2"
+    run_ok(tiny_args(single, out_dir=str(out), zero=2, pp=2, grad_clip=CLIP), 4)  # dp=2 x pp=2
+    assert_same_run(out, single / "single")
+
+
+@pytest.mark.parametrize("stage, extra, message", [(3, {}, "zero=3 with pp=2"),
+                                                   (2, {"tie_embeddings": True}, "zero=2 with pp=2 and tie_embeddings")])
+def test_zero_with_pp_limits_are_clear_errors(single, stage, extra, message):
+    cfg = train.load_config(tiny_args(single, zero=stage, pp=2, **extra))
     from model import Transformer
-    with pytest.raises(ValueError, match="pipeline parallelism works with zero=1 only"):
+    with pytest.raises(ValueError, match=message):
         zero.build_optimizer(Transformer(train.model_config(cfg)), cfg, parallel.Mesh(pp=2))
 
 
