@@ -677,13 +677,13 @@ def _recv_op(pipe, kind, mb, g, m, device, dtype):
     return dist.P2POp(dist.irecv, buf, peer, tag=_tag(kind, mb, g if kind == "F" else g + 1, m))
 
 
-def _wait(work, pipe):
+def _wait(work, pipe, timed):
     """Wait for a receive; with pp_measure_idle the wait is timed, which costs speed (off by
     default). On CUDA the compute stream is drained first (not the whole device: NCCL's
     receive runs on its own stream, and a device-wide sync would swallow the very wait we
     time); then wait() makes the compute stream wait for the receive, and a second sync of
     the compute stream ends when the data has arrived."""
-    if not pipe.measure_idle:
+    if not timed:
         return work.wait()
     stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
     if stream is not None:
@@ -713,7 +713,7 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
             works = dist.batch_isend_irecv(sends + ([recv] if recv else []))
             in_flight += works[:len(sends)]
             if recv:
-                _wait(works[-1], pipe)
+                _wait(works[-1], pipe, timed=pipe.measure_idle and not forward_only)  # training steps only
         sends = []
         if kind == "F":
             x, y = micro_batches[mb]
