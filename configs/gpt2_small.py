@@ -1,5 +1,5 @@
 # A GPT-2-small-sized LLaMA (about 124M parameters with the GPT-2 vocabulary), for one GPU.
-# Data: python prepare.py --name=fineweb_edu --source=hf:HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --tokenizer=gpt2
+# Data: python prepare.py --name=fineweb_edu --source=hf:HuggingFaceFW/fineweb-edu:sample-10BT --streaming --tokenizer=gpt2
 out_dir = "out/gpt2_small"
 dataset = "fineweb_edu"
 

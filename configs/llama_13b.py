@@ -6,7 +6,7 @@ dataset = "fineweb_edu"
 dim = 5120
 n_layers = 40
 n_heads = 40
-vocab_size = 32000
+vocab_size = 50304  # the gpt2 tokenizer (50257) padded to a multiple of 128; LLaMA itself used 32000
 multiple_of = 256  # ffn_dim = 13824
 norm_eps = 1e-6
 

@@ -6,7 +6,7 @@ dataset = "fineweb_edu"
 dim = 4096
 n_layers = 32
 n_heads = 32
-vocab_size = 32000  # LLaMA's SentencePiece size; use 50304 with the gpt2 tokenizer
+vocab_size = 50304  # the gpt2 tokenizer (50257) padded to a multiple of 128; LLaMA itself used 32000
 multiple_of = 256  # ffn_dim = 11008, LLaMA's rule
 rope_theta = 10000.0
 norm_eps = 1e-6
