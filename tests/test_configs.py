@@ -1,0 +1,28 @@
+"""Every shipped config loads, builds a valid model config and fits the layout its header names."""
+import glob
+import os
+
+import pytest
+import torch
+
+import parallel
+import train
+from model import Transformer
+from util import ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+WORLD = {"tiny": 1, "gpt2_small": 1, "llama_1b": 8, "llama_7b": 8, "llama_13b": 16}  # the launches in the headers
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
+def test_config_loads_and_fits_its_layout(path):
+    name = os.path.basename(path)[:-3]
+    cfg = train.load_config([path])
+    mcfg = train.model_config(cfg)
+    dp = parallel.check_layout(WORLD[name], cfg.tp, cfg.pp, cfg)
+    assert dp * cfg.tp * cfg.pp == WORLD[name]
+    with torch.device("meta"):
+        n = Transformer(mcfg).num_params()
+    expected = {"tiny": (0.5e6, 1e6), "gpt2_small": (120e6, 130e6), "llama_1b": (1.0e9, 1.3e9),
+                "llama_7b": (6.5e9, 7.0e9), "llama_13b": (12.8e9, 13.5e9)}[name]
+    assert expected[0] < n < expected[1], f"{name}: {n / 1e6:.1f}M parameters"
