@@ -79,7 +79,7 @@ def build(mode, args, mcfg, device, rank, world):
                 buckets.finish()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)  # keep the bucket views, as train.py does
         return model, step
 
     if mode.startswith("zero"):

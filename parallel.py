@@ -147,11 +147,15 @@ class GradBuckets:
     """Average gradients over the dp group (book 4.2.1), overlapping backward.
 
     Parameters are packed, in the reverse of their creation order (roughly the order
-    backward produces their gradients), into buckets of about bucket_mb MB. A hook fires
-    when a parameter's gradient is final; when every parameter of a bucket is ready, the
-    bucket's flat gradient is all-reduced asynchronously while backward goes on. finish()
-    waits for the handles and copies the averages back. While `sync` is False (the
-    accumulation micro-steps) the hooks do nothing and gradients just accumulate locally."""
+    backward produces their gradients), into buckets of about bucket_mb MB. Each bucket is
+    one flat buffer and the parameters' .grad are views into it, so autograd accumulates
+    straight into the buffer and nothing is copied (torch DDP's gradient_as_bucket_view). A
+    hook fires when a parameter's gradient is final; when every parameter of a bucket is
+    ready, the bucket is averaged in place by an asynchronous all-reduce while backward goes
+    on, and finish() waits for them. While `sync` is False (the accumulation micro-steps)
+    the hooks do nothing and gradients just accumulate locally. Zero the gradients in place
+    (zero_grad(set_to_none=False)) to keep the views; a gradient autograd allocated anew
+    (after set_to_none) is copied into its bucket and re-pointed at it, so both are correct."""
 
     def __init__(self, params, group, bucket_mb=25.0):
         self.group, self.world = group, dist.get_world_size(group)
@@ -167,34 +171,37 @@ class GradBuckets:
             self.buckets.append(bucket)
         self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self.pending = [0] * len(self.buckets)
-        self.flat = [None] * len(self.buckets)
-        for p in (p for b in self.buckets for p in b):
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.flat = [torch.zeros(sum(q.numel() for q in b), dtype=b[0].dtype, device=b[0].device)
+                     for b in self.buckets]
+        self.views = {}  # id(p) -> p's slice of its bucket, shaped like p
+        for flat, b in zip(self.flat, self.buckets):
+            offset = 0
+            for q in b:
+                self.views[id(q)] = q.grad = flat[offset:offset + q.numel()].view_as(q)
+                offset += q.numel()
+                q.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     def _on_grad_ready(self, p):
         if not self.sync:
             return
+        view = self.views[id(p)]
+        if p.grad.data_ptr() != view.data_ptr():  # allocated anew after zero_grad(set_to_none=True)
+            view.copy_(p.grad)
+            p.grad = view
         i = self.bucket_of[id(p)]
         self.pending[i] += 1
         if self.pending[i] == len(self.buckets[i]):
             self.pending[i] = 0
-            flat = torch.cat([q.grad.reshape(-1) for q in self.buckets[i]]).div_(self.world)
-            self.flat[i] = flat
-            self.handles.append(dist.all_reduce(flat, group=self.group, async_op=True))
+            self.handles.append(dist.all_reduce(self.flat[i].div_(self.world), group=self.group, async_op=True))
 
     def finish(self):
-        """Wait for every bucket and write the averaged gradients back into .grad."""
+        """Wait for every bucket's all-reduce: the .grad views then hold the averages."""
         if any(self.pending) or len(self.handles) != len(self.buckets):
             raise RuntimeError("data-parallel gradient sync incomplete: some parameters got no gradient "
                                "in the last micro-step (unused parameters are not supported)")
         for h in self.handles:
             h.wait()
-        for bucket, flat in zip(self.buckets, self.flat):
-            offset = 0
-            for p in bucket:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
-        self.handles, self.flat = [], [None] * len(self.buckets)
+        self.handles = []
 
 
 def check_replicas_identical(model, group):

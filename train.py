@@ -436,7 +436,8 @@ def train(cfg):
             bad_steps = 0
             apply_update(cfg, model, optimizer, norm, scaler)
             scaler.update(overflow=False)
-        optimizer.zero_grad(set_to_none=True)
+        # data parallelism keeps .grad as views into its all-reduce buckets: zero them in place
+        optimizer.zero_grad(set_to_none=not isinstance(model.grad_sync, parallel.GradBuckets))
         step += 1
         tokens_seen += cfg.batch_size * cfg.block_size
         loss_sum += loss

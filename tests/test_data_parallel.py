@@ -52,9 +52,12 @@ def _ddp_worker(rank, world, port, results):
     buckets = parallel.GradBuckets(list(ours.parameters()), dist.group.WORLD, bucket_mb=0.01)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     x = torch.randint(0, 64, (3, 16), generator=g)
+    bucket_ptrs = [p.grad.data_ptr() for p in ours.parameters()]  # .grad starts as views into the buckets
     for micro in range(2):  # accumulate two micro-steps; sync on the last only
         buckets.sync = micro == 1
         ours(x, x)[1].backward()
+        # autograd accumulated in place: the gradients are still the bucket views (no copies)
+        assert [p.grad.data_ptr() for p in ours.parameters()] == bucket_ptrs
         if micro == 0:
             with ddp.no_sync():
                 ddp(x, x)[1].backward()
@@ -63,6 +66,17 @@ def _ddp_worker(rank, world, port, results):
     buckets.finish()
     diffs = [(n, (p.grad - q.grad).abs().max().item(), q.grad.abs().max().item())
              for (n, p), q in zip(ours.named_parameters(), ref.parameters())]
+    # a step whose gradients were set to None first (zero_grad(set_to_none=True)): autograd
+    # allocates new ones, which the hooks copy into the buckets and re-point at them
+    for model in (ours, ref):
+        model.zero_grad(set_to_none=True)
+    x2 = torch.randint(0, 64, (3, 16), generator=g)
+    ours(x2, x2)[1].backward()
+    ddp(x2, x2)[1].backward()
+    buckets.finish()
+    assert [p.grad.data_ptr() for p in ours.parameters()] == bucket_ptrs
+    diffs += [(n + " (after set_to_none)", (p.grad - q.grad).abs().max().item(), q.grad.abs().max().item())
+              for (n, p), q in zip(ours.named_parameters(), ref.parameters())]
     results[rank] = diffs
     dist.destroy_process_group()
 
