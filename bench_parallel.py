@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 import parallel
+import train
 import zero
 from model import ModelConfig, Transformer
 
@@ -44,12 +45,23 @@ def parse(argv):
 
 
 # --------------------------------------------------------------------------- one mode
+def plain_step(model, opt, buckets=None):
+    """backward, (our data-parallel sync), clip at global norm 1.0, a torch optimizer step."""
+    def step(loss):
+        loss.backward()
+        if buckets is not None:
+            buckets.finish()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=buckets is None)  # GradBuckets keeps .grad as views: zero in place
+    return step
+
+
 def build(mode, args, mcfg, device, rank, world):
     """(model to call, step function(loss) that runs backward + optimizer step)."""
     torch.manual_seed(0)
     model = Transformer(mcfg).to(device)
-    groups = lambda: [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-                      {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    groups = lambda: train.param_groups(model, 0.1)  # decay on matrices only, as train.py
     cuda = device.type == "cuda"
 
     if mode in ("ddp", "torch_zero"):
@@ -61,26 +73,12 @@ def build(mode, args, mcfg, device, rank, world):
             from torch.distributed.optim import ZeroRedundancyOptimizer
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-4,
                                           weight_decay=0.1)  # (ZeroRedundancyOptimizer takes one group)
-
-        def step(loss):
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return ddp, step
+        return ddp, plain_step(model, opt)
 
     if mode == "dp":
         buckets = parallel.GradBuckets(list(model.parameters()), dist.group.WORLD, args.bucket_mb) if world > 1 else None
         opt = torch.optim.AdamW(groups(), lr=1e-4, fused=cuda)
-
-        def step(loss):
-            loss.backward()
-            if buckets is not None:
-                buckets.finish()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=False)  # keep the bucket views, as train.py does
-        return model, step
+        return model, plain_step(model, opt, buckets)
 
     if mode.startswith("zero"):
         mesh = parallel.Mesh(world=world, rank=rank, dp=world, dp_rank=rank,
@@ -109,13 +107,7 @@ def build(mode, args, mcfg, device, rank, world):
             fully_shard(layer, mesh=dmesh, mp_policy=policy)
         fully_shard(model, mesh=dmesh, mp_policy=policy)
         opt = torch.optim.AdamW(groups(), lr=1e-4, foreach=True)  # after fully_shard: DTensor parameters
-
-        def step(loss):
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return model, step
+        return model, plain_step(model, opt)
     raise SystemExit(f"unknown mode {mode!r}")
 
 
