@@ -448,9 +448,9 @@ def train(cfg):
             loss_sum.zero_()
             dt = time.time() - t0
             tok_s = tokens_seen / dt
-            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": norm.item(), "tokens_per_s": tok_s,
+            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tok_s,
                    "loss_scale": scaler.scale}
-            line = f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {norm.item():.3f} | {tok_s:,.0f} tok/s"
+            line = f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s"
             if device.type == "cuda":
                 rec["mfu"] = flops_per_token * tok_s / (peak_flops * mesh.world)
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
