@@ -2,6 +2,7 @@
 
   torchrun --nproc_per_node=8 bench_parallel.py                      all GPUs of a node, ~1.4B model
   torchrun --nproc_per_node=8 bench_parallel.py --dim=4096 --n_layers=8 --micro=1
+  torchrun --nproc_per_node=2 bench_parallel.py --accum=8          gradient accumulation: sync every 8th backward
   torchrun --nproc_per_node=2 bench_parallel.py --device=cpu --dim=64 --n_layers=2 --vocab_size=256 --seq=32
 
 Modes (--modes=a,b,...), each on a freshly built model with the same data, one after another:
@@ -29,7 +30,7 @@ import train
 import zero
 from model import ModelConfig, Transformer
 
-DEFAULTS = dict(dim=2048, n_layers=24, n_heads=16, n_kv_heads=8, vocab_size=32000, seq=2048, micro=2,
+DEFAULTS = dict(dim=2048, n_layers=24, n_heads=16, n_kv_heads=8, vocab_size=32000, seq=2048, micro=2, accum=1,
                 steps=10, warmup=3, modes="ddp,dp,torch_zero,zero1,zero2,zero3,fsdp2", device="auto",
                 out="bench_parallel.json", bucket_mb=25.0)
 
@@ -45,20 +46,21 @@ def parse(argv):
 
 
 # --------------------------------------------------------------------------- one mode
-def plain_step(model, opt, buckets=None):
-    """backward, (our data-parallel sync), clip at global norm 1.0, a torch optimizer step."""
-    def step(loss):
-        loss.backward()
+# build() returns (model, set_sync, update): set_sync(flag) turns the gradient sync of the next
+# backward on or off (off in the first accum - 1 micro-steps, as train.py does), update() runs
+# after the last backward: wait for the sync, clip at global norm 1.0, optimizer step, zero grads.
+
+def torch_update(model, opt, buckets=None):
+    def update():
         if buckets is not None:
             buckets.finish()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=buckets is None)  # GradBuckets keeps .grad as views: zero in place
-    return step
+    return update
 
 
 def build(mode, args, mcfg, device, rank, world):
-    """(model to call, step function(loss) that runs backward + optimizer step)."""
     torch.manual_seed(0)
     model = Transformer(mcfg).to(device)
     groups = lambda: train.param_groups(model, 0.1)  # decay on matrices only, as train.py
@@ -73,12 +75,13 @@ def build(mode, args, mcfg, device, rank, world):
             from torch.distributed.optim import ZeroRedundancyOptimizer
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-4,
                                           weight_decay=0.1)  # (ZeroRedundancyOptimizer takes one group)
-        return ddp, plain_step(model, opt)
+        ddp.require_backward_grad_sync = True  # what DDP's no_sync() context toggles
+        return ddp, lambda flag: setattr(ddp, "require_backward_grad_sync", flag), torch_update(model, opt)
 
     if mode == "dp":
         buckets = parallel.GradBuckets(list(model.parameters()), dist.group.WORLD, args.bucket_mb) if world > 1 else None
         opt = torch.optim.AdamW(groups(), lr=1e-4, fused=cuda)
-        return model, plain_step(model, opt, buckets)
+        return model, lambda flag: setattr(buckets, "sync", flag) if buckets else None, torch_update(model, opt, buckets)
 
     if mode.startswith("zero"):
         mesh = parallel.Mesh(world=world, rank=rank, dp=world, dp_rank=rank,
@@ -87,13 +90,12 @@ def build(mode, args, mcfg, device, rank, world):
                               zero_offload=False)
         opt = zero.ZeroAdamW(model, cfg, mesh, torch.bfloat16)
 
-        def step(loss):
-            loss.backward()
+        def update():
             model.grad_sync.finish()
             norm = opt.grad_norm()
             opt.step(grad_scale=torch.clamp(1.0 / (norm + 1e-6), max=1.0))
             opt.zero_grad()
-        return model, step
+        return model, lambda flag: setattr(model.grad_sync, "sync", flag), update
 
     if mode == "fsdp2":
         try:
@@ -107,14 +109,14 @@ def build(mode, args, mcfg, device, rank, world):
             fully_shard(layer, mesh=dmesh, mp_policy=policy)
         fully_shard(model, mesh=dmesh, mp_policy=policy)
         opt = torch.optim.AdamW(groups(), lr=1e-4, foreach=True)  # after fully_shard: DTensor parameters
-        return model, plain_step(model, opt)
+        return model, model.set_requires_gradient_sync, torch_update(model, opt)
     raise SystemExit(f"unknown mode {mode!r}")
 
 
 def run_mode(mode, args, mcfg, device, rank, world):
-    model, step = build(mode, args, mcfg, device, rank, world)
+    model, set_sync, update = build(mode, args, mcfg, device, rank, world)
     g = torch.Generator().manual_seed(1000 + rank)
-    x = torch.randint(0, mcfg.vocab_size, (args.micro, args.seq + 1), generator=g).to(device)
+    x = torch.randint(0, mcfg.vocab_size, (args.accum, args.micro, args.seq + 1), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -123,13 +125,18 @@ def run_mode(mode, args, mcfg, device, rank, world):
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        with autocast:
-            loss = model(x[:, :-1], x[:, 1:])[1]
-        step(loss)
+        total = torch.zeros((), device=device)
+        for k in range(args.accum):  # gradient accumulation: sync only in the last micro-step
+            set_sync(k == args.accum - 1)
+            with autocast:
+                loss = model(x[k, :, :-1], x[k, :, 1:])[1]
+            (loss / args.accum).backward()
+            total += loss.detach()
+        update()
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+        losses.append(total.item() / args.accum)
     dt = torch.tensor(statistics.median(times), device=device)
     if world > 1:
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
@@ -138,9 +145,9 @@ def run_mode(mode, args, mcfg, device, rank, world):
         p = torch.tensor(peak, device=device)
         dist.all_reduce(p, op=dist.ReduceOp.MAX)
         peak = p.item()
-    rec = {"mode": mode, "step_s": dt.item(), "tokens_per_s": world * args.micro * args.seq / dt.item(),
+    rec = {"mode": mode, "step_s": dt.item(), "tokens_per_s": world * args.accum * args.micro * args.seq / dt.item(),
            "peak_mem_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
-    del model, step
+    del model, set_sync, update
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -164,7 +171,7 @@ def main(argv):
             n_params = Transformer(mcfg).num_params()
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
         print(f"{n_params / 1e6:,.1f}M parameters, {world} x {name}, micro-batch {args.micro} x {args.seq} "
-              f"tokens per rank, bf16 compute, median of {args.steps} steps after {args.warmup}")
+              f"tokens per rank x {args.accum} accumulation steps, bf16 compute, median of {args.steps} steps after {args.warmup}")
     results = []
     for mode in args.modes.split(","):
         try:

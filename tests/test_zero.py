@@ -219,7 +219,7 @@ def test_bench_parallel_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "bench_parallel.py"), "--device=cpu", "--dim=64", "--n_layers=2",
-                        "--n_heads=4", "--n_kv_heads=2", "--vocab_size=256", "--seq=32", "--steps=2",
+                        "--n_heads=4", "--n_kv_heads=2", "--vocab_size=256", "--seq=32", "--steps=2", "--accum=2",
                         "--warmup=1", f"--out={out}"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
