@@ -30,8 +30,8 @@ import train
 import zero
 from model import ModelConfig, Transformer
 
-DEFAULTS = dict(dim=2048, n_layers=24, n_heads=16, n_kv_heads=8, vocab_size=32000, seq=2048, micro=2, accum=1,
-                steps=10, warmup=3, modes="ddp,dp,torch_zero,zero1,zero2,zero3,fsdp2", device="auto",
+DEFAULTS = dict(dim=2048, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=0, vocab_size=32000, seq=2048, micro=2,
+                accum=1, steps=10, warmup=3, modes="ddp,dp,torch_zero,zero1,zero2,zero3,fsdp2", device="auto",
                 out="bench_parallel.json", bucket_mb=25.0)
 
 
@@ -164,7 +164,7 @@ def main(argv):
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     mcfg = ModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                       vocab_size=args.vocab_size, max_seq_len=args.seq)
+                       ffn_dim=args.ffn_dim or None, vocab_size=args.vocab_size, max_seq_len=args.seq)
     n_params = None
     if rank == 0:
         with torch.device("meta"):

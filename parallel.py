@@ -126,12 +126,21 @@ def _size(group):
     return 1 if group is None else dist.get_world_size(group)
 
 
-def reduce_scatter_flat(out, inp, group, async_op=False):
-    """out (S,...) = the sum over ranks of slice `rank` (along dim 0) of inp (N*S,...)."""
+def mean_op(tensor, group):
+    """(tensor, op) for a mean over the group. NCCL averages inside the reduction (ReduceOp.AVG),
+    saving a pass over the buffer; gloo has no AVG, so the tensor is divided by N first."""
+    if dist.get_backend(group) == "nccl":
+        return tensor, dist.ReduceOp.AVG
+    return tensor.div_(_size(group)), dist.ReduceOp.SUM
+
+
+def reduce_scatter_flat(out, inp, group, async_op=False, mean=False):
+    """out (S,...) = the sum (mean) over ranks of slice `rank` (along dim 0) of inp (N*S,...)."""
     if _size(group) == 1:
         out.copy_(inp)
         return None
-    return _reduce_scatter(out, inp, group=group, async_op=async_op)
+    inp, op = mean_op(inp, group) if mean else (inp, dist.ReduceOp.SUM)
+    return _reduce_scatter(out, inp, op=op, group=group, async_op=async_op)
 
 
 def all_gather_flat(out, inp, group, async_op=False):
@@ -192,7 +201,8 @@ class GradBuckets:
         self.pending[i] += 1
         if self.pending[i] == len(self.buckets[i]):
             self.pending[i] = 0
-            self.handles.append(dist.all_reduce(self.flat[i].div_(self.world), group=self.group, async_op=True))
+            flat, op = mean_op(self.flat[i], self.group)
+            self.handles.append(dist.all_reduce(flat, op=op, group=self.group, async_op=True))
 
     def finish(self):
         """Wait for every bucket's all-reduce: the .grad views then hold the averages."""

@@ -1,7 +1,8 @@
 # The exact GPU runs behind README's training-step and two-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|two_gpu
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|two_gpu|bench_multi|train_multi
+# bench_multi / train_multi need a 4-GPU machine (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1).
 case "$1" in
 one_gpu)
 export PYTHONUNBUFFERED=1
@@ -53,5 +54,54 @@ for n in ("one", "dp2", "tp2", "pp2_1f1b", "pp2_inter", "zero1", "zero2", "zero3
     print(f"| {n} | {d:.4f} | {L[max(L)]['loss']:.4f} | {tps:,.0f} | {max(r.get('peak_mem_gib', 0) for r in L.values()):.1f} |")
 PY
 cd $OUT && tar czf runs.tgz */log.jsonl *.log && rm -rf one dp2 tp2 pp2_1f1b pp2_inter zero1 zero2 zero3 *.log
+;;
+bench_multi)
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+# configs/llama_1b.py's shape and micro-batch (vocab 50304, ffn 8192, 4 x 2048 tokens per micro-step)
+S="--dim=2048 --n_layers=16 --n_heads=16 --n_kv_heads=8 --ffn_dim=8192 --vocab_size=50304 --seq=2048 --micro=4"
+b() { name=$1; shift; timeout 240 "$@" --out=$OUT/$name.json 2>&1 | grep -vi warn | grep -v "^\s*$"; }
+two() { CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 bench_parallel.py "$@"; }
+b one_a1 python3 bench_parallel.py $S --modes=dp --steps=5 --warmup=2
+b two_a1 two $S --steps=5 --warmup=2
+b one_a8 python3 bench_parallel.py $S --modes=dp --accum=8 --steps=3 --warmup=1
+b two_a8 two $S --accum=8 --steps=3 --warmup=1 --modes=ddp,dp,zero1,zero2,zero3,fsdp2
+b four_a1 torchrun --standalone --nproc_per_node=4 bench_parallel.py $S --steps=5 --warmup=2
+;;
+train_multi)
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --n_kv_heads=4 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=4 --max_iters=50 --warmup_iters=10 --lr_decay_iters=50 --learning_rate=6e-4 --log_interval=1 --eval_interval=1000 --checkpoint_interval=1000 --dtype=bfloat16"
+run() { name=$1; n=$2; shift 2; timeout 60 torchrun --standalone --nproc_per_node=$n train.py $A --out_dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name rc=$? $(grep -E 'bubble|idle by stage' $OUT/$name.log | tail -2 | tr '\n' ' ')"; }
+export CUDA_VISIBLE_DEVICES=0,1
+run one 1
+run one_zero1 1 --zero=1
+run dp2 2
+run tp2 2 --tp=2
+run pp2_1f1b 2 --pp=2 --pp_measure_idle=True
+run pp2_inter 2 --pp=2 --pp_schedule=interleaved --pp_virtual=2 --pp_measure_idle=True
+run zero1 2 --zero=1
+run zero2 2 --zero=2
+run zero3 2 --zero=3
+run zero3_pp2 2 --pp=2 --zero=3
+unset CUDA_VISIBLE_DEVICES
+run dp2_pp2_zero3 4 --pp=2 --zero=3
+run dp2_tp2_zero2 4 --tp=2 --zero=2
+python3 - <<'PY'
+import json, os
+out = os.environ["OUT"]
+def losses(n):
+    try: return {r["step"]: r for r in map(json.loads, open(f"{out}/{n}/log.jsonl")) if "loss" in r}
+    except Exception as e: return {}
+print("| layout | reference | max abs loss diff (50 steps) | step-50 loss | tokens/s (mean of last 20) | peak GiB |")
+for n in ("one", "one_zero1", "dp2", "tp2", "pp2_1f1b", "pp2_inter", "zero1", "zero2", "zero3", "zero3_pp2", "dp2_pp2_zero3", "dp2_tp2_zero2"):
+    L, refname = losses(n), "one_zero1" if "zero" in n and n != "one_zero1" else "one"
+    ref = losses(refname)
+    if not L: print(f"| {n} | | failed | | | |"); continue
+    d = max(abs(L[s]["loss"] - ref[s]["loss"]) for s in L if s in ref)
+    tps = sum(L[s]["tokens_per_s"] for s in range(31, 51) if s in L) / 20
+    print(f"| {n} | {refname} | {d:.4f} | {L[max(L)]['loss']:.4f} | {tps:,.0f} | {max(r.get('peak_mem_gib', 0) for r in L.values()):.1f} |")
+PY
+cd $OUT && tar czf runs.tgz */log.jsonl *.log && rm -rf */ *.log
 ;;
 esac
