@@ -320,8 +320,10 @@ class ZeroAdamW:
         for u in self.units:
             del u.master_init
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
-        self.decay_ranges = self._ranges(lambda p: p.dim() >= 2)
-        self.norm_ranges = self._ranges(lambda p: parallel.counted_in_norm(p, mesh))
+        self.pieces = self._pieces()  # (unit, a, b, decay): the ranges step() updates, one fused pass each
+        self.norm_ranges = self._unit_ranges(lambda p: parallel.counted_in_norm(p, mesh))
+        compile_step = self.state_device.type == "cuda" and os.environ.get("ZERO_COMPILE_STEP", "1") != "0"
+        self.update = compiled_adamw_update() if compile_step else adamw_update_
         self.grad_shards = None  # stages 2-3: this rank's gradient shard of every unit, (sum of S,)
         if self.stage >= 2:
             self.grad_shards = torch.zeros(self.shard_offsets[-1], dtype=dtype, device=device)
@@ -331,17 +333,6 @@ class ZeroAdamW:
 
     def _views(self, flat):
         return [None if flat is None else flat[a:b] for a, b in zip(self.shard_offsets, self.shard_offsets[1:])]
-
-    def _ranges(self, keep):
-        """[(a, b)] in this rank's concatenated shard covering the parameters with keep(p), merged."""
-        out = []
-        for u, off in zip(self.units, self.shard_offsets):
-            for a, b in u.ranges(keep):
-                if out and out[-1][1] == off + a:
-                    out[-1] = (out[-1][0], off + b)
-                else:
-                    out.append((off + a, off + b))
-        return out
 
     def _grad_views(self):
         """This rank's gradient shard of every unit (mean over dp, low precision), one view per unit."""
@@ -363,32 +354,21 @@ class ZeroAdamW:
     def _pieces(self):
         """[(unit index, a, b, decay)]: every unit's shard cut into contiguous ranges of one weight
         decay setting (matrices come first, so mostly two per unit: the matrices, then the rest)."""
-        if getattr(self, "_pieces_cache", None) is None:
-            decay, pieces, pos = self._unit_ranges(lambda p: p.dim() >= 2), [], [0] * len(self.units)
-            for i, a, b in decay:
-                if pos[i] < a:
-                    pieces.append((i, pos[i], a, False))
-                pieces.append((i, a, b, True))
-                pos[i] = b
-            pieces += [(i, pos[i], u.S, False) for i, u in enumerate(self.units) if pos[i] < u.S]
-            self._pieces_cache = sorted(pieces)
-        return self._pieces_cache
-
-    def _update_fn(self):
-        """adamw_update_, compiled into one kernel per call on CUDA (ZERO_COMPILE_STEP=0: eager)."""
-        if getattr(self, "_update", None) is None:
-            on_gpu = self.state_device.type == "cuda" and os.environ.get("ZERO_COMPILE_STEP", "1") != "0"
-            self._update = compiled_adamw_update() if on_gpu else adamw_update_
-        return self._update
+        decay, pieces, pos = self._unit_ranges(lambda p: p.dim() >= 2), [], [0] * len(self.units)
+        for i, a, b in decay:
+            if pos[i] < a:
+                pieces.append((i, pos[i], a, False))
+            pieces.append((i, a, b, True))
+            pos[i] = b
+        pieces += [(i, pos[i], u.S, False) for i, u in enumerate(self.units) if pos[i] < u.S]
+        return sorted(pieces)
 
     def grad_norm(self):
         """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp. One
         multi-tensor norm over the low-precision gradient ranges (float32 accumulation): no
         float32 copy of the gradients, no host sync."""
-        if getattr(self, "_norm_ranges", None) is None:
-            self._norm_ranges = self._unit_ranges(lambda p: parallel.counted_in_norm(p, self.mesh))
         grads = self._grad_views()
-        parts = [grads[i][a:b] for i, a, b in self._norm_ranges]
+        parts = [grads[i][a:b] for i, a, b in self.norm_ranges]
         sq = torch.zeros((), device=self.units[0].full.device)
         if parts:
             sq = torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float32)).square().sum()
@@ -408,15 +388,15 @@ class ZeroAdamW:
         offload = self.state_device != self.units[0].full.device
         if offload and torch.is_tensor(grad_scale):
             grad_scale = grad_scale.to(self.state_device)
-        update, grads = self._update_fn(), self._grad_views()
-        for i, a, b, decayed in self._pieces():
+        grads = self._grad_views()
+        for i, a, b, decayed in self.pieces:
             u, o = self.units[i], self.shard_offsets[i]
             g = grads[i][a:b]
             if offload:  # ZeRO-Offload: the low-precision gradient goes to the CPU, the parameters come back
                 g = g.to(self.state_device)
-            update(u.param_shard[a:b], g, self.master[o + a:o + b], self.exp_avg[o + a:o + b],
-                   self.exp_avg_sq[o + a:o + b], grad_scale, decay if decayed else 1.0, step_size, bias2_sqrt,
-                   beta1, beta2, self.eps)
+            self.update(u.param_shard[a:b], g, self.master[o + a:o + b], self.exp_avg[o + a:o + b],
+                        self.exp_avg_sq[o + a:o + b], grad_scale, decay if decayed else 1.0, step_size,
+                        bias2_sqrt, beta1, beta2, self.eps)
         if self.stage < 3 and _size(self.group) > 1:  # stage 3 gathers on demand; dp = 1: param_shard is `full`
             handles = [all_gather(u.full, u.param_shard.clone(), self.group, async_op=True) for u in self.units]
             for h in handles:
