@@ -190,6 +190,8 @@ class GradShards:
         if self.stage == 1:
             for unit in self.units:
                 self._check_grad_views(unit)
+                if self.dp == 1:
+                    continue  # one rank: its gradient is already the mean and its own shard (no divide, no copies)
                 out = torch.empty_like(unit.shard(unit.grad))
                 self.pending.append((reduce_scatter(out, unit.grad.div_(self.dp), self.group, async_op=True),
                                      out, unit.shard(unit.grad), None))
