@@ -6,8 +6,10 @@
 Each implementation runs the same shapes in one process, one after the other: float32
 master weights, bf16 autocast, fused torch AdamW, random tokens (never zeros). "ours" is
 model.py through train.py's forward_backward / grad_norm / clip / optimizer.step; "hf" is
-LlamaForCausalLM with SDPA attention. MFU counts 6N + 12*L*d*T FLOPs per token (PaLM),
-against the bf16 matmul rate measured in this run and against the datasheet peak.
+LlamaForCausalLM with SDPA attention. "ours_compile_master" is train.py's --zero=1 step on
+one GPU instead: bf16 parameters and gradients, float32 master weights and moments in
+zero.ZeroAdamW (book fig. 4.16). MFU counts 6N + 12*L*d*T FLOPs per token (PaLM), against
+the bf16 matmul rate measured in this run and against the datasheet peak.
 """
 import argparse
 import gc
@@ -60,6 +62,27 @@ def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend
     return model, step
 
 
+def ours_master_step(shape, batch, seq, compile_model, device="cuda"):
+    """train.py's step with --zero=1 on one device: bf16 parameters and gradients, float32 master
+    weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused AdamW pass),
+    built as train.py builds it (train.build_optimizer -> zero.build_optimizer)."""
+    import dataclasses
+    model_module.SDPA_BACKENDS.sort(key=lambda b: b != SDPBackend.CUDNN_ATTENTION)  # as ours_compile
+    model = Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl="sdpa")).to(device)
+    model.grad_sync = None
+    cfg, mesh = dataclasses.replace(train.Config(), zero=1, dtype="bfloat16", device=device), parallel.Mesh()
+    dev, _, autocast = train.setup_device(cfg)
+    opt = train.build_optimizer(model, cfg, mesh, dev)  # converts the parameters to bf16, sets model.grad_sync
+    fwd = torch.compile(model) if compile_model else model
+    scaler = train.LossScaler(enabled=False)
+
+    def step(x, y):
+        _, norm = train.compute_gradients(cfg, mesh, model, fwd, opt, [(x, y)], scaler, autocast)
+        train.apply_update(cfg, model, opt, norm, scaler)
+        opt.zero_grad(set_to_none=True)
+    return model, step
+
+
 def hf_step(shape, batch, seq, compile_model):
     from transformers import LlamaConfig, LlamaForCausalLM
     hcfg = LlamaConfig(hidden_size=shape["dim"], num_hidden_layers=shape["n_layers"],
@@ -87,6 +110,7 @@ IMPLS = {
     "ours": lambda s, b, t: ours_step(s, b, t, False, "sdpa"),
     "ours_compile": lambda s, b, t: ours_step(s, b, t, True, "sdpa"),
     "ours_compile_flash": lambda s, b, t: ours_step(s, b, t, True, "flash"),
+    "ours_compile_master": lambda s, b, t: ours_master_step(s, b, t, True),
     "ours_compile_sdpa_flash": lambda s, b, t: ours_step(s, b, t, True, "sdpa", sdpa_first=SDPBackend.FLASH_ATTENTION),
 }
 
@@ -119,7 +143,7 @@ def bench(impl, shape_name, steps, warmup):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="134m,1b")
-    p.add_argument("--impls", default="hf,hf_compile,ours,ours_compile,ours_compile_flash")
+    p.add_argument("--impls", default="hf,hf_compile,ours,ours_compile,ours_compile_flash,ours_compile_master")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()

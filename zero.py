@@ -190,6 +190,8 @@ class GradShards:
         if self.stage == 1:
             for unit in self.units:
                 self._check_grad_views(unit)
+                if self.dp == 1:
+                    continue  # one rank: its gradient is already the mean and its own shard (no divide, no copies)
                 out = torch.empty_like(unit.shard(unit.grad))
                 self.pending.append((reduce_scatter(out, unit.grad.div_(self.dp), self.group, async_op=True),
                                      out, unit.shard(unit.grad), None))
@@ -264,6 +266,41 @@ def install_gather_hooks(model, units, n_root):
     model.register_forward_hook(free_root_after_no_grad_forward)
 
 
+# --------------------------------------------------------------------------- the fused AdamW update
+def adamw_update_(param, grad, master, exp_avg, exp_avg_sq, grad_scale, decay, step_size, bias2_sqrt,
+                  beta1, beta2, eps):
+    """AdamW on one contiguous range, in place, as torch.optim.AdamW (single-tensor) computes it:
+
+      g = grad * grad_scale                       in float32 (grad: low precision)
+      master *= decay                             decay = 1 - lr * weight_decay (1: no decay)
+      m = beta1 m + (1 - beta1) g,  v = beta2 v + (1 - beta2) g^2
+      master -= step_size * m / (sqrt(v) / bias2_sqrt + eps)     step_size = lr / (1 - beta1^t)
+      param = master                              rounded to the parameters' precision
+
+    Reads 2 + 12 bytes and writes 12 + 2 per element with bf16 parameters and gradients when
+    compiled into one kernel. step_size, bias2_sqrt, decay and grad_scale change from step to
+    step: they enter as symbolic floats / a 0-dim tensor, so the compiled kernel is reused."""
+    g = grad.to(master.dtype) * grad_scale
+    master.mul_(decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
+    master.add_(exp_avg * -step_size / denom)  # addcdiv_(exp_avg, denom, value=-step_size), traceable
+    param.copy_(master)
+
+
+_compiled_update = None
+
+
+def compiled_adamw_update():
+    """adamw_update_ under torch.compile, built once: dynamic shapes so that ranges of every size
+    share one kernel."""
+    global _compiled_update
+    if _compiled_update is None:
+        _compiled_update = torch.compile(adamw_update_, fullgraph=True, dynamic=True)
+    return _compiled_update
+
+
 # --------------------------------------------------------------------------- the optimizer
 class ZeroAdamW:
     """AdamW (torch.optim.AdamW's math: decoupled weight decay on matrices only, bias
@@ -285,8 +322,10 @@ class ZeroAdamW:
         for u in self.units:
             del u.master_init
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
-        self.decay_ranges = self._ranges(lambda p: p.dim() >= 2)
-        self.norm_ranges = self._ranges(lambda p: parallel.counted_in_norm(p, mesh))
+        self.pieces = self._pieces()  # (unit, a, b, decay): the ranges step() updates, one fused pass each
+        self.norm_ranges = self._unit_ranges(lambda p: parallel.counted_in_norm(p, mesh))
+        compile_step = self.state_device.type == "cuda" and os.environ.get("ZERO_COMPILE_STEP", "1") != "0"
+        self.update = compiled_adamw_update() if compile_step else adamw_update_
         self.grad_shards = None  # stages 2-3: this rank's gradient shard of every unit, (sum of S,)
         if self.stage >= 2:
             self.grad_shards = torch.zeros(self.shard_offsets[-1], dtype=dtype, device=device)
@@ -297,50 +336,70 @@ class ZeroAdamW:
     def _views(self, flat):
         return [None if flat is None else flat[a:b] for a, b in zip(self.shard_offsets, self.shard_offsets[1:])]
 
-    def _ranges(self, keep):
-        """[(a, b)] in this rank's concatenated shard covering the parameters with keep(p), merged."""
+    def _grad_views(self):
+        """This rank's gradient shard of every unit (mean over dp, low precision), one view per unit."""
+        if self.stage == 1:
+            return [u.shard(u.grad) for u in self.units]
+        return self._views(self.grad_shards)
+
+    def _unit_ranges(self, keep):
+        """[(unit index, a, b)] in the unit's shard coordinates covering the parameters with keep(p), merged."""
         out = []
-        for u, off in zip(self.units, self.shard_offsets):
+        for i, u in enumerate(self.units):
             for a, b in u.ranges(keep):
-                if out and out[-1][1] == off + a:
-                    out[-1] = (out[-1][0], off + b)
+                if out and out[-1][0] == i and out[-1][2] == a:
+                    out[-1] = (i, out[-1][1], b)
                 else:
-                    out.append((off + a, off + b))
+                    out.append((i, a, b))
         return out
 
-    def _flat_grads(self):
-        """This rank's gradient shard of every unit, concatenated (mean over dp, low precision)."""
-        if self.stage == 1:
-            return torch.cat([u.shard(u.grad) for u in self.units])
-        return self.grad_shards
+    def _pieces(self):
+        """[(unit index, a, b, decay)]: every unit's shard cut into contiguous ranges of one weight
+        decay setting (matrices come first, so mostly two per unit: the matrices, then the rest)."""
+        decay, pieces, pos = self._unit_ranges(lambda p: p.dim() >= 2), [], [0] * len(self.units)
+        for i, a, b in decay:
+            if pos[i] < a:
+                pieces.append((i, pos[i], a, False))
+            pieces.append((i, a, b, True))
+            pos[i] = b
+        pieces += [(i, pos[i], u.S, False) for i, u in enumerate(self.units) if pos[i] < u.S]
+        return sorted(pieces)
 
     def grad_norm(self):
-        """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp."""
-        flat = self._flat_grads()
-        sq = sum((flat[a:b].float().pow(2).sum() for a, b in self.norm_ranges),
-                 torch.zeros((), device=flat.device))
+        """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp. One
+        multi-tensor norm over the low-precision gradient ranges (float32 accumulation): no
+        float32 copy of the gradients, no host sync."""
+        grads = self._grad_views()
+        parts = [grads[i][a:b] for i, a, b in self.norm_ranges]
+        sq = torch.zeros((), device=self.units[0].full.device)
+        if parts:
+            sq = torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float32)).square().sum()
         parallel.all_reduce(sq, self.group)
         return parallel.all_reduce(sq, self.mesh.mp_group).sqrt()
 
     @torch.no_grad()
     def step(self, grad_scale=1.0):
-        """One AdamW step on the shard; grad_scale (clip coefficient / loss scale) multiplies the
-        gradient in float32. Then the new low-precision parameters reach every rank (stages 1-2)."""
+        """One AdamW step on the shard; grad_scale (clip coefficient / loss scale, a float or a
+        0-dim tensor) multiplies the gradient in float32. One fused pass per contiguous range
+        (adamw_update_) writes the master weights, moments and low-precision parameter shard.
+        Then the new parameters reach every rank (stages 1-2; nothing to gather when dp = 1)."""
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
         self.step_count += 1
-        g = self._flat_grads().to(self.state_device, torch.float32, copy=True)
-        g.mul_(grad_scale.to(self.state_device) if torch.is_tensor(grad_scale) else grad_scale)
-        w, m, v = self.master, self.exp_avg, self.exp_avg_sq
-        for a, b in self.decay_ranges:  # decoupled weight decay, matrices only
-            w[a:b].mul_(1 - lr * self.weight_decay)
-        m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-        denom = (v.sqrt() / bias2 ** 0.5).add_(self.eps)
-        w.addcdiv_(m, denom, value=-lr / bias1)  # w -= lr * m_hat / (sqrt(v_hat) + eps)
-        for u, shard in zip(self.units, self._views(w)):
-            u.param_shard.copy_(shard)
-        if self.stage < 3:  # stage 3 gathers on demand, in the next forward
+        step_size, bias2_sqrt, decay = lr / bias1, bias2 ** 0.5, 1 - lr * self.weight_decay
+        offload = self.state_device != self.units[0].full.device
+        if offload and torch.is_tensor(grad_scale):
+            grad_scale = grad_scale.to(self.state_device)
+        grads = self._grad_views()
+        for i, a, b, decayed in self.pieces:
+            u, o = self.units[i], self.shard_offsets[i]
+            g = grads[i][a:b]
+            if offload:  # ZeRO-Offload: the low-precision gradient goes to the CPU, the parameters come back
+                g = g.to(self.state_device)
+            self.update(u.param_shard[a:b], g, self.master[o + a:o + b], self.exp_avg[o + a:o + b],
+                        self.exp_avg_sq[o + a:o + b], grad_scale, decay if decayed else 1.0, step_size,
+                        bias2_sqrt, beta1, beta2, self.eps)
+        if self.stage < 3 and _size(self.group) > 1:  # stage 3 gathers on demand; dp = 1: param_shard is `full`
             handles = [all_gather(u.full, u.param_shard.clone(), self.group, async_op=True) for u in self.units]
             for h in handles:
                 if h is not None:

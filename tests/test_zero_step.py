@@ -1,0 +1,109 @@
+"""ZeroAdamW.step's fused update (zero.adamw_update_) against torch.optim.AdamW, in one process."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import parallel
+import train
+import zero
+from model import ModelConfig, Transformer
+
+LR, WD, BETAS = 1e-2, 0.1, (0.9, 0.95)
+
+
+def _models(dtype, stage):
+    torch.manual_seed(0)
+    mcfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=16)
+    ref = Transformer(mcfg)
+    model = Transformer(mcfg)
+    model.load_state_dict(ref.state_dict())
+    cfg = SimpleNamespace(zero=stage, learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD)
+    opt = zero.ZeroAdamW(model, cfg, parallel.Mesh(), dtype)
+    ref_opt = torch.optim.AdamW(train.param_groups(ref, WD), lr=LR, betas=BETAS)  # decay on matrices only
+    return ref, ref_opt, model, opt
+
+
+def _set_grads(ref, opt, scale, gen):
+    """Random gradients into the optimizer's (low-precision) gradient shards; the reference gets
+    the same values, upcast and multiplied by scale in float32 (what step(grad_scale) does)."""
+    named = {n: torch.randn(p.shape, generator=gen) for n, p in ref.named_parameters()}
+    for u, g in zip(opt.units, opt._grad_views()):
+        g.copy_(u.shard(u.flatten(named)))
+    for u, g in zip(opt.units, opt._grad_views()):
+        for n, o, shape in zip(u.names, u.offsets, u.shapes):
+            dict(ref.named_parameters())[n].grad = g[o:o + shape.numel()].view(shape).float() * scale
+
+
+@pytest.mark.parametrize("dtype, stage", [(torch.float32, 1), (torch.float32, 2), (torch.float32, 3),
+                                          (torch.bfloat16, 1), (torch.bfloat16, 2)])
+def test_step_matches_torch_adamw(dtype, stage):
+    """Four steps with weight decay on the matrices only, grad_scale != 1 (a 0-dim tensor, then a
+    float) and a changing learning rate. The master weights and moments equal torch's AdamW
+    (float32, single-tensor) to float32 rounding: eager on CPU runs the same operations in the
+    same order, so they agree bit for bit; the tolerance only leaves room for another kernel.
+    With bf16 the tolerance is the same: the gradients are rounded to bf16 before the step and
+    the reference is fed those very values, so the only bf16 rounding left is the parameter
+    copy, which must equal the float32 master weights rounded to bf16 exactly."""
+    ref, ref_opt, model, opt = _models(dtype, stage)
+    gen = torch.Generator().manual_seed(1)
+    for t, scale in enumerate([torch.tensor(0.3), torch.tensor(1.7), 0.5, 1.0]):
+        lr = LR * (1 + t) / 4
+        opt.param_groups[0]["lr"] = lr
+        for g in ref_opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad()
+        _set_grads(ref, opt, scale, gen)
+        opt.step(grad_scale=scale)
+        ref_opt.step()
+    master, m, v = opt._by_name(opt.master), opt._by_name(opt.exp_avg), opt._by_name(opt.exp_avg_sq)
+    for n, p in ref.named_parameters():
+        state = ref_opt.state[p]
+        torch.testing.assert_close(master[n], p.detach(), rtol=1e-6, atol=1e-7, msg=lambda s: f"{n}: {s}")
+        torch.testing.assert_close(m[n], state["exp_avg"], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(v[n], state["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+    if stage == 3:
+        for u in opt.units:
+            u.gather()
+    for n, p in model.named_parameters():
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.detach(), master[n].to(dtype), rtol=0, atol=0)
+    weights = [n for n, p in ref.named_parameters() if p.dim() >= 2]
+    assert weights and len(weights) < len(list(ref.parameters()))  # both kinds of range were exercised
+
+
+def test_grad_norm_is_the_norm_of_the_shards():
+    ref, _, model, opt = _models(torch.bfloat16, 1)
+    _set_grads(ref, opt, 1.0, torch.Generator().manual_seed(2))
+    want = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).norm()
+    torch.testing.assert_close(opt.grad_norm(), want, rtol=1e-6, atol=0)
+    assert opt.grad_norm().dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_update_matches_eager_without_recompiles():
+    """What the GPU runs (torch.compile, dynamic shapes), here on the CPU: ranges of several sizes
+    and offsets and a new learning rate every step reuse one graph; the result is the eager
+    update's up to float32 rounding (the compiled kernel may fuse multiply-adds). (A range of one
+    element would compile a second graph, once: dynamic shapes specialize sizes 0 and 1.)"""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    n, gen = 3000, torch.Generator().manual_seed(3)
+    master = torch.randn(n, generator=gen)
+    state = [master, torch.zeros(n), torch.zeros(n), master.to(torch.bfloat16)]
+    eager = [t.clone() for t in state]
+    grad = torch.randn(n, generator=gen).to(torch.bfloat16)
+    update = zero.compiled_adamw_update()
+    ranges = [(0, 1000, True), (1000, 1013, False), (1013, 2998, True), (2998, 3000, False)]
+    for t in range(1, 4):
+        b1, b2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
+        for a, b, decay in ranges:
+            args = (torch.tensor(0.5 + 0.1 * t), 1 - LR * t * WD if decay else 1.0, LR * t / b1, b2 ** 0.5,
+                    *BETAS, 1e-8)
+            for fn, (w, m, v, p) in ((update, state), (zero.adamw_update_, eager)):
+                fn(p[a:b], grad[a:b], w[a:b], m[a:b], v[a:b], *args)
+    assert counters["stats"]["unique_graphs"] == 1
+    for got, want in zip(state[:3], eager[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(state[3].float(), eager[3].float(), rtol=2 ** -8, atol=0)
