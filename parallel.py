@@ -769,10 +769,17 @@ def pipeline_step(model, micro_batches, loss_scale, autocast):
     if model.grad_sync is not None:
         model.grad_sync.finish()
     if pipe.embed_group is not None:  # d loss / d W = embedding's part (first) + output head's part (last)
-        w = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
-        all_reduce(w.grad, pipe.embed_group)
+        all_reduce(_tied_grad(model), pipe.embed_group)
     pipe.total_s += time.perf_counter() - t0
     return total / len(micro_batches)
+
+
+def _tied_grad(model):
+    """The tied matrix's gradient as this stage holds it after the dp sync: w.grad, or under
+    ZeRO this rank's dp shard of it (grad_sync.reduced_grad), the only part that is kept."""
+    w = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
+    reduced = getattr(model.grad_sync, "reduced_grad", None)
+    return reduced(w) if reduced is not None else w.grad
 
 
 def pipeline_forward(model, micro_batches, autocast):

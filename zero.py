@@ -26,12 +26,15 @@ the AdamW update runs on that shard only:
            asynchronously (overlapping the rest of backward) and drops the full gradients.
   stage 3: only the slice of the parameters is kept too; a unit is all-gathered right before
            its forward and again before its backward (the next unit's gather is started
-           while the current one computes) and freed after use.
+           while the current one computes) and freed after use. Hooks on the modules, not on
+           model.forward, so a pipeline schedule's chunks and interleaved micro-batches work.
 
 With tensor/pipeline parallelism each rank shards its own (tp/pp-local) parameters within its
-dp group. Checkpoints: per-name full tensors in the zero=0 format (model.pt, optimizer.pt:
-any layout, zero stage or dp size resumes) plus each rank's shard file optim_rank<r>.pt,
-loaded directly when the layout is unchanged.
+dp group. A pipeline's tied embedding (first and last stage) is sharded alike on both stages,
+so its two gradient contributions are summed shard by shard after the reduce-scatter.
+Checkpoints: per-name full tensors in the zero=0 format (model.pt, optimizer.pt: any layout,
+zero stage or dp size resumes) plus each rank's shard file optim_rank<r>.pt, loaded directly
+when the layout is unchanged.
 """
 import os
 import sys
@@ -138,15 +141,15 @@ class Unit:
 
 def make_units(model, mesh, dtype, stage):
     """One unit per parameter outside model.layers (embedding, final norm, output head: the
-    "root"), then one unit per layer. Returns (units, number of root units). A root parameter
-    gets a unit of its own so that its shard boundaries depend only on its size: a pipeline's
-    two copies of a tied embedding then shard alike and their gradients can be summed."""
+    "root"), then one unit per layer. A root parameter gets a unit of its own so that its shard
+    boundaries depend only on its size: a pipeline's two copies of a tied embedding (first and
+    last stage) then shard alike over dp, and their gradient shards can be summed."""
     in_layers = {id(p) for layer in model.layers.values() for p in layer.parameters()}
     root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]
     units = [Unit([named], mesh, dtype, stage) for named in root]
     for key, layer in model.layers.items():
         units.append(Unit(list(layer.named_parameters(prefix=f"layers.{key}")), mesh, dtype, stage))
-    return units, len(root)
+    return units
 
 
 # --------------------------------------------------------------------------- gradients: model.grad_sync
@@ -180,7 +183,7 @@ class GradShards:
             pad = unit.padded - unit.numel
             flat = torch.cat([p.grad.reshape(-1) for p in unit.params] + [unit.full.new_zeros(pad)])
             out = torch.empty_like(unit.grad_shard)
-            handle = reduce_scatter(out, flat.div_(self.dp), self.group, async_op=True)  # mean: pre-divide by N
+            handle = reduce_scatter(out, flat, self.group, async_op=True, mean=True)
             self.pending.append((handle, out, unit.grad_shard, flat))
             for p in unit.params:
                 p.grad = None
@@ -193,7 +196,7 @@ class GradShards:
                 if self.dp == 1:
                     continue  # one rank: its gradient is already the mean and its own shard (no divide, no copies)
                 out = torch.empty_like(unit.shard(unit.grad))
-                self.pending.append((reduce_scatter(out, unit.grad.div_(self.dp), self.group, async_op=True),
+                self.pending.append((reduce_scatter(out, unit.grad, self.group, async_op=True, mean=True),
                                      out, unit.shard(unit.grad), None))
         elif any(u.ready for u in self.units):
             raise RuntimeError("ZeRO gradient sync incomplete: some parameters got no gradient in the last "
@@ -207,6 +210,15 @@ class GradShards:
                 dest.add_(out)  # stages 2-3 accumulate: correct even if every micro-step syncs
         self.pending = []
 
+    def reduced_grad(self, p):
+        """After finish(): this rank's shard of the dp-mean gradient of a root parameter p (alone in
+        its unit), where the optimizer reads it. parallel.pipeline_step sums a tied embedding's
+        two copies here: both stages shard the matrix alike over dp, and summing the shards
+        equals reduce-scattering the summed full gradients (sum and reduce-scatter commute),
+        which stages 2-3 could not do, having dropped the full gradient."""
+        (unit,) = [u for u in self.units if len(u.params) == 1 and u.params[0] is p]
+        return unit.shard(unit.grad) if self.stage == 1 else unit.grad_shard
+
     @staticmethod
     def _check_grad_views(unit):
         """Stage 1 keeps p.grad as views of unit.grad; put back any gradient autograd replaced."""
@@ -219,51 +231,69 @@ class GradShards:
 
 
 # --------------------------------------------------------------------------- stage 3: gather hooks
-def install_gather_hooks(model, units, n_root):
-    """Stage 3: all-gather a layer's parameters right before its forward (starting the next
-    layer's gather meanwhile) and free them after; a hook on the layer's output gathers them
-    again when backward reaches the layer (prefetching the layer before it). The root units
-    (embedding, norm, head; maybe tied) stay gathered from the model's forward to the end of
-    their backward."""
-    root, layers = units[:n_root], units[n_root:]
+def forward_runs(model):
+    """The modules holding parameters, in the order a forward calls them one after another:
+    the whole model (Transformer.forward), or under pipeline parallelism each of this stage's
+    chunks (parallel.chunk_forward): the embedding (first chunk), layers, final norm and
+    output head (last chunk). Must follow those two forwards."""
+    pipe = getattr(model, "pipeline", None)
+    chunks = pipe.layers.items() if pipe is not None else [(0, [int(k) for k in model.layers])]
+    last = pipe.n_chunks - 1 if pipe is not None else 0
+    runs = []
+    for g, ids in chunks:
+        run = [model.tok_embeddings] if g == 0 else []
+        run += [model.layers[str(i)] for i in ids]
+        runs.append(run + ([model.norm, model.output] if g == last else []))
+    return runs
 
-    def before_backward(i):
-        def hook(grad):
-            layers[i].gather()
-            if i > 0:
-                layers[i - 1].gather(async_op=True)
-        return hook
 
-    def before_forward(i):
-        def hook(module, args):
-            layers[i].gather()
-            if i + 1 < len(layers):
-                layers[i + 1].gather(async_op=True)
-        return hook
+def install_gather_hooks(model, units):
+    """Stage 3: a module all-gathers its unit right before its forward; a hook on its output
+    gathers it again when backward reaches the module, and GradShards frees it after the unit's
+    backward. A layer frees its unit right after its forward; the embedding, final norm and
+    output head (root units, their backward comes soon) keep theirs until their backward, as
+    FSDP keeps its root's. Since every use gathers (a no-op when the unit is still there), the
+    parameters are present in any order of forwards and backwards: a pipeline schedule runs
+    several micro-batches' forwards before their backwards (GPipe: all of them), so one
+    micro-batch's backward frees a root unit that the next one's backward needs again.
+    Prefetch: within a run (forward_runs) a forward starts the gather of the next module's
+    unit and a backward that of the previous module's. That module is always the very next one
+    used, so a prefetched copy never outlives the forward or backward that started it (it
+    would go stale at the optimizer step)."""
+    unit_of = {id(p): u for u in units for p in u.params}
+    layers = {id(layer) for layer in model.layers.values()}
 
-    def after_forward(i):
-        def hook(module, args, output):
-            layers[i].free()
-            if torch.is_grad_enabled() and output.requires_grad:
-                output.register_hook(before_backward(i))
-        return hook
+    def module_unit(module):
+        (unit,) = {unit_of[id(p)] for p in module.parameters()}  # a layer, or a one-parameter root module
+        return unit
 
-    for i, layer in enumerate(model.layers.values()):
-        layer.register_forward_pre_hook(before_forward(i))
-        layer.register_forward_hook(after_forward(i))
-    def gather_root(module, args):
-        for u in root:
-            u.gather(async_op=True)
-        for u in root:
-            u.wait()
+    def hooks(unit, is_root, next_unit, prev_unit):
+        def before_backward(grad):
+            unit.gather()
+            if prev_unit is not None:
+                prev_unit.gather(async_op=True)
 
-    def free_root_after_no_grad_forward(module, args, output):
-        if not torch.is_grad_enabled():
-            for u in root:
-                u.free()
+        def before_forward(module, args):
+            unit.gather()
+            if next_unit is not None:
+                next_unit.gather(async_op=True)
 
-    model.register_forward_pre_hook(gather_root)
-    model.register_forward_hook(free_root_after_no_grad_forward)
+        def after_forward(module, args, output):
+            training = torch.is_grad_enabled() and output.requires_grad
+            if not (is_root and training):
+                unit.free()
+            if training:
+                output.register_hook(before_backward)
+        return before_forward, after_forward
+
+    for run in forward_runs(model):
+        run_units = [module_unit(m) for m in run]
+        for i, module in enumerate(run):
+            is_root = id(module) not in layers
+            before, after = hooks(run_units[i], is_root, run_units[i + 1] if i + 1 < len(run) else None,
+                                  run_units[i - 1] if i > 0 else None)
+            module.register_forward_pre_hook(before)
+            module.register_forward_hook(after)
 
 
 # --------------------------------------------------------------------------- the fused AdamW update
@@ -311,7 +341,7 @@ class ZeroAdamW:
         self.betas, self.eps, self.weight_decay = (cfg.beta1, cfg.beta2), 1e-8, cfg.weight_decay
         self.param_groups = [{"lr": cfg.learning_rate}]  # train.py sets the learning rate here
         self.step_count = 0
-        self.units, n_root = make_units(model, mesh, dtype, cfg.zero)
+        self.units = make_units(model, mesh, dtype, cfg.zero)
         self.shard_offsets = [0]
         for u in self.units:
             self.shard_offsets.append(self.shard_offsets[-1] + u.S)
@@ -331,7 +361,7 @@ class ZeroAdamW:
             self.grad_shards = torch.zeros(self.shard_offsets[-1], dtype=dtype, device=device)
         model.grad_sync = GradShards(self.units, self.stage, self.group, self._views(self.grad_shards))
         if self.stage == 3:
-            install_gather_hooks(model, self.units, n_root)
+            install_gather_hooks(model, self.units)
 
     def _views(self, flat):
         return [None if flat is None else flat[a:b] for a, b in zip(self.shard_offsets, self.shard_offsets[1:])]
@@ -399,6 +429,8 @@ class ZeroAdamW:
             self.update(u.param_shard[a:b], g, self.master[o + a:o + b], self.exp_avg[o + a:o + b],
                         self.exp_avg_sq[o + a:o + b], grad_scale, decay if decayed else 1.0, step_size,
                         bias2_sqrt, beta1, beta2, self.eps)
+        for u in self.units:
+            u.free()  # stage 3: a copy still gathered (normally none is) would now be stale
         if self.stage < 3 and _size(self.group) > 1:  # stage 3 gathers on demand; dp = 1: param_shard is `full`
             handles = [all_gather(u.full, u.param_shard.clone(), self.group, async_op=True) for u in self.units]
             for h in handles:
@@ -458,6 +490,7 @@ class ZeroAdamW:
             flat = u.flatten(local_params)
             shard.copy_(u.shard(flat))
             u.param_shard.copy_(shard)
+            u.free()  # stage 3: drop a stale gathered copy
             if self.stage < 3:
                 u.full.copy_(flat)
         source = self._load_moments(path, model, mesh)
@@ -536,13 +569,6 @@ def memory_report(stage, measured, phi, n, k):
 def build_optimizer(model, cfg, mesh, dtype=torch.float32):
     """Called by train.build_optimizer when cfg.zero: converts the model's parameters to the
     low-precision `dtype`, builds the sharded AdamW and sets model.grad_sync."""
-    if mesh.pp > 1 and cfg.zero == 3:
-        raise ValueError(f"zero=3 with pp={mesh.pp}: the pipeline runs a stage's layers outside model.forward, "
-                         "where zero=3 gathers the embedding and head; use --zero=2 or --zero=1")
-    if mesh.pp > 1 and cfg.zero == 2 and model.config.tie_embeddings:
-        raise ValueError(f"zero=2 with pp={mesh.pp} and tie_embeddings=True: the tied matrix's gradient is "
-                         "summed between the first and last stage after backward, when zero=2 has already "
-                         "reduced and dropped it; use --zero=1 or tie_embeddings=False")
     if cfg.compile and cfg.zero == 3:
         raise ValueError("zero=3 with compile=True: the gather/free hooks are not traceable; use --compile=False")
     parallel.check_replicas_identical(model, mesh.dp_group)
