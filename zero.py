@@ -60,6 +60,9 @@ def gather_to_first(inp, group):
 
 
 # --------------------------------------------------------------------------- units: flat, padded, sharded
+ALIGN = 64  # elements (128 bytes of bf16)
+
+
 class Unit:
     """Parameters stored as one flat buffer `full` of `padded` = N*S elements; rank r owns
     full[r*S:(r+1)*S]. Matrices come first, so weight decay is one range of the flat buffer."""
@@ -74,8 +77,11 @@ class Unit:
             self.offsets.append(offset)
             offset += p.numel()
         self.numel, self.n_decay = offset, sum(p.numel() for p in self.params if p.dim() >= 2)
-        self.S = -(-self.numel // mesh.dp)  # shard size: ceil(numel / N)
+        # shard size ceil(numel / N), rounded up to ALIGN elements: every shard, and every slice of
+        # the optimizer state, starts aligned, so one compiled update kernel serves all units
+        self.S = ALIGN * -(-self.numel // (ALIGN * mesh.dp))
         self.padded, self.start = self.S * mesh.dp, self.S * mesh.dp_rank
+        self.n_decay_shard = min(max(self.n_decay - self.start, 0), self.S)  # matrices first: a prefix of the shard
         self.group, self.stage, self.ready, self.handle = mesh.dp_group, stage, 0, None
         device = self.params[0].device
         flat32 = torch.zeros(self.padded, dtype=torch.float32, device=device)
@@ -297,21 +303,21 @@ def install_gather_hooks(model, units):
 
 
 # --------------------------------------------------------------------------- the fused AdamW update
-def adamw_update_(param, grad, master, exp_avg, exp_avg_sq, grad_scale, decay, step_size, bias2_sqrt,
-                  beta1, beta2, eps):
-    """AdamW on one contiguous range, in place, as torch.optim.AdamW (single-tensor) computes it:
+def adamw_update_(param, grad, master, exp_avg, exp_avg_sq, grad_scale, n_decay, decay, step_size,
+                  bias2_sqrt, beta1, beta2, eps):
+    """AdamW on one unit's shard, in place, as torch.optim.AdamW (single-tensor) computes it:
 
       g = grad * grad_scale                       in float32 (grad: low precision)
-      master *= decay                             decay = 1 - lr * weight_decay (1: no decay)
+      master[:n_decay] *= decay                   decay = 1 - lr * weight_decay, matrices only
       m = beta1 m + (1 - beta1) g,  v = beta2 v + (1 - beta2) g^2
       master -= step_size * m / (sqrt(v) / bias2_sqrt + eps)     step_size = lr / (1 - beta1^t)
       param = master                              rounded to the parameters' precision
 
-    Reads 2 + 12 bytes and writes 12 + 2 per element with bf16 parameters and gradients when
-    compiled into one kernel. step_size, bias2_sqrt, decay and grad_scale change from step to
-    step: they enter as symbolic floats / a 0-dim tensor, so the compiled kernel is reused."""
+    Compiled, this is two kernels reading 2 + 12 (+ 4 for the decay) bytes and writing 12 + 2
+    (+ 4) per element with bf16 parameters and gradients. The per-step numbers enter as
+    symbolic floats / a 0-dim tensor (dynamic=True), so the compiled kernels are reused."""
     g = grad.to(master.dtype) * grad_scale
-    master.mul_(decay)
+    master[:n_decay].mul_(decay)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps)
@@ -323,11 +329,11 @@ _compiled_update = None
 
 
 def compiled_adamw_update():
-    """adamw_update_ under torch.compile, built once: dynamic shapes so that ranges of every size
-    share one kernel."""
+    """adamw_update_ under torch.compile, built once: dynamic shapes, so units of every size share
+    a few kernels (not fullgraph: a variant past dynamo's recompile limit runs eagerly, not fails)."""
     global _compiled_update
     if _compiled_update is None:
-        _compiled_update = torch.compile(adamw_update_, fullgraph=True, dynamic=True)
+        _compiled_update = torch.compile(adamw_update_, dynamic=True)
     return _compiled_update
 
 
@@ -352,7 +358,6 @@ class ZeroAdamW:
         for u in self.units:
             del u.master_init
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
-        self.pieces = self._pieces()  # (unit, a, b, decay): the ranges step() updates, one fused pass each
         self.norm_ranges = self._unit_ranges(lambda p: parallel.counted_in_norm(p, mesh))
         compile_step = self.state_device.type == "cuda" and os.environ.get("ZERO_COMPILE_STEP", "1") != "0"
         self.update = compiled_adamw_update() if compile_step else adamw_update_
@@ -383,18 +388,6 @@ class ZeroAdamW:
                     out.append((i, a, b))
         return out
 
-    def _pieces(self):
-        """[(unit index, a, b, decay)]: every unit's shard cut into contiguous ranges of one weight
-        decay setting (matrices come first, so mostly two per unit: the matrices, then the rest)."""
-        decay, pieces, pos = self._unit_ranges(lambda p: p.dim() >= 2), [], [0] * len(self.units)
-        for i, a, b in decay:
-            if pos[i] < a:
-                pieces.append((i, pos[i], a, False))
-            pieces.append((i, a, b, True))
-            pos[i] = b
-        pieces += [(i, pos[i], u.S, False) for i, u in enumerate(self.units) if pos[i] < u.S]
-        return sorted(pieces)
-
     def grad_norm(self):
         """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp. One
         multi-tensor norm over the low-precision gradient ranges (float32 accumulation): no
@@ -410,7 +403,7 @@ class ZeroAdamW:
     @torch.no_grad()
     def step(self, grad_scale=1.0):
         """One AdamW step on the shard; grad_scale (clip coefficient / loss scale, a float or a
-        0-dim tensor) multiplies the gradient in float32. One fused pass per contiguous range
+        0-dim tensor) multiplies the gradient in float32. One fused pass per unit
         (adamw_update_) writes the master weights, moments and low-precision parameter shard.
         Then the new parameters reach every rank (stages 1-2; nothing to gather when dp = 1)."""
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
@@ -420,15 +413,12 @@ class ZeroAdamW:
         offload = self.state_device != self.units[0].full.device
         if offload and torch.is_tensor(grad_scale):
             grad_scale = grad_scale.to(self.state_device)
-        grads = self._grad_views()
-        for i, a, b, decayed in self.pieces:
-            u, o = self.units[i], self.shard_offsets[i]
-            g = grads[i][a:b]
+        for u, g, w, m, v in zip(self.units, self._grad_views(), *map(self._views, (self.master, self.exp_avg,
+                                                                                    self.exp_avg_sq))):
             if offload:  # ZeRO-Offload: the low-precision gradient goes to the CPU, the parameters come back
                 g = g.to(self.state_device)
-            self.update(u.param_shard[a:b], g, self.master[o + a:o + b], self.exp_avg[o + a:o + b],
-                        self.exp_avg_sq[o + a:o + b], grad_scale, decay if decayed else 1.0, step_size,
-                        bias2_sqrt, beta1, beta2, self.eps)
+            self.update(u.param_shard, g, w, m, v, grad_scale, u.n_decay_shard, decay, step_size, bias2_sqrt,
+                        beta1, beta2, self.eps)
         for u in self.units:
             u.free()  # stage 3: a copy still gathered (normally none is) would now be stale
         if self.stage < 3 and _size(self.group) > 1:  # stage 3 gathers on demand; dp = 1: param_shard is `full`

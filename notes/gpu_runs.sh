@@ -61,11 +61,12 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 # configs/llama_1b.py's shape and micro-batch (vocab 50304, ffn 8192, 4 x 2048 tokens per micro-step)
 S="--dim=2048 --n_layers=16 --n_heads=16 --n_kv_heads=8 --ffn_dim=8192 --vocab_size=50304 --seq=2048 --micro=4"
 b() { name=$1; shift; timeout 240 "$@" --out=$OUT/$name.json 2>&1 | grep -vi warn | grep -v "^\s*$"; }
-two() { CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 bench_parallel.py "$@"; }
+TWO="env CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 bench_parallel.py"
+TORCH_LOGS=recompiles b one_z1 python3 bench_parallel.py $S --modes=zero1 --steps=3 --warmup=2
 b one_a1 python3 bench_parallel.py $S --modes=dp --steps=5 --warmup=2
-b two_a1 two $S --steps=5 --warmup=2
+b two_a1 $TWO $S --steps=5 --warmup=2
 b one_a8 python3 bench_parallel.py $S --modes=dp --accum=8 --steps=3 --warmup=1
-b two_a8 two $S --accum=8 --steps=3 --warmup=1 --modes=ddp,dp,zero1,zero2,zero3,fsdp2
+b two_a8 $TWO $S --accum=8 --steps=3 --warmup=1 --modes=ddp,dp,zero1,zero2,zero3,fsdp2
 b four_a1 torchrun --standalone --nproc_per_node=4 bench_parallel.py $S --steps=5 --warmup=2
 ;;
 train_multi)
