@@ -62,7 +62,8 @@ def torch_update(model, opt, buckets=None):
 
 def build(mode, args, mcfg, device, rank, world):
     torch.manual_seed(0)
-    model = Transformer(mcfg).to(device)
+    with torch.device(device):  # initialised where it runs: a 1B model on the CPU takes seconds per mode
+        model = Transformer(mcfg)
     groups = lambda: train.param_groups(model, 0.1)  # decay on matrices only, as train.py
     cuda = device.type == "cuda"
 

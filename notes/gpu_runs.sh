@@ -1,8 +1,9 @@
 # The exact GPU runs behind README's training-step and two-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|two_gpu|bench_multi|train_multi
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|two_gpu|bench_multi|train_multi (or both: multi)
 # bench_multi / train_multi need a 4-GPU machine (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1).
+if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
 case "$1" in
 one_gpu)
 export PYTHONUNBUFFERED=1
@@ -62,18 +63,17 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 S="--dim=2048 --n_layers=16 --n_heads=16 --n_kv_heads=8 --ffn_dim=8192 --vocab_size=50304 --seq=2048 --micro=4"
 b() { name=$1; shift; timeout 240 "$@" --out=$OUT/$name.json 2>&1 | grep -vi warn | grep -v "^\s*$"; }
 TWO="env CUDA_VISIBLE_DEVICES=0,1 torchrun --standalone --nproc_per_node=2 bench_parallel.py"
-TORCH_LOGS=recompiles b one_z1 python3 bench_parallel.py $S --modes=zero1 --steps=3 --warmup=2
 b one_a1 python3 bench_parallel.py $S --modes=dp --steps=5 --warmup=2
-b two_a1 $TWO $S --steps=5 --warmup=2
-b one_a8 python3 bench_parallel.py $S --modes=dp --accum=8 --steps=3 --warmup=1
-b two_a8 $TWO $S --accum=8 --steps=3 --warmup=1 --modes=ddp,dp,zero1,zero2,zero3,fsdp2
+TORCH_LOGS=recompiles b two_a1 $TWO $S --steps=5 --warmup=2
+b one_a8 python3 bench_parallel.py $S --modes=dp --accum=8 --steps=2 --warmup=1
+b two_a8 $TWO $S --accum=8 --steps=2 --warmup=1 --modes=ddp,dp,zero1,zero2,zero3,fsdp2
 b four_a1 torchrun --standalone --nproc_per_node=4 bench_parallel.py $S --steps=5 --warmup=2
 ;;
 train_multi)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --n_kv_heads=4 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=4 --max_iters=50 --warmup_iters=10 --lr_decay_iters=50 --learning_rate=6e-4 --log_interval=1 --eval_interval=1000 --checkpoint_interval=1000 --dtype=bfloat16"
-run() { name=$1; n=$2; shift 2; timeout 60 torchrun --standalone --nproc_per_node=$n train.py $A --out_dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name rc=$? $(grep -E 'bubble|idle by stage' $OUT/$name.log | tail -2 | tr '\n' ' ')"; }
+run() { name=$1; n=$2; shift 2; timeout 45 torchrun --standalone --nproc_per_node=$n train.py $A --out_dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name rc=$? $(grep -E 'bubble|idle by stage' $OUT/$name.log | tail -2 | tr '\n' ' ')"; }
 export CUDA_VISIBLE_DEVICES=0,1
 run one 1
 run one_zero1 1 --zero=1
