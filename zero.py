@@ -303,8 +303,7 @@ def install_gather_hooks(model, units):
 
 
 # --------------------------------------------------------------------------- the fused AdamW update
-def adamw_update_(param, grad, master, exp_avg, exp_avg_sq, grad_scale, n_decay, decay, step_size,
-                  bias2_sqrt, beta1, beta2, eps):
+def adamw_update_(param, grad, master, exp_avg, exp_avg_sq, grad_scale, n_decay, step, beta1, beta2, eps):
     """AdamW on one unit's shard, in place, as torch.optim.AdamW (single-tensor) computes it:
 
       g = grad * grad_scale                       in float32 (grad: low precision)
@@ -313,9 +312,11 @@ def adamw_update_(param, grad, master, exp_avg, exp_avg_sq, grad_scale, n_decay,
       master -= step_size * m / (sqrt(v) / bias2_sqrt + eps)     step_size = lr / (1 - beta1^t)
       param = master                              rounded to the parameters' precision
 
+    step = (decay, step_size, bias2_sqrt), a float32 tensor: numbers that change every step enter
+    as tensors (torch.compile would specialize on Python floats and recompile each step).
     Compiled, this is two kernels reading 2 + 12 (+ 4 for the decay) bytes and writing 12 + 2
-    (+ 4) per element with bf16 parameters and gradients. The per-step numbers enter as
-    symbolic floats / a 0-dim tensor (dynamic=True), so the compiled kernels are reused."""
+    (+ 4) per element with bf16 parameters and gradients."""
+    decay, step_size, bias2_sqrt = step[0], step[1], step[2]
     g = grad.to(master.dtype) * grad_scale
     master[:n_decay].mul_(decay)
     exp_avg.lerp_(g, 1 - beta1)
@@ -409,7 +410,8 @@ class ZeroAdamW:
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
         self.step_count += 1
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-        step_size, bias2_sqrt, decay = lr / bias1, bias2 ** 0.5, 1 - lr * self.weight_decay
+        step = torch.tensor([1 - lr * self.weight_decay, lr / bias1, bias2 ** 0.5])  # (decay, step size, sqrt(bias2))
+        step = step.to(self.state_device, non_blocking=True)  # 12 bytes, queued: no host sync
         offload = self.state_device != self.units[0].full.device
         if offload and torch.is_tensor(grad_scale):
             grad_scale = grad_scale.to(self.state_device)
@@ -417,8 +419,7 @@ class ZeroAdamW:
                                                                                     self.exp_avg_sq))):
             if offload:  # ZeRO-Offload: the low-precision gradient goes to the CPU, the parameters come back
                 g = g.to(self.state_device)
-            self.update(u.param_shard, g, w, m, v, grad_scale, u.n_decay_shard, decay, step_size, bias2_sqrt,
-                        beta1, beta2, self.eps)
+            self.update(u.param_shard, g, w, m, v, grad_scale, u.n_decay_shard, step, beta1, beta2, self.eps)
         for u in self.units:
             u.free()  # stage 3: a copy still gathered (normally none is) would now be stale
         if self.stage < 3 and _size(self.group) > 1:  # stage 3 gathers on demand; dp = 1: param_shard is `full`

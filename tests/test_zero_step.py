@@ -101,7 +101,8 @@ def test_compiled_update_matches_eager_without_recompiles():
         b1, b2 = 1 - BETAS[0] ** t, 1 - BETAS[1] ** t
         a = 0
         for size, n_decay in zip(sizes, n_decays):
-            args = (torch.tensor(0.5 + 0.1 * t), n_decay, 1 - LR * t * WD, LR * t / b1, b2 ** 0.5, *BETAS, 1e-8)
+            args = (torch.tensor(0.5 + 0.1 * t), n_decay, torch.tensor([1 - LR * t * WD, LR * t / b1, b2 ** 0.5]),
+                    *BETAS, 1e-8)
             for fn, (w, m, v, p) in ((update, state), (zero.adamw_update_, eager)):
                 fn(p[a:a + size], grad[a:a + size], w[a:a + size], m[a:a + size], v[a:a + size], *args)
             a += size
