@@ -162,10 +162,9 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale,
     l_i = tl.where(valid, l_i, 1.0)  # padding rows may have seen no key at all
     lse = tl.where(valid, m_i + tl.math.log2(l_i), float("inf"))
     tl.store(Lse + bh.to(tl.int64) * T_pad + offs_m, lse)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :])
-    tl.store(o_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=valid[:, None])
+    Out += b.to(tl.int64) * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot  # scalar base
+    offs = tl.arange(0, BLOCK_M)[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(Out + offs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=valid[:, None])
 
 
 # --------------------------------------------------------------------------- backward
@@ -191,8 +190,8 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, D
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, DQ: tl.constexpr):
     """One key block against query blocks [start, end) of one query head; tiles are transposed
     (keys along rows) so that dK and dV come out as (BLOCK_N, D). DQ (the fused backward): also
-    add this key block's share dS K of dQ into the float32 DQacc, by TMA reduce-add ("tma") or
-    by atomic adds ("atomic")."""
+    add this key block's share dS K of dQ into the float32 DQacc, by TMA reduce-add ("tma",
+    "tma_t") or by atomic adds ("atomic", "atomic_t"); "_t": computed transposed."""
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -209,8 +208,11 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, D
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dS^T = P^T * (dP^T - D)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)  # dK += dS^T Q
         if DQ != "":
-            dq = tl.dot(ds_t.T, k, input_precision=PRECISION)  # (BLOCK_M, D): dS K for these keys
-            if DQ == "tma":  # rows past T add zeros (dS = 0 there) to the next sequence's rows
+            if DQ == "tma_t" or DQ == "atomic_t":  # as (K^T dS^T)^T: M = D rows, so wgmma at any BLOCK_M
+                dq = tl.dot(k.T, ds_t, input_precision=PRECISION).T
+            else:  # (BLOCK_M, D): dS K for these keys; BLOCK_M < 64 gets mma.sync, not wgmma
+                dq = tl.dot(ds_t.T, k, input_precision=PRECISION)
+            if DQ == "tma" or DQ == "tma_t":  # rows past T add zeros (dS = 0 there) to the next sequence's
                 desc_dq.atomic_add([q_row + start_m, q_col], dq)
             else:
                 base = (q_row + start_m).to(tl.int64) * stride_dq + q_col  # scalar: no 64-bit tiles
@@ -310,10 +312,9 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
                    T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
                    T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs = (b.to(tl.int64) * stride_b + h * stride_h
-            + offs_m[:, None].to(tl.int64) * stride_t + offs_d[None, :])
-    tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=offs_m[:, None] < T)
+    dQ += b.to(tl.int64) * stride_b + h * stride_h + m0.to(tl.int64) * stride_t  # scalar base
+    offs = tl.arange(0, BLOCK_M)[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=(offs_m < T)[:, None])
 
 
 # --------------------------------------------------------------------------- variants
@@ -324,9 +325,10 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
 #   backward "split":  dK/dV kernel, then a dQ kernel that recomputes S and dP (7 matmuls per tile)
 #            "tma":    one dK/dV kernel that also adds dS K into a float32 dQ by TMA reduce-add
 #                      (cp.reduce.async.bulk, as FlashAttention-3), then dQ = scale * that: 5 matmuls
-#            "atomic": the same with element-wise red.global.add.f32 (FlashAttention-2)
+#            "tma_t":  the same, dS K computed as (K^T dS^T)^T (wgmma also at BLOCK_M < 64)
+#            "atomic": the same with element-wise float32 atomics (FlashAttention-2)
 # The fused ones add in a nondeterministic order: dQ is not bitwise reproducible run to run.
-BWD_VARIANTS = {"split": "", "tma": "tma", "atomic": "atomic"}
+BWD_VARIANTS = {"split": "", "tma": "tma", "tma_t": "tma_t", "atomic": "atomic"}
 BWD_VARIANT = os.environ.get("FLASH_BWD", "split")
 
 # --------------------------------------------------------------------------- tile configs
@@ -404,7 +406,8 @@ def compile_list(which):
     if which == "fwd":
         return [(_fwd_kernel, {}, TILES["fwd"])]
     if which == "dkdv_fused":
-        return [(_bwd_dkdv_kernel, {"DQ": v, **x}, TILES[which]) for v in ("tma", "atomic") for x in _variants(which)]
+        return [(_bwd_dkdv_kernel, {"DQ": v, **x}, TILES[which]) for v in ("tma", "tma_t", "atomic")
+                for x in _variants(which)]
     return [(KERNEL_FNS[which], x, TILES[which]) for x in _variants(which)]
 
 
@@ -473,10 +476,10 @@ def _backward(do, q, k, v, out, lse, causal, scale, left, right):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     mode = BWD_VARIANTS[BWD_VARIANT]
     if mode and INTERPRET:
-        mode = "atomic"  # the interpreter has no descriptor atomics
+        mode = mode.replace("tma", "atomic")  # the interpreter has no descriptor atomics
     if mode:  # fused: dQ accumulates in float32 across the key blocks
         dq_acc = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)
-        desc_dq = _desc(dq_acc) if mode == "tma" else None
+        desc_dq = _desc(dq_acc) if mode.startswith("tma") else None
         _launch("dkdv_fused", T, B * H_kv, [_desc(q), _desc(k), _desc(v), _desc(do), desc_dq],
                 dk, dv, dq_acc, lse, delta, scale, dk.stride(0), dk.stride(1), dk.stride(2), dq_acc.stride(1),
                 T, T_pad, H_kv, H // H_kv, left, right, **_common(q, causal), DQ=mode)

@@ -32,7 +32,7 @@ def signature(fn, descs, bm, bn, d, dtype, consts):
     dq_mode = consts.get("DQ", "")
     for name in fn.arg_names:
         if name == "desc_dq" or name == "DQacc":
-            if (name == "desc_dq" and dq_mode != "tma") or not dq_mode:
+            if (name == "desc_dq" and not dq_mode.startswith("tma")) or not dq_mode:
                 sig[name] = "constexpr"
                 consts[name] = None
             else:
