@@ -3,10 +3,11 @@
     python notes/kernel_bench.py                       # the key shapes, every variant
     python notes/kernel_bench.py --variants split,tma --shapes 128:8192:1
 
-Per shape (head dim, seqlen, causal; bf16, batch*seqlen = 16384, heads*headdim = 2048): the
-forward once (all variants share it), the backward once per variant (flash_attn.BWD_VARIANT),
-SDPA flash and cuDNN on the same inputs; TFLOP/s as bench_attention.py counts them, and each
-variant's gradients against the split variant's (max relative error, a sanity check; the GPU
+Per shape (head dim, seqlen, causal; bf16, batch*seqlen = 16384, heads*headdim = 2048): each
+forward variant with the first backward variant, then each other backward variant with the
+first forward variant ("fwd+bwd" rows: flash_attn.FWD_VARIANT / BWD_VARIANT), SDPA flash and
+cuDNN, all on the same inputs; TFLOP/s as bench_attention.py counts them, and each pair's
+output and gradients against the first pair's (max relative error, a sanity check; the GPU
 tests check each against float64). Prints the tile each autotuned kernel picked.
 """
 import argparse
@@ -25,7 +26,7 @@ SHAPES = "128:8192:1,128:2048:1,64:8192:1,128:8192:0"  # head dim : seqlen : cau
 
 def grads(fn, q, k, v, causal, dout):
     out = fn(q, k, v, causal)
-    return torch.autograd.grad(out, (q, k, v), dout)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
 
 def rel(a, b):
@@ -34,13 +35,16 @@ def rel(a, b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(flash_attn.BWD_VARIANTS))
+    p.add_argument("--fwd", default=",".join(flash_attn.FWD_VARIANTS), help="forward variants")
+    p.add_argument("--variants", default=",".join(flash_attn.BWD_VARIANTS), help="backward variants")
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--warmup-only", action="store_true", help="compile and autotune, print nothing (cache warm-up)")
+    p.add_argument("--fwd-only", action="store_true", help="with --warmup-only: the forward only")
     args = p.parse_args()
-    variants = args.variants.split(",")
+    fwds, bwds = args.fwd.split(","), args.variants.split(",")
+    variants = [f"{f}+{bwds[0]}" for f in fwds] + [f"{fwds[0]}+{b}" for b in bwds[1:]]
     import triton
     print(f"GPU: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'none'}  torch {torch.__version__}  triton {triton.__version__}  "
           f"variants {variants}", flush=True)
@@ -57,8 +61,11 @@ def main():
         res = {}
         ref = None
         for name in variants:
-            flash_attn.BWD_VARIANT = name
+            flash_attn.FWD_VARIANT, flash_attn.BWD_VARIANT = name.split("+")
             try:
+                if args.fwd_only:
+                    IMPLS["triton"](q, k, v, causal)
+                    continue
                 g = grads(IMPLS["triton"], q, k, v, causal, dout)
             except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run: report, go on
                 print(f"  D={D} T={T} causal={causal:d} {name}: FAILED {type(e).__name__}: "
@@ -73,7 +80,7 @@ def main():
             res[name] = (tf(fwd), tf(bwd, True), err)
             picked = {key: str(kern.best_config).split(", pre_hook")[0]
                       for key, kern in flash_attn._AUTOTUNED.items() if getattr(kern, "best_config", None)}
-            print(f"  D={D} T={T} causal={causal:d} {name:7s} fwd {tf(fwd):4.0f} bwd {tf(bwd, True):4.0f} TFLOP/s "
+            print(f"  D={D} T={T} causal={causal:d} {name:12s} fwd {tf(fwd):4.0f} bwd {tf(bwd, True):4.0f} TFLOP/s "
                   f"(grad err vs {variants[0]} {err:.1e}) tiles {picked}", flush=True)
         if args.warmup_only:
             continue

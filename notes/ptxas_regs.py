@@ -39,6 +39,8 @@ def signature(fn, descs, bm, bn, d, dtype, consts):
                 sig[name] = f"tensordesc<fp32[{bm}, {d}]>" if name == "desc_dq" else "*fp32"
         elif name in descs:
             rows = bm if name in ("desc_q", "desc_do", "desc_o", "desc_dq") else bn
+            if name == "desc_q" and consts.get("SPLIT"):
+                rows = bm // 2
             sig[name] = f"tensordesc<{dtype}[{rows}, {d}]>"
         elif name in ("Out", "dK", "dV", "dQ"):
             sig[name] = f"*{dtype}"
@@ -83,7 +85,7 @@ def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16", maxnreg=None
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--which", default="fwd,dkdv,dkdv_fused,dq")
+    p.add_argument("--which", default="fwd,fwd_split,dkdv,dkdv_fused,dq")
     p.add_argument("--causal", type=int, default=1)
     p.add_argument("--dtype", default="bf16")
     args = p.parse_args()
