@@ -14,7 +14,7 @@
 set -u
 OUT=${OUT:-kernel_bench_out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 FWDS=${FWDS:-base split2}
 BWDS=${BWDS:-split tma tma_t atomic}
 SHAPES3=${SHAPES3:-128:8192:1 64:8192:1 128:8192:0}  # 128:2048:1 uses 128:8192:1's compiled kernels
@@ -25,6 +25,7 @@ T0=$(date +%s)
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git log --oneline -1; nproc; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+$PY -c "import pytest" 2>/dev/null || echo "== pytest missing (pip install -r requirements-test.txt): no GPU tests"
 first_fwd=${FWDS%% *}
 first_bwd=${BWDS%% *}
 
@@ -59,6 +60,6 @@ for f in "$OUT"/test_*.log; do
 done
 grep -l -E "FAILED|Traceback" "$OUT"/warmup_*.log 2>/dev/null | sed 's/^/== warm-up problem, see /'
 
-timeout 330 $PY notes/kernel_bench.py --fwd "$(echo $FWDS | tr ' ' ',')" --variants "$(echo $BWDS | tr ' ' ',')" \
+timeout 300 $PY notes/kernel_bench.py --fwd "$(echo $FWDS | tr ' ' ',')" --variants "$(echo $BWDS | tr ' ' ',')" \
   $KB_ARGS 2>&1 | tee "$OUT/bench.log"
 echo "== total $(( $(date +%s) - T0 )) s"
