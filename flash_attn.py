@@ -538,7 +538,8 @@ def _forward(q, k, v, causal, scale, left, right):
     T_pad = triton.cdiv(T, MAX_BLOCK) * MAX_BLOCK
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
-    _launch(FWD_VARIANTS[FWD_VARIANT], T, B * H, [_desc(q), _desc(k), _desc(v)],
+    which = FWD_VARIANTS[FWD_VARIANT] if D <= 128 else "fwd"  # split2 spills kilobytes at D = 256
+    _launch(which, T, B * H, [_desc(q), _desc(k), _desc(v)],
             out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
             T, T_pad, H, group, left, right, **_common(q, causal))
     return out, lse
@@ -553,6 +554,8 @@ def _backward(do, q, k, v, out, lse, causal, scale, left, right):
                                                  T, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     mode = BWD_VARIANTS[BWD_VARIANT]
+    if D > 128:  # the fused dK/dV kernel spills kilobytes at D = 256: the split one there
+        mode = ""
     if mode and INTERPRET:
         mode = mode.replace("tma", "atomic")  # the interpreter has no descriptor atomics
     if mode:  # fused: dQ accumulates in float32 across the key blocks
