@@ -395,7 +395,7 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
 #                      (_fwd_inner2; tiles "fwd_split", BLOCK_M counts both halves)
 #   backward "split":  dK/dV kernel, then a dQ kernel that recomputes S and dP (7 matmuls per tile)
 #            "tma":    one dK/dV kernel that also adds dS K into a float32 dQ by TMA reduce-add
-#                      (cp.reduce.async.bulk, as FlashAttention-3), then dQ = scale * that: 5 matmuls
+#                      (cp.reduce.async.bulk, as FlashAttention-3), then casts it: 5 matmuls
 #            "tma_t":  the same, dS K computed as (K^T dS^T)^T (wgmma also at BLOCK_M < 64)
 #            "atomic": the same with element-wise float32 atomics (FlashAttention-2)
 # The fused ones add in a nondeterministic order: dQ is not bitwise reproducible run to run.
@@ -420,11 +420,12 @@ TILES = {
                    (32, 64, 4, 3), (16, 64, 4, 3), (64, 128, 8, 3)],  # the last: D <= 64 only (shared memory)
     "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)],
 }
-INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "fwd_split": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv_fused": (32, 64, 4, 1),
-                   "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
+INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "fwd_split": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1),
+                   "dkdv_fused": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
 # which tiles stay on chip for the whole program and which stream through the pipeline
 # (q: a BLOCK_M x D tile of Q or dO, kv: a BLOCK_N x D tile of K or V)
-ON_CHIP = {"fwd": (1, 2), "fwd_split": (1, 2), "dkdv": (2, 2), "dkdv_fused": (2, 2), "dq": (2, 2)}  # (resident, streamed) tile counts
+ON_CHIP = {"fwd": (1, 2), "fwd_split": (1, 2), "dkdv": (2, 2), "dkdv_fused": (2, 2),
+           "dq": (2, 2)}  # (resident, streamed) tile counts
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
 
@@ -477,7 +478,8 @@ def _autotuned(kernel, which):
                            reset_to_zero=["DQacc"] if which == "dkdv_fused" else None)(kernel)
 
 
-KERNEL_FNS = {"fwd": _fwd_kernel, "fwd_split": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dkdv_fused": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+KERNEL_FNS = {"fwd": _fwd_kernel, "fwd_split": _fwd_kernel, "dkdv": _bwd_dkdv_kernel,
+              "dkdv_fused": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
 _AUTOTUNED = {}  # (which, variant) -> autotuned kernel: each variant keeps its own tuning cache
 
 

@@ -46,7 +46,8 @@ def main():
     fwds, bwds = args.fwd.split(","), args.variants.split(",")
     variants = [f"{f}+{bwds[0]}" for f in fwds] + [f"{fwds[0]}+{b}" for b in bwds[1:]]
     import triton
-    print(f"GPU: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'none'}  torch {torch.__version__}  triton {triton.__version__}  "
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "none"
+    print(f"GPU: {gpu}  torch {torch.__version__}  triton {triton.__version__}  "
           f"variants {variants}", flush=True)
     rows = []
     for shape in args.shapes.split(","):

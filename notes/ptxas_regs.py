@@ -100,7 +100,8 @@ def main():
                 try:
                     regs, (st, ld), smem, ws, wgmma = compile_one(fn, consts, bm, bn, args.head_dim, w, s, args.dtype)
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: {regs} regs, "
-                          f"spill st/ld {st}/{ld} B, smem {smem} B{', WS' if ws else ''}{'' if wgmma else ', NO wgmma'}",
+                          f"spill st/ld {st}/{ld} B, smem {smem} B"
+                          f"{', WS' if ws else ''}{'' if wgmma else ', NO wgmma'}",
                           flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: FAILED "
