@@ -86,8 +86,10 @@ run zero2 2 --zero=2
 run zero3 2 --zero=3
 run zero3_pp2 2 --pp=2 --zero=3
 unset CUDA_VISIBLE_DEVICES
+if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
 run dp2_pp2_zero3 4 --pp=2 --zero=3
 run dp2_tp2_zero2 4 --tp=2 --zero=2
+fi
 python3 - <<'PY'
 import json, os
 out = os.environ["OUT"]
