@@ -666,9 +666,9 @@ def check_pipeline(cfg, pp, m):
 
 # ---- running a schedule
 def chunk_forward(model, pipe, g, x, y):
-    """Chunk g: x is (B, T) token ids for chunk 0, else (B, T, dim) hidden states.
-    Returns the (B, T, dim) output, or the mean token loss for the last chunk."""
-    T = x.shape[1]
+    """Chunk g: x is (B, T) token ids for chunk 0, else (B, T, dim) hidden states (B, T/tp, dim)
+    under sequence parallelism). Returns the chunk's output, or the mean token loss for the last."""
+    T = y.shape[1]  # the full sequence: the rotary tables span it even when x holds a slice
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     h = model.tok_embeddings(x) if g == 0 else x
     for i in pipe.layers[g]:
@@ -740,7 +740,9 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
             if g == pipe.n_chunks - 1:
                 total += out.detach().float()
             else:
-                sends.append(dist.P2POp(dist.isend, out.detach().to(dtype), pipe.rank_of(g + 1), tag=_tag("F", mb, g + 1, m)))
+                # contiguous: a sequence-parallel output is a slice of the sequence (P2P sends need dense memory)
+                sends.append(dist.P2POp(dist.isend, out.detach().to(dtype).contiguous(), pipe.rank_of(g + 1),
+                                        tag=_tag("F", mb, g + 1, m)))
             if not forward_only:
                 saved[mb, g] = (inp, out)
                 pipe.peak_live = max(pipe.peak_live, len(saved))
@@ -753,7 +755,7 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
             else:
                 torch.autograd.backward(out, grad_tensors=recv.tensor)
             if g > 0:
-                sends.append(dist.P2POp(dist.isend, inp.grad, pipe.rank_of(g - 1), tag=_tag("B", mb, g, m)))
+                sends.append(dist.P2POp(dist.isend, inp.grad.contiguous(), pipe.rank_of(g - 1), tag=_tag("B", mb, g, m)))
     if sends:
         in_flight += dist.batch_isend_irecv(sends)
     for w in in_flight:

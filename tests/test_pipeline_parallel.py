@@ -288,7 +288,13 @@ def test_resume_under_a_different_pp(single):
     assert_same_run(out, single / "single")
 
 
-@pytest.mark.skipif(not hasattr(parallel, "ColumnParallelLinear"), reason="needs tensor parallelism (branch tp)")
+def test_pp2_tp2_sequence_parallel_matches_one_process(single):
+    """Sequence parallelism hands each stage's output to the next as a slice of the sequence."""
+    out = single / "pp2_tp2_sp"
+    run_ok(tiny_args(single, out_dir=str(out), tp=2, pp=2, sequence_parallel=True, eval_interval=2), 4)
+    assert_same_run(out, single / "single")
+
+
 def test_3d_dp2_pp2_tp2_matches_one_process(single):
     out = single / "3d"
     r = run_ok(tiny_args(single, out_dir=str(out), tp=2, pp=2, eval_interval=2), 8)
