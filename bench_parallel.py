@@ -12,7 +12,8 @@ Modes (--modes=a,b,...), each on a freshly built model with the same data, one a
   zero1..3    zero.py: bf16 parameters/gradients, float32 master weights and moments sharded
   fsdp2       torch's fully_shard per layer + root, bf16 parameters (a ZeRO-3)
 Every mode clips gradients at global norm 1.0. Prints one line per mode on rank 0 and writes
-bench_parallel.json: median step time (after warm-up), tokens/s, peak allocated memory per GPU.
+bench_parallel.json: median step time (after warm-up), tokens/s, peak allocated memory per GPU (less what
+earlier modes of the run left allocated, recorded as left_over_gib).
 """
 import gc
 import json
@@ -115,6 +116,8 @@ def build(mode, args, mcfg, device, rank, world):
 
 
 def run_mode(mode, args, mcfg, device, rank, world):
+    # what earlier modes left allocated (reference cycles, caches) is not this mode's: subtracted
+    left_over = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     model, set_sync, update = build(mode, args, mcfg, device, rank, world)
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randint(0, mcfg.vocab_size, (args.accum, args.micro, args.seq + 1), generator=g).to(device)
@@ -141,12 +144,12 @@ def run_mode(mode, args, mcfg, device, rank, world):
     dt = torch.tensor(statistics.median(times), device=device)
     if world > 1:
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated() - left_over) / 2 ** 30 if device.type == "cuda" else None
     if device.type == "cuda" and world > 1:
         p = torch.tensor(peak, device=device)
         dist.all_reduce(p, op=dist.ReduceOp.MAX)
         peak = p.item()
-    rec = {"mode": mode, "step_s": dt.item(), "tokens_per_s": world * args.accum * args.micro * args.seq / dt.item(),
+    rec = {"mode": mode, "left_over_gib": left_over / 2 ** 30, "step_s": dt.item(), "tokens_per_s": world * args.accum * args.micro * args.seq / dt.item(),
            "peak_mem_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
     del model, set_sync, update
     gc.collect()
