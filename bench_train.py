@@ -44,35 +44,18 @@ def measured_matmul_rate(n=8192, iters=20):
     return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3)
 
 
-def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION):
-    """train.py's step: compute_gradients (forward_backward, grad_norm) and apply_update (clip, AdamW)."""
+def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION, zero=0):
+    """train.py's step: compute_gradients (forward_backward, grad_norm) and apply_update (clip,
+    AdamW), built as train.py builds it. zero=1 on one GPU: bf16 parameters and gradients with
+    float32 master weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused
+    AdamW pass); zero=0: float32 parameters under bf16 autocast, torch's fused AdamW."""
+    import dataclasses
     model_module.SDPA_BACKENDS.sort(key=lambda b: b != sdpa_first)  # which SDPA backend is tried first
     model = Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)).cuda()
     model.grad_sync = None
-    cfg, mesh = train.Config(), parallel.Mesh()
-    opt = train.build_optimizer(model, cfg, mesh, torch.device("cuda"))
-    fwd = torch.compile(model) if compile_model else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    scaler = train.LossScaler(enabled=False)
-
-    def step(x, y):
-        _, norm = train.compute_gradients(cfg, mesh, model, fwd, opt, [(x, y)], scaler, autocast)
-        train.apply_update(cfg, model, opt, norm, scaler)
-        opt.zero_grad(set_to_none=True)
-    return model, step
-
-
-def ours_master_step(shape, batch, seq, compile_model, device="cuda"):
-    """train.py's step with --zero=1 on one device: bf16 parameters and gradients, float32 master
-    weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused AdamW pass),
-    built as train.py builds it (train.build_optimizer -> zero.build_optimizer)."""
-    import dataclasses
-    model_module.SDPA_BACKENDS.sort(key=lambda b: b != SDPBackend.CUDNN_ATTENTION)  # as ours_compile
-    model = Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl="sdpa")).to(device)
-    model.grad_sync = None
-    cfg, mesh = dataclasses.replace(train.Config(), zero=1, dtype="bfloat16", device=device), parallel.Mesh()
-    dev, _, autocast = train.setup_device(cfg)
-    opt = train.build_optimizer(model, cfg, mesh, dev)  # converts the parameters to bf16, sets model.grad_sync
+    cfg, mesh = dataclasses.replace(train.Config(), zero=zero, dtype="bfloat16", device="cuda"), parallel.Mesh()
+    device, _, autocast = train.setup_device(cfg)
+    opt = train.build_optimizer(model, cfg, mesh, device)  # zero=1: bf16 parameters, sets model.grad_sync
     fwd = torch.compile(model) if compile_model else model
     scaler = train.LossScaler(enabled=False)
 
@@ -110,7 +93,7 @@ IMPLS = {
     "ours": lambda s, b, t: ours_step(s, b, t, False, "sdpa"),
     "ours_compile": lambda s, b, t: ours_step(s, b, t, True, "sdpa"),
     "ours_compile_flash": lambda s, b, t: ours_step(s, b, t, True, "flash"),
-    "ours_compile_master": lambda s, b, t: ours_master_step(s, b, t, True),
+    "ours_compile_master": lambda s, b, t: ours_step(s, b, t, True, "sdpa", zero=1),
     "ours_compile_sdpa_flash": lambda s, b, t: ours_step(s, b, t, True, "sdpa", sdpa_first=SDPBackend.FLASH_ATTENTION),
 }
 
