@@ -97,22 +97,6 @@ def _block_range(start, T, BEFORE, AFTER, BLOCK: tl.constexpr, STEP: tl.constexp
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_step(acc, l_i, m_i, qk, v, offs_m, cols, T, LEFT, RIGHT, qk_scale,
-              MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax, given qk = q k^T (S_j = scale * qk) and the block's v."""
-    if MASKED:
-        qk = tl.where(_visible(offs_m, cols, T, LEFT, RIGHT), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
-    if MASKED:  # a row that has seen no visible key yet: subtract 0, not -inf (inf - inf = nan)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # P_j = exp(S_j - m_new), one FMA + exp2
-    alpha = tl.math.exp2(m_i - m_new)  # exp(m - m_new) rescales the old sums
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, start, end,
                T, LEFT, RIGHT, qk_scale,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
@@ -121,47 +105,19 @@ def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, start, 
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = desc_k.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
-        qk = tl.dot(q, k.T, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, k.T, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N); S_j = scale * qk
         v = desc_v.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, qk, v, offs_m, start_n + offs_n, T, LEFT, RIGHT, qk_scale,
-                                  MASKED, PRECISION)
+        if MASKED:
+            qk = tl.where(_visible(offs_m, start_n + offs_n, T, LEFT, RIGHT), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
+        if MASKED:  # a row that has seen no visible key yet: subtract 0, not -inf (inf - inf = nan)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # P_j = exp(S_j - m_new), one FMA + exp2
+        alpha = tl.math.exp2(m_i - m_new)  # exp(m - m_new) rescales the old sums
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
     return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_inner2(acc0, l0, m0, acc1, l1, m1, q0, q1, desc_k, desc_v, kv_row, kv_col, offs_m0, offs_m1,
-                start, end, T, LEFT, RIGHT, qk_scale,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """_fwd_inner for two independent halves of the query block (variant "split2"): both S
-    matmuls are issued before the first softmax, so the tensor cores work on one half while
-    the other half's exponentials run (FlashAttention-3's intra-warpgroup overlap)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(start, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([kv_row + start_n, kv_col])
-        qk0 = tl.dot(q0, k.T, input_precision=PRECISION)
-        qk1 = tl.dot(q1, k.T, input_precision=PRECISION)
-        v = desc_v.load([kv_row + start_n, kv_col])
-        acc0, l0, m0 = _fwd_step(acc0, l0, m0, qk0, v, offs_m0, start_n + offs_n, T, LEFT, RIGHT, qk_scale,
-                                 MASKED, PRECISION)
-        acc1, l1, m1 = _fwd_step(acc1, l1, m1, qk1, v, offs_m1, start_n + offs_n, T, LEFT, RIGHT, qk_scale,
-                                 MASKED, PRECISION)
-    return acc0, l0, m0, acc1, l1, m1
-
-
-@triton.jit
-def _fwd_store(acc, l_i, m_i, Out, Lse, bh, b, h, m0, T, T_pad, stride_ob, stride_ot, stride_oh,
-               HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
-    """Epilogue of rows m0..m0+ROWS-1: O = acc / l, lse = m + log2(l); padding rows get
-    lse = +inf (so P = 0 there in the backward)."""
-    offs_m = m0 + tl.arange(0, ROWS)
-    valid = offs_m < T
-    l_i = tl.where(valid, l_i, 1.0)  # padding rows may have seen no key at all
-    lse = tl.where(valid, m_i + tl.math.log2(l_i), float("inf"))
-    tl.store(Lse + bh.to(tl.int64) * T_pad + offs_m, lse)
-    Out += b.to(tl.int64) * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot  # scalar base
-    offs = tl.arange(0, ROWS)[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(Out + offs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -180,53 +136,35 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale,
                 stride_ob, stride_ot, stride_oh,
                 T, T_pad, H, GROUP, LEFT, RIGHT, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     # q/k/v are seen as 2D (B*T, heads*D): a tile is BLOCK rows of one head's D columns.
     # Rows past T read the next sequence (or zeros at the end): those keys are masked and
     # those query rows are never stored.
     kv_row, kv_col = b * T, (h // GROUP) * HEAD_DIM
+    q = desc_q.load([b * T + m0, h * HEAD_DIM])  # (BLOCK_M, D), stays on chip
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = softmax_scale * 1.4426950408889634  # scale * log2(e): exp(x) = exp2(x * log2(e))
+
     lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
-    if SPLIT:  # two halves of BLOCK_M // 2 rows, interleaved (desc_q's block is BLOCK_M // 2 rows)
-        HALF: tl.constexpr = BLOCK_M // 2
-        q0 = desc_q.load([b * T + m0, h * HEAD_DIM])
-        q1 = desc_q.load([b * T + m0 + HALF, h * HEAD_DIM])
-        offs_m0 = m0 + tl.arange(0, HALF)
-        offs_m1 = offs_m0 + HALF
-        m_0 = tl.full([HALF], float("-inf"), tl.float32)
-        m_1 = tl.full([HALF], float("-inf"), tl.float32)
-        l_0 = tl.zeros([HALF], tl.float32)
-        l_1 = tl.zeros([HALF], tl.float32)
-        acc0 = tl.zeros([HALF, HEAD_DIM], tl.float32)
-        acc1 = tl.zeros([HALF, HEAD_DIM], tl.float32)
-        acc0, l_0, m_0, acc1, l_1, m_1 = _fwd_inner2(acc0, l_0, m_0, acc1, l_1, m_1, q0, q1, desc_k, desc_v,
-                                                     kv_row, kv_col, offs_m0, offs_m1, lo, mid_lo,
-                                                     T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
-        acc0, l_0, m_0, acc1, l_1, m_1 = _fwd_inner2(acc0, l_0, m_0, acc1, l_1, m_1, q0, q1, desc_k, desc_v,
-                                                     kv_row, kv_col, offs_m0, offs_m1, mid_lo, mid_hi,
-                                                     T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
-        acc0, l_0, m_0, acc1, l_1, m_1 = _fwd_inner2(acc0, l_0, m_0, acc1, l_1, m_1, q0, q1, desc_k, desc_v,
-                                                     kv_row, kv_col, offs_m0, offs_m1, mid_hi, hi,
-                                                     T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
-        _fwd_store(acc0, l_0, m_0, Out, Lse, bh, b, h, m0, T, T_pad, stride_ob, stride_ot, stride_oh,
-                   HEAD_DIM, HALF)
-        _fwd_store(acc1, l_1, m_1, Out, Lse, bh, b, h, m0 + HALF, T, T_pad, stride_ob, stride_ot, stride_oh,
-                   HEAD_DIM, HALF)
-    else:
-        q = desc_q.load([b * T + m0, h * HEAD_DIM])  # (BLOCK_M, D), stays on chip
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
-                                   T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
-                                   T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
-                                   T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
-        _fwd_store(acc, l_i, m_i, Out, Lse, bh, b, h, m0, T, T_pad, stride_ob, stride_ot, stride_oh,
-                   HEAD_DIM, BLOCK_M)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
+                               T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
+                               T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
+                               T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+
+    # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there)
+    valid = offs_m < T
+    l_i = tl.where(valid, l_i, 1.0)  # padding rows may have seen no key at all
+    lse = tl.where(valid, m_i + tl.math.log2(l_i), float("inf"))
+    tl.store(Lse + bh.to(tl.int64) * T_pad + offs_m, lse)
+    Out += b.to(tl.int64) * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot  # scalar 64-bit base
+    offs = tl.arange(0, BLOCK_M)[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]  # 32-bit offsets
+    tl.store(Out + offs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=valid[:, None])
 
 
 # --------------------------------------------------------------------------- backward
@@ -247,13 +185,11 @@ def _bwd_preprocess(Out, dOut, Delta, stride_b, stride_t, stride_h, T, T_pad, H,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, Delta, q_row, q_col, bh,
-                offs_n, start, end, T, T_pad, LEFT, RIGHT, qk_scale, softmax_scale,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, DQ: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, offs_n, start, end,
+                T, T_pad, LEFT, RIGHT, qk_scale,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One key block against query blocks [start, end) of one query head; tiles are transposed
-    (keys along rows) so that dK and dV come out as (BLOCK_N, D). DQ (the fused backward): also
-    add this key block's share dS K of dQ into the float32 DQacc, by TMA reduce-add ("tma",
-    "tma_t") or by atomic adds ("atomic", "atomic_t"); "_t": computed transposed."""
+    (keys along rows) so that dK and dV come out as (BLOCK_N, D)."""
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -269,28 +205,15 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, D
         dp_t = tl.dot(v, do.T, input_precision=PRECISION)  # dP^T = V dO^T
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dS^T = P^T * (dP^T - D)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)  # dK += dS^T Q
-        if DQ != "":
-            if DQ == "tma_t" or DQ == "atomic_t":  # as (K^T dS^T)^T: M = D rows, so wgmma at any BLOCK_M
-                dq = tl.dot(k.T, ds_t, input_precision=PRECISION).T
-            else:  # (BLOCK_M, D): dS K for these keys; BLOCK_M < 64 gets mma.sync, not wgmma
-                dq = tl.dot(ds_t.T, k, input_precision=PRECISION)
-            dq = dq * softmax_scale  # dQ = scale dS K: DQacc then only needs a cast
-            if DQ == "tma" or DQ == "tma_t":  # rows past T add zeros (dS = 0 there) to the next sequence's
-                desc_dq.atomic_add([q_row + start_m, q_col], dq)
-            else:
-                base = (q_row + start_m).to(tl.int64) * stride_dq + q_col  # scalar: no 64-bit tiles
-                offs = tl.arange(0, BLOCK_M)[:, None] * stride_dq + tl.arange(0, dq.shape[1])[None, :]
-                tl.atomic_add(DQacc + base + offs, dq, mask=(offs_m < T)[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["T", "T_pad", "LEFT", "RIGHT", "SEQ_BUCKET"])  # GROUP == 1: no group loop
-def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, dK, dV, DQacc, Lse, Delta, softmax_scale,
-                     stride_b, stride_t, stride_h, stride_dq,
+def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, softmax_scale,
+                     stride_b, stride_t, stride_h,
                      T, T_pad, H_KV, GROUP, LEFT, RIGHT, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False,
-                     DQ: tl.constexpr = ""):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False):
     # grid: (key blocks, B * H_KV); causal: the first key blocks have the most work and start first
     bhk = tl.program_id(1)
     b, hk = bhk // H_KV, bhk % H_KV
@@ -298,8 +221,6 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, dK, dV, DQacc, Ls
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = desc_k.load([b * T + n0, hk * HEAD_DIM])  # (BLOCK_N, D), on chip for the whole loop
     v = desc_v.load([b * T + n0, hk * HEAD_DIM])
-    if DQ != "":  # keys >= T (the next sequence's) must add nothing to dQ = dS K: zero their rows
-        k = tl.where((offs_n < T)[:, None], k, 0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = softmax_scale * 1.4426950408889634
@@ -309,23 +230,15 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, dK, dV, DQacc, Ls
         h = hk * GROUP + g
         bh = (b * H_KV * GROUP + h).to(tl.int64)
         if ONE_LOOP:  # mask every block: more arithmetic, but fewer live registers (no spills)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, Delta,
-                                 b * T, h * HEAD_DIM, bh, offs_n,
-                                 lo, hi, T, T_pad, LEFT, RIGHT, qk_scale, softmax_scale,
-                                 BLOCK_M, True, PRECISION, DQ)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 lo, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
         else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, Delta,
-                                 b * T, h * HEAD_DIM, bh, offs_n,
-                                 lo, mid_lo, T, T_pad, LEFT, RIGHT, qk_scale, softmax_scale,
-                                 BLOCK_M, True, PRECISION, DQ)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, Delta,
-                                 b * T, h * HEAD_DIM, bh, offs_n,
-                                 mid_lo, mid_hi, T, T_pad, LEFT, RIGHT, qk_scale, softmax_scale,
-                                 BLOCK_M, False, PRECISION, DQ)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, stride_dq, Lse, Delta,
-                                 b * T, h * HEAD_DIM, bh, offs_n,
-                                 mid_hi, hi, T, T_pad, LEFT, RIGHT, qk_scale, softmax_scale,
-                                 BLOCK_M, True, PRECISION, DQ)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 lo, mid_lo, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 mid_lo, mid_hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, False, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
+                                 mid_hi, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
     # a scalar 64-bit base, 32-bit offsets and a row mask (a 2D int64/mask epilogue costs ~30
     # registers across the whole loop and made the kernel spill)
     base = b.to(tl.int64) * stride_b + hk * stride_h + n0.to(tl.int64) * stride_t
@@ -384,60 +297,33 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
     tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=(offs_m < T)[:, None])
 
 
-# --------------------------------------------------------------------------- variants
-# Candidates under measurement for issue #4 (notes/kernel_bench.sh times them on the GPU; the
-# losers are then deleted). Chosen per process by FLASH_FWD / FLASH_BWD, or at run time by
-# assigning FWD_VARIANT / BWD_VARIANT. (Triton 3.6's tl.range(warp_specialize=True) is no
-# candidate on sm_90: with 4 warps its NVGPUWarpSpecialization pass fails, with 8 it leaves the
-# loop as it is.)
-#   forward  "base":   one BLOCK_M x BLOCK_N score tile per step
-#            "split2": the query block as two halves whose matmuls and softmaxes interleave
-#                      (_fwd_inner2; tiles "fwd_split", BLOCK_M counts both halves)
-#   backward "split":  dK/dV kernel, then a dQ kernel that recomputes S and dP (7 matmuls per tile)
-#            "tma":    one dK/dV kernel that also adds dS K into a float32 dQ by TMA reduce-add
-#                      (cp.reduce.async.bulk, as FlashAttention-3), then casts it: 5 matmuls
-#            "tma_t":  the same, dS K computed as (K^T dS^T)^T (wgmma also at BLOCK_M < 64)
-#            "atomic": the same with element-wise float32 atomics (FlashAttention-2)
-# The fused ones add in a nondeterministic order: dQ is not bitwise reproducible run to run.
-FWD_VARIANTS = {"base": "fwd", "split2": "fwd_split"}  # variant -> its TILES entry
-BWD_VARIANTS = {"split": "", "tma": "tma", "tma_t": "tma_t", "atomic": "atomic"}
-FWD_VARIANT = os.environ.get("FLASH_FWD", "base")
-BWD_VARIANT = os.environ.get("FLASH_BWD", "split")
-
 # --------------------------------------------------------------------------- tile configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M tiles queries, BLOCK_N keys. On Hopper,
 # Triton issues wgmma for the dots (a warpgroup of 4 warps owns 64 rows of a tile) and
 # pipelines the TMA loads num_stages deep; shared memory (228 KB per SM) and registers bound
 # the tiles (bench_attention.py --tiles times each; notes/ptxas_regs.py reports registers and
-# spills). The first tile that fits is the default when autotuning is off. dkdv (the split
-# backward) also tries ONE_LOOP (see _bwd_dkdv_kernel); dkdv_fused is the dK/dV kernel of the
-# fused backward variants.
+# spills). The first tile that fits is the default when autotuning is off. dkdv also tries
+# ONE_LOOP (see _bwd_dkdv_kernel).
 TILES = {
     "fwd": [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
-    "fwd_split": [(128, 64, 4, 2), (256, 64, 8, 2), (128, 32, 4, 3)],
     "dkdv": [(32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (16, 64, 4, 3)],
-    "dkdv_fused": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4), (64, 128, 8, 2), (16, 128, 8, 3),
-                   (32, 64, 4, 3), (16, 64, 4, 3), (64, 128, 8, 3)],  # the last: D <= 64 only (shared memory)
     "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)],
 }
-INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "fwd_split": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1),
-                   "dkdv_fused": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
+INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
 # which tiles stay on chip for the whole program and which stream through the pipeline
 # (q: a BLOCK_M x D tile of Q or dO, kv: a BLOCK_N x D tile of K or V)
-ON_CHIP = {"fwd": (1, 2), "fwd_split": (1, 2), "dkdv": (2, 2), "dkdv_fused": (2, 2),
-           "dq": (2, 2)}  # (resident, streamed) tile counts
+ON_CHIP = {"fwd": (1, 2), "dkdv": (2, 2), "dq": (2, 2)}  # (resident, streamed) tile counts
+VARIANTS = {"fwd": [{}], "dkdv": [{"ONE_LOOP": False}, {"ONE_LOOP": True}], "dq": [{}]}  # constexprs also tuned
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
 
 
 def _fits(which, tile, head_dim):
-    """Shared memory of the 16-bit tiles: resident ones once, streamed ones num_stages times; the
-    fused dK/dV kernel also stages dS^T (16-bit) and its float32 dQ tile."""
+    """Shared memory of the 16-bit tiles: resident ones once, streamed ones num_stages times."""
     bm, bn, _, stages = tile
     resident, streamed = ON_CHIP[which]
-    res_rows, stream_rows = (bm, bn) if which in ("fwd", "fwd_split", "dq") else (bn, bm)
-    extra = 2 * bm * bn + 4 * bm * head_dim if which == "dkdv_fused" else 0
-    return 2 * head_dim * (resident * res_rows + stages * streamed * stream_rows) + extra <= 200 * 1024
+    res_rows, stream_rows = (bm, bn) if which in ("fwd", "dq") else (bn, bm)
+    return 2 * head_dim * (resident * res_rows + stages * streamed * stream_rows) <= 200 * 1024
 
 
 def _prune(which):
@@ -452,65 +338,40 @@ def _prune(which):
 def _set_blocks(nargs):
     """The descriptors' block shapes must match the tile the kernel is compiled for."""
     d, bm, bn = nargs["HEAD_DIM"], nargs["BLOCK_M"], nargs["BLOCK_N"]
-    q_rows = bm // 2 if nargs.get("SPLIT") else bm  # split2: each half is loaded on its own
-    for name, rows in (("desc_q", q_rows), ("desc_do", bm), ("desc_dq", bm), ("desc_k", bn), ("desc_v", bn)):
-        if nargs.get(name) is not None:
+    for name, rows in (("desc_q", bm), ("desc_do", bm), ("desc_k", bn), ("desc_v", bn)):
+        if name in nargs:
             nargs[name].block_shape = [rows, d]
-
-
-def _variants(which):
-    """The constexpr variants the autotuner also chooses among, per kernel."""
-    if which == "dkdv_fused":  # two or three loops spill with the dQ tile; one loop does not
-        return [{"ONE_LOOP": True}]
-    if which == "fwd_split":
-        return [{"SPLIT": True}]
-    return [{"ONE_LOOP": False}, {"ONE_LOOP": True}] if which == "dkdv" else [{}]
 
 
 def _autotuned(kernel, which):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **x}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
-               for bm, bn, w, s in TILES[which] for x in _variants(which)]
+               for bm, bn, w, s in TILES[which] for x in VARIANTS[which]]
     # key: plus the dtypes of the tensor arguments, which Triton adds itself
-    # the fused backward adds into DQacc: zero it before every timed run and before the real one
-    # (TMA variants too: DQacc is the memory under desc_dq)
     return triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "SEQ_BUCKET"],
-                           prune_configs_by={"early_config_prune": _prune(which)},
-                           reset_to_zero=["DQacc"] if which == "dkdv_fused" else None)(kernel)
+                           prune_configs_by={"early_config_prune": _prune(which)})(kernel)
 
 
-KERNEL_FNS = {"fwd": _fwd_kernel, "fwd_split": _fwd_kernel, "dkdv": _bwd_dkdv_kernel,
-              "dkdv_fused": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
-_AUTOTUNED = {}  # (which, variant) -> autotuned kernel: each variant keeps its own tuning cache
-
-
-def compile_list(which):
-    """[(kernel, constexprs, tiles)] of every variant of one kernel (notes/ptxas_regs.py)."""
-    if which == "dkdv_fused":
-        return [(_bwd_dkdv_kernel, {"DQ": v, **x}, TILES[which]) for v in ("tma", "tma_t", "atomic")
-                for x in _variants(which)]
-    return [(KERNEL_FNS[which], x, TILES[which]) for x in _variants(which)]
+KERNELS = {"fwd": (_fwd_kernel, _autotuned(_fwd_kernel, "fwd")),
+           "dkdv": (_bwd_dkdv_kernel, _autotuned(_bwd_dkdv_kernel, "dkdv")),
+           "dq": (_bwd_dq_kernel, _autotuned(_bwd_dq_kernel, "dq"))}
 
 
 def _launch(which, T, heads, descs, *args, **meta):
     """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
     (keys). Autotuned on a GPU; a fixed tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
-    kernel = KERNEL_FNS[which]
-    rows = "BLOCK_M" if which in ("fwd", "fwd_split", "dq") else "BLOCK_N"
+    kernel, autotuned = KERNELS[which]
+    rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
     tile = FORCE_TILES.get(which)
     if tile is None and AUTOTUNE and not INTERPRET:
-        key = (which, meta.get("DQ", ""))
-        if key not in _AUTOTUNED:
-            _AUTOTUNED[key] = _autotuned(kernel, which)
-        _AUTOTUNED[key][lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)
+        autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)
         return
     if tile is None:
         tile = INTERPRET_TILES[which] if INTERPRET else next(
             (t for t in TILES[which] if _fits(which, t, meta["HEAD_DIM"])), TILES[which][-1])
     bm, bn, w, s = tile
-    meta = {**_variants(which)[0], **meta}
-    nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do", "desc_dq"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
+    nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
     _set_blocks(nargs)
-    grid = (triton.cdiv(T, bm if which in ("fwd", "fwd_split", "dq") else bn), heads)
+    grid = (triton.cdiv(T, bn if which == "dkdv" else bm), heads)
     kernel[grid](*descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **meta)
 
 
@@ -540,8 +401,7 @@ def _forward(q, k, v, causal, scale, left, right):
     T_pad = triton.cdiv(T, MAX_BLOCK) * MAX_BLOCK
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
-    which = FWD_VARIANTS[FWD_VARIANT] if D <= 128 else "fwd"  # split2 spills kilobytes at D = 256
-    _launch(which, T, B * H, [_desc(q), _desc(k), _desc(v)],
+    _launch("fwd", T, B * H, [_desc(q), _desc(k), _desc(v)],
             out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
             T, T_pad, H, group, left, right, **_common(q, causal))
     return out, lse
@@ -554,23 +414,11 @@ def _backward(do, q, k, v, out, lse, causal, scale, left, right):
     delta = torch.empty_like(lse)
     _bwd_preprocess[(T_pad // MAX_BLOCK, B * H)](out, do, delta, out.stride(0), out.stride(1), out.stride(2),
                                                  T, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    mode = BWD_VARIANTS[BWD_VARIANT]
-    if D > 128:  # the fused dK/dV kernel spills kilobytes at D = 256: the split one there
-        mode = ""
-    if mode and INTERPRET:
-        mode = mode.replace("tma", "atomic")  # the interpreter has no descriptor atomics
-    if mode:  # fused: dQ accumulates in float32 across the key blocks
-        dq_acc = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)
-        desc_dq = _desc(dq_acc) if mode.startswith("tma") else None
-        _launch("dkdv_fused", T, B * H_kv, [_desc(q), _desc(k), _desc(v), _desc(do), desc_dq],
-                dk, dv, dq_acc, lse, delta, scale, dk.stride(0), dk.stride(1), dk.stride(2), dq_acc.stride(1),
-                T, T_pad, H_kv, H // H_kv, left, right, **_common(q, causal), DQ=mode)
-        return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty_like(q)
-    _launch("dkdv", T, B * H_kv, [_desc(q), _desc(k), _desc(v), _desc(do), None],
-            dk, dv, None, lse, delta, scale, dk.stride(0), dk.stride(1), dk.stride(2), 0,
-            T, T_pad, H_kv, H // H_kv, left, right, **_common(q, causal))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
+    _launch("dkdv", T, B * H_kv, descs, dk, dv, lse, delta, scale,
+            dk.stride(0), dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right,
+            **_common(q, causal))
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
     _launch("dq", T, B * H, descs, dq, lse, delta, scale,
             dq.stride(0), dq.stride(1), dq.stride(2), T, T_pad, H, H // H_kv, left, right,

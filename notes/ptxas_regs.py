@@ -4,8 +4,8 @@
     python notes/ptxas_regs.py                      # every kernel x tile config, head dim 128, bf16
     python notes/ptxas_regs.py --head-dim 64 --which dkdv
 
-Prints one line per (kernel, variant, tile): registers per thread, spill stores/loads (bytes),
-shared memory from Triton's metadata, and whether the TTGIR has warp specialization.
+Prints one line per (kernel, constexpr variant, tile): registers per thread, spill stores/loads
+(bytes), shared memory from Triton's metadata, and whether the dots became wgmma.
 """
 import argparse
 import os
@@ -25,22 +25,12 @@ import flash_attn  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def signature(fn, descs, bm, bn, d, dtype, consts):
-    """Every runtime argument of fn typed; descriptors with their block shapes; the fused
-    backward's dQ arguments None (constexpr) unless its variant uses them."""
+def signature(fn, descs, bm, bn, d, dtype):
+    """Every runtime argument of fn typed; descriptors with their block shapes."""
     sig = {}
-    dq_mode = consts.get("DQ", "")
     for name in fn.arg_names:
-        if name == "desc_dq" or name == "DQacc":
-            if (name == "desc_dq" and not dq_mode.startswith("tma")) or not dq_mode:
-                sig[name] = "constexpr"
-                consts[name] = None
-            else:
-                sig[name] = f"tensordesc<fp32[{bm}, {d}]>" if name == "desc_dq" else "*fp32"
-        elif name in descs:
-            rows = bm if name in ("desc_q", "desc_do", "desc_o", "desc_dq") else bn
-            if name == "desc_q" and consts.get("SPLIT"):
-                rows = bm // 2
+        if name in descs:
+            rows = bm if name in ("desc_q", "desc_do") else bn
             sig[name] = f"tensordesc<{dtype}[{rows}, {d}]>"
         elif name in ("Out", "dK", "dV", "dQ"):
             sig[name] = f"*{dtype}"
@@ -53,7 +43,7 @@ def signature(fn, descs, bm, bn, d, dtype, consts):
     return sig
 
 
-def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16", maxnreg=None):
+def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16"):
     descs = [n for n in fn.arg_names if n.startswith("desc_")]
     consts = dict(consts)
     if "GROUP" in fn.arg_names and "GROUP" not in fn.do_not_specialize:
@@ -61,13 +51,11 @@ def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16", maxnreg=None
     for p in fn.params:  # constexpr parameters left at their defaults
         if p.is_constexpr and p.name not in consts:
             consts[p.name] = p.default
-    sig = signature(fn, descs, bm, bn, d, dtype, consts)
+    sig = signature(fn, descs, bm, bn, d, dtype)
     for k in consts:
         sig[k] = "constexpr"
     src = ASTSource(fn, sig, constexprs=consts)
     opts = {"num_warps": warps, "num_stages": stages}
-    if maxnreg:
-        opts["maxnreg"] = maxnreg
     k = triton.compile(src, target=TARGET, options=opts)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
@@ -77,31 +65,30 @@ def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16", maxnreg=None
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    ws = "ttg.warp_specialize" in k.asm["ttgir"]
     return (int(regs.group(1)) if regs else -1, spill.groups() if spill else ("?", "?"),
-            k.metadata.shared, ws, "wgmma" in k.asm["ptx"])
+            k.metadata.shared, "wgmma" in k.asm["ptx"])
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--which", default="fwd,fwd_split,dkdv,dkdv_fused,dq")
+    p.add_argument("--which", default="fwd,dkdv,dq")
     p.add_argument("--causal", type=int, default=1)
     p.add_argument("--dtype", default="bf16")
     args = p.parse_args()
     for which in args.which.split(","):
-        for fn, variant, tiles in flash_attn.compile_list(which):
-            for bm, bn, w, s in tiles:
+        fn = flash_attn.KERNELS[which][0]
+        for variant in flash_attn.VARIANTS[which]:
+            for bm, bn, w, s in flash_attn.TILES[which]:
                 consts = dict(HEAD_DIM=args.head_dim, IS_CAUSAL=bool(args.causal), PRECISION="tf32",
                               BLOCK_M=bm, BLOCK_N=bn, **variant)
                 if not flash_attn._fits(which, (bm, bn, w, s), args.head_dim):
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: does not fit (pruned)")
                     continue
                 try:
-                    regs, (st, ld), smem, ws, wgmma = compile_one(fn, consts, bm, bn, args.head_dim, w, s, args.dtype)
+                    regs, (st, ld), smem, wgmma = compile_one(fn, consts, bm, bn, args.head_dim, w, s, args.dtype)
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: {regs} regs, "
-                          f"spill st/ld {st}/{ld} B, smem {smem} B"
-                          f"{', WS' if ws else ''}{'' if wgmma else ', NO wgmma'}",
+                          f"spill st/ld {st}/{ld} B, smem {smem} B{'' if wgmma else ', NO wgmma'}",
                           flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: FAILED "

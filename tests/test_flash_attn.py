@@ -59,7 +59,7 @@ CPU_CASES = [
     (1, 257, 2, 2, 32, True, (48, 0)),
     (1, 130, 2, 1, 32, False, (20, 7)),
     (2, 100, 2, 2, 64, True, (-1, -1)),
-    (2, 70, 2, 1, 32, False, None),  # keys past T in a key tile are the next sequence's (fused dQ)
+    (2, 70, 2, 1, 32, False, None),  # batch > 1: keys past T in a key tile are the next sequence's
 ]
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-only machines; GPU tests cover CUDA")
 
