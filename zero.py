@@ -15,9 +15,9 @@ bytes per rank are (book, with k = 2):
 
 Layout: the parameters are grouped into units (one per parameter outside the layers:
 embedding, final norm, output head; then one per transformer layer). Each unit is one flat
-buffer padded to a multiple of N, and dp rank r owns the contiguous slice [r*S, (r+1)*S) of
-every unit. The rank's float32 master weights and moments are its slices of all units, concatenated, and
-the AdamW update runs on that shard only:
+buffer padded to a multiple of N*ALIGN, and dp rank r owns the contiguous slice [r*S, (r+1)*S)
+of every unit. The rank's float32 master weights and moments are its slices of all units,
+concatenated, and the AdamW update (one fused pass per unit) runs on that shard only:
 
   stage 1: backward fills full gradients; finish() reduce-scatters each unit (every rank
            gets the mean gradient of its slice), step() updates the slice, then the updated
