@@ -7,19 +7,21 @@ if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
 case "$1" in
 one_gpu)
 export PYTHONUNBUFFERED=1
-python3 bench_train.py --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_sdpa_flash 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_train2.log
+python3 bench_train.py --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_master 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_train2.log
 A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=16 --max_iters=200 --warmup_iters=20 --lr_decay_iters=200 --learning_rate=1e-3 --log_interval=10 --eval_interval=200 --eval_iters=5 --checkpoint_interval=1000 --dtype=bfloat16"
 python3 train.py $A --out_dir=$OUT/fast --compile=True --attn_impl=sdpa 2>&1 | grep -E "^step" | tail -4
+python3 train.py $A --out_dir=$OUT/master --compile=True --attn_impl=sdpa --zero=1 2>&1 | grep -E "^step" | tail -4
 python3 train.py $A --out_dir=$OUT/plain --compile=False --attn_impl=math 2>&1 | grep -E "^step" | tail -4
 python3 train.py $A --out_dir=$OUT/flash --compile=False --attn_impl=flash 2>&1 | grep -E "^step" | tail -4
 python3 - <<'PY'
 import json, os
 out = os.environ["OUT"]
-L = {n: {r["step"]: r["loss"] for r in map(json.loads, open(f"{out}/{n}/log.jsonl")) if "loss" in r} for n in ("fast", "plain", "flash")}
-print("step  fast(compile+sdpa)  plain(eager+math)  flash(eager+triton)")
+L = {n: {r["step"]: r["loss"] for r in map(json.loads, open(f"{out}/{n}/log.jsonl")) if "loss" in r} for n in ("fast", "master", "plain", "flash")}
+print("step  fast(compile+sdpa)  master(compile+sdpa+zero1)  plain(eager+math)  flash(eager+triton)")
 for s in sorted(L["fast"]):
-    if s % 20 == 0: print(s, *(f"{L[n][s]:.4f}" for n in ("fast", "plain", "flash")))
-print("max |fast-plain| =", max(abs(L["fast"][s]-L["plain"][s]) for s in L["fast"]), " max |flash-plain| =", max(abs(L["flash"][s]-L["plain"][s]) for s in L["flash"]))
+    if s % 20 == 0: print(s, *(f"{L[n][s]:.4f}" for n in ("fast", "master", "plain", "flash")))
+for n in ("fast", "master", "flash"):
+    print(f"max |{n}-plain| =", max(abs(L[n][s] - L["plain"][s]) for s in L[n]))
 PY
 rm -rf $OUT/*/ckpt_*
 ;;
