@@ -696,17 +696,22 @@ def _recv_op(pipe, kind, mb, g, m, device, dtype):
 
 def _wait(work, pipe, timed):
     """Wait for a receive; with pp_measure_idle the wait is timed, which costs speed (off by
-    default). On CUDA the compute stream is drained first (not the whole device: NCCL's
-    receive runs on its own stream, and a device-wide sync would swallow the very wait we
-    time); then wait() makes the compute stream wait for the receive, and a second sync of
-    the compute stream ends when the data has arrived."""
+    default)."""
     if not timed:
         return work.wait()
+    _timed_wait(pipe, work.wait)
+
+
+def _timed_wait(pipe, wait):
+    """Add the time wait() blocks to the stage's idle time. On CUDA the compute stream is drained
+    first (not the whole device: NCCL runs on its own stream, and a device-wide sync would swallow
+    the very wait we time); after wait() a second sync of the compute stream ends when the data
+    has arrived."""
     stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
     if stream is not None:
         stream.synchronize()
     t = time.perf_counter()
-    work.wait()
+    wait()
     if stream is not None:
         stream.synchronize()
     pipe.idle_s += time.perf_counter() - t
@@ -768,6 +773,8 @@ def pipeline_step(model, micro_batches, loss_scale, autocast):
     gradients data-parallel averaged and a tied embedding's two copies summed."""
     pipe, t0 = model.pipeline, time.perf_counter()
     total = run_schedule(model, micro_batches, loss_scale, autocast)
+    if pipe.measure_idle:  # the drain: a stage done early waits for the others' last backwards
+        _timed_wait(pipe, lambda: dist.barrier(group=pipe.mesh.pp_group))
     if model.grad_sync is not None:
         model.grad_sync.finish()
     if pipe.embed_group is not None:  # d loss / d W = embedding's part (first) + output head's part (last)
