@@ -204,6 +204,10 @@ class GradBuckets:
             flat, op = mean_op(self.flat[i], self.group)
             self.handles.append(dist.all_reduce(flat, op=op, group=self.group, async_op=True))
 
+    def reduced_grad(self, p):
+        """After finish(): p's dp-mean gradient (the full one: nothing is sharded here)."""
+        return p.grad
+
     def finish(self):
         """Wait for every bucket's all-reduce: the .grad views then hold the averages."""
         if any(self.pending) or len(self.handles) != len(self.buckets):
@@ -778,17 +782,11 @@ def pipeline_step(model, micro_batches, loss_scale, autocast):
     if model.grad_sync is not None:
         model.grad_sync.finish()
     if pipe.embed_group is not None:  # d loss / d W = embedding's part (first) + output head's part (last)
-        all_reduce(_tied_grad(model), pipe.embed_group)
+        w = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
+        # after the dp sync: w.grad, or under ZeRO this rank's dp shard of it, the only part kept
+        all_reduce(model.grad_sync.reduced_grad(w) if model.grad_sync is not None else w.grad, pipe.embed_group)
     pipe.total_s += time.perf_counter() - t0
     return total / len(micro_batches)
-
-
-def _tied_grad(model):
-    """The tied matrix's gradient as this stage holds it after the dp sync: w.grad, or under
-    ZeRO this rank's dp shard of it (grad_sync.reduced_grad), the only part that is kept."""
-    w = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
-    reduced = getattr(model.grad_sync, "reduced_grad", None)
-    return reduced(w) if reduced is not None else w.grad
 
 
 def pipeline_forward(model, micro_batches, autocast):
@@ -850,13 +848,17 @@ def counted_in_norm(p, mesh):
 
 
 def grad_norm(model, mesh):
-    """Global L2 norm of the gradients of the whole model (a float32 0-dim tensor): one
-    multi-tensor norm kernel (float32 accumulation, no float32 copies of the gradients), no host sync."""
+    """Global L2 norm of the gradients of the whole model (a float32 0-dim tensor)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None and counted_in_norm(p, mesh)]
-    sq = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
-    if grads:
-        sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-    return all_reduce(sq, mesh.mp_group).sqrt()
+    return all_reduce(sum_of_squares(grads, next(model.parameters()).device), mesh.mp_group).sqrt()
+
+
+def sum_of_squares(tensors, device):
+    """Sum of the squares of all elements (float32 0-dim): one multi-tensor norm kernel with
+    float32 accumulation, no float32 copies of low-precision tensors, no host sync."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
 
 
 def _gather_tp(named, model, mesh):

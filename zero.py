@@ -390,14 +390,9 @@ class ZeroAdamW:
         return out
 
     def grad_norm(self):
-        """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp. One
-        multi-tensor norm over the low-precision gradient ranges (float32 accumulation): no
-        float32 copy of the gradients, no host sync."""
+        """Global L2 norm: squares summed over this shard, then over dp, then over tp/pp."""
         grads = self._grad_views()
-        parts = [grads[i][a:b] for i, a, b in self.norm_ranges]
-        sq = torch.zeros((), device=self.units[0].full.device)
-        if parts:
-            sq = torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float32)).square().sum()
+        sq = parallel.sum_of_squares([grads[i][a:b] for i, a, b in self.norm_ranges], self.units[0].full.device)
         parallel.all_reduce(sq, self.group)
         return parallel.all_reduce(sq, self.mesh.mp_group).sqrt()
 
