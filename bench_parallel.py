@@ -149,7 +149,8 @@ def run_mode(mode, args, mcfg, device, rank, world):
         p = torch.tensor(peak, device=device)
         dist.all_reduce(p, op=dist.ReduceOp.MAX)
         peak = p.item()
-    rec = {"mode": mode, "left_over_gib": left_over / 2 ** 30, "step_s": dt.item(), "tokens_per_s": world * args.accum * args.micro * args.seq / dt.item(),
+    rec = {"mode": mode, "left_over_gib": left_over / 2 ** 30, "step_s": dt.item(),
+           "tokens_per_s": world * args.accum * args.micro * args.seq / dt.item(),
            "peak_mem_gib": peak, "first_loss": losses[0], "last_loss": losses[-1]}
     del model, set_sync, update
     gc.collect()

@@ -12,6 +12,7 @@ zero.ZeroAdamW (book fig. 4.16). MFU counts 6N + 12*L*d*T FLOPs per token (PaLM)
 the bf16 matmul rate measured in this run and against the datasheet peak.
 """
 import argparse
+import dataclasses
 import gc
 import math
 import time
@@ -49,7 +50,6 @@ def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend
     AdamW), built as train.py builds it. zero=1 on one GPU: bf16 parameters and gradients with
     float32 master weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused
     AdamW pass); zero=0: float32 parameters under bf16 autocast, torch's fused AdamW."""
-    import dataclasses
     model_module.SDPA_BACKENDS.sort(key=lambda b: b != sdpa_first)  # which SDPA backend is tried first
     model = Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)).cuda()
     model.grad_sync = None
