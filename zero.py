@@ -92,11 +92,10 @@ class Unit:
         with torch.no_grad():
             for p, o, shape in zip(self.params, self.offsets, self.shapes):
                 p.data = self.full[o:o + shape.numel()].view(shape)  # parameters are views of `full`
-        self.grad = None  # stage 1: the full flat gradient (N*S,), p.grad are views of it
+        self.grad = None  # stage 1: the full flat gradient (N*S,) from finish() to zero_grad(), p.grad views of it
         if stage == 1:
-            self.grad = torch.zeros_like(self.full)
-            for p, o, shape in zip(self.params, self.offsets, self.shapes):
-                p.grad = self.grad[o:o + shape.numel()].view(shape)
+            self.grad = torch.empty_like(self.full)
+            self.grad.untyped_storage().resize_(0)  # GradShards._fill_grad allocates it after the backward
         self.param_shard = self.shard(self.full)  # stages 1-2: a view; stage 3: its own (S,) buffer
         self.gathered = True
         if stage == 3:
@@ -198,7 +197,7 @@ class GradShards:
     def finish(self):
         if self.stage == 1:
             for unit in self.units:
-                self._check_grad_views(unit)
+                self._fill_grad(unit)
                 if self.dp == 1:
                     continue  # one rank: its gradient is already the mean and its own shard (no divide, no copies)
                 out = torch.empty_like(unit.shard(unit.grad))
@@ -226,14 +225,22 @@ class GradShards:
         return unit.shard(unit.grad) if self.stage == 1 else unit.grad_shard
 
     @staticmethod
-    def _check_grad_views(unit):
-        """Stage 1 keeps p.grad as views of unit.grad; put back any gradient autograd replaced."""
+    def _fill_grad(unit):
+        """Stage 1: make p.grad views of unit.grad again. zero_grad(set_to_none=True) frees the flat
+        buffer (storage resized to 0 bytes, p.grad = None), so its 2 bytes per parameter are not
+        alive through the forward, where activations peak; autograd then allocates each p.grad
+        and one copy per step moves them back here."""
+        freed = unit.grad.untyped_storage().nbytes() == 0
+        if freed:
+            unit.grad.untyped_storage().resize_(unit.padded * unit.grad.element_size())
+            unit.grad[unit.numel:].zero_()  # the padding
         for p, o, shape in zip(unit.params, unit.offsets, unit.shapes):
             view = unit.grad[o:o + shape.numel()].view(shape)
-            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                if p.grad is not None:
-                    view.copy_(p.grad)
-                p.grad = view
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            elif p.grad is None and freed:
+                view.zero_()  # no gradient this step
+            p.grad = view
 
 
 # --------------------------------------------------------------------------- stage 3: gather hooks
@@ -424,13 +431,17 @@ class ZeroAdamW:
                     h.wait()
 
     def zero_grad(self, set_to_none=True):
-        """Zero the gradient buffers (they are reused: set_to_none only drops stray p.grad)."""
+        """Stage 1 with set_to_none: free the flat gradient buffers until finish() (GradShards._fill_grad);
+        without: zero them in place. Stages 2-3 drop p.grad (their shards are zeroed and reused)."""
         for u in self.units:
-            if self.stage == 1:
+            if self.stage == 1 and not set_to_none:
+                GradShards._fill_grad(u)  # allocated again if an earlier call freed it
                 u.grad.zero_()
-            else:
-                for p in u.params:
-                    p.grad = None
+                continue
+            if self.stage == 1:
+                u.grad.untyped_storage().resize_(0)
+            for p in u.params:
+                p.grad = None
         if self.grad_shards is not None:
             self.grad_shards.zero_()
 
@@ -509,8 +520,11 @@ class ZeroAdamW:
     def memory(self, model):
         """Bytes this rank holds, measured from the tensors' storages (views of one buffer count once)."""
         params = [p for p in model.parameters()] + [u.param_shard for u in self.units]
-        grads = [p.grad for p in model.parameters()] + [u.grad for u in self.units] + [self.grad_shards]
-        return {"params": storage_bytes(params), "grads": storage_bytes(grads),
+        if self.stage == 1:  # the flat buffers at their allocated size: they live from finish() to zero_grad()
+            grad_bytes = sum(u.padded * u.grad.element_size() for u in self.units)
+        else:
+            grad_bytes = storage_bytes([p.grad for p in model.parameters()] + [self.grad_shards])
+        return {"params": storage_bytes(params), "grads": grad_bytes,
                 "optimizer": storage_bytes([self.master, self.exp_avg, self.exp_avg_sq])}
 
 

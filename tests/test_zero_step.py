@@ -53,6 +53,7 @@ def test_step_matches_torch_adamw(dtype, stage):
         for g in ref_opt.param_groups:
             g["lr"] = lr
         opt.zero_grad()
+        model.grad_sync.finish()  # what train.py's backward ends with (stage 1: the buffers come back)
         _set_grads(ref, opt, scale, gen)
         opt.step(grad_scale=scale)
         ref_opt.step()
@@ -74,10 +75,40 @@ def test_step_matches_torch_adamw(dtype, stage):
 
 def test_grad_norm_is_the_norm_of_the_shards():
     ref, _, model, opt = _models(torch.bfloat16, 1)
+    model.grad_sync.finish()
     _set_grads(ref, opt, 1.0, torch.Generator().manual_seed(2))
     want = torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).norm()
     torch.testing.assert_close(opt.grad_norm(), want, rtol=1e-6, atol=0)
     assert opt.grad_norm().dtype == torch.float32
+
+
+def test_stage1_frees_gradient_buffers_between_steps():
+    """zero_grad(set_to_none=True) at stage 1 releases the flat gradient buffers until finish():
+    the next backward's gradients (autograd allocates them) land in the refilled buffer, and a
+    parameter without a gradient reads zeros there, not the last step's values."""
+    ref, _, model, opt = _models(torch.float32, 1)
+    assert all(u.grad.untyped_storage().nbytes() == 0 for u in opt.units)  # none before the first backward
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    model(x, x)[1].backward()
+    model.grad_sync.finish()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert all(u.grad.untyped_storage().nbytes() == 0 for u in opt.units)
+    assert all(p.grad is None for p in model.parameters())
+    model.layers["0"].attention.wq.weight.requires_grad_(False)  # one parameter gets no gradient
+    model(x, x)[1].backward()
+    model.grad_sync.finish()
+    ref.load_state_dict(model.state_dict())
+    ref.layers["0"].attention.wq.weight.requires_grad_(False)
+    ref(x, x)[1].backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        want = torch.zeros_like(p) if q.grad is None else q.grad
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-7, msg=lambda s: f"{n}: {s}")
+    for u, g in zip(opt.units, opt._grad_views()):
+        assert g.data_ptr() == u.grad.data_ptr() and u.grad.untyped_storage().nbytes() == u.padded * 4
+        assert not u.grad[u.numel:].any()
+    opt.zero_grad(set_to_none=False)  # in place: the buffers stay, zeroed
+    assert all(u.grad.untyped_storage().nbytes() > 0 and not u.grad.any() for u in opt.units)
 
 
 @pytest.mark.slow
