@@ -560,6 +560,7 @@ class Pipeline:
     peak_live: int = 0  # most (micro-batch, chunk) activations held for backward at once, last step
     idle_s: float = 0.0  # time waiting on receives (pp_measure_idle), since the last report
     total_s: float = 0.0
+    connected: bool = False  # _connect_neighbours has run
 
     def rank_of(self, g):
         return self.mesh.pp_ranks[g % self.mesh.pp]
@@ -721,6 +722,21 @@ def _timed_wait(pipe, wait):
     pipe.idle_s += time.perf_counter() - t
 
 
+def _connect_neighbours(pipe, device):
+    """One exchange with both neighbours (the ring: interleaving sends from the last stage to the
+    first) in a single batch. NCCL connects a pair of ranks for one direction lazily, at the first
+    batch that uses it, and that setup blocks the host until the peer's matching batch runs. GPipe's
+    first backward receive on stage s is batched with its last forward send ([send a_m, recv g_1]),
+    while stage s+1 sends g_1 only after it has a_m: without this exchange, a deadlock on NCCL."""
+    prev, nxt = pipe.rank_of(pipe.mesh.pp_rank - 1), pipe.rank_of(pipe.mesh.pp_rank + 1)
+    bufs = [torch.zeros(1, device=device) for _ in range(4)]
+    ops = [dist.P2POp(dist.isend, bufs[0], nxt), dist.P2POp(dist.irecv, bufs[1], prev),
+           dist.P2POp(dist.isend, bufs[2], prev), dist.P2POp(dist.irecv, bufs[3], nxt)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    pipe.connected = True
+
+
 def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False):
     """Run this rank's actions. Returns the sum of the micro-batch losses on the stage holding
     the last chunk, 0 elsewhere. Each action's sends are posted together with the next
@@ -729,6 +745,8 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
     Sends are waited for only at the end of the schedule: no device sync after each send."""
     pipe, m = model.pipeline, len(micro_batches)
     device, dtype = micro_batches[0][0].device, next(model.parameters()).dtype  # the residual stream's dtype
+    if not pipe.connected:
+        _connect_neighbours(pipe, device)
     total = torch.zeros((), device=device)
     saved = {}  # (mb, g) -> (input, output) kept for the backward: the live activations
     sends, in_flight = [], []

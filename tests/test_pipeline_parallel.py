@@ -173,7 +173,18 @@ def _step_worker(rank, world, port, results):
         model = parallel.parallelize(model, mesh, cfg)
         per_rank = M // mesh.dp
         mine = batches[mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank]
-        loss = parallel.pipeline_step(model, mine, 1.0, nullcontext())
+        batches_posted = []  # (op, peer) of every batch_isend_irecv this rank posts
+        post = dist.batch_isend_irecv
+        dist.batch_isend_irecv = lambda ops: batches_posted.append({(o.op.__name__, o.peer) for o in ops}) or post(ops)
+        try:
+            loss = parallel.pipeline_step(model, mine, 1.0, nullcontext())
+        finally:
+            dist.batch_isend_irecv = post
+        pipe = model.pipeline
+        prev, nxt = pipe.rank_of(mesh.pp_rank - 1), pipe.rank_of(mesh.pp_rank + 1)
+        connects_first = batches_posted[0] == {("isend", nxt), ("irecv", prev), ("isend", prev), ("irecv", nxt)}
+        connects = [None] * mesh.pp
+        dist.all_gather_object(connects, connects_first, group=mesh.pp_group)
         logged = parallel.reduce_for_log(loss, mesh).item()
         grads = parallel.gather_full({n: p.grad for n, p in model.named_parameters()}, model, mesh)
         norm = parallel.grad_norm(model, mesh).item()
@@ -181,7 +192,7 @@ def _step_worker(rank, world, port, results):
         dist.all_gather_object(peaks, model.pipeline.peak_live, group=mesh.pp_group)
         if rank == 0:
             ref_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in ref.parameters())).item()
-            out[case] = dict(loss=(logged, ref_loss.item()), norm=(norm, ref_norm), peaks=peaks,
+            out[case] = dict(loss=(logged, ref_loss.item()), norm=(norm, ref_norm), peaks=peaks, connects=connects,
                              grads={n: (grads.get(n), p.grad) for n, p in ref.named_parameters()})
     if rank == 0:
         results.update(out)
@@ -214,6 +225,15 @@ def test_live_activations_first_stage(step_results):
     assert step_results[(4, "1f1b", 1, 4, False)]["peaks"] == [4, 3, 2, 1]
     assert step_results[(2, "gpipe", 1, 4, False)]["peaks"] == [M // 2] * 2
     assert step_results[(2, "1f1b", 1, 4, False)]["peaks"] == [2, 1]
+
+
+def test_first_batch_connects_both_neighbours(step_results):
+    """Every stage's first batch_isend_irecv sends to and receives from both neighbours (the ring).
+    NCCL connects each direction of a pair lazily, blocking the host until the peer's matching
+    batch runs; GPipe's [send a_m, recv g_1] on stage 0 then deadlocked on 2 H200s, as stage 1
+    sends g_1 only after a_m arrived. gloo cannot show that hang; this checks the cure is in place."""
+    for case, r in step_results.items():
+        assert r["connects"] == [True] * case[0], (case, r["connects"])
 
 
 # --------------------------------------------------------------------------- whole runs of train.py
