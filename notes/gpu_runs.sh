@@ -1,18 +1,24 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|bench_multi|train_multi (or both: multi)
-# bench_multi / train_multi need a 4-GPU machine (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1).
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|bench_multi|train_multi (or: multi = the
+# last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
+# are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
+if [ "$1" = one_gpu ]; then bash "$0" one_gpu_bench; bash "$0" one_gpu_loss; exit; fi
 case "$1" in
-one_gpu)
+one_gpu_bench)
 export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_master 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_train2.log
+;;
+one_gpu_loss)
+export PYTHONUNBUFFERED=1
 A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=16 --max_iters=200 --warmup_iters=20 --lr_decay_iters=200 --learning_rate=1e-3 --log_interval=10 --eval_interval=200 --eval_iters=5 --checkpoint_interval=1000 --dtype=bfloat16"
-python3 train.py $A --out_dir=$OUT/fast --compile=True --attn_impl=sdpa 2>&1 | grep -E "^step" | tail -4
-python3 train.py $A --out_dir=$OUT/master --compile=True --attn_impl=sdpa --zero=1 2>&1 | grep -E "^step" | tail -4
-python3 train.py $A --out_dir=$OUT/plain --compile=False --attn_impl=math 2>&1 | grep -E "^step" | tail -4
-python3 train.py $A --out_dir=$OUT/flash --compile=False --attn_impl=flash 2>&1 | grep -E "^step" | tail -4
+timeout 150 python3 train.py $A --out_dir=$OUT/fast --compile=True --attn_impl=sdpa 2>&1 | grep -E "^step" | tail -4
+timeout 150 python3 train.py $A --out_dir=$OUT/master --compile=True --attn_impl=sdpa --zero=1 2>&1 | grep -E "^step" | tail -4
+timeout 150 python3 train.py $A --out_dir=$OUT/plain --compile=False --attn_impl=math 2>&1 | grep -E "^step" | tail -4
+timeout 150 python3 train.py $A --out_dir=$OUT/flash --compile=False --attn_impl=flash 2>&1 | grep -E "^step" | tail -4
 python3 - <<'PY'
 import json, os
 out = os.environ["OUT"]
@@ -42,7 +48,7 @@ train_multi)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --n_kv_heads=4 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=4 --max_iters=50 --warmup_iters=10 --lr_decay_iters=50 --learning_rate=6e-4 --log_interval=1 --eval_interval=1000 --checkpoint_interval=1000 --dtype=bfloat16"
-run() { name=$1; n=$2; shift 2; timeout 45 torchrun --standalone --nproc_per_node=$n train.py $A --out_dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name rc=$? $(grep -E 'bubble|idle by stage' $OUT/$name.log | tail -2 | tr '\n' ' ')"; }
+run() { name=$1; n=$2; shift 2; [ -n "$LAYOUTS" ] && [[ " $LAYOUTS " != *" $name "* ]] && return; timeout 45 torchrun --standalone --nproc_per_node=$n train.py $A --out_dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name rc=$? $(grep -E 'bubble|idle by stage' $OUT/$name.log | tail -2 | tr '\n' ' ')"; }
 export CUDA_VISIBLE_DEVICES=0,1
 run one 1
 run one_zero1 1 --zero=1
@@ -77,5 +83,19 @@ for n in ("one", "one_zero1", "dp2", "tp2", "pp2_1f1b", "pp2_inter", "zero1", "z
     print(f"| {n} | {refname} | {d:.4f} | {L[max(L)]['loss']:.4f} | {tps:,.0f} | {max(r.get('peak_mem_gib', 0) for r in L.values()):.1f} |")
 PY
 cd $OUT && tar czf runs.tgz */log.jsonl *.log && rm -rf */ *.log
+;;
+pp_idle)
+# the pipeline's measured idle share against (p-1)/(m+p-1), on a shape where the GPU, not the
+# host's kernel launches, sets the pace (1B-like layers; train_multi's 134M model runs at ~3% MFU)
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4 CUDA_VISIBLE_DEVICES=0,1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+A="--data_dir=.gpudata --dataset=pystdlib_small --dim=2048 --n_layers=16 --n_heads=16 --n_kv_heads=8 --ffn_dim=8192 --vocab_size=320 --block_size=2048 --batch_size=16 --micro_batch_size=4 --max_iters=20 --warmup_iters=5 --lr_decay_iters=20 --log_interval=1 --eval_interval=1000 --checkpoint_interval=1000 --dtype=bfloat16 --pp=2 --pp_measure_idle=True"
+for s in ${SCHEDULES:-gpipe 1f1b interleaved}; do
+  timeout 150 torchrun --standalone --nproc_per_node=2 train.py $A --out_dir=$OUT/$s --pp_schedule=$s --pp_virtual=$([ $s = interleaved ] && echo 2 || echo 1) > $OUT/$s.log 2>&1
+  echo "$s rc=$? $(grep -m1 bubble $OUT/$s.log)"
+  grep -E "^step" $OUT/$s.log | awk -v s=$s '{for(i=1;i<=NF;i++) if($i=="stage"){a=$(i+1);b=$(i+2)}; n=$2+0; if(n>5){x+=a;y+=b;c++}} END{printf "%s: mean idle over steps 6-20: stage0 %.1f%%, stage1 %.1f%%\n", s, x/c, y/c}'
+  grep -E "^step +20" $OUT/$s.log
+done
+rm -rf $OUT/*/ckpt_*
 ;;
 esac
