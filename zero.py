@@ -95,7 +95,7 @@ class Unit:
         self.grad = None  # stage 1: the full flat gradient (N*S,) from finish() to zero_grad(), p.grad views of it
         if stage == 1:
             self.grad = torch.empty_like(self.full)
-            self.grad.untyped_storage().resize_(0)  # GradShards._fill_grad allocates it after the backward
+            self.release_grad()  # collect_grad() allocates it after the first backward
         self.param_shard = self.shard(self.full)  # stages 1-2: a view; stage 3: its own (S,) buffer
         self.gathered = True
         if stage == 3:
@@ -142,6 +142,28 @@ class Unit:
             self.wait()
             self.full.untyped_storage().resize_(0)
             self.gathered = False
+
+    # stage 1: the flat gradient lives from the end of the backward to zero_grad(), not through
+    # the forward, where activations peak (2 bytes per parameter less there)
+    def collect_grad(self):
+        """Make p.grad views of `grad`: allocate it if released, copy in the gradients autograd
+        allocated (one copy per step), zeros for a parameter that got none."""
+        released = self.grad.untyped_storage().nbytes() == 0
+        if released:
+            self.grad.untyped_storage().resize_(self.padded * self.grad.element_size())
+            self.grad[self.numel:].zero_()  # the padding
+        for p, o, shape in zip(self.params, self.offsets, self.shapes):
+            view = self.grad[o:o + shape.numel()].view(shape)
+            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            elif p.grad is None and released:
+                view.zero_()
+            p.grad = view
+
+    def release_grad(self):
+        self.grad.untyped_storage().resize_(0)
+        for p in self.params:
+            p.grad = None
 
 
 def make_units(model, mesh, dtype, stage):
@@ -197,7 +219,7 @@ class GradShards:
     def finish(self):
         if self.stage == 1:
             for unit in self.units:
-                self._fill_grad(unit)
+                unit.collect_grad()
                 if self.dp == 1:
                     continue  # one rank: its gradient is already the mean and its own shard (no divide, no copies)
                 out = torch.empty_like(unit.shard(unit.grad))
@@ -223,24 +245,6 @@ class GradShards:
         which stages 2-3 could not do, having dropped the full gradient."""
         (unit,) = [u for u in self.units if len(u.params) == 1 and u.params[0] is p]
         return unit.shard(unit.grad) if self.stage == 1 else unit.grad_shard
-
-    @staticmethod
-    def _fill_grad(unit):
-        """Stage 1: make p.grad views of unit.grad again. zero_grad(set_to_none=True) frees the flat
-        buffer (storage resized to 0 bytes, p.grad = None), so its 2 bytes per parameter are not
-        alive through the forward, where activations peak; autograd then allocates each p.grad
-        and one copy per step moves them back here."""
-        freed = unit.grad.untyped_storage().nbytes() == 0
-        if freed:
-            unit.grad.untyped_storage().resize_(unit.padded * unit.grad.element_size())
-            unit.grad[unit.numel:].zero_()  # the padding
-        for p, o, shape in zip(unit.params, unit.offsets, unit.shapes):
-            view = unit.grad[o:o + shape.numel()].view(shape)
-            if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-            elif p.grad is None and freed:
-                view.zero_()  # no gradient this step
-            p.grad = view
 
 
 # --------------------------------------------------------------------------- stage 3: gather hooks
@@ -431,17 +435,17 @@ class ZeroAdamW:
                     h.wait()
 
     def zero_grad(self, set_to_none=True):
-        """Stage 1 with set_to_none: free the flat gradient buffers until finish() (GradShards._fill_grad);
-        without: zero them in place. Stages 2-3 drop p.grad (their shards are zeroed and reused)."""
+        """Stage 1: release the flat gradient buffers (set_to_none) or zero them in place.
+        Stages 2-3: drop p.grad (their gradient shards are zeroed and reused)."""
         for u in self.units:
-            if self.stage == 1 and not set_to_none:
-                GradShards._fill_grad(u)  # allocated again if an earlier call freed it
+            if self.stage == 1 and set_to_none:
+                u.release_grad()
+            elif self.stage == 1:
+                u.collect_grad()  # allocated again if released
                 u.grad.zero_()
-                continue
-            if self.stage == 1:
-                u.grad.untyped_storage().resize_(0)
-            for p in u.params:
-                p.grad = None
+            else:
+                for p in u.params:
+                    p.grad = None
         if self.grad_shards is not None:
             self.grad_shards.zero_()
 
