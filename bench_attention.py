@@ -4,7 +4,7 @@
     python bench_attention.py --seqlens 2048,8192 --causal 1   # a subset
     python bench_attention.py --tiles --seqlens 8192 --head-dims 128 --causal 1   # time every tile config
 
-All three run in the same process on the same inputs, (batch, seqlen, heads, headdim) bf16 with
+All four (this kernel, flash_attn.py's portable kernels, SDPA flash, SDPA cuDNN) run in the same process on the same inputs, (batch, seqlen, heads, headdim) bf16 with
 batch * seqlen = --tokens and heads * headdim = --dim. FLOPs: forward 4 * B * H * T^2 * D (two
 matmuls), halved when causal; backward 2.5x forward (five matmuls instead of two). Times are
 medians of triton.testing.do_bench (CUDA events), after a warm-up that includes autotuning.
@@ -28,7 +28,17 @@ def sdpa(backend):
     return f
 
 
+def portable(q, k, v, causal):
+    """flash_attn.py's portable kernels, also where flash_attn_hopper would run (head dim 128 on Hopper)."""
+    flash_attn.HOPPER = False
+    try:
+        return flash_attn_func(q, k, v, causal=causal)
+    finally:
+        flash_attn.HOPPER = True
+
+
 IMPLS = {"triton": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal),
+         "portable": portable,
          "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
          "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
 
@@ -49,7 +59,7 @@ def bench_one(fn, q, k, v, causal):
 
 def time_tiles(q, k, v, causal, flops):
     """Each kernel's tile configs in turn (the others on their defaults): what the autotuner sees."""
-    fn = IMPLS["triton"]
+    fn = IMPLS["portable"]
     for which, tiles in flash_attn.TILES.items():
         for tile in tiles:
             if not flash_attn._fits(which, tile, q.shape[-1]):
@@ -92,19 +102,22 @@ def main():
                     fwd, bwd = bench_one(fn, q, k, v, causal)
                     tf[name] = (flops / fwd * 1e-9, 2.5 * flops / bwd * 1e-9)
                 rows.append((causal, D, T, tf))
-                t, fl, cu = tf["triton"], tf["sdpa-flash"], tf["sdpa-cudnn"]
+                t, fl, cu, po = tf["triton"], tf["sdpa-flash"], tf["sdpa-cudnn"], tf["portable"]
                 print(f"causal={causal:d} D={D:3d} T={T:5d}  triton {t[0]:4.0f}/{t[1]:4.0f}  "
+                      f"(portable {po[0]:4.0f}/{po[1]:4.0f})  "
                       f"flash {fl[0]:4.0f}/{fl[1]:4.0f}  cudnn {cu[0]:4.0f}/{cu[1]:4.0f}", flush=True)
                 del q, k, v
 
     if not rows:
         return
-    print("\nTFLOP/s fwd / bwd; ratios are triton over SDPA's backend\n")
-    print("| causal | head dim | seqlen | triton | SDPA flash | SDPA cuDNN | vs flash | vs cuDNN |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\nTFLOP/s fwd / bwd; ratios are triton over SDPA's backend; portable: flash_attn.py's own kernels\n"
+          "(triton equals portable except at head dim 128 on Hopper, where flash_attn_hopper runs)\n")
+    print("| causal | head dim | seqlen | triton | portable | SDPA flash | SDPA cuDNN | vs flash | vs cuDNN |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for causal, D, T, tf in rows:
-        t, fl, cu = tf["triton"], tf["sdpa-flash"], tf["sdpa-cudnn"]
-        print(f"| {'yes' if causal else 'no'} | {D} | {T} | {t[0]:.0f} / {t[1]:.0f} | {fl[0]:.0f} / {fl[1]:.0f} | "
+        t, fl, cu, po = tf["triton"], tf["sdpa-flash"], tf["sdpa-cudnn"], tf["portable"]
+        print(f"| {'yes' if causal else 'no'} | {D} | {T} | {t[0]:.0f} / {t[1]:.0f} | {po[0]:.0f} / {po[1]:.0f} | "
+              f"{fl[0]:.0f} / {fl[1]:.0f} | "
               f"{cu[0]:.0f} / {cu[1]:.0f} | {t[0] / fl[0]:.2f} / {t[1] / fl[1]:.2f} | "
               f"{t[0] / cu[0]:.2f} / {t[1] / cu[1]:.2f} |")
 

@@ -35,6 +35,12 @@ CPUs and by the tests.
 Loads use TMA tensor descriptors (Hopper's bulk tensor copy engine; Triton falls back to
 ordinary loads on older GPUs) and Triton's software pipelining (num_stages). Tile sizes are
 autotuned per (head dim, causal, dtype, sequence-length bucket).
+
+On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
+algorithm, masks and lse, scheduled as FlashAttention-3 does (a loader warp, two consumer
+warpgroups, the five backward matmuls in one kernel). These kernels stay the portable path:
+every other GPU, head dim and dtype, and the interpreter on CPUs. FLASH_ATTN_HOPPER=0 keeps
+them on Hopper too.
 """
 import math
 import os
@@ -315,6 +321,8 @@ INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32,
 ON_CHIP = {"fwd": (1, 2), "dkdv": (2, 2), "dq": (2, 2)}  # (resident, streamed) tile counts
 VARIANTS = {"fwd": [{}], "dkdv": [{"ONE_LOOP": False}, {"ONE_LOOP": True}], "dq": [{}]}  # constexprs also tuned
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
+HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
+_HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
 
 
@@ -395,10 +403,28 @@ def _common(q, causal):
                 SEQ_BUCKET=0 if T <= 1024 else 1 if T <= 4096 else 2)
 
 
-def _forward(q, k, v, causal, scale, left, right):
+def _hopper(q):
+    """flash_attn_hopper (warp-specialized Gluon kernels) where it applies: a Hopper GPU, head dim
+    128, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported on first use (it compiles for the GPU only)."""
+    global _HOPPER_MODULE
+    if not HOPPER or INTERPRET or not q.is_cuda:
+        return None
+    if _HOPPER_MODULE is None:
+        try:
+            import flash_attn_hopper
+            _HOPPER_MODULE = flash_attn_hopper
+        except ImportError as e:  # a Triton without Gluon: the portable kernels still work
+            print(f"flash_attn: Hopper kernels unavailable ({e}); using the portable Triton kernels")
+            _HOPPER_MODULE = False
+    return _HOPPER_MODULE if _HOPPER_MODULE and _HOPPER_MODULE.supported(q) else None
+
+
+def _forward(q, k, v, causal, scale, left, right, hopper):
     B, T, H, D = q.shape
     group = H // k.shape[2]
     T_pad = triton.cdiv(T, MAX_BLOCK) * MAX_BLOCK
+    if hopper:
+        return hopper.forward(q, k, v, causal, scale, left, right, T_pad)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
     _launch("fwd", T, B * H, [_desc(q), _desc(k), _desc(v)],
@@ -407,13 +433,15 @@ def _forward(q, k, v, causal, scale, left, right):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, causal, scale, left, right):
+def _backward(do, q, k, v, out, lse, causal, scale, left, right, hopper):
     B, T, H, D = q.shape
     H_kv = k.shape[2]
     T_pad = lse.shape[-1]
     delta = torch.empty_like(lse)
     _bwd_preprocess[(T_pad // MAX_BLOCK, B * H)](out, do, delta, out.stride(0), out.stride(1), out.stride(2),
                                                  T, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
+    if hopper:  # the kernels that ran the forward (their lse)
+        return hopper.backward(do, q, k, v, lse, delta, scale, left, right)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
     _launch("dkdv", T, B * H_kv, descs, dk, dv, lse, delta, scale,
@@ -430,9 +458,10 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, left, right):
         q, k, v = _prepare(q), _prepare(k), _prepare(v)
-        out, lse = _forward(q, k, v, causal, scale, left, right)
+        hopper = _hopper(q)
+        out, lse = _forward(q, k, v, causal, scale, left, right, hopper)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, left, right)
+        ctx.args = (causal, scale, left, right, hopper)
         lse_e = lse[..., :q.shape[1]] / LOG2E  # natural-log lse, (B, H, T)
         ctx.mark_non_differentiable(lse_e)
         return out, lse_e

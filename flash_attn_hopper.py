@@ -1,0 +1,420 @@
+"""FlashAttention on Hopper (sm_90), head dim 128: warp-specialized Gluon kernels (FlashAttention-3).
+
+flash_attn.py calls these for CUDA tensors of compute capability 9.x, head dim 128 and 16-bit
+dtypes; everything else (and the CPU interpreter) takes its portable Triton kernels. Same
+layout, masks, grouped-query heads and log2-unit lse as those kernels, so the algorithm is the
+one in flash_attn.py's docstring. What differs is how the work is scheduled on an SM. The
+portable kernels reach 0.83x (forward) and 0.72x (backward) of cuDNN at head dim 128; these
+reach about 1.0x (README, Benchmarks).
+
+Each program runs three kinds of warps at once (gl.warp_specialize), talking through mbarriers:
+  - a loader warp issues TMA copies into rings of shared-memory slots: it waits until a slot
+    is "empty" (both consumers arrived), then the copy's completion marks it "full";
+  - two consumer warpgroups (4 warps each, 240 registers per thread, taken from the loader
+    by setmaxnreg) do the wgmma matmuls and the softmax, each on its own 64 rows, so one
+    warpgroup's exp2s run while the other's matmuls occupy the tensor cores;
+  - backward only: a writer warp adds each dQ tile into global memory by a TMA bulk reduction.
+Forward consumers also overlap within a warpgroup: block i's S = Q K^T and block i-1's
+O += P V are issued together, and the softmax of block i runs while P V still computes.
+
+Backward (one program per 128 keys, FlashAttention-2's partitioning, all five matmuls once):
+each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
+dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory and
+each computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by the
+host, cast at the end). lse and delta come in by TMA with Q and dO: loading them with plain
+loads in the consumers cost 15% (the loads sit in front of every exp2).
+
+Compiled only on a GPU; tests/test_flash_attn.py compiles both kernels for sm_90a on CPU
+machines (no GPU needed) and checks them against the reference on a GPU.
+"""
+import torch
+import triton
+from triton._C.libtriton import ir
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+import flash_attn
+
+HEAD_DIM = 128
+FWD_TILE = (128, 128, 2)  # (query rows, key rows, ring slots): two warpgroups of 64 query rows
+BWD_TILE = (64, 128, 2)   # (query rows, key rows, ring slots): two warpgroups of 64 keys
+COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64K registers
+LOADER_REGS = gl.constexpr(24)
+
+# the portable kernels' mask helpers, compiled as Gluon (pure scalar / elementwise code)
+_block_range = gluon.jit(flash_attn._block_range.fn)
+_visible = gluon.jit(flash_attn._visible.fn)
+_band = gluon.jit(flash_attn._band.fn)
+
+
+def supported(q):
+    return (q.is_cuda and q.shape[-1] == HEAD_DIM and q.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
+@builtin
+def _tma_reduce_add(desc, offsets, src, _semantic=None):
+    """desc[offsets] += src (a shared-memory tile), an asynchronous TMA bulk reduction
+    (cp.reduce.async.bulk.tensor); tma.store_wait covers it like a TMA store. Gluon (Triton 3.6)
+    has the op but no Python wrapper."""
+    offsets = _semantic._convert_to_ir_values(offsets, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, offsets, src.handle)
+
+
+@triton.constexpr_function
+def _mma_layout(N):
+    """wgmma accumulator layout of a (64, N) tile on one warpgroup."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+
+
+# --------------------------------------------------------------------------- forward
+@gluon.jit
+def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
+                q_row, q_col, kv_row, kv_col, lo, n_blocks):
+    """Loader warp: Q's two halves once, then K_i, V_i into slot i % STAGES of their rings."""
+    STAGES: gl.constexpr = k_ring.shape[0]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [q_row + w * q_smem.shape[1], q_col], q_bars.index(w),
+                                        q_smem.index(w))
+    for i in range(n_blocks):
+        s = i % STAGES
+        released = ((i // STAGES) & 1) ^ 1  # parity of the slot's last release (a fresh barrier passes)
+        row = kv_row + lo + i * BLOCK_N
+        mbarrier.wait(k_empty.index(s), released)
+        mbarrier.expect(k_full.index(s), desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_full.index(s), k_ring.index(s))
+        mbarrier.wait(v_empty.index(s), released)
+        mbarrier.expect(v_full.index(s), desc_v.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_full.index(s), v_ring.index(s))
+
+
+@gluon.jit
+def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
+    """One key block of the online softmax (flash_attn.py's docstring): P (float32), the factor
+    that rescales the old sums, and the new m, l."""
+    if masked:
+        qk = gl.where(_visible(rows, cols, T, LEFT, RIGHT), qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: subtract 0, not -inf
+    p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
+                   Out, Lse, softmax_scale, stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks,
+                   T, LEFT, RIGHT):
+    """Consumer warpgroup wg: query rows m0 + 64 wg ... + 63 against every key block."""
+    ROWS: gl.constexpr = q_smem.shape[1]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    D: gl.constexpr = k_ring.shape[2]
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)  # S: (rows, keys)
+    o_layout: gl.constexpr = _mma_layout(D)  # O: (rows, D)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P from registers
+    dtype: gl.constexpr = q_smem.dtype
+    r0 = m0 + wg * ROWS
+    rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    qk_scale = softmax_scale * 1.4426950408889634  # scale * log2(e): exp(x) = exp2(x * log2(e))
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    q = q_smem.index(wg)
+    mbarrier.wait(q_bars.index(wg), 0)
+
+    mbarrier.wait(k_full.index(0), 0)
+    qk = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+    mbarrier.arrive(k_empty.index(0), count=1)
+    p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, lo + cols, (lo < mid_lo) | (lo >= mid_hi),
+                                         T, LEFT, RIGHT, qk_scale)
+    p = gl.convert_layout(p.to(dtype), p_layout)  # P_0 in registers, the A operand of P V
+    for i in range(1, n_blocks):
+        start_n = lo + i * BLOCK_N
+        s = i % STAGES
+        prev = (i - 1) % STAGES
+        mbarrier.wait(k_full.index(s), (i // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_full.index(prev), ((i - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=[s_tok])  # S_i is ready, P_{i-1} V_{i-1} still computing
+        mbarrier.arrive(k_empty.index(s), count=1)
+        p_new, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, start_n + cols,
+                                                 (start_n < mid_lo) | (start_n >= mid_hi), T, LEFT, RIGHT, qk_scale)
+        acc = warpgroup_mma_wait(0, deps=[o_tok])
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p = gl.convert_layout(p_new.to(dtype), p_layout)
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_full.index(last), ((n_blocks - 1) // STAGES) & 1)
+    acc = warpgroup_mma(p, v_ring.index(last), acc)
+    mbarrier.arrive(v_empty.index(last), count=1)
+
+    # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there)
+    valid = rows < T
+    l_i = gl.where(valid, l_i, 1.0)
+    gl.store(Lse + lse_base + rows, gl.where(valid, m_i + gl.log2(l_i), float("inf")))
+    rows_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    offs = gl.expand_dims(rows_o * stride_ot, 1) + gl.expand_dims(cols_o, 0)  # 32-bit, from a 64-bit base
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    gl.store(Out + out_base + r0.to(gl.int64) * stride_ot + offs, out.to(dtype),
+             mask=gl.expand_dims(r0 + rows_o < T, 1))
+
+
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
+def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
+                T, T_pad, H, GROUP, LEFT, RIGHT,
+                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first
+    pid_m = gl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    bh = gl.program_id(1)
+    b, h = bh // H, bh % H
+    m0 = pid_m * BLOCK_M
+    dtype: gl.constexpr = desc_q.dtype
+    D: gl.constexpr = desc_k.block_type.shape[1]
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, D], desc_q.layout)  # one half per warpgroup
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(2):
+        mbarrier.init(q_bars.index(w), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(s), count=1)
+        mbarrier.init(v_full.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=2)  # released by both warpgroups
+        mbarrier.init(v_empty.index(s), count=2)
+    lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
+    consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,
+                b.to(gl.int64) * stride_ob + h * stride_oh, bh.to(gl.int64) * T_pad, m0, lo, mid_lo, mid_hi,
+                n_blocks, T, LEFT, RIGHT)
+    loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
+              b * T + m0, h * D, b * T, (h // GROUP) * D, lo, n_blocks)
+    gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
+                        (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+
+
+# --------------------------------------------------------------------------- backward
+@gluon.jit
+def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v_smem, q_ring, do_ring,
+                lse_ring, delta_ring, kv_bar, q_full, q_empty, kv_row, kv_col, q_row, h0, GROUP, lo, n_q,
+                stat_base, T_pad):
+    """Loader warp: this program's K, V once, then Q_i, dO_i, lse_i, delta_i of each query block
+    of each query head of the group into slot j % STAGES."""
+    STAGES: gl.constexpr = q_ring.shape[0]
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
+    D: gl.constexpr = q_ring.shape[2]
+    mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc_k, [kv_row, kv_col], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(desc_v, [kv_row, kv_col], kv_bar, v_smem)
+    for j in range(GROUP * n_q):
+        s = j % STAGES
+        g = j // n_q
+        start_m = lo + (j - g * n_q) * BLOCK_M
+        mbarrier.wait(q_empty.index(s), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_full.index(s), 2 * desc_q.block_type.nbytes + 2 * desc_lse.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_q, [q_row + start_m, (h0 + g) * D], q_full.index(s), q_ring.index(s))
+        tma.async_copy_global_to_shared(desc_do, [q_row + start_m, (h0 + g) * D], q_full.index(s), do_ring.index(s))
+        stat = (stat_base + g * T_pad + start_m).to(gl.int32)
+        tma.async_copy_global_to_shared(desc_lse, [stat], q_full.index(s), lse_ring.index(s))
+        tma.async_copy_global_to_shared(desc_delta, [stat], q_full.index(s), delta_ring.index(s))
+
+
+@gluon.jit
+def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROUP):
+    """Writer warp: global dQ_i += both warpgroups' halves, by TMA bulk reductions, so that no
+    consumer waits for them."""
+    BLOCK_M: gl.constexpr = dq_smem.shape[1]
+    HALF_D: gl.constexpr = dq_smem.shape[2]
+    for j in range(GROUP * n_q):
+        buf = j % 2
+        g = j // n_q
+        start_m = lo + (j - g * n_q) * BLOCK_M
+        mbarrier.wait(dq_full.index(buf), (j // 2) & 1)
+        # rows >= T of the tile are the next sequence's (or clipped by TMA): their dS, so dQ, is 0
+        for w in gl.static_range(2):
+            _tma_reduce_add(desc_dq, [q_row + start_m, (h0 + g) * 2 * HALF_D + w * HALF_D],
+                            dq_smem.index(2 * buf + w))
+        tma.store_wait(pendings=0)
+        mbarrier.arrive(dq_empty.index(buf), count=1)
+
+
+@gluon.jit
+def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
+                   q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
+                   n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT):
+    """Consumer warpgroup wg: keys n0 + 64 wg ... + 63 against every query block (tiles are
+    transposed, keys along rows, so dK and dV come out as (keys, D))."""
+    STAGES: gl.constexpr = q_ring.shape[0]
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
+    D: gl.constexpr = q_ring.shape[2]
+    KEYS: gl.constexpr = 64
+    st_layout: gl.constexpr = _mma_layout(BLOCK_M)  # S^T, dP^T: (keys, queries)
+    kv_layout: gl.constexpr = _mma_layout(D)  # dK, dV: (keys, D)
+    dq_layout: gl.constexpr = _mma_layout(D // 2)  # half of dQ_i: (queries, D / 2)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)  # P^T, dS^T
+    dtype: gl.constexpr = q_ring.dtype
+    qk_scale = softmax_scale * 1.4426950408889634
+    k_w = k_smem.slice(wg * KEYS, KEYS, dim=0)  # (64 keys, D)
+    v_w = v_smem.slice(wg * KEYS, KEYS, dim=0)
+    k_half = k_smem.slice(wg * (D // 2), D // 2, dim=1)  # (128 keys, D / 2): dQ_i's half is dS K_half
+    keys = n0 + wg * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, st_layout))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+    dk = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
+    dv = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
+    st_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=st_layout)
+    dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=dq_layout)
+    ragged = n0 + 2 * KEYS > T  # keys >= T here are the next sequence's: masked, or dQ would see them
+    mbarrier.wait(kv_bar, 0)
+    for j in range(GROUP * n_q):
+        s = j % STAGES
+        g = j // n_q
+        start_m = lo + (j - g * n_q) * BLOCK_M
+        q = q_ring.index(s)
+        do = do_ring.index(s)
+        mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
+        s_tok = warpgroup_mma(k_w, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # S^T = K Q^T
+        dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # dP^T = V dO^T
+        lse = lse_ring.index(s).load(gl.SliceLayout(0, st_layout))  # log2 units; +inf for rows >= T
+        s_t = warpgroup_mma_wait(1, deps=[s_tok])
+        p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))  # P^T, recomputed
+        if (start_m < mid_lo) | (start_m >= mid_hi) | ragged:
+            p_t = gl.where(_band(keys, start_m + cols, RIGHT, LEFT) & gl.expand_dims(keys < T, 1), p_t, 0.0)
+        dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do, dv, is_async=True)  # dV += P^T dO
+        delta = delta_ring.index(s).load(gl.SliceLayout(0, st_layout))
+        dp_t = warpgroup_mma_wait(1, deps=[dp_tok])
+        # dS^T = P^T (dP^T - delta), times the softmax scale that dK = scale dS^T Q and dQ = scale dS K share
+        ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0)) * softmax_scale).to(dtype)
+        dk_tok = warpgroup_mma(gl.convert_layout(ds_t, a_layout), q, dk, is_async=True)  # dK += dS^T Q
+        # dQ_i = dS K sums over both warpgroups' keys: dS^T goes through shared memory (two buffers)
+        buf = j % 2
+        phase = (j // 2) & 1
+        mbarrier.wait(ds_empty.index(buf), phase ^ 1)  # both dQ matmuls that read this buffer are done
+        ds_buf = ds_smem.index(buf)
+        ds_buf.slice(wg * KEYS, KEYS, dim=0).store(ds_t)
+        fence_async_shared()
+        mbarrier.arrive(ds_full.index(buf), count=1)
+        mbarrier.wait(ds_full.index(buf), phase)
+        dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
+        mbarrier.arrive(q_empty.index(s), count=1)
+        mbarrier.arrive(ds_empty.index(buf), count=1)
+        mbarrier.wait(dq_empty.index(buf), phase ^ 1)  # the writer has added this buffer's last tile
+        dq_smem.index(2 * buf + wg).store(dq)
+        fence_async_shared()
+        mbarrier.arrive(dq_full.index(buf), count=1)
+    r0 = n0 + wg * KEYS
+    rows = gl.arange(0, KEYS, layout=gl.SliceLayout(1, kv_layout))
+    cols_d = gl.arange(0, D, layout=gl.SliceLayout(0, kv_layout))
+    offs = gl.expand_dims(rows * stride_t, 1) + gl.expand_dims(cols_d, 0)  # 32-bit, from a 64-bit base
+    base = kv_base + r0.to(gl.int64) * stride_t
+    mask = gl.expand_dims(r0 + rows < T, 1)
+    gl.store(dK + base + offs, dk.to(dtype), mask=mask)
+    gl.store(dV + base + offs, dv.to(dtype), mask=mask)
+
+
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
+def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
+                stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    # grid (key blocks, B * H_KV) as in flash_attn._bwd_dkdv_kernel
+    bhk = gl.program_id(1)
+    b, hk = bhk // H_KV, bhk % H_KV
+    n0 = gl.program_id(0) * BLOCK_N
+    dtype: gl.constexpr = desc_q.dtype
+    D: gl.constexpr = desc_q.block_type.shape[1]
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], desc_v.layout)
+    q_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], desc_q.layout)
+    do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], desc_do.layout)
+    lse_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], desc_lse.layout)
+    delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], desc_delta.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],  # dS^T of both warpgroups
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    dq_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M, D // 2], desc_dq.layout)  # [2 buffer + wg]
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(q_full.index(s), count=1)
+        mbarrier.init(q_empty.index(s), count=2)  # released by both warpgroups
+    for i in gl.static_range(2):
+        mbarrier.init(ds_full.index(i), count=2)
+        mbarrier.init(ds_empty.index(i), count=2)
+        mbarrier.init(dq_full.index(i), count=2)
+        mbarrier.init(dq_empty.index(i), count=1)  # released by the writer
+    # the query rows that see these keys: the transpose of the forward's band (LEFT <-> RIGHT)
+    lo, mid_lo, mid_hi, hi = _block_range(n0, T, RIGHT, LEFT, BLOCK_N, BLOCK_M)
+    n_q = gl.cdiv(hi - lo, BLOCK_M)
+    h0 = hk * GROUP  # grouped-query: the query heads h0 .. h0 + GROUP - 1 share this kv head
+    consumer = (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full, q_empty,
+                ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t,
+                b.to(gl.int64) * stride_b + hk * stride_h, n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT)
+    loader = (desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v_smem, q_ring, do_ring, lse_ring,
+              delta_ring, kv_bar, q_full, q_empty, b * T + n0, hk * D, b * T, h0, GROUP, lo, n_q,
+              (b * H_KV * GROUP + h0) * T_pad, T_pad)
+    writer = (desc_dq, dq_smem, dq_full, dq_empty, b * T, h0, lo, n_q, GROUP)
+    gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
+                        (_bwd_loader, loader), (_bwd_dq_writer, writer)],
+                       [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
+
+
+# --------------------------------------------------------------------------- host side
+def _desc(x, rows, cols=None):
+    """TMA descriptor over (B, T, H, D) seen as 2D (B*T, H*D), block (rows, cols or D)."""
+    B, T, H, D = x.shape
+    block = [rows, cols or D]
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[x.dtype]
+    return TensorDescriptor(x, [B * T, H * D], [H * D, 1], block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def _stat_desc(x, block):
+    """1D TMA descriptor over a float32 (B, H, T_pad) statistic: lse or delta."""
+    return TensorDescriptor(x, [x.numel()], [1], [block], gl.NVMMASharedLayout.get_default_for([block], gl.float32))
+
+
+def forward(q, k, v, causal, scale, left, right, T_pad):
+    """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward."""
+    B, T, H, D = q.shape
+    bm, bn, stages = FWD_TILE
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
+    _fwd_kernel[(triton.cdiv(T, bm), B * H)](
+        _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
+        T, T_pad, H, H // k.shape[2], left, right, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        num_warps=4)
+    return out, lse
+
+
+def backward(do, q, k, v, lse, delta, scale, left, right):
+    """dq, dk, dv from this module's forward's lse and flash_attn's delta = rowsum(dO * O)."""
+    B, T, H, D = q.shape
+    bm, bn, stages = BWD_TILE
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)  # sum of TMA reductions
+    _bwd_kernel[(triton.cdiv(T, bn), B * k.shape[2])](
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
+        _stat_desc(lse, bm), _stat_desc(delta, bm), dk, dv, scale, dk.stride(0), dk.stride(1), dk.stride(2),
+        T, lse.shape[-1], k.shape[2], H // k.shape[2], left, right, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        num_warps=4)
+    return dq.to(q.dtype), dk, dv
