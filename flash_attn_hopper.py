@@ -22,7 +22,9 @@ each warpgroup keeps dK, dV for its 64 keys in registers and loops over query bl
 dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory and
 each computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by the
 host, cast at the end). lse and delta come in by TMA with Q and dO: loading them with plain
-loads in the consumers cost 15% (the loads sit in front of every exp2).
+loads in the consumers cost 15% (the loads sit in front of every exp2). The reductions land in
+whatever order the programs reach them, so dQ is not bitwise reproducible from run to run (as
+with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects the portable kernels, which add no atomics.
 
 Compiled only on a GPU; tests/test_flash_attn.py compiles both kernels for sm_90a on CPU
 machines (no GPU needed) and checks them against the reference on a GPU.
@@ -52,8 +54,10 @@ _band = gluon.jit(flash_attn._band.fn)
 
 
 def supported(q):
-    return (q.is_cuda and q.shape[-1] == HEAD_DIM and q.dtype in (torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(q.device)[0] == 9)
+    """Hopper GPU, head dim 128, 16-bit; lse small enough for the int32 coordinates of its 1D TMA."""
+    B, T, H, D = q.shape
+    return (q.is_cuda and D == HEAD_DIM and q.dtype in (torch.bfloat16, torch.float16)
+            and B * H * (T + 128) < 2 ** 31 and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
 @builtin
