@@ -215,6 +215,14 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stri
 
 # --------------------------------------------------------------------------- backward
 @gluon.jit
+def _bwd_step(j, n_q, lo, BLOCK_M: gl.constexpr):
+    """Step j of a backward program's loop (loader, consumers and writer walk the same steps):
+    the query head g of the group and the first query row of its block."""
+    g = j // n_q
+    return g, lo + (j - g * n_q) * BLOCK_M
+
+
+@gluon.jit
 def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v_smem, q_ring, do_ring,
                 lse_ring, delta_ring, kv_bar, q_full, q_empty, kv_row, kv_col, q_row, h0, GROUP, lo, n_q,
                 stat_base, T_pad):
@@ -228,8 +236,7 @@ def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v
     tma.async_copy_global_to_shared(desc_v, [kv_row, kv_col], kv_bar, v_smem)
     for j in range(GROUP * n_q):
         s = j % STAGES
-        g = j // n_q
-        start_m = lo + (j - g * n_q) * BLOCK_M
+        g, start_m = _bwd_step(j, n_q, lo, BLOCK_M)
         mbarrier.wait(q_empty.index(s), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(q_full.index(s), 2 * desc_q.block_type.nbytes + 2 * desc_lse.block_type.nbytes)
         tma.async_copy_global_to_shared(desc_q, [q_row + start_m, (h0 + g) * D], q_full.index(s), q_ring.index(s))
@@ -247,8 +254,7 @@ def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROU
     HALF_D: gl.constexpr = dq_smem.shape[2]
     for j in range(GROUP * n_q):
         buf = j % 2
-        g = j // n_q
-        start_m = lo + (j - g * n_q) * BLOCK_M
+        g, start_m = _bwd_step(j, n_q, lo, BLOCK_M)
         mbarrier.wait(dq_full.index(buf), (j // 2) & 1)
         # rows >= T of the tile are the next sequence's (or clipped by TMA): their dS, so dQ, is 0
         for w in gl.static_range(2):
@@ -287,8 +293,7 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     mbarrier.wait(kv_bar, 0)
     for j in range(GROUP * n_q):
         s = j % STAGES
-        g = j // n_q
-        start_m = lo + (j - g * n_q) * BLOCK_M
+        _, start_m = _bwd_step(j, n_q, lo, BLOCK_M)  # (the loader fetched query head g's Q, dO, lse, delta)
         q = q_ring.index(s)
         do = do_ring.index(s)
         mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
