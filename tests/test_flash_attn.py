@@ -183,7 +183,7 @@ def test_model_trains_like_sdpa(head_dim):
 
 
 # --------------------------------------------------------------------------- Hopper kernels, compiled on any machine
-HOPPER_COMPILE = """
+HOPPER_COMPILE = r"""
 import re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
@@ -203,7 +203,7 @@ def compile(fn, sig, consts):
         f.write(k.asm["ptx"])
     log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f.name, "-o", f.name + ".o"],
                          capture_output=True, text=True, check=True).stderr
-    spill = re.search(r"(\\d+) bytes spill stores", log).group(1)
+    spill = re.search(r"(\d+) bytes spill stores", log).group(1)
     print(fn.__name__, "smem", k.metadata.shared, "spill", spill, "serialized" if "serialized" in log else "pipelined")
 
 D = fh.HEAD_DIM
