@@ -18,6 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import sample  # noqa: E402
 from model import ModelConfig, Transformer, UnsupportedCheckpoint, _HF_TO_OURS, config_from_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -393,3 +394,26 @@ def test_new_kv_cache_max_len_and_its_bound():
     with pytest.raises(ValueError, match="KV cache's 10 positions"):
         model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_kv_cache(1, max_len=10), start_pos=9)
 
+
+def test_generate_sizes_the_cache_to_the_request_with_the_same_tokens(monkeypatch):
+    """generate() allocates prompt + max_new_tokens positions; greedy tokens equal those with
+    a cache for the whole context; stats count the tokens."""
+    torch.manual_seed(0)
+    model = randomize(Transformer(our_config("gqa", "sdpa"))).eval()
+    prompt, n = [5, 9, 2, 7, 1], 20
+    new_kv_cache, lengths = model.new_kv_cache, []
+
+    def spy(batch_size, dtype=None, device=None, max_len=None, full=False):
+        cache = new_kv_cache(batch_size, dtype, device, None if full else max_len)
+        lengths.append(cache[0][0].shape[1])
+        return cache
+    monkeypatch.setattr(model, "new_kv_cache", spy)
+    stats = {}
+    sized = list(sample.generate(model, prompt, n, temperature=0, stats=stats))
+    monkeypatch.setattr(model, "new_kv_cache", lambda *a, **k: spy(*a, **k, full=True))
+    full = list(sample.generate(model, prompt, n, temperature=0))
+    assert lengths == [len(prompt) + n, MAX_LEN]
+    assert len(sized) == n and sized == full
+    assert (stats["prompt_tokens"], stats["new_tokens"], stats["decode_steps"]) == (5, n, n - 1)
+    assert stats["prefill_s"] > 0 and stats["decode_s"] > 0
+    assert "5 prompt tokens, 20 new" in sample.throughput(stats) and "tokens/s" in sample.throughput(stats)
