@@ -232,7 +232,8 @@ def load_training(cfg, mesh, model, optimizer, scaler, path):
     saved = config_from_dict(blob["model_config"])
     mine = model.config
     diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs config {getattr(mine, k)!r}"
-            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
+            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim", "tie_embeddings",
+                      "rope_scaling")
             if getattr(saved, k) != getattr(mine, k)]
     if diff:
         raise CheckpointError(f"checkpoint {path} is from an incompatible model: " + "; ".join(diff))

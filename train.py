@@ -383,7 +383,10 @@ def train(cfg):
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.init_from.startswith("hf:"):
-        model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl)
+        try:
+            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl)
+        except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
+            raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
         model = Transformer(mcfg)
     n_params = model.num_params()

@@ -158,7 +158,7 @@ def _grad_worker(rank, world, cases):
 
 
 GRAD_CASES = [(dict(n_kv_heads=2), False), (dict(n_kv_heads=1), False), (dict(n_kv_heads=4, tie_embeddings=True), False),
-              (dict(n_kv_heads=2), True)]
+              (dict(n_kv_heads=2), True), (dict(n_kv_heads=1, head_dim=12), False)]  # head_dim != dim / n_heads
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
