@@ -413,7 +413,7 @@ class ZeroAdamW:
         """One AdamW step on the shard; grad_scale (clip coefficient / loss scale, a float or a
         0-dim tensor) multiplies the gradient in float32. One fused pass per unit
         (adamw_update_) writes the master weights, moments and low-precision parameter shard.
-        Then the new parameters reach every rank (stages 1-2; nothing to gather when dp = 1)."""
+        Then the new parameters reach every rank (stages 1-2; zero=0 and dp = 1 hold them all)."""
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
         self.step_count += 1
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count

@@ -201,17 +201,25 @@ def test_zero3_pp_gathers_layer_by_layer():
 
 
 # --------------------------------------------------------------------------- mixed precision
-def test_master_weights_zero0_one_process_and_zero2_dp2(single):
-    """master_weights=True (bf16 parameters/gradients, float32 master weights) on one process at
-    zero=0 and on dp=2 at zero=2: ZeRO changes where the bytes live, so the two runs agree to bf16
-    rounding of the summation order, and both follow the fp32 run's losses to bf16 accuracy."""
-    one, two, fp32 = single / "master_zero0", single / "master_zero2_dp2", single / "single"
-    r = run_ok(tiny_args(single, out_dir=str(one), grad_clip=CLIP, dtype="bfloat16", master_weights=True), 1)
+@pytest.fixture(scope="module")
+def single_master(single):
+    """The one-process reference of the master_weights runs: zero=0, bf16 parameters, float32 master weights."""
+    out = single / "single_master"
+    r = run_ok(tiny_args(single, out_dir=str(out), grad_clip=CLIP, dtype="bfloat16", master_weights=True), 1)
     assert "bfloat16 parameters, float32 master weights" in r.stdout and "memory per rank: zero=0 N=1" in r.stdout
-    run_ok(tiny_args(single, out_dir=str(two), zero=2, grad_clip=CLIP, dtype="bfloat16", master_weights=True), 2)
-    l1, l2, l32 = losses(one), losses(two), losses(fp32)
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_master_weights_dp2_matches_one_process(single, single_master, stage):
+    """master_weights=True on dp=2, unsharded (zero=0: finish() all-reduces) or zero=2, against one
+    process with the same key: ZeRO changes where the bytes live, so the runs agree up to bf16
+    rounding of the summation order, and all follow the fp32 run's losses to bf16 accuracy."""
+    out, fp32 = single / f"master_zero{stage}_dp2", single / "single"
+    run_ok(tiny_args(single, out_dir=str(out), zero=stage, grad_clip=CLIP, dtype="bfloat16", master_weights=True), 2)
+    l1, l2, l32 = losses(single_master), losses(out), losses(fp32)
     assert all(abs(l2[s] - l1[s]) < 5e-3 * l1[s] and abs(l1[s] - l32[s]) < 0.02 * l32[s] for s in l32), (l1, l2, l32)
-    p1, p2, p32 = final_params(one), final_params(two), final_params(fp32)
+    p1, p2, p32 = final_params(single_master), final_params(out), final_params(fp32)
     assert all(p1[k].dtype == p2[k].dtype == torch.float32 for k in p1)  # checkpoints hold the float32 master weights
     assert all((p2[k] - p1[k]).abs().max() < 5e-3 and (p1[k] - p32[k]).abs().max() < 2e-2 for k in p1)
 
