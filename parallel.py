@@ -585,17 +585,12 @@ def pipeline_split(model, mesh, cfg):
     elif model.config.tie_embeddings:
         model.output.weight.pp_tied_copy = True  # the first stage's copy is the one counted and saved
     tokens = cfg.block_size // mesh.tp if cfg.sequence_parallel else cfg.block_size  # per message
+    grid = torch.arange(mesh.world).view(mesh.dp, mesh.pp, mesh.tp)  # tied: a group of each pipeline's two ends (Megatron)
+    ends = [[int(grid[d, 0, t]), int(grid[d, -1, t])] for d in range(mesh.dp) for t in range(mesh.tp)]
     model.pipeline = Pipeline(mesh, cfg.pp_schedule, cfg.pp_virtual, mine, n_chunks,
                               (cfg.micro_batch_size, tokens, model.config.dim),
-                              embed_group=_embedding_group(mesh) if model.config.tie_embeddings else None,
+                              embed_group=new_groups(ends, mesh.rank) if model.config.tie_embeddings else None,
                               measure_idle=cfg.pp_measure_idle)
-
-
-def _embedding_group(mesh):
-    """The first and last stage of each pipeline (as Megatron does for tied embeddings)."""
-    grid = torch.arange(mesh.world).view(mesh.dp, mesh.pp, mesh.tp)
-    return new_groups([[int(grid[d, 0, t]), int(grid[d, -1, t])] for d in range(mesh.dp) for t in range(mesh.tp)],
-                      mesh.rank)
 
 
 # ---- schedules: plain functions, (m micro-batches, pp stages, this stage) -> list of actions
