@@ -6,8 +6,8 @@
 Each implementation runs the same shapes in one process, one after the other: float32
 master weights, bf16 autocast, fused torch AdamW, random tokens (never zeros). "ours" is
 model.py through train.py's forward_backward / grad_norm / clip / optimizer.step; "hf" is
-LlamaForCausalLM with SDPA attention. "ours_compile_master" is train.py's --zero=1 step on
-one GPU instead: bf16 parameters and gradients, float32 master weights and moments in
+LlamaForCausalLM with SDPA attention. "ours_compile_master" is train.py's --master_weights=True
+step instead: bf16 parameters and gradients, float32 master weights and moments in
 zero.ZeroAdamW (book fig. 4.16). MFU counts 6N + 12*L*d*T FLOPs per token (PaLM), against
 the bf16 matmul rate measured in this run and against the datasheet peak.
 """
@@ -45,24 +45,23 @@ def measured_matmul_rate(n=8192, iters=20):
     return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3)
 
 
-def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION, zero=0):
+def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION, master=False):
     """train.py's step: compute_gradients (forward_backward, grad_norm) and apply_update (clip,
-    AdamW), built as train.py builds it. zero=1 on one GPU: bf16 parameters and gradients with
-    float32 master weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused
-    AdamW pass); zero=0: float32 parameters under bf16 autocast, torch's fused AdamW."""
+    AdamW), built as train.py builds it. master: bf16 parameters and gradients with float32
+    master weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused AdamW
+    pass); else float32 parameters under bf16 autocast, torch's fused AdamW."""
     model_module.SDPA_BACKENDS.sort(key=lambda b: b != sdpa_first)  # which SDPA backend is tried first
-    model = Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)).cuda()
-    model.grad_sync = None
-    cfg, mesh = dataclasses.replace(train.Config(), zero=zero, dtype="bfloat16", device="cuda"), parallel.Mesh()
+    cfg, mesh = dataclasses.replace(train.Config(), master_weights=master, dtype="bfloat16", device="cuda"), parallel.Mesh()
     device, _, autocast = train.setup_device(cfg)
-    opt = train.build_optimizer(model, cfg, mesh, device)  # zero=1: bf16 parameters, sets model.grad_sync
+    model = parallel.parallelize(Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)), mesh, cfg, device)
+    opt = train.build_optimizer(model, cfg, mesh, device)
     fwd = torch.compile(model) if compile_model else model
     scaler = train.LossScaler(enabled=False)
 
     def step(x, y):
         _, norm = train.compute_gradients(cfg, mesh, model, fwd, opt, [(x, y)], scaler, autocast)
         train.apply_update(cfg, model, opt, norm, scaler)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=model.grad_sync.set_to_none)
     return model, step
 
 
@@ -93,7 +92,7 @@ IMPLS = {
     "ours": lambda s, b, t: ours_step(s, b, t, False, "sdpa"),
     "ours_compile": lambda s, b, t: ours_step(s, b, t, True, "sdpa"),
     "ours_compile_flash": lambda s, b, t: ours_step(s, b, t, True, "flash"),
-    "ours_compile_master": lambda s, b, t: ours_step(s, b, t, True, "sdpa", zero=1),
+    "ours_compile_master": lambda s, b, t: ours_step(s, b, t, True, "sdpa", master=True),
     "ours_compile_sdpa_flash": lambda s, b, t: ours_step(s, b, t, True, "sdpa", sdpa_first=SDPBackend.FLASH_ATTENTION),
 }
 

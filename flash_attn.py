@@ -3,8 +3,8 @@
     from flash_attn import flash_attn_func
     out = flash_attn_func(q, k, v, causal=True)   # q (B, T, Hq, D), k/v (B, T, Hkv, D)
 
-The algorithm (the book's section 2.4.2; FlashAttention, algorithm 1; FlashAttention-2's
-work partitioning). Attention is O = softmax(S) V with S = scale * Q K^T. The (T, T) matrix S
+The algorithm (the book's section 2.4.2; FlashAttention, arXiv 2205.14135, algorithm 1;
+FlashAttention-2's work partitioning, arXiv 2307.08691). Attention is O = softmax(S) V with S = scale * Q K^T. The (T, T) matrix S
 never reaches global memory: one program owns a block of BLOCK_M query rows, keeps it in
 on-chip memory and streams over the key/value blocks. The softmax is computed online: with a
 running row maximum m and running denominator l,

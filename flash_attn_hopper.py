@@ -1,4 +1,4 @@
-"""FlashAttention on Hopper (sm_90), head dim 128: warp-specialized Gluon kernels (FlashAttention-3).
+"""FlashAttention-3 (arXiv 2407.08608) on Hopper (sm_90), head dim 128: warp-specialized Gluon kernels.
 
 flash_attn.py calls these for CUDA tensors of compute capability 9.x, head dim 128 and 16-bit
 dtypes; everything else (and the CPU interpreter) takes its portable Triton kernels. Same

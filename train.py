@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import parallel
+import zero
 from model import Transformer, config_from_dict
 
 
@@ -63,6 +64,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 | float16
     compile: bool = False
+    master_weights: bool = False  # bf16/fp16 parameters and gradients, float32 master weights in the optimizer (zero.py)
     dist_timeout_s: int = 600
     # model (see model.ModelConfig); max_seq_len is block_size
     dim: int = 768
@@ -81,7 +83,7 @@ class Config:
     tp: int = 1
     sequence_parallel: bool = False  # tp > 1: norms and residuals on T/tp tokens per rank (parallel.py)
     pp: int = 1
-    zero: int = 0
+    zero: int = 0  # ZeRO stage: where the optimizer state, gradients and parameters live, not their precision
     zero_offload: bool = False  # zero>0: keep the float32 master weights and AdamW moments in CPU memory
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     pp_virtual: int = 1  # model chunks per pipeline rank (interleaved)
@@ -218,21 +220,15 @@ def lr_at(cfg, step):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def param_groups(model, weight_decay):
-    """Weight decay on matrices (and embeddings) only, not on norm weights."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def build_optimizer(model, cfg, mesh, device):
-    if cfg.zero:  # sharded AdamW; the parameters become low-precision copies of float32 master weights
-        import zero
+    """torch's AdamW, or zero.py's (sharded when zero > 0; low-precision parameters when master_weights)."""
+    dtype = setup_device(cfg)[1]
+    if cfg.zero or cfg.master_weights:
         try:
-            return zero.build_optimizer(model, cfg, mesh, getattr(torch, setup_device(cfg)[1]))
+            return zero.build_optimizer(model, cfg, mesh, getattr(torch, dtype) if cfg.master_weights else torch.float32)
         except ValueError as e:
             raise UserError(str(e))
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+    return torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
                              betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
@@ -267,14 +263,12 @@ def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
     Gradients sync across dp only in the last micro-step (grad_sync.sync)."""
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):
-        if grad_sync is not None:
-            grad_sync.sync = i == len(micro_batches) - 1
+        grad_sync.sync = i == len(micro_batches) - 1
         with autocast:
             _, loss = model(x, y)
         (loss * (loss_scale / len(micro_batches))).backward()
         total += loss.detach()
-    if grad_sync is not None:
-        grad_sync.finish()
+    grad_sync.finish()
     return total / len(micro_batches)
 
 
@@ -285,7 +279,7 @@ def compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro_batches, scale
         loss = parallel.pipeline_step(model, micro_batches, scaler.scale, autocast)
     else:
         loss = forward_backward(fwd_bwd, micro_batches, scaler.scale, autocast, model.grad_sync)
-    if cfg.zero:  # ZeRO: this rank holds a shard of the gradients; step() unscales them in float32
+    if isinstance(optimizer, zero.ZeroAdamW):  # a shard of the gradients; step() unscales them in float32
         return loss, optimizer.grad_norm() / scaler.scale
     if scaler.enabled:
         for p in model.parameters():
@@ -296,7 +290,7 @@ def compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro_batches, scale
 
 def apply_update(cfg, model, optimizer, norm, scaler):
     """Scale the gradients by min(1, grad_clip / norm) (global-norm clipping) and step AdamW."""
-    if cfg.zero:
+    if isinstance(optimizer, zero.ZeroAdamW):
         coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0) if cfg.grad_clip > 0 else 1.0
         optimizer.step(grad_scale=coef / scaler.scale)
         return
@@ -329,6 +323,9 @@ def setup_device(cfg):
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if want_cuda and torch.cuda.is_bf16_supported() else "float32"
+    if cfg.master_weights and dtype == "float32":
+        raise UserError(f"master_weights=True keeps float32 master weights of bfloat16/float16 parameters, but dtype="
+                        f"{cfg.dtype!r} means float32 here; set --dtype=bfloat16 (or float16) or drop master_weights")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
     return device, dtype, autocast
@@ -401,6 +398,7 @@ def train(cfg):
     grad_accum = cfg.batch_size // mesh.dp // cfg.micro_batch_size
     log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
         f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
+        + (" parameters, float32 master weights" if cfg.master_weights else "")
         + (f" | resuming at step {step} from {resume_path}" if resume_path else ""))
     if mesh.pp > 1:
         bubble = parallel.bubble_fraction(cfg.pp_schedule, mesh.pp, grad_accum, cfg.pp_virtual)
@@ -439,8 +437,7 @@ def train(cfg):
             bad_steps = 0
             apply_update(cfg, model, optimizer, norm, scaler)
             scaler.update(overflow=False)
-        # data parallelism keeps .grad as views into its all-reduce buckets: zero them in place
-        optimizer.zero_grad(set_to_none=not isinstance(model.grad_sync, parallel.GradBuckets))
+        optimizer.zero_grad(set_to_none=model.grad_sync.set_to_none)
         step += 1
         tokens_seen += cfg.batch_size * cfg.block_size
         loss_sum += loss
