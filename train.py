@@ -407,7 +407,8 @@ def train(cfg):
     jsonl = open_log(cfg.out_dir) if mesh.is_main else None
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
-    bad_steps, t0, tokens_seen, loss_sum = 0, time.time(), 0, torch.zeros((), device=device)
+    bad_steps, t0, tokens_seen = 0, time.time(), 0
+    loss_sum, n_summed = torch.zeros((), device=device), 0  # the applied steps since the last log line
     world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
     peak_flops = 989e12 if device.type == "cuda" else None  # H100/H200 dense bf16 datasheet
 
@@ -433,24 +434,24 @@ def train(cfg):
                 raise UserError(f"{bad_steps} consecutive steps with NaN/Inf gradients at step {step + 1}; "
                                 f"the last good checkpoint in {cfg.out_dir} is intact. Lower learning_rate or check the data")
         else:
-            bad_steps = 0
+            bad_steps, n_summed = 0, n_summed + 1
+            loss_sum += loss
             apply_update(cfg, model, optimizer, norm, scaler)
             scaler.update(overflow=False)
         # data parallelism keeps .grad as views into its all-reduce buckets: zero them in place
         optimizer.zero_grad(set_to_none=not isinstance(model.grad_sync, parallel.GradBuckets))
         step += 1
         tokens_seen += cfg.batch_size * cfg.block_size
-        loss_sum += loss
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            n_logged = (step - 1) % cfg.log_interval + 1
-            mean_loss = parallel.reduce_for_log(loss_sum / n_logged, mesh).item()
+            mean_loss = parallel.reduce_for_log(loss_sum / max(n_summed, 1), mesh).item()  # every rank agrees on n
+            tok_s = tokens_seen / (time.time() - t0)
+            rec = {"step": step, **({"loss": mean_loss} if n_summed else {}), "lr": lr, "grad_norm": float(norm),
+                   "tokens_per_s": tok_s, "loss_scale": scaler.scale}
+            line = (f"step {step:6d} | loss " + (f"{mean_loss:.4f}" if n_summed else "n/a (every step skipped)")
+                    + f" | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s")
             loss_sum.zero_()
-            dt = time.time() - t0
-            tok_s = tokens_seen / dt
-            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tok_s,
-                   "loss_scale": scaler.scale}
-            line = f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s"
+            n_summed = 0
             if device.type == "cuda":
                 rec["mfu"] = flops_per_token * tok_s / (peak_flops * mesh.world)
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30

@@ -87,8 +87,9 @@ def test_tiny_run_loss_falls(data):
     assert any("val_loss" in r for r in recs)
 
 
-def _inject(monkeypatch, value, at_calls):
-    """Make forward_backward leave `value` in one gradient on the given calls (1-based)."""
+def _inject(monkeypatch, value, at_calls, loss_too=False):
+    """Make forward_backward leave `value` in one gradient (and the loss if loss_too) on the
+    given calls (1-based, counted from this call)."""
     calls = {"n": 0}
     original = train.forward_backward
 
@@ -97,15 +98,44 @@ def _inject(monkeypatch, value, at_calls):
         calls["n"] += 1
         if calls["n"] in at_calls:
             next(model.parameters()).grad.view(-1)[0] = value
+            loss = loss + value if loss_too else loss
         return loss
     monkeypatch.setattr(train, "forward_backward", patched)
+
+
+def test_logged_loss_is_the_mean_of_the_steps_since_the_last_line(data):
+    """A resume at step 3 with log_interval=4: the step-4 line averages step 4 alone, step 8's
+    steps 5-8, each equal to the mean of an uninterrupted log_interval=1 run's losses."""
+    ref, out = data / "ref", data / "out"
+    train.train(train.load_config(tiny_args(data, out_dir=str(ref), max_iters=8)))
+    train.train(train.load_config(tiny_args(data, out_dir=str(out), max_iters=3, log_interval=4)))
+    train.train(train.load_config(tiny_args(data, out_dir=str(out), max_iters=8, log_interval=4,
+                                            init_from="resume")))
+    per_step, logged = losses(ref), losses(out)
+    assert sorted(logged) == [3, 4, 8]
+    for step, first in ((3, 1), (4, 4), (8, 5)):
+        want = sum(per_step[s] for s in range(first, step + 1)) / (step + 1 - first)
+        assert logged[step] == pytest.approx(want, rel=1e-6), (step, logged[step], want)
+
+
+def test_skipped_step_is_left_out_of_the_logged_loss(data, monkeypatch, capsys):
+    """A NaN loss and gradient at step 2 skip it: the step-4 line averages steps 1, 3, 4 and
+    a line whose steps were all skipped has no loss."""
+    ref, out = data / "ref", data / "out"
+    _inject(monkeypatch, float("nan"), {2}, loss_too=True)
+    train.train(train.load_config(tiny_args(data, out_dir=str(ref), max_iters=4)))
+    _inject(monkeypatch, float("nan"), {2}, loss_too=True)
+    train.train(train.load_config(tiny_args(data, out_dir=str(out), max_iters=4, log_interval=4)))
+    per_step, logged = losses(ref), losses(out)
+    assert sorted(per_step) == [1, 3, 4] and "step      2 | loss n/a (every step skipped)" in capsys.readouterr().out
+    assert logged[4] == pytest.approx((per_step[1] + per_step[3] + per_step[4]) / 3, rel=1e-6)
 
 
 def test_fp16_loss_scaling_recovers_from_overflow(data, monkeypatch, capsys):
     _inject(monkeypatch, float("inf"), {3})
     cfg = train.load_config(tiny_args(data, dtype="float16", max_iters=6))
     model = train.train(cfg)
-    recs = {r["step"]: r for r in map(json.loads, open(data / "out" / "log.jsonl")) if "loss" in r}
+    recs = {r["step"]: r for r in map(json.loads, open(data / "out" / "log.jsonl")) if "lr" in r}
     assert recs[2]["loss_scale"] == 2.0 ** 16 and recs[3]["loss_scale"] == 2.0 ** 15
     assert "non-finite gradient norm, step skipped, loss scale lowered to 32768" in capsys.readouterr().out
     assert all(torch.isfinite(p).all() for p in model.parameters())
