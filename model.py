@@ -249,10 +249,10 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (PaLM's count): 6N for the weight matmuls (forward 2N,
         backward 4N, N without the input embedding) plus 12 * n_layers * dim * seq_len for
-        QK^T and AV, not halved for the causal mask, so MFU compares with other reports."""
+        QK^T and AV, not halved for the causal mask (arXiv 2204.02311, appendix B)."""
         c = self.config
         n = self.num_params(non_embedding=True)
-        return 6 * n + 6 * c.n_layers * c.dim * seq_len
+        return 6 * n + 12 * c.n_layers * c.dim * seq_len
 
     # ----------------------------------------------------------------------- transformers interop
     @classmethod

@@ -171,6 +171,14 @@ def test_forward_beyond_max_seq_len_fails():
         model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_kv_cache(1), start_pos=63)
 
 
+def test_flops_per_token_is_palms_count():
+    """6N + 12 L d T (arXiv 2204.02311, appendix B), N without the input embedding, counted by hand."""
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64, max_seq_len=16)
+    per_layer = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32  # wq wo, wk wv (2 kv heads of 8), w1 w2 w3, norms
+    n = 2 * per_layer + 32 + 64 * 32  # final norm, output head
+    assert Transformer(cfg).flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16 == 136128
+
+
 # --------------------------------------------------------------------------- flash attention (CPU reference)
 @pytest.mark.parametrize("case", ["gqa", "mqa-tied-theta5e5"])
 def test_flash_attn_impl_matches_math_on_cpu(case):

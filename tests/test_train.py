@@ -52,6 +52,15 @@ def test_lr_schedule_does_not_depend_on_max_iters():
     assert train.lr_at(a, a.lr_decay_iters + 10) == a.min_lr
 
 
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
+    ("NVIDIA L40S", 362), ("NVIDIA L4", 121), ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165),
+    ("NVIDIA A10G", None), ("Tesla T4", None)])
+def test_peak_flops_by_device_name(name, tflops):
+    assert train.peak_flops(name) == (tflops and tflops * 1e12)
+    assert train.peak_flops(name, 100.0) == 100e12  # --peak_tflops overrides the table
+
+
 def test_batch_depends_only_on_seed_and_step():
     cfg = train.load_config(["--batch_size=8", "--micro_batch_size=2"])
     o1, o2 = train.batch_offsets(cfg, 10_000, 5, "train"), train.batch_offsets(cfg, 10_000, 5, "train")
