@@ -1,4 +1,5 @@
 """train.py on one process: config errors, resume, gradient accumulation, loss scaling, learning."""
+import functools
 import json
 import math
 
@@ -7,6 +8,9 @@ import torch
 
 import train
 from util import assert_same_run, final_params, losses, make_dataset, run_ok, run_train, tiny_args
+
+
+FORWARD_BACKWARD = train.forward_backward  # the real one, which _inject wraps
 
 
 @pytest.fixture
@@ -50,6 +54,15 @@ def test_lr_schedule_does_not_depend_on_max_iters():
     a, b = train.load_config(["--max_iters=100"]), train.load_config(["--max_iters=5000"])
     assert [train.lr_at(a, s) for s in range(0, 3000, 7)] == [train.lr_at(b, s) for s in range(0, 3000, 7)]
     assert train.lr_at(a, a.lr_decay_iters + 10) == a.min_lr
+
+
+def test_lr_schedule_values():
+    """Warm-up (s + 1) / (warmup_iters + 1) of the peak, so step 0 already trains; the peak at
+    warmup_iters; half-way between peak and min_lr at the middle of the decay; min_lr from lr_decay_iters."""
+    cfg = train.load_config(["--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=4", "--lr_decay_iters=14"])
+    want = {0: 2e-4, 3: 8e-4, 4: 1e-3, 9: 5.5e-4, 14: 1e-4, 15: 1e-4, 1000: 1e-4}
+    assert {s: train.lr_at(cfg, s) for s in want} == pytest.approx(want, rel=1e-12)
+    assert train.lr_at(cfg, 13) > cfg.min_lr
 
 
 @pytest.mark.parametrize("name, tflops", [
@@ -100,10 +113,9 @@ def _inject(monkeypatch, value, at_calls, loss_too=False):
     """Make forward_backward leave `value` in one gradient (and the loss if loss_too) on the
     given calls (1-based, counted from this call)."""
     calls = {"n": 0}
-    original = train.forward_backward
 
     def patched(model, *a, **k):
-        loss = original(model, *a, **k)
+        loss = FORWARD_BACKWARD(model, *a, **k)
         calls["n"] += 1
         if calls["n"] in at_calls:
             next(model.parameters()).grad.view(-1)[0] = value
@@ -149,6 +161,20 @@ def test_fp16_loss_scaling_recovers_from_overflow(data, monkeypatch, capsys):
     assert "non-finite gradient norm, step skipped, loss scale lowered to 32768" in capsys.readouterr().out
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert recs[6]["loss"] < recs[1]["loss"]
+
+
+def test_fp16_resume_restores_the_loss_scale(data, monkeypatch):
+    """fp16 from a loss scale of 2^22 (test only): steps 1 and 2 overflow on their own and halve it
+    to 2^20. Saved at step 3 and resumed, the run goes on with 2^20 and the same losses as the
+    uninterrupted run (a resume from 2^22 or 2^16 would log another scale, or overflow again)."""
+    monkeypatch.setattr(train, "LossScaler", functools.partial(train.LossScaler, scale=2.0 ** 22))
+    ref, out = data / "ref", data / "out"
+    for out_dir, kw in ((ref, {}), (out, dict(max_iters=3)), (out, dict(init_from="resume"))):
+        train.train(train.load_config(tiny_args(data, out_dir=str(out_dir), dtype="float16", **{"max_iters": 6, **kw})))
+    scales = losses(out, "loss_scale")
+    assert scales == losses(ref, "loss_scale") and scales[1] == 2.0 ** 21 and scales[6] == 2.0 ** 20, scales
+    assert sorted(losses(out)) == [3, 4, 5, 6]  # 1 and 2 skipped
+    assert_same_run(out, ref, rtol=0, atol=0, param_atol=0)
 
 
 def test_nan_steps_stop_the_run_with_checkpoint_intact(data, monkeypatch):
