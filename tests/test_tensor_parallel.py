@@ -49,6 +49,7 @@ def test_tp_matches_one_process(base, tp, model):
 
 
 def test_dp2_tp2_matches_one_process(base):
+    """The dp mean divides by dp = 2, not by the world (4): that would halve the logged grad_norm."""
     out = base / "dp2_tp2"
     r = run_ok(tiny_args(base, out_dir=str(out), tp=2), nproc=4)
     assert "dp 2 x pp 1 x tp 2" in r.stdout
