@@ -8,7 +8,7 @@ this file knows about process groups.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTN_IMPLS = ("flash", "sdpa", "math")
 # torch SDPA backends in order of preference: cuDNN's fused attention is the fastest on
-# Hopper (about 1.6x the flash backend, bench_attention.py); the others take what it can't
+# Hopper (1.5-1.8x the flash backend, README's attention table); the others take what it can't
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -356,7 +356,3 @@ def config_from_dict(d):
     """ModelConfig from any dict that holds its keys (extra keys are ignored)."""
     names = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in d.items() if k in names})
-
-
-def config_to_dict(cfg):
-    return asdict(cfg)
