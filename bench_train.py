@@ -8,8 +8,8 @@ master weights, bf16 autocast, fused torch AdamW, random tokens (never zeros). "
 model.py through train.py's forward_backward / grad_norm / clip / optimizer.step; "hf" is
 LlamaForCausalLM with SDPA attention. "ours_compile_master" is train.py's --zero=1 step on
 one GPU instead: bf16 parameters and gradients, float32 master weights and moments in
-zero.ZeroAdamW (book fig. 4.16). MFU counts 6N + 12*L*d*T FLOPs per token (PaLM), against
-the bf16 matmul rate measured in this run and against the datasheet peak.
+zero.ZeroAdamW (book fig. 4.16). MFU counts model.flops_per_token (6N + 12*L*d*T, PaLM) against
+the bf16 matmul rate measured in this run and against the datasheet peak (train.PEAK_TFLOPS).
 """
 import argparse
 import dataclasses
