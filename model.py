@@ -9,7 +9,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -22,7 +22,7 @@ ATTN_IMPLS = ("flash", "sdpa", "math")
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 # torch SDPA backends in order of preference: cuDNN's fused attention is the fastest on
-# Hopper (about 1.6x the flash backend, bench_attention.py); the others take what it can't
+# Hopper (1.5-1.8x the flash backend, README's attention table); the others take what it can't
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -301,10 +301,11 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (PaLM's count): 6N for the weight matmuls (forward 2N,
         backward 4N, N without the input embedding) plus 12 * n_layers * dim * seq_len for
-        QK^T and AV, not halved for the causal mask, so MFU compares with other reports."""
+        QK^T and AV, not halved for the causal mask (arXiv 2204.02311, appendix B); dim there is
+        the attention width n_heads * head_dim, which a Hugging Face config may set apart from dim."""
         c = self.config
         n = self.num_params(non_embedding=True)
-        return 6 * n + 6 * c.n_layers * c.dim * seq_len
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
     # ----------------------------------------------------------------------- transformers interop
     @classmethod
@@ -518,7 +519,3 @@ def config_from_dict(d):
     """ModelConfig from any dict that holds its keys (extra keys are ignored)."""
     names = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in d.items() if k in names})
-
-
-def config_to_dict(cfg):
-    return asdict(cfg)

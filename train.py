@@ -91,6 +91,7 @@ class Config:
     pp_last_layers: int = 0  # layers of the last chunk (it also holds the output head); 0: balanced
     pp_measure_idle: bool = False  # log each stage's measured idle share (syncs the device: slower)
     dp_bucket_mb: float = 25.0
+    peak_tflops: float = 0.0  # dense bf16 TFLOP/s of one GPU, for MFU; 0: looked up by device name (PEAK_TFLOPS)
 
 
 class UserError(Exception):
@@ -155,11 +156,24 @@ def load_config(argv):
                 "checkpoint_interval", "max_bad_steps"):
         if getattr(cfg, key) < 1:
             raise UserError(f"config key {key}={getattr(cfg, key)} must be >= 1")
-    if cfg.max_iters < 0:
-        raise UserError(f"config key max_iters={cfg.max_iters} must be >= 0")
+    for key in ("max_iters", "peak_tflops"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key {key}={getattr(cfg, key)} must be >= 0")
     if cfg.batch_size % cfg.micro_batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size}")
     return cfg
+
+
+# dense bf16 tensor-core datasheet TFLOP/s; the first whose words occur in torch.cuda.get_device_name() wins
+PEAK_TFLOPS = [("h100 pcie", 756), ("h100 nvl", 835), ("h200 nvl", 835), ("h100", 989), ("h200", 989),
+               ("gh200", 989), ("b200", 2250), ("a100", 312), ("l40s", 362), ("l40", 181), ("l4", 121),
+               ("a10", 125), ("rtx 4090", 165)]
+
+
+def peak_flops(device_name, override=0.0):
+    """Peak FLOP/s of one device for MFU: override (TFLOP/s) if set, else PEAK_TFLOPS; None if unknown."""
+    name = f" {device_name.lower().replace('-', ' ')} "  # "NVIDIA A100-SXM4-80GB" has the word a100, not a10
+    return override * 1e12 if override else next((t * 1e12 for k, t in PEAK_TFLOPS if f" {k} " in name), None)
 
 
 def model_config(cfg):
@@ -408,9 +422,15 @@ def train(cfg):
     jsonl = open_log(cfg.out_dir) if mesh.is_main else None
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
-    bad_steps, t0, tokens_seen, loss_sum = 0, time.time(), 0, torch.zeros((), device=device)
+    bad_steps, t0, tokens_seen = 0, time.time(), 0
+    loss_sum, n_summed = torch.zeros((), device=device), 0  # the applied steps since the last log line
     world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
-    peak_flops = 989e12 if device.type == "cuda" else None  # H100/H200 dense bf16 datasheet
+    if device.type == "cuda":  # MFU = 6N + 12LdT FLOPs per token (model.flops_per_token) x tokens/s / peak
+        gpu = torch.cuda.get_device_name(device)
+        peak = peak_flops(gpu, cfg.peak_tflops)
+        log(f"MFU against {peak / 1e12:g} TFLOP/s per GPU ("
+            + ("--peak_tflops)" if cfg.peak_tflops else f"{gpu}: dense bf16 datasheet)") if peak else
+            f"MFU unavailable: {gpu} is not in train.PEAK_TFLOPS; set --peak_tflops=<its dense bf16 TFLOP/s>")
 
     while step < cfg.max_iters:
         lr = lr_at(cfg, step)
@@ -434,27 +454,29 @@ def train(cfg):
                 raise UserError(f"{bad_steps} consecutive steps with NaN/Inf gradients at step {step + 1}; "
                                 f"the last good checkpoint in {cfg.out_dir} is intact. Lower learning_rate or check the data")
         else:
-            bad_steps = 0
+            bad_steps, n_summed = 0, n_summed + 1
+            loss_sum += loss
             apply_update(cfg, model, optimizer, norm, scaler)
             scaler.update(overflow=False)
         optimizer.zero_grad(set_to_none=model.grad_sync.set_to_none)
         step += 1
         tokens_seen += cfg.batch_size * cfg.block_size
-        loss_sum += loss
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            n_logged = (step - 1) % cfg.log_interval + 1
-            mean_loss = parallel.reduce_for_log(loss_sum / n_logged, mesh).item()
+            mean_loss = parallel.reduce_for_log(loss_sum / max(n_summed, 1), mesh).item()  # every rank agrees on n
+            tok_s = tokens_seen / (time.time() - t0)
+            rec = {"step": step, **({"loss": mean_loss} if n_summed else {}), "lr": lr, "grad_norm": float(norm),
+                   "tokens_per_s": tok_s, "loss_scale": scaler.scale}
+            line = (f"step {step:6d} | loss " + (f"{mean_loss:.4f}" if n_summed else "n/a (every step skipped)")
+                    + f" | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s")
             loss_sum.zero_()
-            dt = time.time() - t0
-            tok_s = tokens_seen / dt
-            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tok_s,
-                   "loss_scale": scaler.scale}
-            line = f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s"
+            n_summed = 0
             if device.type == "cuda":
-                rec["mfu"] = flops_per_token * tok_s / (peak_flops * mesh.world)
+                if peak:
+                    rec["mfu"] = flops_per_token * tok_s / (peak * mesh.world)
+                    line += f" | MFU {100 * rec['mfu']:.1f}%"
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                line += f" | MFU {100 * rec['mfu']:.1f}% | mem {rec['peak_mem_gib']:.1f} GiB"
+                line += f" | mem {rec['peak_mem_gib']:.1f} GiB"
             if cfg.pp_measure_idle and mesh.pp > 1:
                 rec["pp_idle"] = parallel.pipeline_idle(model)
                 line += " | idle by stage " + " ".join(f"{f:.0%}" for f in rec["pp_idle"])

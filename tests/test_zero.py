@@ -43,6 +43,15 @@ def test_zero_matches_one_process(single, stage, nproc):
         {"optimizer.pt"} | {f"optim_rank{r}.pt" for r in range(nproc)}
 
 
+def test_zero2_without_clipping_matches_one_process(single):
+    """grad_clip=0: nothing rescales the gradients, so a sum for a mean in the reduce-scatter
+    shows in the logged gradient norm (and clipping can't hide it)."""
+    ref, out = single / "single_noclip", single / "zero2_dp2_noclip"
+    run_ok(tiny_args(single, out_dir=str(ref), grad_clip=0.0))
+    run_ok(tiny_args(single, out_dir=str(out), zero=2, grad_clip=0.0), 2)
+    assert_same_run(out, ref)
+
+
 def test_zero3_one_process(single):
     """dp=1: a degenerate shard (the whole model), still through every hook."""
     out = single / "zero3_dp1"
