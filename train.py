@@ -92,6 +92,11 @@ class Config:
     pp_measure_idle: bool = False  # log each stage's measured idle share (syncs the device: slower)
     dp_bucket_mb: float = 25.0
     peak_tflops: float = 0.0  # dense bf16 TFLOP/s of one GPU, for MFU; 0: looked up by device name (PEAK_TFLOPS)
+    # trackers (RunLog): the fields of log.jsonl, from rank 0; off by default, never required
+    wandb: bool = False
+    wandb_project: str = "llama-from-scratch"
+    wandb_run_name: str = ""  # "": the out_dir's name
+    tensorboard: bool = False  # event files in out_dir/tensorboard
 
 
 class UserError(Exception):
@@ -364,23 +369,73 @@ def evaluate(cfg, model, mesh, val, device, autocast):
     return parallel.reduce_for_log(total / n, mesh).item()
 
 
-def open_log(out_dir):
-    """out_dir/log.jsonl for appending; a line cut short by a crash is ended so it stays one bad line."""
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint.clean_temp(out_dir)  # temporary folders of saves that a crash interrupted
-    path = os.path.join(out_dir, "log.jsonl")
-    f = open(path, "a")
-    if f.tell() > 0:
-        with open(path, "rb") as r:
-            r.seek(-1, os.SEEK_END)
-            if r.read(1) != b"\n":
-                f.write("\n")
-    return f
+class RunLog:
+    """The run's records, written by rank 0 only: out_dir/log.jsonl (one JSON object per line: a
+    logged step, a validation loss or a skipped step) and, when switched on, the trackers, which
+    get the same numeric fields at the same steps (lists such as pp_idle as name/0, name/1, ...).
+    wandb=True: wandb_project / wandb_run_name; WANDB_MODE=offline is honoured by wandb itself, and
+    a resumed run continues the same wandb run (its id is kept in out_dir/wandb_id). Steps that a
+    resume logs again are dropped by wandb (its steps only grow) but kept in log.jsonl and
+    TensorBoard. tensorboard=True: event files in out_dir/tensorboard."""
+
+    def __init__(self, cfg):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        checkpoint.clean_temp(cfg.out_dir)  # temporary folders of saves that a crash interrupted
+        path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.file = open(path, "a")
+        if self.file.tell() > 0:  # a line cut short by a crash is ended, so it stays one bad line
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    self.file.write("\n")
+        self.trackers = [open_tracker(cfg, kind) for kind in ("wandb", "tensorboard") if getattr(cfg, kind)]
+
+    def write(self, rec):
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        scalars = {}
+        for k, v in rec.items():
+            for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
+                if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "step":
+                    scalars[name] = x
+        for log_scalars, _ in self.trackers:
+            log_scalars(scalars, rec["step"])
+
+    def close(self):
+        self.file.close()
+        for _, close in self.trackers:
+            close()
+
+
+def open_tracker(cfg, kind):
+    """(log(scalars, step), close()) for wandb or TensorBoard; a missing package is a UserError."""
+    try:
+        if kind == "wandb":
+            import wandb
+        else:
+            from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(f"{kind}=True needs the {kind} package: pip install {kind} (or leave {kind} off)")
+    if kind == "tensorboard":
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        def log(scalars, step):
+            for name, x in scalars.items():
+                writer.add_scalar(name, x, step)
+            writer.flush()
+        return log, writer.close
+    id_file = os.path.join(cfg.out_dir, "wandb_id")
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.out_dir)),
+                     id=run_id, resume="allow", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+    return (lambda scalars, step: run.log(scalars, step=step)), run.finish
 
 
 def train(cfg):
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
+    runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
     mcfg = model_config(cfg)
     train_data, header = open_split(cfg, "train", mcfg.vocab_size)
     val_data, _ = open_split(cfg, "val", mcfg.vocab_size)
@@ -419,7 +474,6 @@ def train(cfg):
         log(f"pipeline: {cfg.pp_schedule} schedule, {mesh.pp} stages x {cfg.pp_virtual} chunks, {grad_accum} "
             f"micro-batches | theoretical bubble {bubble:.1%} of each step"
             + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
-    jsonl = open_log(cfg.out_dir) if mesh.is_main else None
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
     bad_steps, t0, tokens_seen = 0, time.time(), 0
@@ -445,9 +499,8 @@ def train(cfg):
         if bad:
             bad_steps += 1
             scaler.update(overflow=True)
-            if jsonl:
-                jsonl.write(json.dumps({"step": step + 1, "skipped": "non-finite gradient norm",
-                                        "loss_scale": scaler.scale}) + "\n")
+            if runlog:
+                runlog.write({"step": step + 1, "skipped": "non-finite gradient norm", "loss_scale": scaler.scale})
             log(f"step {step + 1}: non-finite gradient norm, step skipped"
                 + (f", loss scale lowered to {scaler.scale:g}" if scaler.enabled else f" ({bad_steps}/{cfg.max_bad_steps})"))
             if not scaler.enabled and bad_steps >= cfg.max_bad_steps:
@@ -466,7 +519,7 @@ def train(cfg):
             mean_loss = parallel.reduce_for_log(loss_sum / max(n_summed, 1), mesh).item()  # every rank agrees on n
             tok_s = tokens_seen / (time.time() - t0)
             rec = {"step": step, **({"loss": mean_loss} if n_summed else {}), "lr": lr, "grad_norm": float(norm),
-                   "tokens_per_s": tok_s, "loss_scale": scaler.scale}
+                   "tokens_per_s": tok_s, "loss_scale": scaler.scale, "tokens": step * cfg.batch_size * cfg.block_size}
             line = (f"step {step:6d} | loss " + (f"{mean_loss:.4f}" if n_summed else "n/a (every step skipped)")
                     + f" | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s")
             loss_sum.zero_()
@@ -482,15 +535,13 @@ def train(cfg):
                 line += " | idle by stage " + " ".join(f"{f:.0%}" for f in rec["pp_idle"])
             log(line)
             t0, tokens_seen = time.time(), 0
-            if jsonl:
-                jsonl.write(json.dumps(rec) + "\n")
-                jsonl.flush()
+            if runlog:
+                runlog.write(rec)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             val_loss = evaluate(cfg, fwd_bwd, mesh, val_data, device, autocast)
             log(f"step {step:6d} | val loss {val_loss:.4f}")
-            if jsonl:
-                jsonl.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-                jsonl.flush()
+            if runlog:
+                runlog.write({"step": step, "val_loss": val_loss})
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stop:
             checkpoint.save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer)
         if step % cfg.eval_interval == 0 or step % cfg.checkpoint_interval == 0:
@@ -498,8 +549,8 @@ def train(cfg):
         if stop:
             log(f"stopped by signal at step {step}; resume with --init_from=resume")
             break
-    if jsonl:
-        jsonl.close()
+    if runlog:
+        runlog.close()
     return model
 
 
