@@ -90,6 +90,7 @@ class Config:
     pp_first_layers: int = 0  # layers of the first pipeline chunk (it also holds the embedding); 0: balanced
     pp_last_layers: int = 0  # layers of the last chunk (it also holds the output head); 0: balanced
     pp_measure_idle: bool = False  # log each stage's measured idle share (syncs the device: slower)
+    pp_trace: bool = False  # time every pipeline action of a few steps into out_dir/pp_trace.json (plot.py --timeline)
     dp_bucket_mb: float = 25.0
     peak_tflops: float = 0.0  # dense bf16 TFLOP/s of one GPU, for MFU; 0: looked up by device name (PEAK_TFLOPS)
     # trackers (RunLog): the fields of log.jsonl, from rank 0; off by default, never required
@@ -164,6 +165,8 @@ def load_config(argv):
     for key in ("max_iters", "peak_tflops"):
         if getattr(cfg, key) < 0:
             raise UserError(f"config key {key}={getattr(cfg, key)} must be >= 0")
+    if cfg.pp_trace and cfg.pp < 2:
+        raise UserError(f"pp_trace=True records the pipeline schedule: it needs pp >= 2 (got pp={cfg.pp})")
     if cfg.batch_size % cfg.micro_batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size}")
     return cfg
@@ -432,6 +435,26 @@ def open_tracker(cfg, kind):
     return (lambda scalars, step: run.log(scalars, step=step)), run.finish
 
 
+PP_TRACE_STEPS = 3
+
+
+def record_trace(trace, stages, step, cfg, mesh, m, device):
+    """Add one traced step (parallel.pipeline_trace) to out_dir/pp_trace.json; rank 0 writes it,
+    whole each time (write, then rename), so plot.py --timeline can read it during the run."""
+    if trace is None:
+        trace = {"schedule": cfg.pp_schedule, "pp": mesh.pp, "m": m, "virtual": cfg.pp_virtual,
+                 "formula_idle": parallel.bubble_fraction(cfg.pp_schedule, mesh.pp, m, cfg.pp_virtual),
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, gloo",
+                 "steps": []}
+    trace["steps"].append({"step": step, "stages": stages})
+    if mesh.is_main:
+        path = os.path.join(cfg.out_dir, "pp_trace.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(trace, f)
+        os.replace(path + ".tmp", path)
+    return trace
+
+
 def train(cfg):
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
@@ -461,6 +484,8 @@ def train(cfg):
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
     step = checkpoint.load_training(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
+    # pp_trace: the PP_TRACE_STEPS steps after this run's first (which warms up), in out_dir/pp_trace.json
+    trace_steps, trace = range(step + 2, step + 2 + PP_TRACE_STEPS) if cfg.pp_trace else (), None
     fwd_bwd = torch.compile(model) if cfg.compile and mesh.pp == 1 else model
 
     log = print if mesh.is_main else (lambda *a, **k: None)
@@ -491,7 +516,13 @@ def train(cfg):
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = get_micro_batches(cfg, train_data, step, "train", mesh, device)
+        traced = step + 1 in trace_steps
+        if traced:
+            model.pipeline.trace = []
         loss, norm = compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro, scaler, autocast)
+        if traced:
+            trace = record_trace(trace, parallel.pipeline_trace(model), step + 1, cfg, mesh, grad_accum, device)
+            model.pipeline.trace = None
         # one small collective and one host sync per step: every rank agrees on skip/stop
         flags = torch.stack([(~torch.isfinite(norm)).float(), torch.tensor(float(preempt.requested), device=device)])
         parallel.all_reduce(flags, world_group, op=torch.distributed.ReduceOp.MAX)
