@@ -502,7 +502,7 @@ def train(cfg):
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
     bad_steps, t0, tokens_seen = 0, time.time(), 0
-    loss_sum, n_summed = torch.zeros((), device=device), 0  # the applied steps since the last log line
+    loss_sum, n_summed = torch.zeros((), device=device), 0  # over the applied steps since the last log line
     world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
     if device.type == "cuda":  # MFU = 6N + 12LdT FLOPs per token (model.flops_per_token) x tokens/s / peak
         gpu = torch.cuda.get_device_name(device)
@@ -553,14 +553,12 @@ def train(cfg):
                    "tokens_per_s": tok_s, "loss_scale": scaler.scale, "tokens": step * cfg.batch_size * cfg.block_size}
             line = (f"step {step:6d} | loss " + (f"{mean_loss:.4f}" if n_summed else "n/a (every step skipped)")
                     + f" | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s")
-            loss_sum.zero_()
-            n_summed = 0
+            loss_sum, n_summed = loss_sum.zero_(), 0
             if device.type == "cuda":
                 if peak:
                     rec["mfu"] = flops_per_token * tok_s / (peak * mesh.world)
-                    line += f" | MFU {100 * rec['mfu']:.1f}%"
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                line += f" | mem {rec['peak_mem_gib']:.1f} GiB"
+                line += (f" | MFU {100 * rec['mfu']:.1f}%" if peak else "") + f" | mem {rec['peak_mem_gib']:.1f} GiB"
             if cfg.pp_measure_idle and mesh.pp > 1:
                 rec["pp_idle"] = parallel.pipeline_idle(model)
                 line += " | idle by stage " + " ".join(f"{f:.0%}" for f in rec["pp_idle"])
