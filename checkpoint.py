@@ -9,7 +9,9 @@ Files (save_training / load_training, for train.py): model.pt (the full, single-
 state dict and the model config: any layout loads it), optimizer.pt (AdamW's moments keyed
 by parameter name; ZeRO adds each rank's shard as optim_rank<r>.pt), train_state.pt (step,
 config, RNG, loss scaler; the data position is the step itself, since the batch of step t
-depends only on seed and t).
+depends only on seed and t). model.pt also records the tokenizer's identity (prepare.Tokenizer:
+name and sha); an hf tokenizer's files (tokenizer.json, ...) are copied beside it, so sample.py,
+eval_ppl.py and export need nothing but the checkpoint.
 """
 import dataclasses
 import hashlib
@@ -147,22 +149,54 @@ def load(path, name):
         raise CheckpointError(f"cannot read checkpoint file {os.path.join(path, name)}: {e}")
 
 
-def load_model(spec, device="cpu", **config_overrides):
-    """A model from 'hf:<dir>', a checkpoint folder, or an out_dir (its newest checkpoint).
-    Returns (model, tokenizer name or None)."""
-    from model import Transformer, config_from_dict
-    if spec.startswith("hf:"):
-        return Transformer.from_hf(spec[3:], **config_overrides).to(device), None
+def resolve(spec):
+    """The checkpoint folder of a checkpoint folder or an out_dir (its newest checkpoint)."""
     path = spec if os.path.exists(os.path.join(spec, "manifest.json")) else latest(spec)
     if path is None:
         raise CheckpointError(f"no checkpoint in {spec}: train first (python train.py ...) or pass hf:<dir>")
+    return path
+
+
+def tokenizer_record(spec):
+    """The tokenizer a model belongs to, {"name", "sha", "spec"} (spec: what prepare.get_tokenizer
+    loads), or None when nothing says (an hf:<dir> without tokenizer.json). A checkpoint records
+    the identity in model.pt (a bare name before identities existed) and, for hf tokenizers,
+    holds the tokenizer files themselves."""
+    if spec.startswith("hf:"):
+        if not os.path.exists(os.path.join(spec[3:], "tokenizer.json")):
+            return None
+        from prepare import get_tokenizer
+        return {**get_tokenizer(spec).identity(), "spec": spec}
+    path = resolve(spec)
+    try:  # mmap: only the small "tokenizer" entry is read, not the weights
+        blob = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
+    return _record(path, blob.get("tokenizer"))
+
+
+def _record(path, rec):
+    if rec is None:
+        return None
+    rec = dict(rec) if isinstance(rec, dict) else {"name": rec, "sha": None}
+    has_files = os.path.exists(os.path.join(path, "tokenizer.json"))
+    return {**rec, "spec": "hf:" + path if has_files else rec["name"]}
+
+
+def load_model(spec, device="cpu", **config_overrides):
+    """A model from 'hf:<dir>', a checkpoint folder, or an out_dir (its newest checkpoint).
+    Returns (model, tokenizer_record(spec))."""
+    from model import Transformer, config_from_dict
+    if spec.startswith("hf:"):
+        return Transformer.from_hf(spec[3:], **config_overrides).to(device), tokenizer_record(spec)
+    path = resolve(spec)
     blob = load(path, "model.pt")
     model = Transformer(config_from_dict({**blob["model_config"], **config_overrides}))
     state = dict(blob["state_dict"])
     if model.config.tie_embeddings:  # saved once, under its first name
         state.setdefault("output.weight", state["tok_embeddings.weight"])
     model.load_state_dict(state)
-    return model.to(device), blob.get("tokenizer")
+    return model.to(device), _record(path, blob.get("tokenizer"))
 
 
 # --------------------------------------------------------------------------- a training run's state (train.py)
@@ -198,9 +232,11 @@ def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
         files = {"optimizer.pt": opt} if mesh.is_main else {}
     ok = torch.ones((), device=next(model.parameters()).device)  # NCCL reduces device tensors only
     try:
-        if mesh.is_main:
+        if mesh.is_main:  # tokenizer: a prepare.Tokenizer, or an identity {"name", "sha"} when not loadable
             files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
-                                 "tokenizer": tokenizer}
+                                 "tokenizer": tokenizer.identity() if hasattr(tokenizer, "identity") else tokenizer}
+            if getattr(tokenizer, "files", None):  # an hf tokenizer: its files travel with the checkpoint
+                tokenizer.save(tmp)
             files["train_state.pt"] = {"step": step, "config": dataclasses.asdict(cfg), "scaler": scaler.state_dict(),
                                        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
         write_files(tmp, files)
