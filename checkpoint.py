@@ -12,6 +12,9 @@ config, RNG, loss scaler; the data position is the step itself, since the batch 
 depends only on seed and t). model.pt also records the tokenizer's identity (prepare.Tokenizer:
 name and sha); an hf tokenizer's files (tokenizer.json, ...) are copied beside it, so sample.py,
 eval_ppl.py and export need nothing but the checkpoint.
+
+Export: `python checkpoint.py export out/x --to=DIR` writes any checkpoint (or out_dir's newest)
+as a Hugging Face directory that transformers loads unchanged (see export).
 """
 import dataclasses
 import hashlib
@@ -289,3 +292,47 @@ def load_training(cfg, mesh, model, optimizer, scaler, path):
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     return state["step"]
+
+
+# --------------------------------------------------------------------------- export (python checkpoint.py export ...)
+def export(spec, directory, dtype="float32"):
+    """Write the model of `spec` (a checkpoint folder, an out_dir's newest checkpoint, or hf:<dir>)
+    as a Hugging Face directory: config.json and generation_config.json with the tokenizer's
+    bos/eos ids, model.safetensors, the tokenizer files and their identity (prepare.META_FILE),
+    so that transformers' AutoModelForCausalLM, AutoTokenizer and pipeline load it unchanged."""
+    from prepare import get_tokenizer
+    model, rec = load_model(spec)
+    if rec is None:
+        raise CheckpointError(f"{spec} names no tokenizer, so the export could not be used; export a "
+                              "checkpoint trained by train.py or an hf:<dir> with tokenizer.json")
+    tok = get_tokenizer(rec["spec"])
+    if tok.n_vocab > model.config.vocab_size:
+        raise CheckpointError(f"tokenizer {tok.name} has {tok.n_vocab} ids but the model's vocab_size is "
+                              f"{model.config.vocab_size}")
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise CheckpointError(f"--to={directory} is not empty; pick a new folder (nothing is overwritten)")
+    eos = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
+    model.save_hf(directory, dtype=getattr(torch, dtype), bos_token_id=tok.bos, eos_token_id=eos)
+    tok.save(directory)
+    return directory
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="python checkpoint.py export out/x --to=DIR [--dtype=bfloat16]: "
+                                "a training checkpoint as a Hugging Face model directory")
+    p.add_argument("command", choices=["export"])
+    p.add_argument("init_from", help="checkpoint folder, out_dir (its newest checkpoint) or hf:<dir>")
+    p.add_argument("--to", required=True, help="the new Hugging Face directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = p.parse_args(argv)
+    try:
+        export(a.init_from, a.to, a.dtype)
+    except (CheckpointError, OSError, ValueError) as e:  # prepare.DataError is a ValueError
+        raise SystemExit(f"error: {e}")
+    print(f"exported {a.init_from} to {a.to} (load it with transformers' AutoModelForCausalLM / "
+          f"AutoTokenizer, or here with --init_from=hf:{a.to})")
+
+
+if __name__ == "__main__":
+    main()

@@ -434,11 +434,11 @@ def train(cfg):
             tokenizer = get_tokenizer(cfg.init_from)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if hf_config:
+    if cfg.init_from.startswith("hf:"):
         try:
             model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl)
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"init_from={cfg.init_from}: cannot load the model: {type(e).__name__}: {e}")
+        except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
+            raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
         model = Transformer(mcfg)
     n_params = model.num_params()
