@@ -436,7 +436,9 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.init_from.startswith("hf:"):
         try:
-            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl)
+            # the published context length stays the model's (checkpoints, export); block_size may exceed it
+            max_seq_len = max(cfg.block_size, hf_config.get("max_position_embeddings") or 0)
+            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=max_seq_len, attn_impl=cfg.attn_impl)
         except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
             raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
