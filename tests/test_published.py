@@ -168,6 +168,7 @@ def test_export_loads_in_transformers(trained, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     export = str(tmp_path / "export")
     checkpoint.main(["export", trained, "--to", export])
+    assert "exported" in capsys.readouterr().out
     model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(export)
     assert model.config.max_position_embeddings == 8192  # the published context, not block_size
