@@ -351,3 +351,21 @@ def test_eval_rejects_bad_windows_and_offline_tokenizer(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="cl100k_base.*TIKTOKEN_CACHE_DIR"):
         eval_ppl.main(["--init_from", f"hf:{tmp_path / 'hf'}", "--tokenizer", "cl100k_base",
                        "--text", str(tmp_path / "t.txt")])
+
+
+def test_chat_without_template_and_data_of_another_tokenizer_refused(ckpt, tmp_path):
+    out, _ = ckpt
+    with pytest.raises(SystemExit, match="--chat: tokenizer byte has no chat template"):
+        sample.main(["--init_from", out, "--chat", "--start", "hi", "--max_new_tokens", "1"])
+    # a token file whose header names another tokenizer (it once crashed with an IndexError)
+    other = merge_encoding()
+    path = str(tmp_path / "merges.bin")
+    write_tokens(path, other.encode(TEXT), other.name, other.n_vocab, other.eos, tokenizer_sha=other.sha)
+    with pytest.raises(SystemExit, match="merges.bin was tokenized with 'merges'.*'byte'.*--tokenizer=byte"):
+        eval_ppl.main(["--init_from", out, "--tokens", path])
+    # --tokenizer that is not the checkpoint's
+    with pytest.raises(SystemExit, match="--tokenizer=cl100k_base|cl100k_base.*TIKTOKEN_CACHE_DIR"):
+        sample.main(["--init_from", out, "--tokenizer", "cl100k_base"])
+    # no data flag: the run's own validation split, from the config it saved (this one saved none)
+    with pytest.raises(SystemExit, match="train_state.pt"):
+        eval_ppl.main(["--init_from", out])
