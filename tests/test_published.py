@@ -6,14 +6,12 @@ that is not the model's."""
 import json
 import math
 import os
-import sys
 import sysconfig
 
-import numpy as np
 import pytest
 import torch
 
-from util import ROOT, losses, make_dataset, run_ok, run_train  # noqa: E402
+from util import losses, make_dataset, run_ok, run_train  # noqa: E402
 
 import checkpoint  # noqa: E402
 import eval_ppl  # noqa: E402
