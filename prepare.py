@@ -87,7 +87,10 @@ class Tokenizer:
     token_bytes list of each id's bytes as it reads in text (special tokens and gaps: b"")
     prefix_space  the tokenizer adds a space before each text (SentencePiece's dummy prefix):
                 the first token of a document then stands for one byte less than token_bytes says
-    sha         first 16 hex digits of the identity hash (see tokenizer_sha)"""
+    sha         first 16 hex digits of the identity hash (see tokenizer_sha)
+    special     {id: text} of the special tokens
+    backend     the tiktoken Encoding, or the tokenizers.Tokenizer of an hf directory
+    files       {file name: path} of an hf directory's tokenizer files (empty for tiktoken)"""
 
     def __init__(self, name, spec, backend, token_bytes, special, eos, bos=None, add_bos=False,
                  stop_ids=None, chat_template=None, files=None):
@@ -279,6 +282,10 @@ def _hf_tokenizer(directory):
     except ImportError:
         raise DataError("tokenizer=hf:... needs the `tokenizers` package: pip install tokenizers")
     tk = HFTokenizer.from_file(path)
+    spec = json.loads(tk.to_str())
+    if spec["model"].get("type") not in ("BPE", "Unigram"):
+        raise DataError(f"{path}: a {spec['model'].get('type')} tokenizer; only BPE (byte-level or "
+                        "SentencePiece-style, as Llama-family models use) and Unigram are supported")
     files = {n: os.path.join(directory, n) for n in ("tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja") if os.path.isfile(os.path.join(directory, n))}
     cfg = {}
@@ -294,9 +301,8 @@ def _hf_tokenizer(directory):
     added = tk.get_added_tokens_decoder()
     special = {i: t.content for i, t in added.items() if t.special}
     table = [b""] * (max(vocab.values()) + 1)
-    model_type = json.loads(tk.to_str())["model"].get("type")
     b2u = {c: b for b, c in _byte_to_unicode().items()}
-    byte_level = "ByteLevel" in tk.to_str() and model_type == "BPE"
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
     for piece, i in vocab.items():
         if i in special:
             continue
