@@ -216,6 +216,22 @@ def data_tokenizer(cfg, header):
     return ident
 
 
+def resumed_model_config(cfg, mcfg, path):
+    """The model to resume into. A run started from hf:<dir> took its shape from the directory,
+    not from the config's model keys: when those keys are as the run saved them, the checkpoint's
+    model config is the run's. Keys changed since are left to load_training to refuse."""
+    keys = {f.name for f in dataclasses.fields(Config)} & set(dataclasses.asdict(mcfg)) - {"attn_impl", "max_seq_len"}
+    saved_cfg = checkpoint.load(path, "train_state.pt").get("config", {})
+    if any(saved_cfg.get(k) != getattr(cfg, k) for k in keys):
+        return mcfg
+    try:  # mmap: only the small model_config entry is read, not the weights
+        saved = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise checkpoint.CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
+    return config_from_dict({**saved["model_config"], "attn_impl": cfg.attn_impl,
+                             "max_seq_len": max(cfg.block_size, saved["model_config"]["max_seq_len"])})
+
+
 def check_tokenizer(cfg, header, model_tok, source):
     """Refuse data tokenized with another tokenizer than the model's (model_tok: a record from
     checkpoint.tokenizer_record, None when the model names none). Returns model_tok."""
@@ -413,20 +429,21 @@ def train(cfg):
     device, dtype, autocast = setup_device(cfg)
     mcfg = model_config(cfg)
     hf_config = read_hf_config(cfg.init_from) if cfg.init_from.startswith("hf:") else None
+    resume_path = None
+    if cfg.init_from == "resume":
+        resume_path = checkpoint.latest(cfg.out_dir, fallback=cfg.resume_fallback)
+        if resume_path is None and mesh.is_main:
+            print(f"no checkpoint in {cfg.out_dir}: starting from scratch")
+        if resume_path is not None:
+            mcfg = resumed_model_config(cfg, mcfg, resume_path)
+    elif cfg.init_from != "scratch" and not cfg.init_from.startswith("hf:"):
+        raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or 'hf:<dir>'")
     vocab_size = hf_config["vocab_size"] if hf_config else mcfg.vocab_size
     train_data, header = open_split(cfg, "train", vocab_size)
     val_data, _ = open_split(cfg, "val", vocab_size)
     tokenizer = data_tokenizer(cfg, header)
-    resume_path = None
-    if cfg.init_from == "resume":
-        resume_path = checkpoint.latest(cfg.out_dir, fallback=cfg.resume_fallback)
-        if resume_path is None:
-            if mesh.is_main:
-                print(f"no checkpoint in {cfg.out_dir}: starting from scratch")
-        else:
-            check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
-    elif cfg.init_from != "scratch" and not cfg.init_from.startswith("hf:"):
-        raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or 'hf:<dir>'")
+    if resume_path is not None:
+        check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
     elif hf_config:
         rec = check_tokenizer(cfg, header, checkpoint.tokenizer_record(cfg.init_from), cfg.init_from)
         if rec:  # the model's tokenizer, so checkpoints carry its files

@@ -216,3 +216,26 @@ def test_mismatched_tokenizer_refused(smollm2_dir, corpus, tmp_path, capsys):
     # eval_ppl.py: a token file of another tokenizer
     with pytest.raises(SystemExit, match=f"synth/val.bin was tokenized with 'byte'.*'{NAME}'.*--tokenizer={hf_dir}"):
         eval_ppl.main(["--init_from", hf_dir, "--dataset", "synth", "--data_dir", str(tmp_path / "data")])
+
+
+def test_run_from_a_directory_resumes_with_its_shape(tmp_path):
+    """A run started from hf:<dir> (a tiny Llama with its own shape and rope theta) resumes with
+    the checkpoint's model, not the config's model keys, and continues exactly as one run."""
+    from model import ModelConfig, Transformer
+    from util import tiny_args
+    torch.manual_seed(0)
+    Transformer(ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, ffn_dim=96,
+                            rope_theta=1e5, tie_embeddings=True, max_seq_len=128)).save_hf(tmp_path / "tiny")
+    prepare.get_tokenizer("byte").save(str(tmp_path / "tiny"))
+    make_dataset(str(tmp_path / "data"))
+    args = lambda out, **kw: tiny_args(tmp_path, out_dir=str(tmp_path / out), **kw)
+    run_ok(args("whole", init_from=f"hf:{tmp_path / 'tiny'}", max_iters=6))
+    run_ok(args("split", init_from=f"hf:{tmp_path / 'tiny'}", max_iters=4))
+    r = run_ok(args("split", init_from="resume", max_iters=6))
+    assert "resuming at step 4" in r.stdout
+    whole, split = losses(str(tmp_path / "whole")), losses(str(tmp_path / "split"))
+    assert whole.keys() == split.keys() == set(range(1, 7))
+    for step in whole:
+        assert abs(whole[step] - split[step]) < 1e-5 * whole[step]
+    ours, _ = checkpoint.load_model(str(tmp_path / "split"))
+    assert (ours.config.dim, ours.config.rope_theta, ours.config.max_seq_len) == (48, 1e5, 128)
