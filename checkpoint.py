@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import parallel
+import zero
 
 PREFIX = "ckpt_"
 
@@ -225,7 +226,7 @@ def load_optimizer_state(model, optimizer, state):
 def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
     """Every rank contributes (gathers are collective); rank 0 writes the single-process files."""
     tmp = temp_dir(cfg.out_dir, step)
-    if cfg.zero:  # ZeRO: full tensors gathered from the dp shards (same files as zero=0) + optim_rank<r>.pt
+    if isinstance(optimizer, zero.ZeroAdamW):  # full tensors gathered from its shards (same files) + optim_rank<r>.pt
         params, files = optimizer.checkpoint_files(model, mesh)
     else:
         params = parallel.gather_full(dict(model.named_parameters()), model, mesh)
@@ -271,12 +272,13 @@ def load_training(cfg, mesh, model, optimizer, scaler, path):
     saved = config_from_dict(blob["model_config"])
     mine = model.config
     diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs config {getattr(mine, k)!r}"
-            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
+            for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim", "tie_embeddings",
+                      "rope_scaling")
             if getattr(saved, k) != getattr(mine, k)]
     if diff:
         raise CheckpointError(f"checkpoint {path} is from an incompatible model: " + "; ".join(diff))
     local = parallel.shard_full(blob["state_dict"], model, mesh)
-    if cfg.zero:  # ZeRO: master weights from model.pt, moments from this rank's shard file or optimizer.pt
+    if isinstance(optimizer, zero.ZeroAdamW):  # master weights from model.pt, moments from optim_rank<r>.pt or optimizer.pt
         optimizer.load_checkpoint(path, local, model, mesh)
     else:
         with torch.no_grad():

@@ -8,7 +8,8 @@ this file knows about process groups.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+import sys
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -17,8 +18,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTN_IMPLS = ("flash", "sdpa", "math")
+# rope_scaling types rope_tables implements, with the keys each needs (transformers' names)
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 # torch SDPA backends in order of preference: cuDNN's fused attention is the fastest on
-# Hopper (about 1.6x the flash backend, bench_attention.py); the others take what it can't
+# Hopper (1.5-1.8x the flash backend, README's attention table); the others take what it can't
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -30,12 +34,14 @@ class ModelConfig:
     n_layers: int = 12
     n_heads: int = 12
     n_kv_heads: Optional[int] = None  # None: = n_heads (multi-head); 1: multi-query
+    head_dim: Optional[int] = None  # None: dim // n_heads; any even value otherwise (as transformers' Llama)
     vocab_size: int = 50304
     ffn_dim: Optional[int] = None  # None: LLaMA's rule from multiple_of / ffn_dim_multiplier
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # None, or transformers' {"rope_type": "linear" | "llama3", ...}
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     attn_impl: str = "sdpa"  # "flash" (flash_attn.py), "sdpa" (torch), "math" (reference)
@@ -43,6 +49,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0 \
+                and self.dim % self.n_heads == 0:
+            self.head_dim = self.dim // self.n_heads
         if self.ffn_dim is None:  # LLaMA: 2/3 of 4*dim, scaled, rounded up to multiple_of
             hidden = int(2 * 4 * self.dim / 3)
             if self.ffn_dim_multiplier is not None:
@@ -50,24 +59,33 @@ class ModelConfig:
             self.ffn_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         self.validate()
 
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
-
     def validate(self):
         def bad(msg):
             raise ValueError(f"ModelConfig: {msg}")
         for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 bad(f"{key}={getattr(self, key)!r} must be a positive integer")
-        if self.dim % self.n_heads:
-            bad(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; pick n_heads dividing dim")
+        if self.head_dim is None:  # not set, and dim / n_heads is not a whole number
+            bad(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                "pick n_heads dividing dim (or set head_dim)")
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            bad(f"head_dim={self.head_dim!r} must be a positive integer (or None for dim // n_heads)")
         if self.n_heads % self.n_kv_heads:
             bad(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                 "each kv head must serve a whole group of query heads")
         if self.head_dim % 2:
-            bad(f"head dimension dim/n_heads={self.dim}/{self.n_heads}={self.head_dim} is odd; "
-                "RoPE rotates pairs of channels, so it must be even")
+            bad(f"head_dim={self.head_dim} (dim/n_heads={self.dim}/{self.n_heads}={self.dim / self.n_heads:g} unless "
+                "set) is odd; RoPE rotates pairs of channels, so it must be even")
+        s = self.rope_scaling
+        if s is not None:
+            if not isinstance(s, dict) or s.get("rope_type") not in ROPE_SCALING_KEYS:
+                bad(f"rope_scaling={s!r}: rope_type must be one of {list(ROPE_SCALING_KEYS)} "
+                    "(or rope_scaling=None for plain RoPE)")
+            need = ROPE_SCALING_KEYS[s["rope_type"]]
+            if any(not isinstance(s.get(k), (int, float)) or s[k] <= 0 for k in need):
+                bad(f"rope_scaling={s!r}: {s['rope_type']} needs positive numbers for {list(need)}")
+            if s["rope_type"] == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
+                bad(f"rope_scaling={s!r}: high_freq_factor must exceed low_freq_factor")
         if self.attn_impl not in ATTN_IMPLS:
             bad(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
@@ -89,9 +107,26 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(head_dim, max_seq_len, theta):
-    """cos/sin of m*theta_i, theta_i = theta^(-2i/d) (2.38), both (max_seq_len, head_dim)."""
+def rope_tables(head_dim, max_seq_len, theta, scaling=None):
+    """cos/sin of m*theta_i, theta_i = theta^(-2i/d) (2.38), both (max_seq_len, head_dim).
+    scaling (ModelConfig.rope_scaling) slows the low frequencies for contexts longer than
+    pre-training's, as transformers' modeling_rope_utils computes it:
+      linear, position interpolation (arXiv 2306.15595): theta_i / factor, i.e. position m / factor;
+      llama3, Llama 3.1 (arXiv 2407.21783; Meta's reference code apply_scaling): with
+        r_i = L / (2 pi / theta_i) the rotations of frequency i over the original context
+        L = original_max_position_embeddings and s_i = clamp((r_i - low_freq_factor) /
+        (high_freq_factor - low_freq_factor), 0, 1): theta_i * (s_i + (1 - s_i) / factor),
+        so short wavelengths (s_i = 1) are kept and long ones (s_i = 0) divided by factor.
+    Neither type rescales cos/sin (transformers' attention_factor is 1.0 for both)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = scaling["rope_type"] if scaling else None
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        rotations = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        s = ((rotations - lo) / (hi - lo)).clamp(0.0, 1.0)
+        inv_freq = inv_freq * (s + (1 - s) / scaling["factor"])
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # half-rotation layout, as in transformers
     return angles.cos().float(), angles.sin().float()
@@ -144,7 +179,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # (B, max_seq_len, Hkv, D) buffers, filled up to start_pos + T
+        if cache is not None:  # (B, max_len, Hkv, D) buffers, filled up to start_pos + T
             cache[0][:B, start_pos:start_pos + T] = k
             cache[1][:B, start_pos:start_pos + T] = v
             k, v = cache[0][:B, :start_pos + T], cache[1][:B, :start_pos + T]
@@ -197,7 +232,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.loss_fn = cross_entropy  # parallel.py swaps in the vocabulary-parallel loss
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -221,23 +256,40 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence end {start_pos + T} exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is not None and start_pos + T > next(iter(cache.values()))[0].shape[1]:
+            raise ValueError(f"sequence end {start_pos + T} exceeds the KV cache's "
+                             f"{next(iter(cache.values()))[0].shape[1]} positions; pass new_kv_cache a larger max_len")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
-        for name, layer in self.layers.items():
-            h = layer(h, cos, sin, None if cache is None else cache[int(name)], start_pos)
-        if self.output is None:
-            return h, None
-        logits = self.output(self.norm(h))  # (B, T, vocab)
-        loss = None if targets is None else self.loss_fn(logits, targets)
-        return logits, loss
+        pieces = self.pieces(first=self.tok_embeddings is not None, last=self.output is not None)
+        h = self.run(tokens, cos, sin, pieces, cache, start_pos)  # (B, T, vocab) logits, or (B, T, dim)
+        return h, None if self.output is None or targets is None else self.loss_fn(h, targets)
 
-    def new_kv_cache(self, batch_size, dtype=None, device=None):
-        """Per layer a (k, v) pair of (batch, max_seq_len, n_kv_heads, head_dim) zeros."""
+    def pieces(self, layer_ids=None, first=True, last=True):
+        """[(layer index or None, module)] in the order a forward calls them, written once: forward runs
+        them all, parallel.chunk_forward a pipeline chunk's, zero.py's stage-3 prefetch follows them."""
+        head = [(None, self.tok_embeddings)] if first else []
+        tail = [(None, self.norm), (None, self.output)] if last else []
+        return head + [(int(i), self.layers[str(i)]) for i in (self.layers if layer_ids is None else layer_ids)] + tail
+
+    def run(self, h, cos, sin, pieces, cache=None, start_pos=0):
+        for i, module in pieces:  # the one layer loop: token ids or hidden states in, logits or hidden states out
+            h = module(h) if i is None else module(h, cos, sin, None if cache is None else cache[i], start_pos)
+        return h
+
+    def new_kv_cache(self, batch_size, dtype=None, device=None, max_len=None):
+        """Per layer a (k, v) pair of (batch, max_len, n_kv_heads, head_dim) zeros; max_len
+        (default max_seq_len) bounds the positions the cache can hold."""
         attn = next(iter(self.layers.values())).attention
         ref = attn.wk.weight
-        shape = (batch_size, self.config.max_seq_len, ref.shape[0] // attn.head_dim, attn.head_dim)
+        shape = (batch_size, max_len or self.config.max_seq_len, ref.shape[0] // attn.head_dim, attn.head_dim)
         make = lambda: torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
         return {int(i): (make(), make()) for i in self.layers}
+
+    def param_groups(self, weight_decay):
+        """AdamW groups (nanoGPT's configure_optimizers): decay on matrices and embeddings, not norm weights."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ----------------------------------------------------------------------- accounting
     def num_params(self, non_embedding=False):
@@ -249,45 +301,52 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (PaLM's count): 6N for the weight matmuls (forward 2N,
         backward 4N, N without the input embedding) plus 12 * n_layers * dim * seq_len for
-        QK^T and AV, not halved for the causal mask, so MFU compares with other reports."""
+        QK^T and AV, not halved for the causal mask (arXiv 2204.02311, appendix B); dim there is
+        the attention width n_heads * head_dim, which a Hugging Face config may set apart from dim."""
         c = self.config
         n = self.num_params(non_embedding=True)
-        return 6 * n + 6 * c.n_layers * c.dim * seq_len
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
     # ----------------------------------------------------------------------- transformers interop
     @classmethod
     def from_hf(cls, directory, **overrides):
-        """Build from a local Hugging Face Llama directory (config.json + safetensors or .bin)."""
-        with open(os.path.join(directory, "config.json")) as f:
+        """Build from a local Hugging Face Llama directory (config.json + safetensors or .bin).
+        config.json is read by config_from_hf: what this file cannot compute exactly raises
+        UnsupportedCheckpoint. overrides replace ModelConfig fields (max_seq_len, attn_impl)."""
+        path = os.path.join(directory, "config.json")
+        with open(path) as f:
             hf = json.load(f)
-        cfg = ModelConfig(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            vocab_size=hf["vocab_size"], ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
-            rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **overrides)
-        model = cls(cfg)
+        model = cls(config_from_hf(hf, path, **overrides))
         state = {_HF_TO_OURS(k): v for k, v in _read_hf_weights(directory).items()
                  if "rotary_emb" not in k}
-        if cfg.tie_embeddings:
+        if model.config.tie_embeddings:
             state.setdefault("output.weight", state["tok_embeddings.weight"])
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # missing weights or wrong shapes: torch's message spans lines
+            raise UnsupportedCheckpoint(f"{directory}: the weights do not fit {path}: {' '.join(str(e).split())[:400]}")
         return model
 
-    def save_hf(self, directory, dtype=torch.float32):
-        """Write config.json + model.safetensors (or pytorch_model.bin) that transformers loads."""
+    def save_hf(self, directory, dtype=torch.float32, bos_token_id=None, eos_token_id=None):
+        """Write config.json, generation_config.json and model.safetensors (or pytorch_model.bin)
+        that transformers loads. RoPE goes as top-level rope_theta + rope_scaling: transformers
+        4.x reads that form and 5.x converts it to rope_parameters. Token ids that are None are
+        written as null: left out, LlamaConfig would assume bos 1 and eos 2."""
         c = self.config
         os.makedirs(directory, exist_ok=True)
         hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=c.dim,
                   num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-                  num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+                  num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, vocab_size=c.vocab_size,
                   intermediate_size=c.ffn_dim, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                  max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings,
-                  hidden_act="silu", attention_bias=False, mlp_bias=False,
+                  rope_scaling=c.rope_scaling, max_position_embeddings=c.max_seq_len,
+                  tie_word_embeddings=c.tie_embeddings, hidden_act="silu", attention_bias=False,
+                  mlp_bias=False, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                   torch_dtype=str(dtype).replace("torch.", ""))
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
+        with open(os.path.join(directory, "generation_config.json"), "w") as f:  # GenerationConfig's file
+            json.dump({k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id))
+                       if v is not None}, f, indent=2)
         state = {_OURS_TO_HF(k): v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
         if c.tie_embeddings:
             del state["lm_head.weight"]
@@ -328,7 +387,8 @@ def _HF_TO_OURS(name):
     for ours, theirs in _NAME_PAIRS[:3]:
         if name.startswith(theirs):
             return ours + name[len(theirs):]
-    raise KeyError(f"unexpected weight {name!r} in a Llama checkpoint")
+    raise UnsupportedCheckpoint(f"unexpected weight {name!r} in a Llama checkpoint (another architecture?); "
+                                "model.py runs LlamaForCausalLM weights only")
 
 
 def _read_hf_weights(directory):
@@ -352,11 +412,110 @@ def _read_hf_weights(directory):
     return state
 
 
+# --------------------------------------------------------------------------- Hugging Face config.json
+class UnsupportedCheckpoint(ValueError):
+    """A Hugging Face checkpoint asks for what this file does not compute; the message (one
+    line) names the file, the key, its value and what to do."""
+
+
+# Every config.json key is in one of three groups. A key in none is reported on stderr and
+# ignored, as transformers' LlamaForCausalLM ignores keys that are no Llama setting.
+# 1. read into ModelConfig by config_from_hf
+_HF_READ = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "vocab_size", "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+            "rope_theta", "rope_scaling", "rope_parameters", "original_max_position_embeddings"}
+# 2. math this file implements one way: key -> (accepted values, what another value means, fix)
+_USE_TRANSFORMERS = "model.py implements Llama without it: run this checkpoint with transformers"
+_HF_FIXED = {
+    "model_type": (("llama",), "", ""),  # checked first, with its own message
+    "hidden_act": (("silu", "swish"), "a gate activation other than SwiGLU's SiLU", _USE_TRANSFORMERS),
+    "attention_bias": ((False,), "biases in the q/k/v/o projections", _USE_TRANSFORMERS),
+    "mlp_bias": ((False,), "biases in the feed-forward projections", _USE_TRANSFORMERS),
+    "sliding_window": ((None,), "sliding-window attention", _USE_TRANSFORMERS),
+    "layer_types": ((None,), "attention that differs by layer", _USE_TRANSFORMERS),
+    "partial_rotary_factor": ((1, None), "RoPE on part of each head", _USE_TRANSFORMERS),
+    "attention_dropout": ((0,), "dropout on attention probabilities",
+                          "model.py has no dropout: set it to 0.0 in config.json to train without it"),
+    "quantization_config": ((None,), "quantized weights",
+                            "dequantize (transformers), then save_pretrained without quantization_config"),
+}
+# 3. never change the logits: metadata, token ids, initialization, generation defaults
+_HF_HARMLESS = {"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+                "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
+                "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
+                "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
+                # old transformers split the matmuls into pretraining_tp slices: the same products
+                # summed in another order; transformers 5 ignores it
+                "pretraining_tp",
+                # SmolLM2's (nanotron) extras, which transformers ignores
+                "rope_interleaved", "is_llama_config", "transformers.js_config"}
+# model types that are often mistaken for Llama, and what differs
+_NOT_LLAMA = {"mistral": "Mistral: sliding-window attention", "mixtral": "Mixtral: mixture-of-experts layers",
+              "qwen2": "Qwen2: biases on q/k/v", "qwen3": "Qwen3: RMSNorm on q and k",
+              "gemma": "Gemma: GeGLU, (1 + w) norm gains, scaled embeddings",
+              "phi3": "Phi-3: fused q/k/v and gate/up weights"}
+
+
+def config_from_hf(hf, path="config.json", **overrides):
+    """ModelConfig from a transformers LlamaConfig dict (config.json at path), with transformers'
+    defaults for absent keys; overrides replace fields. Raises UnsupportedCheckpoint for a value
+    in _HF_FIXED other than the implemented one, a rope type other than default/linear/llama3,
+    or a missing shape key; keys in no group (_HF_READ, _HF_FIXED, _HF_HARMLESS) get a note."""
+    def refuse(msg):
+        raise UnsupportedCheckpoint(f"{path}: {msg}")
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama":
+        refuse(f"model_type={model_type!r} is not Llama ({_NOT_LLAMA.get(model_type, 'another architecture')}); "
+               "model.py runs model_type 'llama' only: use transformers for this checkpoint")
+    for key, (accepted, what, fix) in _HF_FIXED.items():
+        if key in hf and hf[key] not in accepted:
+            refuse(f"{key}={hf[key]!r} ({what}) is not supported; {fix}")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if k not in hf]
+    if missing:
+        refuse(f"missing {missing}: not a Llama config.json; pass a Hugging Face LlamaForCausalLM directory")
+    unknown = sorted(set(hf) - _HF_READ - set(_HF_FIXED) - _HF_HARMLESS)
+    if unknown:
+        print(f"note: {path}: ignoring {unknown}: no Llama settings (transformers' Llama ignores them too)",
+              file=sys.stderr)
+    # RoPE: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files a top-level
+    # rope_theta and rope_scaling {rope_type or type, ...}, which wins when both are present
+    src = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = dict(hf.get(src) or {})
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    partial = rope.pop("partial_rotary_factor", None)
+    if partial not in (1, None):
+        refuse(f"{src} partial_rotary_factor={partial!r} (RoPE on part of each head) is not supported; "
+               f"{_USE_TRANSFORMERS}")
+    scaling = None
+    if kind != "default":
+        if kind not in ROPE_SCALING_KEYS:
+            refuse(f"{src} rope_type={kind!r} is not supported (implemented: default, {', '.join(ROPE_SCALING_KEYS)}); "
+                   f"{_USE_TRANSFORMERS}")
+        if kind == "llama3":  # transformers: a top-level value wins, then the rope dict's, then the context
+            rope["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings") or
+                                                        rope.get("original_max_position_embeddings") or
+                                                        hf.get("max_position_embeddings", 2048))
+        need = ROPE_SCALING_KEYS[kind]
+        if any(rope.get(k) is None for k in need):
+            refuse(f"{src} rope_type={kind!r} needs {list(need)}, got {rope}; add the missing ones to it")
+        if set(rope) - set(need):
+            print(f"note: {path}: ignoring {src} keys {sorted(set(rope) - set(need))} ({kind} does not use them, "
+                  "nor does transformers)", file=sys.stderr)
+        scaling = {"rope_type": kind, **{k: rope[k] for k in need}}
+    return ModelConfig(**{
+        **dict(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+               n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+               head_dim=hf.get("head_dim") or None, vocab_size=hf["vocab_size"], ffn_dim=hf["intermediate_size"],
+               norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+               max_seq_len=hf.get("max_position_embeddings", 2048),
+               tie_embeddings=bool(hf.get("tie_word_embeddings", False))),
+        **overrides})
+
+
 def config_from_dict(d):
     """ModelConfig from any dict that holds its keys (extra keys are ignored)."""
     names = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in d.items() if k in names})
-
-
-def config_to_dict(cfg):
-    return asdict(cfg)

@@ -13,6 +13,7 @@ when the sequence reaches the model's max_seq_len.
 """
 import argparse
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -107,11 +108,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
-             generator=None, vocab_limit=None, ctx=nullcontext(), cache_dtype=None):
+             generator=None, vocab_limit=None, ctx=nullcontext(), cache_dtype=None, stats=None):
     """Yield up to max_new_tokens ids after the prompt (list of ids), one at a time.
     The prompt is run once to fill the KV cache (prefill); each new token then costs one
     forward of a single position at start_pos = its index. Stops before yielding eot.
-    vocab_limit: ids >= it (padding of the embedding table) are never sampled."""
+    vocab_limit: ids >= it (padding of the embedding table) are never sampled.
+    stats: a dict that gets prompt_tokens, new_tokens, prefill_s (prompt forward + first
+    sample) and decode_s, decode_steps (the later forwards), time inside this function only."""
     max_len = model.config.max_seq_len
     if not prompt:
         raise ValueError("empty prompt: pass at least one token (sample.py starts from end-of-text)")
@@ -124,21 +127,38 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=N
               file=sys.stderr)
         max_new_tokens = max_len - len(prompt)
     device = next(model.parameters()).device
-    cache = model.new_kv_cache(1, dtype=cache_dtype)
+    # the cache holds the positions this call can reach, not the model's whole context
+    cache = model.new_kv_cache(1, dtype=cache_dtype, max_len=len(prompt) + max_new_tokens)
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T) first, then (1, 1)
     pos = 0
-    for _ in range(max_new_tokens):
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=len(prompt), new_tokens=0, prefill_s=0.0, decode_s=0.0, decode_steps=0)
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
         with ctx:
             logits, _ = model(tokens, cache=cache, start_pos=pos)  # (1, T, V)
         logits = logits[0, -1].float()
         if vocab_limit is not None:
             logits[vocab_limit:] = float("-inf")
-        nxt = sample_next(logits.cpu(), temperature, top_k, top_p, generator)
+        nxt = sample_next(logits.cpu(), temperature, top_k, top_p, generator)  # .cpu() waits for the device
+        if step == 0:
+            stats["prefill_s"] = time.perf_counter() - t0
+        else:
+            stats["decode_s"] += time.perf_counter() - t0
+            stats["decode_steps"] += 1
         if nxt == eot or (isinstance(eot, tuple) and nxt in eot):  # eot: an id or a tuple of stop ids
             return
+        stats["new_tokens"] += 1
         yield nxt
         pos += tokens.shape[1]
         tokens = torch.tensor([[nxt]], dtype=torch.long, device=device)
+
+
+def throughput(stats):
+    """One line from generate()'s stats."""
+    rate = stats["decode_steps"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
+    return (f"[{stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new | prefill "
+            f"{stats['prefill_s'] * 1e3:.1f} ms | decode {rate:.1f} tokens/s]")
 
 
 def stream(token_ids, tok, out=None, at_start=False):
@@ -211,9 +231,14 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(a.seed)  # sampling runs on CPU: same seed, same text on any device
     for i in range(a.num_samples):
         sys.stdout.write(text)
+        stats = {}
         stream(generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, enc.stop_ids,
-                        gen, enc.n_vocab, ctx, cache_dtype), enc, at_start=not text and not a.chat)
-        sys.stdout.write("\n" + ("-" * 40 + "\n" if i < a.num_samples - 1 else ""))
+                        gen, enc.n_vocab, ctx, cache_dtype, stats), enc,
+               at_start=not text and not a.chat)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(throughput(stats), file=sys.stderr)
+        sys.stdout.write("-" * 40 + "\n" if i < a.num_samples - 1 else "")
         sys.stdout.flush()
 
 

@@ -3,7 +3,9 @@
 Weights go both ways: our model -> save_hf -> LlamaForCausalLM.from_pretrained, and
 LlamaForCausalLM's state dict -> our parameter names -> Transformer. Logits and loss must
 agree to a relative error under 1e-5 for multi-head, grouped-query and multi-query
-attention, tied and untied embeddings, two rope_theta values, attn_impl math and sdpa.
+attention, tied and untied embeddings, two rope_theta values, attn_impl math and sdpa,
+rope_scaling (linear, llama3) in both config.json forms, and head_dim != dim / n_heads.
+from_hf refuses, naming the key, every setting it does not compute.
 """
 import json
 import os
@@ -16,7 +18,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model import ModelConfig, Transformer, _HF_TO_OURS  # noqa: E402
+import sample  # noqa: E402
+from model import ModelConfig, Transformer, UnsupportedCheckpoint, _HF_TO_OURS, config_from_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -171,9 +174,21 @@ def test_forward_beyond_max_seq_len_fails():
         model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_kv_cache(1), start_pos=63)
 
 
-# --------------------------------------------------------------------------- flash attention (CPU reference)
+def test_flops_per_token_is_palms_count():
+    """6N + 12 L d T (arXiv 2204.02311, appendix B), N without the input embedding, counted by hand."""
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64, max_seq_len=16)
+    per_layer = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32  # wq wo, wk wv (2 kv heads of 8), w1 w2 w3, norms
+    n = 2 * per_layer + 32 + 64 * 32  # final norm, output head
+    assert Transformer(cfg).flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16 == 136128
+
+
+# --------------------------------------------------------------------------- flash attention
 @pytest.mark.parametrize("case", ["gqa", "mqa-tied-theta5e5"])
 def test_flash_attn_impl_matches_math_on_cpu(case):
+    """attn_impl="flash" through flash_attn's Triton kernels (in the interpreter that conftest.py
+    turns on without a GPU), not its PyTorch fallback: the model's layout, GQA and prefill."""
+    flash_attn = pytest.importorskip("flash_attn")
+    assert flash_attn.INTERPRET or torch.cuda.is_available()
     torch.manual_seed(0)
     ref = randomize(Transformer(our_config(case, "math"))).eval()
     flash = Transformer(our_config(case, "flash")).eval()
@@ -226,3 +241,191 @@ def test_script_help_says_what_it_does(script, first_line):
     assert "--init_from" in r.stdout and "--device" in r.stdout and "--dtype" in r.stdout
     with open(os.path.join(ROOT, script)) as f:
         assert f.readline().startswith('"""' + first_line)  # the file's first line too
+
+
+# --------------------------------------------------------------------------- rope_scaling, head_dim
+# original context 32 < T = 48; at head_dim 16, theta 1e4 the wavelengths 2 pi 1e4^(i/8) are 6.3
+# (< 32/4: kept), 19.9 (between: interpolated) and >= 62.8 (> 32/1: divided by factor)
+SCALINGS = {"linear": {"rope_type": "linear", "factor": 4.0},
+            "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}}
+
+
+def hf_llama(seed=0, theta=10000.0, scaling=None, **kw):
+    """A randomized transformers Llama: dim 64, 4 q heads, 2 kv heads, untied."""
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-5, max_position_embeddings=MAX_LEN,
+                      rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": theta},
+                      attn_implementation="eager", **kw)
+    torch.manual_seed(seed)
+    return randomize(LlamaForCausalLM(cfg), seed).eval()
+
+
+@pytest.mark.parametrize("form", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_rope_scaling_matches_transformers(kind, form, tmp_path):
+    """transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; older files a top-level
+    rope_theta + rope_scaling (here with the old "type" key for linear). Both give transformers'
+    logits, which differ from plain RoPE's (the scaling is not a no-op here)."""
+    hf = hf_llama(theta=500000.0, scaling=SCALINGS[kind])
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == kind
+    if form == "rope_scaling":
+        rope = config.pop("rope_parameters")
+        config["rope_theta"] = rope.pop("rope_theta")
+        if kind == "linear":
+            rope["type"] = rope.pop("rope_type")
+        config["rope_scaling"] = rope
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = Transformer.from_hf(tmp_path, attn_impl="math").eval()
+    assert ours.config.rope_scaling == SCALINGS[kind] and ours.config.rope_theta == 500000.0
+    compare(ours, hf)
+    plain = Transformer(ModelConfig(**{**vars(ours.config), "rope_scaling": None})).eval()
+    plain.load_state_dict(ours.state_dict())
+    x, _ = batch()
+    with torch.no_grad():
+        assert rel_err(plain(x)[0], ours(x)[0]) > 1e-3
+
+
+def test_llama3_top_level_original_max_position_embeddings_wins(tmp_path):
+    """transformers' LlamaRotaryEmbedding takes a top-level original_max_position_embeddings over
+    the rope dict's (and the dict's over max_position_embeddings)."""
+    hf = hf_llama(scaling=SCALINGS["llama3"], original_max_position_embeddings=16)
+    assert hf.config.rope_parameters["original_max_position_embeddings"] == 16  # as the model used it
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"]["original_max_position_embeddings"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = Transformer.from_hf(tmp_path, attn_impl="math").eval()
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == 16
+    compare(ours, hf)
+    del config["original_max_position_embeddings"], config["rope_parameters"]["original_max_position_embeddings"]
+    assert config_from_hf(config).rope_scaling["original_max_position_embeddings"] == MAX_LEN
+
+
+def test_head_dim_not_dim_over_heads_matches_transformers(tmp_path):
+    """head_dim 24 with dim 64 and 4 heads: q/k/v project to 96 and 48 channels."""
+    hf = hf_llama(head_dim=24)
+    hf.save_pretrained(tmp_path / "a")
+    ours = Transformer.from_hf(tmp_path / "a", attn_impl="sdpa").eval()
+    assert ours.config.head_dim == 24 and ours.layers["0"].attention.wq.weight.shape == (96, 64)
+    compare(ours, hf)
+    ours.save_hf(tmp_path / "b")
+    compare(ours, load_hf(tmp_path / "b"))
+
+
+def test_save_hf_config_round_trip_and_generation_config(tmp_path):
+    """head_dim, llama3 rope_scaling and bos/eos ids: save_hf -> AutoModelForCausalLM (equal logits),
+    GenerationConfig; -> from_hf (the same ModelConfig); transformers' own save_pretrained
+    (rope_parameters form) -> from_hf too."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, vocab_size=VOCAB, ffn_dim=96,
+                      rope_theta=500000.0, rope_scaling=SCALINGS["llama3"], max_seq_len=MAX_LEN, attn_impl="math")
+    torch.manual_seed(0)
+    ours = randomize(Transformer(cfg)).eval()
+    ours.save_hf(tmp_path / "a", bos_token_id=1, eos_token_id=[2, 3])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "a", attn_implementation="eager", dtype=torch.float32).eval()
+    assert hf.config.head_dim == 24 and (hf.config.bos_token_id, hf.config.eos_token_id) == (1, [2, 3])
+    assert {**hf.config.rope_parameters, "rope_theta": None} == {**SCALINGS["llama3"], "rope_theta": None}
+    assert hf.config.rope_parameters["rope_theta"] == 500000.0
+    compare(ours, hf)
+    gen = GenerationConfig.from_pretrained(tmp_path / "a")
+    assert (gen.bos_token_id, gen.eos_token_id) == (1, [2, 3])
+    assert Transformer.from_hf(tmp_path / "a", attn_impl="math").config == cfg
+    hf.save_pretrained(tmp_path / "b")
+    assert "rope_parameters" in json.loads((tmp_path / "b" / "config.json").read_text())
+    assert Transformer.from_hf(tmp_path / "b", attn_impl="math").config == cfg
+    # no ids given: null, not LlamaConfig's defaults 1 and 2
+    ours.save_hf(tmp_path / "c")
+    c = transformers.AutoConfig.from_pretrained(tmp_path / "c")
+    assert (c.bos_token_id, c.eos_token_id) == (None, None)
+    assert GenerationConfig.from_pretrained(tmp_path / "c").eos_token_id is None
+
+
+# --------------------------------------------------------------------------- what from_hf refuses
+HF_BASE = dict(model_type="llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=VOCAB, intermediate_size=96, rms_norm_eps=1e-5, max_position_embeddings=MAX_LEN)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("attention_bias", True, []),
+    ("mlp_bias", True, []),
+    ("hidden_act", "gelu", []),
+    ("sliding_window", 4096, []),
+    ("layer_types", ["full_attention"], []),
+    ("partial_rotary_factor", 0.5, []),
+    ("attention_dropout", 0.1, ["0.0"]),
+    ("quantization_config", {"quant_method": "gptq"}, ["dequantize"]),
+    ("model_type", "mistral", ["Mistral", "sliding-window"]),
+    ("model_type", "qwen2", ["Qwen2", "biases"]),
+    ("model_type", "gpt_neox", []),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, ["'dynamic'", "linear, llama3"]),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0}, ["'yarn'"]),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, ["'longrope'"]),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.25}, ["0.25"]),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, ["high_freq_factor"]),
+])
+def test_from_hf_refuses_what_it_does_not_compute(key, value, words, tmp_path):
+    """One line naming the file, the key and its value, before any weight is read."""
+    (tmp_path / "config.json").write_text(json.dumps({**HF_BASE, key: value}))
+    with pytest.raises(UnsupportedCheckpoint) as e:
+        Transformer.from_hf(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "config.json") in msg
+    for w in [key] + ([] if key.startswith("rope_") else [repr(value)]) + words:
+        assert w in msg, (w, msg)
+
+
+def test_from_hf_notes_unknown_keys_and_accepts_known_harmless_ones(capsys):
+    harmless = dict(pretraining_tp=2, rope_interleaved=False, is_llama_config=True, torch_dtype="bfloat16",
+                    bos_token_id=0, eos_token_id=0, use_cache=True, transformers_version="4.40.0",
+                    attention_dropout=0.0, rope_scaling=None, hidden_act="silu")
+    assert config_from_hf({**HF_BASE, **harmless}) == config_from_hf(HF_BASE)
+    assert capsys.readouterr().err == ""
+    config_from_hf({**HF_BASE, "qk_layernorm": True})
+    assert "qk_layernorm" in capsys.readouterr().err
+
+
+def test_every_llama_config_field_is_classified():
+    """A field transformers' LlamaConfig gains (a new Llama option) must be added to one of
+    model.py's lists: read, fixed to the implemented value, or harmless."""
+    import dataclasses
+    import model
+    known = model._HF_READ | set(model._HF_FIXED) | model._HF_HARMLESS
+    names = {f.name for f in dataclasses.fields(LlamaConfig)} | set(transformers.PretrainedConfig().to_dict())
+    assert names - known == set()
+
+
+# --------------------------------------------------------------------------- KV cache sized to the request
+def test_new_kv_cache_max_len_and_its_bound():
+    model = Transformer(our_config("gqa", head_dim=24))
+    k, v = model.new_kv_cache(3, max_len=10)[1]
+    assert k.shape == v.shape == (3, 10, 2, 24)
+    assert model.new_kv_cache(1)[0][0].shape == (1, MAX_LEN, 2, 24)
+    with pytest.raises(ValueError, match="KV cache's 10 positions"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_kv_cache(1, max_len=10), start_pos=9)
+
+
+def test_generate_sizes_the_cache_to_the_request_with_the_same_tokens(monkeypatch):
+    """generate() allocates prompt + max_new_tokens positions; greedy tokens equal those with
+    a cache for the whole context; stats count the tokens."""
+    torch.manual_seed(0)
+    model = randomize(Transformer(our_config("gqa", "sdpa"))).eval()
+    prompt, n = [5, 9, 2, 7, 1], 20
+    new_kv_cache, lengths = model.new_kv_cache, []
+
+    def spy(batch_size, dtype=None, device=None, max_len=None, full=False):
+        cache = new_kv_cache(batch_size, dtype, device, None if full else max_len)
+        lengths.append(cache[0][0].shape[1])
+        return cache
+    monkeypatch.setattr(model, "new_kv_cache", spy)
+    stats = {}
+    sized = list(sample.generate(model, prompt, n, temperature=0, stats=stats))
+    monkeypatch.setattr(model, "new_kv_cache", lambda *a, **k: spy(*a, **k, full=True))
+    full = list(sample.generate(model, prompt, n, temperature=0))
+    assert lengths == [len(prompt) + n, MAX_LEN]
+    assert len(sized) == n and sized == full
+    assert (stats["prompt_tokens"], stats["new_tokens"], stats["decode_steps"]) == (5, n, n - 1)
+    assert stats["prefill_s"] > 0 and stats["decode_s"] > 0
+    assert "5 prompt tokens, 20 new" in sample.throughput(stats) and "tokens/s" in sample.throughput(stats)
