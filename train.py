@@ -35,7 +35,7 @@ class Config:
     out_dir: str = "out"
     dataset: str = "pystdlib"  # data/<dataset>/{train,val}.bin; the offline pystdlib is prepared on first use
     data_dir: str = "data"
-    init_from: str = "scratch"  # scratch | resume (newest checkpoint in out_dir) | hf:<dir>
+    init_from: str = "scratch"  # scratch | resume (newest checkpoint in out_dir) | hf:<dir> (its shape, weights, tokenizer)
     resume_fallback: bool = False  # resume from an older checkpoint if the newest is corrupt
     # batch: batch_size sequences per optimizer step, micro_batch_size per forward on one rank
     block_size: int = 256
@@ -211,6 +211,63 @@ def open_split(cfg, split, vocab_size):
         raise UserError(f"{path} has {len(tokens)} tokens, fewer than one block (block_size={cfg.block_size}) "
                         "plus one; use a smaller block_size or more data")
     return tokens, header
+
+
+def read_hf_config(init_from):
+    """config.json of init_from=hf:<dir> (the model's shape comes from it, not from this Config)."""
+    path = os.path.join(init_from[3:], "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"init_from={init_from}: cannot read {path} ({e}); point hf: at a Hugging Face "
+                        "Llama directory (config.json, model.safetensors, tokenizer.json)")
+
+
+def data_tokenizer(cfg, header):
+    """What checkpoints record as the run's tokenizer: the data's Tokenizer when its files are at
+    data/<dataset>/tokenizer/ (prepare.py puts hf tokenizers there), else the header's identity."""
+    from prepare import DataError, get_tokenizer, same_tokenizer
+    ident = {"name": header.get("tokenizer"), "sha": header.get("tokenizer_sha")}
+    folder = os.path.join(cfg.data_dir, cfg.dataset, "tokenizer")
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        try:
+            tok = get_tokenizer("hf:" + folder)
+        except DataError as e:
+            raise UserError(str(e))
+        if same_tokenizer(tok.identity(), ident):
+            return tok
+    return ident
+
+
+def resumed_model_config(cfg, mcfg, path):
+    """The model to resume into. A run started from hf:<dir> took its shape from the directory,
+    not from the config's model keys: when those keys are as the run saved them, the checkpoint's
+    model config is the run's. Keys changed since are left to load_training to refuse."""
+    keys = {f.name for f in dataclasses.fields(Config)} & set(dataclasses.asdict(mcfg)) - {"attn_impl", "max_seq_len"}
+    saved_cfg = checkpoint.load(path, "train_state.pt").get("config", {})
+    if any(saved_cfg.get(k) != getattr(cfg, k) for k in keys):
+        return mcfg
+    try:  # mmap: only the small model_config entry is read, not the weights
+        saved = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise checkpoint.CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
+    return config_from_dict({**saved["model_config"], "attn_impl": cfg.attn_impl,
+                             "max_seq_len": max(cfg.block_size, saved["model_config"]["max_seq_len"])})
+
+
+def check_tokenizer(cfg, header, model_tok, source):
+    """Refuse data tokenized with another tokenizer than the model's (model_tok: a record from
+    checkpoint.tokenizer_record, None when the model names none). Returns model_tok."""
+    from prepare import describe, same_tokenizer
+    data_tok = {"name": header.get("tokenizer"), "sha": header.get("tokenizer_sha")}
+    if model_tok is not None and not same_tokenizer(model_tok, data_tok):
+        spec = model_tok.get("spec") or model_tok["name"]
+        raise UserError(f"dataset {cfg.dataset!r} ({os.path.join(cfg.data_dir, cfg.dataset)}) was tokenized with "
+                        f"{describe(data_tok)} but the model {source} uses {describe(model_tok)}: its token ids "
+                        f"would mean other text. Fix: python prepare.py --source=<your text> "
+                        f"--name={cfg.dataset} --tokenizer={spec}")
+    return model_tok
 
 
 def batch_offsets(cfg, n_tokens, step, split):
@@ -460,20 +517,34 @@ def train(cfg):
     device, dtype, autocast = setup_device(cfg)
     runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
     mcfg = model_config(cfg)
-    train_data, header = open_split(cfg, "train", mcfg.vocab_size)
-    val_data, _ = open_split(cfg, "val", mcfg.vocab_size)
+    hf_config = read_hf_config(cfg.init_from) if cfg.init_from.startswith("hf:") else None
     resume_path = None
     if cfg.init_from == "resume":
         resume_path = checkpoint.latest(cfg.out_dir, fallback=cfg.resume_fallback)
         if resume_path is None and mesh.is_main:
             print(f"no checkpoint in {cfg.out_dir}: starting from scratch")
+        if resume_path is not None:
+            mcfg = resumed_model_config(cfg, mcfg, resume_path)
     elif cfg.init_from != "scratch" and not cfg.init_from.startswith("hf:"):
         raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or 'hf:<dir>'")
+    vocab_size = hf_config["vocab_size"] if hf_config else mcfg.vocab_size
+    train_data, header = open_split(cfg, "train", vocab_size)
+    val_data, _ = open_split(cfg, "val", vocab_size)
+    tokenizer = data_tokenizer(cfg, header)
+    if resume_path is not None:
+        check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
+    elif hf_config:
+        rec = check_tokenizer(cfg, header, checkpoint.tokenizer_record(cfg.init_from), cfg.init_from)
+        if rec:  # the model's tokenizer, so checkpoints carry its files
+            from prepare import get_tokenizer
+            tokenizer = get_tokenizer(cfg.init_from)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.init_from.startswith("hf:"):
         try:
-            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl)
+            # the published context length stays the model's (checkpoints, export); block_size may exceed it
+            max_seq_len = max(cfg.block_size, hf_config.get("max_position_embeddings") or 0)
+            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=max_seq_len, attn_impl=cfg.attn_impl)
         except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
             raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
@@ -500,7 +571,6 @@ def train(cfg):
             f"micro-batches | theoretical bubble {bubble:.1%} of each step"
             + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
     preempt = Preemption()
-    tokenizer = header.get("tokenizer")
     bad_steps, t0, tokens_seen = 0, time.time(), 0
     loss_sum, n_summed = torch.zeros((), device=device), 0  # over the applied steps since the last log line
     world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
