@@ -92,12 +92,15 @@ def make_figure(runs, smooth=0.0):
                             label=f"{label}: skipped steps")
         if drawn and field == "grad_norm":
             ax.set_yscale("log")
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
+        if not drawn:
             ax.text(0.5, 0.5, f"no '{field}' in the logs" + (" (GPU runs only)" if field == "peak_mem_gib" else ""),
                     ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.suptitle(", ".join(label for label, _ in runs) + (f" (loss smoothed, EMA {smooth})" if smooth else ""))
+    from matplotlib.lines import Line2D  # one legend: a colour per run, a style per kind of point
+    handles = [Line2D([], [], color=f"C{i}", label=label) for i, (label, _) in enumerate(runs)]
+    handles += [Line2D([], [], color="black", ls="--", marker="o", markersize=3, label="validation"),
+                Line2D([], [], color="black", ls="", marker="x", label="skipped step")]
+    axes.flat[0].legend(handles=handles, fontsize=8)
+    fig.suptitle("training curves" + (f" (training loss smoothed, EMA {smooth})" if smooth else ""))
     fig.tight_layout()
     return fig
 

@@ -14,11 +14,11 @@ python3 bench_train.py --steps=15 --warmup=4 --impls=hf_compile,ours_compile,our
 ;;
 one_gpu_loss)
 export PYTHONUNBUFFERED=1
-A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=16 --max_iters=200 --warmup_iters=20 --lr_decay_iters=200 --learning_rate=1e-3 --log_interval=10 --eval_interval=200 --eval_iters=5 --checkpoint_interval=1000 --dtype=bfloat16"
-timeout 150 python3 train.py $A --out_dir=$OUT/fast --compile=True --attn_impl=sdpa 2>&1 | grep -E "^step" | tail -4
-timeout 150 python3 train.py $A --out_dir=$OUT/master --compile=True --attn_impl=sdpa --master_weights=True 2>&1 | grep -E "^step" | tail -4
-timeout 150 python3 train.py $A --out_dir=$OUT/plain --compile=False --attn_impl=math 2>&1 | grep -E "^step" | tail -4
-timeout 150 python3 train.py $A --out_dir=$OUT/flash --compile=False --attn_impl=flash 2>&1 | grep -E "^step" | tail -4
+A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=16 --max_iters=200 --warmup_iters=20 --lr_decay_iters=200 --learning_rate=1e-3 --log_interval=10 --eval_interval=50 --eval_iters=5 --checkpoint_interval=1000 --dtype=bfloat16"
+timeout 150 python3 train.py $A --out_dir=$OUT/fast --compile=True --attn_impl=sdpa 2>&1 | grep -E "^MFU|^step +(100|200) "
+timeout 150 python3 train.py $A --out_dir=$OUT/master --compile=True --attn_impl=sdpa --master_weights=True 2>&1 | grep -E "^MFU|^step +(100|200) "
+timeout 150 python3 train.py $A --out_dir=$OUT/plain --compile=False --attn_impl=math 2>&1 | grep -E "^MFU|^step +(100|200) "
+timeout 150 python3 train.py $A --out_dir=$OUT/flash --compile=False --attn_impl=flash 2>&1 | grep -E "^MFU|^step +(100|200) "
 python3 - <<'PY'
 import json, os
 out = os.environ["OUT"]
@@ -29,6 +29,8 @@ for s in sorted(L["fast"]):
 for n in ("fast", "master", "flash"):
     print(f"max |{n}-plain| =", max(abs(L[n][s] - L["plain"][s]) for s in L[n]))
 PY
+python3 plot.py $OUT/plain $OUT/fast $OUT/master $OUT/flash --no_show --out=$OUT/loss.png \
+  --labels="eager math,compile sdpa,compile sdpa master_weights,eager flash_attn"
 rm -rf $OUT/*/ckpt_*
 ;;
 bench_multi)
