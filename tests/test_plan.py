@@ -1,0 +1,195 @@
+"""plan.py: the memory model against the bytes the tensors hold, and the planner's answers."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel
+import plan
+import train
+import zero
+from model import Block, ModelConfig, Transformer
+from util import free_port, tiny_args
+
+MASTER = "master_weights" in {f.name for f in train.Config.__dataclass_fields__.values()}
+
+
+def tiny_cfg(tmp_path, **overrides):
+    return train.load_config(tiny_args(tmp_path, **overrides))
+
+
+def measured_state(model, optimizer):
+    """{params, grads, optimizer} bytes from the tensors' storages (a view of one buffer counts once)."""
+    if isinstance(optimizer, zero.ZeroAdamW):
+        return optimizer.memory(model)
+    state = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
+    return {"params": zero.storage_bytes(list(model.parameters())),
+            "grads": zero.storage_bytes([p.grad for p in model.parameters()]), "optimizer": zero.storage_bytes(state)}
+
+
+def make_mesh(world, rank, dp, pp, tp):
+    """The process groups of parallel.init_distributed for one layout of an initialized world."""
+    grid = torch.arange(world).view(dp, pp, tp)
+    d, p, t = (int(i) for i in (grid == rank).nonzero()[0])
+    mesh = parallel.Mesh(world, rank, dp, pp, tp, d, p, t)
+    for name, lists in (("dp_group", grid.permute(1, 2, 0).reshape(-1, dp)),
+                        ("pp_group", grid.permute(0, 2, 1).reshape(-1, pp)),
+                        ("tp_group", grid.reshape(-1, tp)), ("mp_group", grid.reshape(dp, -1))):
+        for ranks in lists.tolist():
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                setattr(mesh, name, group)
+                if name == "pp_group":
+                    mesh.pp_ranks = ranks
+    return mesh
+
+
+def one_step(cfg, mesh):
+    """Build the model as train.train does, run one optimizer step; bytes held by this rank
+    (before zero_grad, when the gradients exist) and the prediction for its stage."""
+    torch.manual_seed(cfg.seed)
+    model = parallel.parallelize(Transformer(train.model_config(cfg)), mesh, cfg, torch.device("cpu"))
+    device, dtype, autocast = train.setup_device(cfg)
+    optimizer = train.build_optimizer(model, cfg, mesh, device)
+    seqs = torch.randint(0, cfg.vocab_size, (cfg.batch_size // mesh.dp, cfg.block_size + 1),
+                         generator=torch.Generator().manual_seed(mesh.dp_rank))
+    mb = cfg.micro_batch_size
+    micro = [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:]) for i in range(0, len(seqs), mb)]
+    scaler = train.LossScaler(False)
+    loss, norm = train.compute_gradients(cfg, mesh, model, model, optimizer, micro, scaler, autocast)
+    train.apply_update(cfg, model, optimizer, norm, scaler)
+    got = measured_state(model, optimizer)
+    want = plan.model_state_bytes(cfg, train.model_config(cfg), plan.layout_of(cfg, mesh.world), mesh.pp_rank,
+                                  cuda=False)
+    return got, want
+
+
+# (dp, tp, pp, extra config): every kind of layout the other tests run, at world 4
+LAYOUTS = [
+    (4, 1, 1, {}), (4, 1, 1, dict(zero=1)), (4, 1, 1, dict(zero=2)), (4, 1, 1, dict(zero=3)),
+    (2, 2, 1, {}), (2, 2, 1, dict(zero=1, sequence_parallel=True)), (2, 2, 1, dict(zero=3, tie_embeddings=True)),
+    (1, 4, 1, {}),  # 2 kv heads over 4 tp ranks
+    (2, 1, 2, dict(pp_schedule="gpipe")), (2, 1, 2, dict(zero=1)), (2, 1, 2, dict(zero=2, tie_embeddings=True)),
+    (2, 1, 2, dict(zero=3, pp_schedule="interleaved", pp_virtual=2)),
+    (1, 2, 2, dict(tie_embeddings=True)), (1, 1, 4, dict(pp_schedule="gpipe")),
+]
+
+
+def _worker(rank, world, port, base, results):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = []
+    for dp, tp, pp, extra in LAYOUTS:
+        low = extra.get("zero", 0) > 0  # ZeroAdamW layouts: bf16 parameters with float32 master weights
+        if low and MASTER:
+            extra = dict(extra, master_weights=True)
+        cfg = train.load_config(tiny_args(base, tp=tp, pp=pp, dtype="bfloat16" if low else "float32", **extra))
+        out.append(one_step(cfg, make_mesh(world, rank, dp, pp, tp)))
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def test_model_states_exact_in_every_layout(tmp_path):
+    """Parameters, gradients and optimizer state of every rank, measured from the tensors after one
+    step under 4 gloo ranks, equal plan.model_state_bytes to the byte (ZeRO's padding included)."""
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(4, free_port(), tmp_path, results), nprocs=4)
+    for rank in range(4):
+        for (dp, tp, pp, extra), (got, want) in zip(LAYOUTS, results[rank]):
+            assert got == want, (rank, dp, tp, pp, extra, got, want)
+    # the layouts differ: a wrong stage, shard or padding rule would not cancel out
+    assert len({str(results[0][i][1]) for i in range(len(LAYOUTS))}) > len(LAYOUTS) // 2
+
+
+@pytest.mark.parametrize("extra", [{}, dict(zero=1, dtype="bfloat16")])
+def test_model_states_exact_one_process(tmp_path, extra):
+    cfg = tiny_cfg(tmp_path, **extra, **(dict(master_weights=True) if extra and MASTER else {}))
+    got, want = one_step(cfg, parallel.Mesh())
+    assert got == want
+
+
+# --------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+@pytest.mark.parametrize("param_dtype, autocast", [(torch.float32, False), (torch.float32, True),
+                                                   (torch.bfloat16, True)])
+def test_layer_activations_equal_saved_tensors(impl, param_dtype, autocast):
+    """One Block's saved tensors (autograd's pack hook, distinct storages, parameters and RoPE
+    buffers left out) equal layer_activation_bytes on CPU, for float32, autocast over float32
+    parameters (the weight and input casts) and bf16 parameters, grouped-query attention."""
+    mc = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                     attn_impl=impl, max_seq_len=32)
+    model = Transformer(mc).to(param_dtype)
+    block, b, s = model.layers["0"], 3, 32
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+    x = torch.randn(b, s, mc.dim, dtype=param_dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        block(x, model.rope_cos[:s], model.rope_sin[:s])
+    p, a = (4 if param_dtype == torch.float32 else 2), (2 if autocast else 4)
+    assert sum(saved.values()) == plan.layer_activation_bytes(mc, b, s, 1, False, p, a, "none", cuda=False)
+
+
+def test_live_chunks_follow_the_schedules():
+    """GPipe keeps all m micro-batches, 1F1B pp - stage, interleaved Megatron's count in chunks."""
+    assert plan.live_chunks("gpipe", 8, 4, 1, 0) == {0: 8}
+    assert [sum(plan.live_chunks("1f1b", 8, 4, 1, st).values()) for st in range(4)] == [4, 3, 2, 1]
+    assert sum(plan.live_chunks("interleaved", 8, 4, 2, 0).values()) == 2 * 3 + 1 * 4 + 1
+    assert plan.live_chunks("1f1b", 2, 4, 1, 0) == {0: 2}
+
+
+def test_checkpointing_orders_memory(tmp_path):
+    mc = train.model_config(tiny_cfg(tmp_path))
+    sizes = [plan.layer_activation_bytes(mc, 8, 2048, 1, False, 2, 2, ck) for ck in plan.CKPT_MODES]
+    assert sizes[0] > sizes[1] > sizes[2] == 2 * 8 * 2048 * mc.dim
+
+
+# --------------------------------------------------------------------------- the planner
+def test_planner_7b_on_8x80(capsys):
+    plan.main(["configs/llama_7b.py", "--gpus=8", "--gpu_mem_gib=80"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith("#")) + 1
+    row = lines[first].split()
+    assert row[0] == "1" and float(row[-4]) <= 80 - 1.25, out  # peak GiB within the budget
+    assert "#1 wins" in out and "layouts fit" in out
+
+
+def test_planner_refuses_what_cannot_fit(capsys):
+    with pytest.raises(SystemExit) as e:
+        plan.main(["configs/llama_7b.py", "--gpus=1", "--gpu_mem_gib=24"])
+    msg = str(e.value)
+    assert msg.startswith("error: no layout fits") and "bytes" in msg and "24 GiB" in msg, msg
+
+
+@pytest.mark.parametrize("argv, needle", [(["configs/llama_7b.py", "--gpus=0"], "must be positive"),
+                                          (["configs/nope.py", "--gpus=8"], "not found"),
+                                          (["configs/llama_7b.py", "--gpus=8", "--gpu=a100"], "--gpu='a100'"),
+                                          (["configs/llama_7b.py", "--gpus=8", "--n_layer=3"], "n_layers")])
+def test_planner_errors(argv, needle):
+    with pytest.raises(SystemExit) as e:
+        plan.main(argv)
+    assert str(e.value).startswith("error:") and needle in str(e.value), str(e.value)
+
+
+def test_check_run_prints_on_cpu_and_refuses_a_small_gpu(tmp_path, monkeypatch):
+    cfg = train.load_config(["configs/llama_1b.py", "--micro_batch_size=8", "--batch_size=64"])
+    line = plan.check_run(cfg, parallel.Mesh(), torch.device("cpu"))
+    assert line.startswith("predicted peak memory per rank")
+
+    class Props:
+        total_memory = 40 * 2 ** 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    with pytest.raises(train.UserError) as e:
+        plan.check_run(cfg, parallel.Mesh(), torch.device("cuda"))
+    msg = str(e.value)
+    assert "does not fit" in msg and f"{40 * 2 ** 30:,}" in msg and "set micro_batch_size=" in msg, msg
