@@ -200,13 +200,14 @@ def head_bytes(mc, b, s, tp, sp, p, a):
     """(kept, transient) of the last chunk's final norm, output head and loss for one micro-batch.
     Kept: the final RMSNorm (as a layer's), the output matrix's input, and the float32 log-
     probabilities (F.cross_entropy's log_softmax output; the vocab-parallel loss's softmax),
-    4 b s V/tp. Transient at the loss, beyond that: one process, forward: the logits (a), their
+    4 b s V/tp, and autocast's copy of a float32 output matrix. Transient at the loss, beyond that: one process, forward: the logits (a), their
     float32 copy (4) and the log-softmax (4); backward: the log-softmax's output, its gradient
     and the input's gradient (12) -> max(a + 8, 12) - 4. Vocab-parallel (tp > 1): forward a + 8
     (logits, float32 copy, exp), the backward works in place -> a + 4."""
     s_n = s // tp if sp else s
     bsv = b * s * mc.vocab_size // tp
     kept = (4 + p) * b * s_n * mc.dim + 4 * b * s_n + a * b * s * mc.dim + 4 * bsv
+    kept += a * mc.vocab_size // tp * mc.dim if p != a else 0  # autocast's copy of the output matrix
     transient = (max(a + 8, 12) - 4) if tp == 1 else (a + 4)
     return kept, transient * bsv
 
