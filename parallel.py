@@ -346,7 +346,7 @@ class NormEnterTP(RMSNorm):
 
     def __init__(self, norm, group, sequence_parallel):
         nn.Module.__init__(self)
-        self.eps, self.weight = norm.eps, norm.weight
+        self.eps, self.weight, self.recompute = norm.eps, norm.weight, norm.recompute
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x):

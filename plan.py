@@ -272,18 +272,24 @@ def predict(cfg, mc, lay, stage, cuda=True):
         buffers = p * b * s_n * mc.dim * ((g < n_chunks - 1) + (g > 0 and lay.ckpt == "none" and p < 4))
         act += count * (per_chunk[g] * layer + buffers)
     kept, transient = head_bytes(mc, b, s, tp, lay.sp, p, a)
-    if last:
-        act += live.get(n_chunks - 1 if lay.pp > 1 else 0, 1) * kept + transient
+    if not last:
+        transient = 0
+    else:
+        act += live.get(n_chunks - 1 if lay.pp > 1 else 0, 1) * kept
+    act += 8 * (cfg.batch_size // lay.dp) * (s + 1) + (8 * b * s if stage == 0 else 0)  # the batch; ids saved
+    # the backward of the loss, then of each layer in turn, whose recomputation (checkpointing) briefly
+    # holds the tensors `none` keeps; meanwhile the gradients fill in (all of them already when accumulating)
     none = layer_activation_bytes(mc, b, s, tp, lay.sp, p, a, "none", cuda)
-    recompute = none - layer if lay.ckpt != "none" else 0  # one layer recomputed in its backward
-    tokens = 8 * (cfg.batch_size // lay.dp) * (s + 1) + (8 * b * s if stage == 0 else 0)  # the batch; ids saved
-    act += recompute + tokens
+    recompute = none - layer if lay.ckpt != "none" else 0
     accumulate = m > 1 or lay.pp > 1
-    dynamic = max(act + (g_full if accumulate else 0), end)
+    head_grads = p * sum(sizes[:len(sizes) - sum(per_chunk.values())]) if last and not torch_adamw else \
+        (4 * sum(sizes[:len(sizes) - sum(per_chunk.values())]) if last and lay.dp == 1 else 0)
+    dynamic = max(act + transient + (g_full if accumulate else 0),
+                  act + recompute + (g_full if accumulate else head_grads), end)
     total = params + optimizer + g_keep + dynamic
     return {"total": total, "params": params, "grads": g_keep + (g_full if accumulate else end),
-            "optimizer": optimizer, "activations": act, "host_optimizer": states["optimizer"] if lay.offload else 0,
-            "layer": layer, "live": sum(live.values())}
+            "optimizer": optimizer, "activations": act + max(transient, recompute),
+            "host_optimizer": states["optimizer"] if lay.offload else 0, "layer": layer, "live": sum(live.values())}
 
 
 def peak(cfg, mc, lay, cuda=True):
@@ -510,7 +516,8 @@ def check_run(cfg, mesh, device):
     mem = None
     if cuda:
         import torch
-        mem = torch.cuda.get_device_properties(device).total_memory
+        props = torch.cuda.get_device_properties(device)
+        mem, device = props.total_memory, f"{device} ({props.name})"
     line, total, ok = report(cfg, mesh, cuda, mem)
     if ok:
         return line

@@ -77,6 +77,7 @@ class Config:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     attn_impl: str = "sdpa"
+    activation_checkpointing: str = "none"  # none | selective | full: recompute in the backward instead of keeping
     # parallelism (parallel.py, zero.py)
     tp: int = 1
     sequence_parallel: bool = False  # tp > 1: norms and residuals on T/tp tokens per rank (parallel.py)

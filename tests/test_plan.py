@@ -112,15 +112,17 @@ def test_model_states_exact_one_process(tmp_path, extra):
 
 
 # --------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("ckpt", plan.CKPT_MODES)
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
 @pytest.mark.parametrize("param_dtype, autocast", [(torch.float32, False), (torch.float32, True),
                                                    (torch.bfloat16, True)])
-def test_layer_activations_equal_saved_tensors(impl, param_dtype, autocast):
+def test_layer_activations_equal_saved_tensors(impl, param_dtype, autocast, ckpt):
     """One Block's saved tensors (autograd's pack hook, distinct storages, parameters and RoPE
     buffers left out) equal layer_activation_bytes on CPU, for float32, autocast over float32
-    parameters (the weight and input casts) and bf16 parameters, grouped-query attention."""
+    parameters (the weight and input casts) and bf16 parameters, grouped-query attention, in each
+    activation_checkpointing mode (what a recomputed region keeps: its inputs)."""
     mc = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
-                     attn_impl=impl, max_seq_len=32)
+                     attn_impl=impl, max_seq_len=32, activation_checkpointing=ckpt)
     model = Transformer(mc).to(param_dtype)
     block, b, s = model.layers["0"], 3, 32
     skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
@@ -136,7 +138,7 @@ def test_layer_activations_equal_saved_tensors(impl, param_dtype, autocast):
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         block(x, model.rope_cos[:s], model.rope_sin[:s])
     p, a = (4 if param_dtype == torch.float32 else 2), (2 if autocast else 4)
-    assert sum(saved.values()) == plan.layer_activation_bytes(mc, b, s, 1, False, p, a, "none", cuda=False)
+    assert sum(saved.values()) == plan.layer_activation_bytes(mc, b, s, 1, False, p, a, ckpt, cuda=False)
 
 
 def test_live_chunks_follow_the_schedules():
@@ -187,9 +189,10 @@ def test_check_run_prints_on_cpu_and_refuses_a_small_gpu(tmp_path, monkeypatch):
     assert line.startswith("predicted peak memory per rank")
 
     class Props:
-        total_memory = 40 * 2 ** 30
+        total_memory, name = 40 * 2 ** 30, "a 40 GiB GPU"
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     with pytest.raises(train.UserError) as e:
         plan.check_run(cfg, parallel.Mesh(), torch.device("cuda"))
     msg = str(e.value)
-    assert "does not fit" in msg and f"{40 * 2 ** 30:,}" in msg and "set micro_batch_size=" in msg, msg
+    assert "does not fit" in msg and f"{40 * 2 ** 30:,}" in msg and "a 40 GiB GPU" in msg, msg
+    assert "set activation_checkpointing='full' (" in msg and " or micro_batch_size=2 (" in msg, msg
