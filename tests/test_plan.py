@@ -11,7 +11,7 @@ import plan
 import train
 import zero
 from model import Block, ModelConfig, Transformer
-from util import free_port, tiny_args
+from util import assert_same_run, free_port, make_dataset, run_ok, tiny_args
 
 MASTER = "master_weights" in {f.name for f in train.Config.__dataclass_fields__.values()}
 
@@ -46,24 +46,27 @@ def make_mesh(world, rank, dp, pp, tp):
     return mesh
 
 
-def one_step(cfg, mesh):
-    """Build the model as train.train does, run one optimizer step; bytes held by this rank
-    (before zero_grad, when the gradients exist) and the prediction for its stage."""
+def one_step(cfg, mesh, seed=0):
+    """Build the model as train.train does, run one optimizer step. Returns the bytes this rank
+    holds (before zero_grad, when the gradients exist), the prediction for its stage, and the
+    step's loss, gradient norm and this rank's gradients (ZeroAdamW: its shards)."""
     torch.manual_seed(cfg.seed)
     model = parallel.parallelize(Transformer(train.model_config(cfg)), mesh, cfg, torch.device("cpu"))
     device, dtype, autocast = train.setup_device(cfg)
     optimizer = train.build_optimizer(model, cfg, mesh, device)
     seqs = torch.randint(0, cfg.vocab_size, (cfg.batch_size // mesh.dp, cfg.block_size + 1),
-                         generator=torch.Generator().manual_seed(mesh.dp_rank))
+                         generator=torch.Generator().manual_seed(seed + mesh.dp_rank))
     mb = cfg.micro_batch_size
     micro = [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:]) for i in range(0, len(seqs), mb)]
     scaler = train.LossScaler(False)
     loss, norm = train.compute_gradients(cfg, mesh, model, model, optimizer, micro, scaler, autocast)
+    grads = [g.clone() for g in optimizer._grad_views()] if isinstance(optimizer, zero.ZeroAdamW) else \
+        [p.grad.clone() for p in model.parameters()]
     train.apply_update(cfg, model, optimizer, norm, scaler)
     got = measured_state(model, optimizer)
     want = plan.model_state_bytes(cfg, train.model_config(cfg), plan.layout_of(cfg, mesh.world), mesh.pp_rank,
                                   cuda=False)
-    return got, want
+    return got, want, (float(loss), float(norm), grads)
 
 
 # (dp, tp, pp, extra config): every kind of layout the other tests run, at world 4
@@ -87,7 +90,7 @@ def _worker(rank, world, port, base, results):
         if low and MASTER:
             extra = dict(extra, master_weights=True)
         cfg = train.load_config(tiny_args(base, tp=tp, pp=pp, dtype="bfloat16" if low else "float32", **extra))
-        out.append(one_step(cfg, make_mesh(world, rank, dp, pp, tp)))
+        out.append(one_step(cfg, make_mesh(world, rank, dp, pp, tp))[:2])
     results[rank] = out
     dist.destroy_process_group()
 
@@ -107,8 +110,62 @@ def test_model_states_exact_in_every_layout(tmp_path):
 @pytest.mark.parametrize("extra", [{}, dict(zero=1, dtype="bfloat16")])
 def test_model_states_exact_one_process(tmp_path, extra):
     cfg = tiny_cfg(tmp_path, **extra, **(dict(master_weights=True) if extra and MASTER else {}))
-    got, want = one_step(cfg, parallel.Mesh())
+    got, want, _ = one_step(cfg, parallel.Mesh())
     assert got == want
+
+
+# --------------------------------------------------------------------------- checkpointing: same step
+CKPT_LAYOUTS = [  # (dp, tp, pp, extra): each kind of layout, at world 4
+    (4, 1, 1, {}), (2, 2, 1, dict(sequence_parallel=True)), (1, 4, 1, {}),
+    (2, 1, 2, dict(pp_schedule="gpipe")), (2, 1, 2, dict(pp_schedule="1f1b", tie_embeddings=True)),
+    (1, 2, 2, dict(pp_schedule="interleaved", pp_virtual=2, sequence_parallel=True)),
+    (4, 1, 1, dict(zero=1)), (4, 1, 1, dict(zero=2)), (2, 2, 1, dict(zero=3, sequence_parallel=True)),
+    (2, 1, 2, dict(zero=3, pp_schedule="gpipe")),  # all forwards first, then every layer's recomputation
+]
+
+
+def _ckpt_worker(rank, world, port, base, results):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = []
+    for dp, tp, pp, extra in CKPT_LAYOUTS:
+        mesh = make_mesh(world, rank, dp, pp, tp)
+        out.append([one_step(train.load_config(tiny_args(base, tp=tp, pp=pp, activation_checkpointing=ck, **extra)),
+                             mesh, seed=rank)[2] for ck in plan.CKPT_MODES])
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def test_checkpointing_gives_the_same_step_in_every_layout(tmp_path):
+    """One float32 step under 4 gloo ranks with activation_checkpointing none, selective and full:
+    the same loss, gradient norm and gradients on every rank (zero=3: its gathers again before the
+    recomputation), in data, tensor (+ sequence) and pipeline parallelism (each schedule) and ZeRO."""
+    results = mp.Manager().dict()
+    mp.spawn(_ckpt_worker, args=(4, free_port(), tmp_path, results), nprocs=4)
+    for rank in range(4):
+        for layout, runs in zip(CKPT_LAYOUTS, results[rank]):
+            (loss, norm, grads), others = runs[0], runs[1:]
+            assert norm > 0 and len(grads) > 0
+            for ck, (loss2, norm2, grads2) in zip(plan.CKPT_MODES[1:], others):
+                assert loss2 == pytest.approx(loss, rel=1e-6) and norm2 == pytest.approx(norm, rel=1e-5), \
+                    (rank, layout, ck, loss, loss2, norm, norm2)
+                for g, g2 in zip(grads, grads2):
+                    torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{rank} {layout} {ck}: {m}")
+
+
+@pytest.mark.parametrize("nproc, extra", [
+    (4, dict(activation_checkpointing="full", tp=2, sequence_parallel=True, zero=3)),
+    pytest.param(4, dict(activation_checkpointing="selective", pp=2, pp_schedule="interleaved", pp_virtual=2, zero=1),
+                 marks=pytest.mark.slow),
+])
+def test_train_with_checkpointing_matches_one_process(tmp_path, nproc, extra):
+    """train.py runs under torchrun with checkpointing: the losses and parameters of a one-process
+    run without it (util.assert_same_run)."""
+    make_dataset(tmp_path / "data")
+    run_ok(tiny_args(tmp_path, out_dir=str(tmp_path / "single")))
+    run_ok(tiny_args(tmp_path, out_dir=str(tmp_path / "ckpt"), **extra), nproc)
+    assert_same_run(tmp_path / "ckpt", tmp_path / "single")
 
 
 # --------------------------------------------------------------------------- activations
