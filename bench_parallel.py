@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 import parallel
-import train
 import zero
 from model import ModelConfig, Transformer
 
@@ -51,13 +50,12 @@ def parse(argv):
 # backward on or off (off in the first accum - 1 micro-steps, as train.py does), update() runs
 # after the last backward: wait for the sync, clip at global norm 1.0, optimizer step, zero grads.
 
-def torch_update(model, opt, buckets=None):
+def torch_update(model, opt, grad_sync=parallel.NoSync()):
     def update():
-        if buckets is not None:
-            buckets.finish()
+        grad_sync.finish()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=buckets is None)  # GradBuckets keeps .grad as views: zero in place
+        opt.zero_grad(set_to_none=grad_sync.set_to_none)
     return update
 
 
@@ -65,7 +63,7 @@ def build(mode, args, mcfg, device, rank, world):
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 1B model on the CPU takes seconds per mode
         model = Transformer(mcfg)
-    groups = lambda: train.param_groups(model, 0.1)  # decay on matrices only, as train.py
+    groups = lambda: model.param_groups(0.1)  # decay on matrices only, as train.py
     cuda = device.type == "cuda"
 
     if mode in ("ddp", "torch_zero"):
@@ -81,9 +79,10 @@ def build(mode, args, mcfg, device, rank, world):
         return ddp, lambda flag: setattr(ddp, "require_backward_grad_sync", flag), torch_update(model, opt)
 
     if mode == "dp":
-        buckets = parallel.GradBuckets(list(model.parameters()), dist.group.WORLD, args.bucket_mb) if world > 1 else None
+        sync = parallel.GradBuckets(list(model.parameters()), dist.group.WORLD, args.bucket_mb) if world > 1 \
+            else parallel.NoSync()
         opt = torch.optim.AdamW(groups(), lr=1e-4, fused=cuda)
-        return model, lambda flag: setattr(buckets, "sync", flag) if buckets else None, torch_update(model, opt, buckets)
+        return model, lambda flag: setattr(sync, "sync", flag), torch_update(model, opt, sync)
 
     if mode.startswith("zero"):
         mesh = parallel.Mesh(world=world, rank=rank, dp=world, dp_rank=rank,
@@ -96,7 +95,7 @@ def build(mode, args, mcfg, device, rank, world):
             model.grad_sync.finish()
             norm = opt.grad_norm()
             opt.step(grad_scale=torch.clamp(1.0 / (norm + 1e-6), max=1.0))
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=model.grad_sync.set_to_none)
         return model, lambda flag: setattr(model.grad_sync, "sync", flag), update
 
     if mode == "fsdp2":

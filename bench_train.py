@@ -6,10 +6,10 @@
 Each implementation runs the same shapes in one process, one after the other: float32
 master weights, bf16 autocast, fused torch AdamW, random tokens (never zeros). "ours" is
 model.py through train.py's forward_backward / grad_norm / clip / optimizer.step; "hf" is
-LlamaForCausalLM with SDPA attention. "ours_compile_master" is train.py's --zero=1 step on
-one GPU instead: bf16 parameters and gradients, float32 master weights and moments in
-zero.ZeroAdamW (book fig. 4.16). MFU counts 6N + 12*L*d*T FLOPs per token (PaLM), against
-the bf16 matmul rate measured in this run and against the datasheet peak.
+LlamaForCausalLM with SDPA attention. "ours_compile_master" is train.py's --master_weights=True
+step instead: bf16 parameters and gradients, float32 master weights and moments in
+zero.ZeroAdamW (book fig. 4.16). MFU counts model.flops_per_token (6N + 12*L*d*T, PaLM) against
+the bf16 matmul rate measured in this run and against the datasheet peak (train.PEAK_TFLOPS).
 """
 import argparse
 import dataclasses
@@ -29,7 +29,6 @@ SHAPES = {  # name: (model config, batch, seq)
     "134m": (dict(dim=768, n_layers=12, n_heads=12, ffn_dim=2048, vocab_size=32000), 16, 1024),
     "1b": (dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=8192, vocab_size=32000), 4, 2048),
 }
-DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16
 
 
 def measured_matmul_rate(n=8192, iters=20):
@@ -45,24 +44,23 @@ def measured_matmul_rate(n=8192, iters=20):
     return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3)
 
 
-def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION, zero=0):
+def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION, master=False):
     """train.py's step: compute_gradients (forward_backward, grad_norm) and apply_update (clip,
-    AdamW), built as train.py builds it. zero=1 on one GPU: bf16 parameters and gradients with
-    float32 master weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused
-    AdamW pass); zero=0: float32 parameters under bf16 autocast, torch's fused AdamW."""
+    AdamW), built as train.py builds it. master: bf16 parameters and gradients with float32
+    master weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused AdamW
+    pass); else float32 parameters under bf16 autocast, torch's fused AdamW."""
     model_module.SDPA_BACKENDS.sort(key=lambda b: b != sdpa_first)  # which SDPA backend is tried first
-    model = Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)).cuda()
-    model.grad_sync = None
-    cfg, mesh = dataclasses.replace(train.Config(), zero=zero, dtype="bfloat16", device="cuda"), parallel.Mesh()
+    cfg, mesh = dataclasses.replace(train.Config(), master_weights=master, dtype="bfloat16", device="cuda"), parallel.Mesh()
     device, _, autocast = train.setup_device(cfg)
-    opt = train.build_optimizer(model, cfg, mesh, device)  # zero=1: bf16 parameters, sets model.grad_sync
+    model = parallel.parallelize(Transformer(ModelConfig(**shape, max_seq_len=seq, attn_impl=attn_impl)), mesh, cfg, device)
+    opt = train.build_optimizer(model, cfg, mesh, device)
     fwd = torch.compile(model) if compile_model else model
     scaler = train.LossScaler(enabled=False)
 
     def step(x, y):
         _, norm = train.compute_gradients(cfg, mesh, model, fwd, opt, [(x, y)], scaler, autocast)
         train.apply_update(cfg, model, opt, norm, scaler)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=model.grad_sync.set_to_none)
     return model, step
 
 
@@ -93,7 +91,7 @@ IMPLS = {
     "ours": lambda s, b, t: ours_step(s, b, t, False, "sdpa"),
     "ours_compile": lambda s, b, t: ours_step(s, b, t, True, "sdpa"),
     "ours_compile_flash": lambda s, b, t: ours_step(s, b, t, True, "flash"),
-    "ours_compile_master": lambda s, b, t: ours_step(s, b, t, True, "sdpa", zero=1),
+    "ours_compile_master": lambda s, b, t: ours_step(s, b, t, True, "sdpa", master=True),
     "ours_compile_sdpa_flash": lambda s, b, t: ours_step(s, b, t, True, "sdpa", sdpa_first=SDPBackend.FLASH_ATTENTION),
 }
 
@@ -102,8 +100,8 @@ def bench(impl, shape_name, steps, warmup):
     shape, batch, seq = SHAPES[shape_name]
     torch.manual_seed(0)
     model, step = IMPLS[impl](shape, batch, seq)
-    n_nonemb = sum(p.numel() for p in model.parameters()) - shape["vocab_size"] * shape["dim"]
-    flops_per_token = 6 * n_nonemb + 12 * shape["n_layers"] * shape["dim"] * seq
+    with torch.device("meta"):  # model.py's count for either implementation: same shapes, same FLOPs
+        flops_per_token = Transformer(ModelConfig(**shape, max_seq_len=seq)).flops_per_token(seq)
     x = torch.randint(0, shape["vocab_size"], (batch, seq), device="cuda")
     y = torch.roll(x, -1, 1)
     torch.cuda.reset_peak_memory_stats()
@@ -131,8 +129,9 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    rate = measured_matmul_rate()
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | measured bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    rate, datasheet = measured_matmul_rate(), train.peak_flops(torch.cuda.get_device_name()) or math.nan
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | measured bf16 matmul {rate / 1e12:.0f} TFLOP/s"
+          f" | datasheet {datasheet / 1e12:g} TFLOP/s (train.PEAK_TFLOPS)")
     rows = []
     for shape_name in args.shapes.split(","):
         for impl in args.impls.split(","):
@@ -141,7 +140,7 @@ def main():
             except Exception as e:  # one failing implementation must not hide the others' numbers
                 print(f"{shape_name} {impl}: failed: {type(e).__name__}: {e}")
                 continue
-            rows.append((shape_name, impl, tok_s, fpt * tok_s / rate, fpt * tok_s / DATASHEET_BF16, peak))
+            rows.append((shape_name, impl, tok_s, fpt * tok_s / rate, fpt * tok_s / datasheet, peak))
             print(f"{shape_name:5s} {impl:20s} {tok_s:12,.0f} tok/s  MFU {100 * rows[-1][3]:5.1f}% (measured) "
                   f"{100 * rows[-1][4]:5.1f}% (datasheet)  peak {peak:6.1f} GiB", flush=True)
     print("\n| shape | implementation | tokens/s | MFU (measured) | MFU (datasheet) | peak GiB | vs hf_compile |")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import parallel
+import zero
 
 PREFIX = "ckpt_"
 
@@ -188,7 +189,7 @@ def load_optimizer_state(model, optimizer, state):
 def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
     """Every rank contributes (gathers are collective); rank 0 writes the single-process files."""
     tmp = temp_dir(cfg.out_dir, step)
-    if cfg.zero:  # ZeRO: full tensors gathered from the dp shards (same files as zero=0) + optim_rank<r>.pt
+    if isinstance(optimizer, zero.ZeroAdamW):  # full tensors gathered from its shards (same files) + optim_rank<r>.pt
         params, files = optimizer.checkpoint_files(model, mesh)
     else:
         params = parallel.gather_full(dict(model.named_parameters()), model, mesh)
@@ -238,7 +239,7 @@ def load_training(cfg, mesh, model, optimizer, scaler, path):
     if diff:
         raise CheckpointError(f"checkpoint {path} is from an incompatible model: " + "; ".join(diff))
     local = parallel.shard_full(blob["state_dict"], model, mesh)
-    if cfg.zero:  # ZeRO: master weights from model.pt, moments from this rank's shard file or optimizer.pt
+    if isinstance(optimizer, zero.ZeroAdamW):  # master weights from model.pt, moments from optim_rank<r>.pt or optimizer.pt
         optimizer.load_checkpoint(path, local, model, mesh)
     else:
         with torch.no_grad():

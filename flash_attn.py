@@ -3,8 +3,8 @@
     from flash_attn import flash_attn_func
     out = flash_attn_func(q, k, v, causal=True)   # q (B, T, Hq, D), k/v (B, T, Hkv, D)
 
-The algorithm (the book's section 2.4.2; FlashAttention, algorithm 1; FlashAttention-2's
-work partitioning). Attention is O = softmax(S) V with S = scale * Q K^T. The (T, T) matrix S
+The algorithm (the book's section 2.4.2; FlashAttention, arXiv 2205.14135, algorithm 1;
+FlashAttention-2's work partitioning, arXiv 2307.08691). Attention is O = softmax(S) V with S = scale * Q K^T. The (T, T) matrix S
 never reaches global memory: one program owns a block of BLOCK_M query rows, keeps it in
 on-chip memory and streams over the key/value blocks. The softmax is computed online: with a
 running row maximum m and running denominator l,
@@ -54,16 +54,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: kernels run on the CPU in numpy
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_BLOCK = 128  # largest tile in any config; lse/delta buffers are padded to a multiple of it
-LOG2E = 1.4426950408889634  # log2(e); written out inside the kernels, which cannot read Python globals
-
-if INTERPRET:  # Triton 3.6's interpreter int()s 1-element arrays (loop bounds), an error since numpy 2.4
-    from triton.runtime import interpreter as _interpreter
-    _patch_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_tensor_index(tensor, scope):
-        _patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-    _interpreter._patch_lang_tensor = _patch_tensor_index
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); a constexpr, so the kernels can read it
 
 
 # --------------------------------------------------------------------------- masks and tile ranges
@@ -153,7 +144,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634  # scale * log2(e): exp(x) = exp2(x * log2(e))
+    qk_scale = softmax_scale * LOG2E  # exp(x) = exp2(x * log2(e))
 
     lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
@@ -229,7 +220,7 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, softma
     v = desc_v.load([b * T + n0, hk * HEAD_DIM])
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
     # the query rows that see these keys: the transpose of the forward's band (BEFORE <-> AFTER)
     lo, mid_lo, mid_hi, hi = _block_range(n0, T, RIGHT, LEFT, BLOCK_N, BLOCK_M)
     for g in range(GROUP):  # grouped-query: sum over the query heads that share this kv head
@@ -289,7 +280,7 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
     lse = tl.load(Lse + bh.to(tl.int64) * T_pad + offs_m)
     delta = tl.load(Delta + bh.to(tl.int64) * T_pad + offs_m)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
     kv_row, kv_col = b * T, (h // GROUP) * HEAD_DIM
     lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
@@ -462,7 +453,7 @@ class _FlashAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, causal, scale, left, right, hopper)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, scale, left, right, hopper)
-        lse_e = lse[..., :q.shape[1]] / LOG2E  # natural-log lse, (B, H, T)
+        lse_e = lse[..., :q.shape[1]] / LOG2E.value  # natural-log lse, (B, H, T)
         ctx.mark_non_differentiable(lse_e)
         return out, lse_e
 

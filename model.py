@@ -9,7 +9,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -24,7 +24,7 @@ CHECKPOINTING = ("none", "selective", "full")  # ModelConfig.activation_checkpoi
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 # torch SDPA backends in order of preference: cuDNN's fused attention is the fastest on
-# Hopper (about 1.6x the flash backend, bench_attention.py); the others take what it can't
+# Hopper (1.5-1.8x the flash backend, README's attention table); the others take what it can't
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -308,14 +308,21 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence end {start_pos + T} exceeds the KV cache's "
                              f"{next(iter(cache.values()))[0].shape[1]} positions; pass new_kv_cache a larger max_len")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, dim)
-        for name, layer in self.layers.items():
-            h = layer(h, cos, sin, None if cache is None else cache[int(name)], start_pos)
-        if self.output is None:
-            return h, None
-        logits = self.output(self.norm(h))  # (B, T, vocab)
-        loss = None if targets is None else self.loss_fn(logits, targets)
-        return logits, loss
+        pieces = self.pieces(first=self.tok_embeddings is not None, last=self.output is not None)
+        h = self.run(tokens, cos, sin, pieces, cache, start_pos)  # (B, T, vocab) logits, or (B, T, dim)
+        return h, None if self.output is None or targets is None else self.loss_fn(h, targets)
+
+    def pieces(self, layer_ids=None, first=True, last=True):
+        """[(layer index or None, module)] in the order a forward calls them, written once: forward runs
+        them all, parallel.chunk_forward a pipeline chunk's, zero.py's stage-3 prefetch follows them."""
+        head = [(None, self.tok_embeddings)] if first else []
+        tail = [(None, self.norm), (None, self.output)] if last else []
+        return head + [(int(i), self.layers[str(i)]) for i in (self.layers if layer_ids is None else layer_ids)] + tail
+
+    def run(self, h, cos, sin, pieces, cache=None, start_pos=0):
+        for i, module in pieces:  # the one layer loop: token ids or hidden states in, logits or hidden states out
+            h = module(h) if i is None else module(h, cos, sin, None if cache is None else cache[i], start_pos)
+        return h
 
     def new_kv_cache(self, batch_size, dtype=None, device=None, max_len=None):
         """Per layer a (k, v) pair of (batch, max_len, n_kv_heads, head_dim) zeros; max_len
@@ -325,6 +332,12 @@ class Transformer(nn.Module):
         shape = (batch_size, max_len or self.config.max_seq_len, ref.shape[0] // attn.head_dim, attn.head_dim)
         make = lambda: torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
         return {int(i): (make(), make()) for i in self.layers}
+
+    def param_groups(self, weight_decay):
+        """AdamW groups (nanoGPT's configure_optimizers): decay on matrices and embeddings, not norm weights."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ----------------------------------------------------------------------- accounting
     def num_params(self, non_embedding=False):
@@ -336,10 +349,11 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (PaLM's count): 6N for the weight matmuls (forward 2N,
         backward 4N, N without the input embedding) plus 12 * n_layers * dim * seq_len for
-        QK^T and AV, not halved for the causal mask, so MFU compares with other reports."""
+        QK^T and AV, not halved for the causal mask (arXiv 2204.02311, appendix B); dim there is
+        the attention width n_heads * head_dim, which a Hugging Face config may set apart from dim."""
         c = self.config
         n = self.num_params(non_embedding=True)
-        return 6 * n + 6 * c.n_layers * c.dim * seq_len
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
     # ----------------------------------------------------------------------- transformers interop
     @classmethod
@@ -553,7 +567,3 @@ def config_from_dict(d):
     """ModelConfig from any dict that holds its keys (extra keys are ignored)."""
     names = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in d.items() if k in names})
-
-
-def config_to_dict(cfg):
-    return asdict(cfg)

@@ -92,22 +92,27 @@ def init_distributed(cfg):
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.dist_timeout_s),
                             device_id=torch.device("cuda", local_rank) if cuda else None)
-    tp, pp = cfg.tp, cfg.pp
+    return make_mesh(world, rank, dp, cfg.pp, cfg.tp)
+
+
+def make_mesh(world, rank, dp, pp, tp):
+    """This rank's Mesh of the dp x pp x tp grid, with its process groups (every rank calls it)."""
     grid = torch.arange(world).view(dp, pp, tp)
     d, p, t = (int(i) for i in (grid == rank).nonzero()[0])
-    mesh = Mesh(world, rank, dp, pp, tp, d, p, t)
-    # every rank must create every group, in the same order
+    mesh = Mesh(world, rank, dp, pp, tp, d, p, t, pp_ranks=grid[d, :, t].tolist())
     for name, lists in (("dp_group", grid.permute(1, 2, 0).reshape(-1, dp)),
                         ("pp_group", grid.permute(0, 2, 1).reshape(-1, pp)),
                         ("tp_group", grid.reshape(-1, tp)),
                         ("mp_group", grid.reshape(dp, -1))):
-        for ranks in lists.tolist():
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                setattr(mesh, name, group)
-                if name == "pp_group":
-                    mesh.pp_ranks = ranks
+        setattr(mesh, name, new_groups(lists.tolist(), rank))
     return mesh
+
+
+def new_groups(rank_lists, rank):
+    """A process group per list of ranks; returns the one holding `rank` (None if none). Every
+    rank must create every group, in the same order, even the groups it is not in."""
+    groups = [(dist.new_group(list(ranks)), ranks) for ranks in rank_lists]
+    return next((group for group, ranks in groups if rank in ranks), None)
 
 
 def all_reduce(tensor, group, op=dist.ReduceOp.SUM):
@@ -152,6 +157,17 @@ def all_gather_flat(out, inp, group, async_op=False):
 
 
 # --------------------------------------------------------------------------- data parallelism
+class NoSync:
+    """model.grad_sync without data parallelism: nothing to average (the protocol: see parallelize)."""
+    sync, set_to_none = True, True
+
+    def finish(self):
+        pass
+
+    def reduced_grad(self, p):
+        return p.grad
+
+
 class GradBuckets:
     """Average gradients over the dp group (book 4.2.1), overlapping backward.
 
@@ -163,8 +179,9 @@ class GradBuckets:
     ready, the bucket is averaged in place by an asynchronous all-reduce while backward goes
     on, and finish() waits for them. While `sync` is False (the accumulation micro-steps)
     the hooks do nothing and gradients just accumulate locally. Zero the gradients in place
-    (zero_grad(set_to_none=False)) to keep the views; a gradient autograd allocated anew
-    (after set_to_none) is copied into its bucket and re-pointed at it, so both are correct."""
+    (set_to_none False) to keep the views; a gradient autograd allocated anew (after
+    set_to_none) is copied into its bucket and re-pointed at it, so both are correct."""
+    set_to_none = False
 
     def __init__(self, params, group, bucket_mb=25.0):
         self.group, self.world = group, dist.get_world_size(group)
@@ -230,17 +247,11 @@ def check_replicas_identical(model, group):
 
 
 # --------------------------------------------------------------------------- tensor parallelism
-# Megatron-LM (book 4.2.2): inside a block, the first matrix of each sublayer is split by
+# Megatron-LM (arXiv 1909.08053; book 4.2.2): inside a block, the first matrix of each sublayer is split by
 # columns (4.2: wq/wk/wv by heads, SwiGLU's gate w1 and up w3 by hidden units), the second
 # by rows (4.3: wo, down w2). The column-split output is exactly the row-split input, so a
 # sublayer needs one all-reduce forward (after the row-parallel matrix, Megatron's g) and
 # one backward (where the replicated input enters the sublayer, Megatron's f).
-#
-# Every parameter carries `tp_dim`, read by grad_norm and gather_full / shard_full:
-#   tp_dim None   the full tensor, the same on every tp rank (norm weights; all of tp=1)
-#   tp_dim 0 / 1  a slice along that dim: the full tensor is split in `tp_shards` equal
-#                 slices (default tp) and tp rank r holds slice r * tp_shards // tp. With
-#                 n_kv_heads < tp a kv head's wk/wv slice is held by tp / n_kv_heads ranks.
 # Parameters are sliced from the full, seeded single-device model, so tp=T trains the same
 # model as tp=1 with the same seed.
 
@@ -278,7 +289,7 @@ class ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-# Sequence parallelism (Korthikanti et al. 2022): between the sublayers, the residual
+# Sequence parallelism (Korthikanti et al., arXiv 2205.05198): between the sublayers, the residual
 # stream, the norms and the residual adds work on T/tp tokens per rank, (B, T/tp, dim).
 # f becomes an all-gather over the sequence (backward: reduce-scatter) and g a
 # reduce-scatter (backward: all-gather): the same bytes as one all-reduce, but the
@@ -445,17 +456,6 @@ def _sum_grad_over(p, group):
     p.register_hook(lambda grad: all_reduce(grad.clone(), group))
 
 
-def _kv_groups(mesh, share):
-    """Process groups of the `share` consecutive tp ranks that hold the same kv head. Every
-    rank must create every group in the same order; returns this rank's."""
-    mine = None
-    for first in range(0, mesh.world, share):  # share divides tp, and a tp group is tp consecutive ranks
-        group = dist.new_group(list(range(first, first + share)))
-        if first <= mesh.rank < first + share:
-            mine = group
-    return mine
-
-
 def _shard(p, dim, mesh, shards=None):
     """The slice of full parameter p that this tp rank holds, tagged for grad_norm/gather."""
     shards = shards or mesh.tp
@@ -475,7 +475,8 @@ def tensor_parallel(model, mesh, cfg):
         raise LayoutError(f"sequence_parallel splits each sequence over tp ranks: block_size={cfg.block_size} "
                           f"must be divisible by tp={tp}")
     kv_shards = min(c.n_kv_heads, tp)  # n_kv_heads < tp: tp / n_kv_heads ranks share a kv head
-    kv_group = _kv_groups(mesh, tp // kv_shards) if kv_shards < tp else None
+    share = tp // kv_shards  # the consecutive ranks (a tp group is tp consecutive ranks) holding one kv head
+    kv_group = new_groups([range(r, r + share) for r in range(0, mesh.world, share)], mesh.rank) if share > 1 else None
     for block in model.layers.values():
         attn, ffn = block.attention, block.feed_forward
         block.attention_norm = NormEnterTP(block.attention_norm, group, sp)
@@ -584,29 +585,17 @@ def pipeline_split(model, mesh, cfg):
     elif model.config.tie_embeddings:
         model.output.weight.pp_tied_copy = True  # the first stage's copy is the one counted and saved
     tokens = cfg.block_size // mesh.tp if cfg.sequence_parallel else cfg.block_size  # per message
+    grid = torch.arange(mesh.world).view(mesh.dp, mesh.pp, mesh.tp)  # tied: a group of each pipeline's two ends (Megatron)
+    ends = [[int(grid[d, 0, t]), int(grid[d, -1, t])] for d in range(mesh.dp) for t in range(mesh.tp)]
     model.pipeline = Pipeline(mesh, cfg.pp_schedule, cfg.pp_virtual, mine, n_chunks,
                               (cfg.micro_batch_size, tokens, model.config.dim),
-                              embed_group=_embedding_group(mesh) if model.config.tie_embeddings else None,
+                              embed_group=new_groups(ends, mesh.rank) if model.config.tie_embeddings else None,
                               measure_idle=cfg.pp_measure_idle)
-
-
-def _embedding_group(mesh):
-    """The first and last stage of each pipeline (as Megatron does for tied embeddings).
-    Every rank creates every group, in the same order."""
-    grid = torch.arange(mesh.world).view(mesh.dp, mesh.pp, mesh.tp)
-    mine = None
-    for d in range(mesh.dp):
-        for t in range(mesh.tp):
-            ranks = [int(grid[d, 0, t]), int(grid[d, -1, t])]
-            group = dist.new_group(ranks)
-            if mesh.rank in ranks:
-                mine = group
-    return mine
 
 
 # ---- schedules: plain functions, (m micro-batches, pp stages, this stage) -> list of actions
 def gpipe_schedule(m, pp, stage):
-    """GPipe (figure 4.7): every forward, then every backward; all m activations stay alive."""
+    """GPipe (arXiv 1811.06965; figure 4.7): every forward, then every backward; all m activations stay alive."""
     return [("F", i, stage) for i in range(m)] + [("B", i, stage) for i in range(m)]
 
 
@@ -622,7 +611,7 @@ def one_f_one_b_schedule(m, pp, stage):
 
 
 def interleaved_schedule(m, pp, stage, v):
-    """Interleaved 1F1B (figure 4.8, bottom; Megatron-LM): the stage holds v chunks and runs
+    """Interleaved 1F1B (figure 4.8, bottom; Megatron-LM, arXiv 2104.04473): the stage holds v chunks and runs
     micro-batches in groups of pp through chunk 0, then the same group through chunk 1, ...
     (backward: the chunks in reverse). Needs m to be a multiple of pp."""
     def action(kind, k):  # the k-th forward / backward of this stage
@@ -673,14 +662,9 @@ def check_pipeline(cfg, pp, m):
 def chunk_forward(model, pipe, g, x, y):
     """Chunk g: x is (B, T) token ids for chunk 0, else (B, T, dim) hidden states (B, T/tp, dim)
     under sequence parallelism). Returns the chunk's output, or the mean token loss for the last."""
-    T = y.shape[1]  # the full sequence: the rotary tables span it even when x holds a slice
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    h = model.tok_embeddings(x) if g == 0 else x
-    for i in pipe.layers[g]:
-        h = model.layers[str(i)](h, cos, sin)
-    if g < pipe.n_chunks - 1:
-        return h
-    return model.loss_fn(model.output(model.norm(h)), y)
+    T, last = y.shape[1], g == pipe.n_chunks - 1  # T: the full sequence, which the rotary tables span
+    out = model.run(x, model.rope_cos[:T], model.rope_sin[:T], model.pieces(pipe.layers[g], g == 0, last))
+    return model.loss_fn(out, y) if last else out
 
 
 def _tag(kind, mb, g, m):
@@ -739,10 +723,15 @@ def _connect_neighbours(pipe, device):
 
 def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False):
     """Run this rank's actions. Returns the sum of the micro-batch losses on the stage holding
-    the last chunk, 0 elsewhere. Each action's sends are posted together with the next
-    action's receive in one batch_isend_irecv: NCCL pairs a send with the neighbour's
-    receive only inside one group, so neighbours that both send then receive cannot deadlock.
-    Sends are waited for only at the end of the schedule: no device sync after each send."""
+    the last chunk, 0 elsewhere. Each action's sends are posted with the next action's receive
+    in one batch_isend_irecv, [..] below (1F1B, p=2, m=3, as a run logs it; a_i activations,
+    g_i their gradients):
+      stage 0:  F0  [send a0] F1  [send a1, recv g0] B0  F2  [send a2, recv g1] B1  [recv g2] B2
+      stage 1:  [recv a0] F0  B0  [send g0, recv a1] F1  B1  [send g1, recv a2] F2  B2  [send g2]
+    NCCL pairs a send with the neighbour's receive only inside one batch, and the k-th batches of
+    the two stages meet: a1 goes out in the batch that waits for g0 and g0 in the one that waits
+    for a1, so neither stage blocks the other. Sends are waited for only at the end of the
+    schedule: no device sync after each send."""
     pipe, m = model.pipeline, len(micro_batches)
     device, dtype = micro_batches[0][0].device, next(model.parameters()).dtype  # the residual stream's dtype
     if not pipe.connected:
@@ -775,8 +764,7 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
                 pipe.peak_live = max(pipe.peak_live, len(saved))
         else:
             inp, out = saved.pop((mb, g))
-            if model.grad_sync is not None:  # dp: all-reduce a chunk's gradients in its last backward
-                model.grad_sync.sync = mb == m - 1
+            model.grad_sync.sync = mb == m - 1  # dp: all-reduce a chunk's gradients in its last backward
             if g == pipe.n_chunks - 1:
                 (out * (loss_scale / m)).backward()  # each micro loss is a token mean: 1/m of it
             else:
@@ -797,12 +785,11 @@ def pipeline_step(model, micro_batches, loss_scale, autocast):
     total = run_schedule(model, micro_batches, loss_scale, autocast)
     if pipe.measure_idle:  # the drain: a stage done early waits for the others' last backwards
         _timed_wait(pipe, lambda: dist.barrier(group=pipe.mesh.pp_group))
-    if model.grad_sync is not None:
-        model.grad_sync.finish()
+    model.grad_sync.finish()
     if pipe.embed_group is not None:  # d loss / d W = embedding's part (first) + output head's part (last)
         w = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
         # after the dp sync: w.grad, or under ZeRO this rank's dp shard of it, the only part kept
-        all_reduce(model.grad_sync.reduced_grad(w) if model.grad_sync is not None else w.grad, pipe.embed_group)
+        all_reduce(model.grad_sync.reduced_grad(w), pipe.embed_group)
     pipe.total_s += time.perf_counter() - t0
     return total / len(micro_batches)
 
@@ -835,18 +822,31 @@ def gather_stages(full, model, mesh):
 
 
 # --------------------------------------------------------------------------- apply, in a fixed order
+# What other files set on a model.py Transformer, in one place (model.py itself sets loss_fn only):
+#   model.loss_fn    (logits, targets) -> mean loss: model.cross_entropy, or tensor_parallel's vocab-parallel one
+#   model.pipeline   Pipeline (pipeline_split, pp > 1; absent otherwise): read by the schedule and zero.py
+#   model.grad_sync  the dp gradient sync: set here (NoSync, or GradBuckets when dp > 1), replaced by
+#                    zero.ZeroAdamW (zero.GradShards). Each one has, in the order a step uses them:
+#                      sync             False in accumulation micro-steps; True before a step's last backward
+#                      finish()         after that backward: the dp-mean gradients are in place
+#                      reduced_grad(p)  then: p's dp-mean gradient (p.grad, or ZeRO's shard of it)
+#                      set_to_none      after the optimizer step: optimizer.zero_grad(set_to_none=...)
+#   p.tp_dim         on a tensor-parallel slice (_shard), read by grad_norm, gather_full, shard_full:
+#   p.tp_shards      the full tensor is split along dim tp_dim in tp_shards equal slices (default tp),
+#                    tp rank r holds slice r * tp_shards // tp (n_kv_heads < tp: tp / n_kv_heads ranks
+#                    share a kv head's wk/wv slice). Absent: the full tensor, the same on every tp rank
+#   p.pp_tied_copy   on the last stage's copy of a tied embedding (pipeline_split): norm and saves skip it
 def parallelize(model, mesh, cfg, device=None):
-    """Tensor parallelism, then pipeline stages (both on the full model where it was built,
-    e.g. the CPU, so only this rank's part reaches the GPU), then the move to `device`, then
-    data-parallel gradient hooks. Returns the model; model.grad_sync is None without dp."""
-    model.grad_sync = None
+    """The transforms in the order of the module docstring; tp and pp cut the model where it was
+    built (e.g. the CPU), so only this rank's part reaches `device`. Returns the model."""
+    model.grad_sync = NoSync()
     if mesh.tp > 1:  # tp=1: no transform at all, so f and g cost nothing
         tensor_parallel(model, mesh, cfg)
     if mesh.pp > 1:  # pipeline: keep this rank's chunks of layers (after TP, before the DP hooks)
         pipeline_split(model, mesh, cfg)
     if device is not None:
         model.to(device)
-    if mesh.dp > 1 and not cfg.zero:
+    if mesh.dp > 1 and not (cfg.zero or getattr(cfg, "master_weights", False)):  # else zero.ZeroAdamW syncs
         check_replicas_identical(model, mesh.dp_group)
         model.grad_sync = GradBuckets(list(model.parameters()), mesh.dp_group, cfg.dp_bucket_mb)
     return model

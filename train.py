@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import parallel
+import zero
 from model import Transformer, config_from_dict
 
 
@@ -63,6 +64,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 | float16
     compile: bool = False
+    master_weights: bool = False  # bf16/fp16 parameters and gradients, float32 master weights in the optimizer (zero.py)
     dist_timeout_s: int = 600
     # model (see model.ModelConfig); max_seq_len is block_size
     dim: int = 768
@@ -82,7 +84,7 @@ class Config:
     tp: int = 1
     sequence_parallel: bool = False  # tp > 1: norms and residuals on T/tp tokens per rank (parallel.py)
     pp: int = 1
-    zero: int = 0
+    zero: int = 0  # ZeRO stage: where the optimizer state, gradients and parameters live, not their precision
     zero_offload: bool = False  # zero>0: keep the float32 master weights and AdamW moments in CPU memory
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     pp_virtual: int = 1  # model chunks per pipeline rank (interleaved)
@@ -90,6 +92,12 @@ class Config:
     pp_last_layers: int = 0  # layers of the last chunk (it also holds the output head); 0: balanced
     pp_measure_idle: bool = False  # log each stage's measured idle share (syncs the device: slower)
     dp_bucket_mb: float = 25.0
+    peak_tflops: float = 0.0  # dense bf16 TFLOP/s of one GPU, for MFU; 0: looked up by device name (PEAK_TFLOPS)
+    # trackers (RunLog): the fields of log.jsonl, from rank 0; off by default, never required
+    wandb: bool = False
+    wandb_project: str = "llama-from-scratch"
+    wandb_run_name: str = ""  # "": the out_dir's name
+    tensorboard: bool = False  # event files in out_dir/tensorboard
 
 
 class UserError(Exception):
@@ -154,11 +162,24 @@ def load_config(argv):
                 "checkpoint_interval", "max_bad_steps"):
         if getattr(cfg, key) < 1:
             raise UserError(f"config key {key}={getattr(cfg, key)} must be >= 1")
-    if cfg.max_iters < 0:
-        raise UserError(f"config key max_iters={cfg.max_iters} must be >= 0")
+    for key in ("max_iters", "peak_tflops"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"config key {key}={getattr(cfg, key)} must be >= 0")
     if cfg.batch_size % cfg.micro_batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size}")
     return cfg
+
+
+# dense bf16 tensor-core datasheet TFLOP/s; the first whose words occur in torch.cuda.get_device_name() wins
+PEAK_TFLOPS = [("h100 pcie", 756), ("h100 nvl", 835), ("h200 nvl", 835), ("h100", 989), ("h200", 989),
+               ("gh200", 989), ("b200", 2250), ("a100", 312), ("l40s", 362), ("l40", 181), ("l4", 121),
+               ("a10", 125), ("rtx 4090", 165)]
+
+
+def peak_flops(device_name, override=0.0):
+    """Peak FLOP/s of one device for MFU: override (TFLOP/s) if set, else PEAK_TFLOPS; None if unknown."""
+    name = f" {device_name.lower().replace('-', ' ')} "  # "NVIDIA A100-SXM4-80GB" has the word a100, not a10
+    return override * 1e12 if override else next((t * 1e12 for k, t in PEAK_TFLOPS if f" {k} " in name), None)
 
 
 def model_config(cfg):
@@ -219,21 +240,15 @@ def lr_at(cfg, step):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def param_groups(model, weight_decay):
-    """Weight decay on matrices (and embeddings) only, not on norm weights."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def build_optimizer(model, cfg, mesh, device):
-    if cfg.zero:  # sharded AdamW; the parameters become low-precision copies of float32 master weights
-        import zero
+    """torch's AdamW, or zero.py's (sharded when zero > 0; low-precision parameters when master_weights)."""
+    dtype = setup_device(cfg)[1]
+    if cfg.zero or cfg.master_weights:
         try:
-            return zero.build_optimizer(model, cfg, mesh, getattr(torch, setup_device(cfg)[1]))
+            return zero.build_optimizer(model, cfg, mesh, getattr(torch, dtype) if cfg.master_weights else torch.float32)
         except ValueError as e:
             raise UserError(str(e))
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+    return torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
                              betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
@@ -268,14 +283,12 @@ def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
     Gradients sync across dp only in the last micro-step (grad_sync.sync)."""
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):
-        if grad_sync is not None:
-            grad_sync.sync = i == len(micro_batches) - 1
+        grad_sync.sync = i == len(micro_batches) - 1
         with autocast:
             _, loss = model(x, y)
         (loss * (loss_scale / len(micro_batches))).backward()
         total += loss.detach()
-    if grad_sync is not None:
-        grad_sync.finish()
+    grad_sync.finish()
     return total / len(micro_batches)
 
 
@@ -286,7 +299,7 @@ def compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro_batches, scale
         loss = parallel.pipeline_step(model, micro_batches, scaler.scale, autocast)
     else:
         loss = forward_backward(fwd_bwd, micro_batches, scaler.scale, autocast, model.grad_sync)
-    if cfg.zero:  # ZeRO: this rank holds a shard of the gradients; step() unscales them in float32
+    if isinstance(optimizer, zero.ZeroAdamW):  # a shard of the gradients; step() unscales them in float32
         return loss, optimizer.grad_norm() / scaler.scale
     if scaler.enabled:
         for p in model.parameters():
@@ -297,7 +310,7 @@ def compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro_batches, scale
 
 def apply_update(cfg, model, optimizer, norm, scaler):
     """Scale the gradients by min(1, grad_clip / norm) (global-norm clipping) and step AdamW."""
-    if cfg.zero:
+    if isinstance(optimizer, zero.ZeroAdamW):
         coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0) if cfg.grad_clip > 0 else 1.0
         optimizer.step(grad_scale=coef / scaler.scale)
         return
@@ -330,6 +343,9 @@ def setup_device(cfg):
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if want_cuda and torch.cuda.is_bf16_supported() else "float32"
+    if cfg.master_weights and dtype == "float32":
+        raise UserError(f"master_weights=True keeps float32 master weights of bfloat16/float16 parameters, but dtype="
+                        f"{cfg.dtype!r} means float32 here; set --dtype=bfloat16 (or float16) or drop master_weights")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
     return device, dtype, autocast
@@ -354,23 +370,73 @@ def evaluate(cfg, model, mesh, val, device, autocast):
     return parallel.reduce_for_log(total / n, mesh).item()
 
 
-def open_log(out_dir):
-    """out_dir/log.jsonl for appending; a line cut short by a crash is ended so it stays one bad line."""
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint.clean_temp(out_dir)  # temporary folders of saves that a crash interrupted
-    path = os.path.join(out_dir, "log.jsonl")
-    f = open(path, "a")
-    if f.tell() > 0:
-        with open(path, "rb") as r:
-            r.seek(-1, os.SEEK_END)
-            if r.read(1) != b"\n":
-                f.write("\n")
-    return f
+class RunLog:
+    """The run's records, written by rank 0 only: out_dir/log.jsonl (one JSON object per line: a
+    logged step, a validation loss or a skipped step) and, when switched on, the trackers, which
+    get the same numeric fields at the same steps (lists such as pp_idle as name/0, name/1, ...).
+    wandb=True: wandb_project / wandb_run_name; WANDB_MODE=offline is honoured by wandb itself, and
+    a resumed run continues the same wandb run (its id is kept in out_dir/wandb_id). Steps that a
+    resume logs again are dropped by wandb (its steps only grow) but kept in log.jsonl and
+    TensorBoard. tensorboard=True: event files in out_dir/tensorboard."""
+
+    def __init__(self, cfg):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        checkpoint.clean_temp(cfg.out_dir)  # temporary folders of saves that a crash interrupted
+        path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.file = open(path, "a")
+        if self.file.tell() > 0:  # a line cut short by a crash is ended, so it stays one bad line
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    self.file.write("\n")
+        self.trackers = [open_tracker(cfg, kind) for kind in ("wandb", "tensorboard") if getattr(cfg, kind)]
+
+    def write(self, rec):
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        scalars = {}
+        for k, v in rec.items():
+            for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
+                if isinstance(x, (int, float)) and not isinstance(x, bool) and k != "step":
+                    scalars[name] = x
+        for log_scalars, _ in self.trackers:
+            log_scalars(scalars, rec["step"])
+
+    def close(self):
+        self.file.close()
+        for _, close in self.trackers:
+            close()
+
+
+def open_tracker(cfg, kind):
+    """(log(scalars, step), close()) for wandb or TensorBoard; a missing package is a UserError."""
+    try:
+        if kind == "wandb":
+            import wandb
+        else:
+            from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(f"{kind}=True needs the {kind} package: pip install {kind} (or leave {kind} off)")
+    if kind == "tensorboard":
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        def log(scalars, step):
+            for name, x in scalars.items():
+                writer.add_scalar(name, x, step)
+            writer.flush()
+        return log, writer.close
+    id_file = os.path.join(cfg.out_dir, "wandb_id")
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+    with open(id_file, "w") as f:
+        f.write(run_id)
+    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or os.path.basename(os.path.abspath(cfg.out_dir)),
+                     id=run_id, resume="allow", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+    return (lambda scalars, step: run.log(scalars, step=step)), run.finish
 
 
 def train(cfg):
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
+    runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
     mcfg = model_config(cfg)
     train_data, header = open_split(cfg, "train", mcfg.vocab_size)
     val_data, _ = open_split(cfg, "val", mcfg.vocab_size)
@@ -402,18 +468,24 @@ def train(cfg):
     grad_accum = cfg.batch_size // mesh.dp // cfg.micro_batch_size
     log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
         f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
+        + (" parameters, float32 master weights" if cfg.master_weights else "")
         + (f" | resuming at step {step} from {resume_path}" if resume_path else ""))
     if mesh.pp > 1:
         bubble = parallel.bubble_fraction(cfg.pp_schedule, mesh.pp, grad_accum, cfg.pp_virtual)
         log(f"pipeline: {cfg.pp_schedule} schedule, {mesh.pp} stages x {cfg.pp_virtual} chunks, {grad_accum} "
             f"micro-batches | theoretical bubble {bubble:.1%} of each step"
             + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
-    jsonl = open_log(cfg.out_dir) if mesh.is_main else None
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
-    bad_steps, t0, tokens_seen, loss_sum = 0, time.time(), 0, torch.zeros((), device=device)
+    bad_steps, t0, tokens_seen = 0, time.time(), 0
+    loss_sum, n_summed = torch.zeros((), device=device), 0  # the applied steps since the last log line
     world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
-    peak_flops = 989e12 if device.type == "cuda" else None  # H100/H200 dense bf16 datasheet
+    if device.type == "cuda":  # MFU = 6N + 12LdT FLOPs per token (model.flops_per_token) x tokens/s / peak
+        gpu = torch.cuda.get_device_name(device)
+        peak = peak_flops(gpu, cfg.peak_tflops)
+        log(f"MFU against {peak / 1e12:g} TFLOP/s per GPU ("
+            + ("--peak_tflops)" if cfg.peak_tflops else f"{gpu}: dense bf16 datasheet)") if peak else
+            f"MFU unavailable: {gpu} is not in train.PEAK_TFLOPS; set --peak_tflops=<its dense bf16 TFLOP/s>")
 
     while step < cfg.max_iters:
         lr = lr_at(cfg, step)
@@ -428,51 +500,49 @@ def train(cfg):
         if bad:
             bad_steps += 1
             scaler.update(overflow=True)
-            if jsonl:
-                jsonl.write(json.dumps({"step": step + 1, "skipped": "non-finite gradient norm",
-                                        "loss_scale": scaler.scale}) + "\n")
+            if runlog:
+                runlog.write({"step": step + 1, "skipped": "non-finite gradient norm", "loss_scale": scaler.scale})
             log(f"step {step + 1}: non-finite gradient norm, step skipped"
                 + (f", loss scale lowered to {scaler.scale:g}" if scaler.enabled else f" ({bad_steps}/{cfg.max_bad_steps})"))
             if not scaler.enabled and bad_steps >= cfg.max_bad_steps:
                 raise UserError(f"{bad_steps} consecutive steps with NaN/Inf gradients at step {step + 1}; "
                                 f"the last good checkpoint in {cfg.out_dir} is intact. Lower learning_rate or check the data")
         else:
-            bad_steps = 0
+            bad_steps, n_summed = 0, n_summed + 1
+            loss_sum += loss
             apply_update(cfg, model, optimizer, norm, scaler)
             scaler.update(overflow=False)
-        # data parallelism keeps .grad as views into its all-reduce buckets: zero them in place
-        optimizer.zero_grad(set_to_none=not isinstance(model.grad_sync, parallel.GradBuckets))
+        optimizer.zero_grad(set_to_none=model.grad_sync.set_to_none)
         step += 1
         tokens_seen += cfg.batch_size * cfg.block_size
-        loss_sum += loss
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            n_logged = (step - 1) % cfg.log_interval + 1
-            mean_loss = parallel.reduce_for_log(loss_sum / n_logged, mesh).item()
+            mean_loss = parallel.reduce_for_log(loss_sum / max(n_summed, 1), mesh).item()  # every rank agrees on n
+            tok_s = tokens_seen / (time.time() - t0)
+            rec = {"step": step, **({"loss": mean_loss} if n_summed else {}), "lr": lr, "grad_norm": float(norm),
+                   "tokens_per_s": tok_s, "loss_scale": scaler.scale, "tokens": step * cfg.batch_size * cfg.block_size}
+            line = (f"step {step:6d} | loss " + (f"{mean_loss:.4f}" if n_summed else "n/a (every step skipped)")
+                    + f" | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s")
             loss_sum.zero_()
-            dt = time.time() - t0
-            tok_s = tokens_seen / dt
-            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tok_s,
-                   "loss_scale": scaler.scale}
-            line = f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s"
+            n_summed = 0
             if device.type == "cuda":
-                rec["mfu"] = flops_per_token * tok_s / (peak_flops * mesh.world)
+                if peak:
+                    rec["mfu"] = flops_per_token * tok_s / (peak * mesh.world)
+                    line += f" | MFU {100 * rec['mfu']:.1f}%"
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                line += f" | MFU {100 * rec['mfu']:.1f}% | mem {rec['peak_mem_gib']:.1f} GiB"
+                line += f" | mem {rec['peak_mem_gib']:.1f} GiB"
             if cfg.pp_measure_idle and mesh.pp > 1:
                 rec["pp_idle"] = parallel.pipeline_idle(model)
                 line += " | idle by stage " + " ".join(f"{f:.0%}" for f in rec["pp_idle"])
             log(line)
             t0, tokens_seen = time.time(), 0
-            if jsonl:
-                jsonl.write(json.dumps(rec) + "\n")
-                jsonl.flush()
+            if runlog:
+                runlog.write(rec)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             val_loss = evaluate(cfg, fwd_bwd, mesh, val_data, device, autocast)
             log(f"step {step:6d} | val loss {val_loss:.4f}")
-            if jsonl:
-                jsonl.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-                jsonl.flush()
+            if runlog:
+                runlog.write({"step": step, "val_loss": val_loss})
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stop:
             checkpoint.save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer)
         if step % cfg.eval_interval == 0 or step % cfg.checkpoint_interval == 0:
@@ -480,8 +550,8 @@ def train(cfg):
         if stop:
             log(f"stopped by signal at step {step}; resume with --init_from=resume")
             break
-    if jsonl:
-        jsonl.close()
+    if runlog:
+        runlog.close()
     return model
 
 

@@ -1,12 +1,13 @@
-"""ZeRO: a sharded mixed-precision AdamW over the data-parallel group (book 4.2.4, fig. 4.16-4.17).
+"""ZeRO (arXiv 1910.02054): a sharded mixed-precision AdamW over the data-parallel group (book 4.2.4).
 
-  torchrun --nproc_per_node=8 train.py configs/llama_1b.py --zero=1|2|3 [--zero_offload=True]
-  python zero.py --report [--dp=1,2,4] [--dim=256 ...]      measured bytes next to the book's formulas
+  torchrun --nproc_per_node=8 train.py configs/llama_1b.py --zero=1|2|3 [--master_weights=True]
+  python bench_memory.py [--dp=1,2,4]      measured bytes per rank next to the formulas below
 
-Mixed precision as figure 4.16: the model computes with low-precision (bf16/fp16) parameters
-and gradients (k = 2 bytes each; 4 in fp32 runs), while AdamW keeps float32 master weights
-and both moments: 12 bytes per parameter. With Phi parameters and N data-parallel ranks,
-bytes per rank are (book, with k = 2):
+With master_weights=True (figure 4.16) the model computes with low-precision (bf16/fp16) parameters
+and gradients (k = 2 bytes each), while AdamW keeps float32 master weights and both moments: 12
+bytes per parameter. Without it the parameters stay float32 (k = 4) under autocast, as in train.py's
+zero=0 path, so the zero stage changes only where the bytes live. With Phi parameters and N
+data-parallel ranks, bytes per rank are (book, fig. 4.17, with k = 2):
 
   zero=0  plain data parallelism         k*Phi + k*Phi + 12*Phi        = 2Phi + 2Phi + 12Phi
   zero=1  P_os:     optimizer sharded    k*Phi + k*Phi + 12*Phi/N      = 4Phi + 12Phi/N
@@ -16,18 +17,20 @@ bytes per rank are (book, with k = 2):
 Layout: the parameters are grouped into units (one per parameter outside the layers:
 embedding, final norm, output head; then one per transformer layer). Each unit is one flat
 buffer padded to a multiple of N*ALIGN, and dp rank r owns the contiguous slice [r*S, (r+1)*S)
-of every unit. The rank's float32 master weights and moments are its slices of all units,
-concatenated, and the AdamW update (one fused pass per unit) runs on that shard only:
+of every unit (zero=0, master weights without sharding: N = 1, every rank owns it all). The
+rank's float32 master weights and moments are its slices of all units, concatenated, and the
+AdamW update (one fused pass per unit, adamw_update_) runs on that shard only. What each stage
+changes:
 
-  stage 1: backward fills full gradients; finish() reduce-scatters each unit (every rank
-           gets the mean gradient of its slice), step() updates the slice, then the updated
-           parameters are all-gathered.
-  stage 2: as soon as backward has produced a unit's gradients, a hook reduce-scatters them
-           asynchronously (overlapping the rest of backward) and drops the full gradients.
-  stage 3: only the slice of the parameters is kept too; a unit is all-gathered right before
-           its forward and again before its backward (the next unit's gather is started
-           while the current one computes) and freed after use. Hooks on the modules, not on
-           model.forward, so a pipeline schedule's chunks and interleaved micro-batches work.
+  zero=0: GradShards.finish all-reduces each unit's full gradient (Unit.collect_grad's buffer).
+  zero=1: GradShards.finish reduce-scatters it instead (every rank gets the mean gradient of
+          its slice); ZeroAdamW.step all-gathers the updated parameters.
+  zero=2: GradShards._on_grad_ready reduce-scatters a unit's gradients as soon as backward has
+          produced them (overlapping the rest of backward) and drops the full gradients.
+  zero=3: only the slice of the parameters is kept too (Unit.gather / Unit.free): a unit is
+          all-gathered right before its forward and again before its backward, prefetching the
+          next, by hooks on the modules (install_gather_hooks), not on model.forward, so a
+          pipeline schedule's chunks and interleaved micro-batches work.
 
 With tensor/pipeline parallelism each rank shards its own (tp/pp-local) parameters within its
 dp group. A pipeline's tied embedding (first and last stage) is sharded alike on both stages,
@@ -37,16 +40,12 @@ zero stage or dp size resumes) plus each rank's shard file optim_rank<r>.pt, loa
 when the layout is unchanged.
 """
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
 import parallel
-
-
-# --------------------------------------------------------------------------- collectives (one process: copies)
-from parallel import _size, all_gather_flat as all_gather, reduce_scatter_flat as reduce_scatter  # noqa: E402
+from parallel import _size, all_gather_flat, reduce_scatter_flat  # one process: copies
 
 
 def gather_to_first(inp, group):
@@ -65,10 +64,11 @@ ALIGN = 64  # elements (128 bytes of bf16)
 
 class Unit:
     """Parameters stored as one flat buffer `full` of `padded` = N*S elements; rank r owns
-    full[r*S:(r+1)*S]. Matrices come first, so weight decay is one range of the flat buffer."""
+    full[r*S:(r+1)*S] (zero=0: N = 1). The parameters in `decayed` (model.param_groups' rule) come
+    first, so weight decay is one range of the flat buffer."""
 
-    def __init__(self, named_params, mesh, dtype, stage):
-        named_params = sorted(named_params, key=lambda np_: np_[1].dim() < 2)  # stable: matrices first
+    def __init__(self, named_params, mesh, dtype, stage, decayed):
+        named_params = sorted(named_params, key=lambda np_: id(np_[1]) not in decayed)  # stable: decayed first
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.shapes = [p.shape for p in self.params]
@@ -76,11 +76,12 @@ class Unit:
         for p in self.params:
             self.offsets.append(offset)
             offset += p.numel()
-        self.numel, self.n_decay = offset, sum(p.numel() for p in self.params if p.dim() >= 2)
+        self.numel, self.n_decay = offset, sum(p.numel() for p in self.params if id(p) in decayed)
         # shard size ceil(numel / N), rounded up to ALIGN elements: every shard, and every slice of
         # the optimizer state, starts aligned, so one compiled update kernel serves all units
-        self.S = ALIGN * -(-self.numel // (ALIGN * mesh.dp))
-        self.padded, self.start = self.S * mesh.dp, self.S * mesh.dp_rank
+        n, rank = (mesh.dp, mesh.dp_rank) if stage else (1, 0)
+        self.S = ALIGN * -(-self.numel // (ALIGN * n))
+        self.padded, self.start = self.S * n, self.S * rank
         self.n_decay_shard = min(max(self.n_decay - self.start, 0), self.S)  # matrices first: a prefix of the shard
         self.group, self.stage, self.ready, self.handle = mesh.dp_group, stage, 0, None
         device = self.params[0].device
@@ -92,8 +93,8 @@ class Unit:
         with torch.no_grad():
             for p, o, shape in zip(self.params, self.offsets, self.shapes):
                 p.data = self.full[o:o + shape.numel()].view(shape)  # parameters are views of `full`
-        self.grad = None  # stage 1: the full flat gradient (N*S,) from finish() to zero_grad(), p.grad views of it
-        if stage == 1:
+        self.grad = None  # stages 0-1: the full flat gradient (N*S,) from finish() to zero_grad(), p.grad views of it
+        if stage <= 1:
             self.grad = torch.empty_like(self.full)
             self.release_grad()  # collect_grad() allocates it after the first backward
         self.param_shard = self.shard(self.full)  # stages 1-2: a view; stage 3: its own (S,) buffer
@@ -127,7 +128,7 @@ class Unit:
     def gather(self, async_op=False):
         if not self.gathered:
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
-            self.handle = all_gather(self.full, self.param_shard, self.group, async_op=async_op)
+            self.handle = all_gather_flat(self.full, self.param_shard, self.group, async_op=async_op)
             self.gathered = True
         if not async_op:
             self.wait()
@@ -143,7 +144,7 @@ class Unit:
             self.full.untyped_storage().resize_(0)
             self.gathered = False
 
-    # stage 1: the flat gradient lives from the end of the backward to zero_grad(), not through
+    # stages 0-1: the flat gradient lives from the end of the backward to zero_grad(), not through
     # the forward, where activations peak (2 bytes per parameter less there)
     def collect_grad(self):
         """Make p.grad views of `grad`: allocate it if released, copy in the gradients autograd
@@ -173,24 +174,27 @@ def make_units(model, mesh, dtype, stage):
     last stage) then shard alike over dp, and their gradient shards can be summed."""
     in_layers = {id(p) for layer in model.layers.values() for p in layer.parameters()}
     root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]
-    units = [Unit([named], mesh, dtype, stage) for named in root]
+    decayed = {id(p) for group in model.param_groups(1.0) if group["weight_decay"] for p in group["params"]}
+    units = [Unit([named], mesh, dtype, stage, decayed) for named in root]
     for key, layer in model.layers.items():
-        units.append(Unit(list(layer.named_parameters(prefix=f"layers.{key}")), mesh, dtype, stage))
+        units.append(Unit(list(layer.named_parameters(prefix=f"layers.{key}")), mesh, dtype, stage, decayed))
     return units
 
 
 # --------------------------------------------------------------------------- gradients: model.grad_sync
 class GradShards:
-    """model.grad_sync for ZeRO, with GradBuckets' interface: `sync` (False in the gradient-
-    accumulation micro-steps) and finish() after the last backward.
+    """model.grad_sync for ZeroAdamW (the protocol: see parallel.parallelize).
 
-    stage 1: nothing during backward; finish() reduce-scatters each unit's flat gradient.
+    stages 0-1: nothing during backward; finish() all-reduces (0) or reduce-scatters (1) each
+    unit's flat gradient.
     stages 2-3: a hook counts a unit's gradients; when all are there (in a sync micro-step)
     the unit's gradient is reduce-scattered asynchronously, added to this rank's shard, and
     the full gradients are dropped. In the no-sync micro-steps gradients accumulate locally
     at full size, as DeepSpeed does: exact, but the full gradients (k*Phi bytes) live through
     the accumulation. Reducing every micro-step instead would keep only k*Phi/N but cost one
     reduce-scatter per micro-batch. Stage 3 also frees a unit's parameters after its backward."""
+
+    set_to_none = True  # stages 0-1 release the flat gradient buffers until the next finish()
 
     def __init__(self, units, stage, group, grad_shards):
         self.units, self.stage, self.group, self.dp = units, stage, group, _size(group)
@@ -210,20 +214,24 @@ class GradShards:
             pad = unit.padded - unit.numel
             flat = torch.cat([p.grad.reshape(-1) for p in unit.params] + [unit.full.new_zeros(pad)])
             out = torch.empty_like(unit.grad_shard)
-            handle = reduce_scatter(out, flat, self.group, async_op=True, mean=True)
+            handle = reduce_scatter_flat(out, flat, self.group, async_op=True, mean=True)
             self.pending.append((handle, out, unit.grad_shard, flat))
             for p in unit.params:
                 p.grad = None
         unit.free()  # stage 3: the unit's backward is over
 
     def finish(self):
-        if self.stage == 1:
+        if self.stage <= 1:
             for unit in self.units:
                 unit.collect_grad()
                 if self.dp == 1:
                     continue  # one rank: its gradient is already the mean and its own shard (no divide, no copies)
+                if self.stage == 0:  # unsharded: every rank averages the whole flat gradient in place
+                    flat, op = parallel.mean_op(unit.grad, self.group)
+                    self.pending.append((dist.all_reduce(flat, op=op, group=self.group, async_op=True), None, None, None))
+                    continue
                 out = torch.empty_like(unit.shard(unit.grad))
-                self.pending.append((reduce_scatter(out, unit.grad, self.group, async_op=True, mean=True),
+                self.pending.append((reduce_scatter_flat(out, unit.grad, self.group, async_op=True, mean=True),
                                      out, unit.shard(unit.grad), None))
         elif any(u.ready for u in self.units):
             raise RuntimeError("ZeRO gradient sync incomplete: some parameters got no gradient in the last "
@@ -233,7 +241,7 @@ class GradShards:
                 handle.wait()
             if self.stage == 1:
                 dest.copy_(out)
-            else:
+            elif self.stage > 1:
                 dest.add_(out)  # stages 2-3 accumulate: correct even if every micro-step syncs
         self.pending = []
 
@@ -244,24 +252,17 @@ class GradShards:
         equals reduce-scattering the summed full gradients (sum and reduce-scatter commute),
         which stages 2-3 could not do, having dropped the full gradient."""
         (unit,) = [u for u in self.units if len(u.params) == 1 and u.params[0] is p]
-        return unit.shard(unit.grad) if self.stage == 1 else unit.grad_shard
+        return unit.shard(unit.grad) if self.stage <= 1 else unit.grad_shard
 
 
 # --------------------------------------------------------------------------- stage 3: gather hooks
 def forward_runs(model):
-    """The modules holding parameters, in the order a forward calls them one after another:
-    the whole model (Transformer.forward), or under pipeline parallelism each of this stage's
-    chunks (parallel.chunk_forward): the embedding (first chunk), layers, final norm and
-    output head (last chunk). Must follow those two forwards."""
+    """The modules holding parameters, in the order a forward calls them (model.pieces): the whole
+    model, or under pipeline parallelism each of this stage's chunks (parallel.chunk_forward)."""
     pipe = getattr(model, "pipeline", None)
-    chunks = pipe.layers.items() if pipe is not None else [(0, [int(k) for k in model.layers])]
-    last = pipe.n_chunks - 1 if pipe is not None else 0
-    runs = []
-    for g, ids in chunks:
-        run = [model.tok_embeddings] if g == 0 else []
-        run += [model.layers[str(i)] for i in ids]
-        runs.append(run + ([model.norm, model.output] if g == last else []))
-    return runs
+    if pipe is None:
+        return [[m for _, m in model.pieces()]]
+    return [[m for _, m in model.pieces(ids, g == 0, g == pipe.n_chunks - 1)] for g, ids in pipe.layers.items()]
 
 
 def install_gather_hooks(model, units):
@@ -355,7 +356,8 @@ class ZeroAdamW:
     corrections, eps outside the square root) on this rank's float32 shard of every unit."""
 
     def __init__(self, model, cfg, mesh, dtype):
-        self.stage, self.mesh, self.group = cfg.zero, mesh, mesh.dp_group
+        self.stage, self.mesh = cfg.zero, mesh
+        self.group = mesh.dp_group if self.stage else None  # the sharding group (zero=0: no sharding)
         self.betas, self.eps, self.weight_decay = (cfg.beta1, cfg.beta2), 1e-8, cfg.weight_decay
         self.param_groups = [{"lr": cfg.learning_rate}]  # train.py sets the learning rate here
         self.step_count = 0
@@ -371,12 +373,11 @@ class ZeroAdamW:
             del u.master_init
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
         self.norm_ranges = self._unit_ranges(lambda p: parallel.counted_in_norm(p, mesh))
-        compile_step = self.state_device.type == "cuda" and os.environ.get("ZERO_COMPILE_STEP", "1") != "0"
-        self.update = compiled_adamw_update() if compile_step else adamw_update_
+        self.update = compiled_adamw_update() if self.state_device.type == "cuda" else adamw_update_
         self.grad_shards = None  # stages 2-3: this rank's gradient shard of every unit, (sum of S,)
         if self.stage >= 2:
             self.grad_shards = torch.zeros(self.shard_offsets[-1], dtype=dtype, device=device)
-        model.grad_sync = GradShards(self.units, self.stage, self.group, self._views(self.grad_shards))
+        model.grad_sync = GradShards(self.units, self.stage, mesh.dp_group, self._views(self.grad_shards))
         if self.stage == 3:
             install_gather_hooks(model, self.units)
 
@@ -385,7 +386,7 @@ class ZeroAdamW:
 
     def _grad_views(self):
         """This rank's gradient shard of every unit (mean over dp, low precision), one view per unit."""
-        if self.stage == 1:
+        if self.stage <= 1:
             return [u.shard(u.grad) for u in self.units]
         return self._views(self.grad_shards)
 
@@ -412,7 +413,7 @@ class ZeroAdamW:
         """One AdamW step on the shard; grad_scale (clip coefficient / loss scale, a float or a
         0-dim tensor) multiplies the gradient in float32. One fused pass per unit
         (adamw_update_) writes the master weights, moments and low-precision parameter shard.
-        Then the new parameters reach every rank (stages 1-2; nothing to gather when dp = 1)."""
+        Then the new parameters reach every rank (stages 1-2; zero=0 and dp = 1 hold them all)."""
         lr, (beta1, beta2) = self.param_groups[0]["lr"], self.betas
         self.step_count += 1
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
@@ -429,18 +430,18 @@ class ZeroAdamW:
         for u in self.units:
             u.free()  # stage 3: a copy still gathered (normally none is) would now be stale
         if self.stage < 3 and _size(self.group) > 1:  # stage 3 gathers on demand; dp = 1: param_shard is `full`
-            handles = [all_gather(u.full, u.param_shard.clone(), self.group, async_op=True) for u in self.units]
+            handles = [all_gather_flat(u.full, u.param_shard.clone(), self.group, async_op=True) for u in self.units]
             for h in handles:
                 if h is not None:
                     h.wait()
 
     def zero_grad(self, set_to_none=True):
-        """Stage 1: release the flat gradient buffers (set_to_none) or zero them in place.
+        """Stages 0-1: release the flat gradient buffers (set_to_none) or zero them in place.
         Stages 2-3: drop p.grad (their gradient shards are zeroed and reused)."""
         for u in self.units:
-            if self.stage == 1 and set_to_none:
+            if self.stage <= 1 and set_to_none:
                 u.release_grad()
-            elif self.stage == 1:
+            elif self.stage <= 1:
                 u.collect_grad()  # allocated again if released
                 u.grad.zero_()
             else:
@@ -524,7 +525,7 @@ class ZeroAdamW:
     def memory(self, model):
         """Bytes this rank holds, measured from the tensors' storages (views of one buffer count once)."""
         params = [p for p in model.parameters()] + [u.param_shard for u in self.units]
-        if self.stage == 1:  # the flat buffers at their allocated size: they live from finish() to zero_grad()
+        if self.stage <= 1:  # the flat buffers at their allocated size: they live from finish() to zero_grad()
             grad_bytes = sum(u.padded * u.grad.element_size() for u in self.units)
         else:
             grad_bytes = storage_bytes([p.grad for p in model.parameters()] + [self.grad_shards])
@@ -541,18 +542,10 @@ def storage_bytes(tensors):
     return sum(storages.values())
 
 
-def torch_adamw_memory(model, optimizer):
-    """The same measurement for train.py's zero=0 path (torch.optim.AdamW)."""
-    state = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
-    return {"params": storage_bytes(list(model.parameters())),
-            "grads": storage_bytes([p.grad for p in model.parameters()]), "optimizer": storage_bytes(state)}
-
-
 def formula(stage, phi, n, k):
-    """(params, grads, optimizer) bytes per rank by the book's formulas, k bytes per
-    low-precision element. zero=0 is train.py's path: float32 parameters under autocast and
-    torch's AdamW (no separate master copy): 4Phi + 4Phi + 8Phi, the same 16Phi as 2Phi+2Phi+12Phi."""
-    return {0: (4 * phi, 4 * phi, 8 * phi),
+    """(params, grads, optimizer) bytes per rank by the book's formulas, k bytes per parameter
+    and gradient element (2 with master weights)."""
+    return {0: (k * phi, k * phi, 12 * phi),
             1: (k * phi, k * phi, 12 * phi / n),
             2: (k * phi, k * phi / n, 12 * phi / n),
             3: (k * phi / n, k * phi / n, 12 * phi / n)}[stage]
@@ -571,8 +564,8 @@ def memory_report(stage, measured, phi, n, k):
 
 # --------------------------------------------------------------------------- entry point from train.py
 def build_optimizer(model, cfg, mesh, dtype=torch.float32):
-    """Called by train.build_optimizer when cfg.zero: converts the model's parameters to the
-    low-precision `dtype`, builds the sharded AdamW and sets model.grad_sync."""
+    """Called by train.build_optimizer when cfg.zero or cfg.master_weights: converts the model's
+    parameters to `dtype` (low precision with master weights), builds ZeroAdamW, which sets model.grad_sync."""
     if cfg.compile and cfg.zero == 3:
         raise ValueError("zero=3 with compile=True: the gather/free hooks are not traceable; use --compile=False")
     parallel.check_replicas_identical(model, mesh.dp_group)
@@ -584,91 +577,3 @@ def build_optimizer(model, cfg, mesh, dtype=torch.float32):
             and optimizer.units[0].full.device.type != "cpu" else ""
         print("memory per rank: " + memory_report(cfg.zero, optimizer.memory(model), phi, mesh.dp, k) + where)
     return optimizer
-
-
-# --------------------------------------------------------------------------- python zero.py --report
-def _report_worker(rank, world, port, args, results):
-    """For each dp size (the first dp ranks of the job) and stage: build the model, run one
-    training step and measure the bytes rank 0 holds."""
-    from types import SimpleNamespace
-
-    import train
-    from model import ModelConfig, Transformer
-    if world > 1:
-        torch.set_num_threads(1)  # world processes share the CPU cores
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    groups = {dp: dist.new_group(list(range(dp))) if dp > 1 else None for dp in args["dps"]}  # all ranks create all
-    dtype = getattr(torch, args["dtype"])
-    mcfg = ModelConfig(dim=args["dim"], n_layers=args["n_layers"], n_heads=args["n_heads"],
-                       vocab_size=args["vocab_size"], max_seq_len=16, multiple_of=16)
-    cfg = SimpleNamespace(learning_rate=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1)
-    out = {}
-    for dp in args["dps"]:
-        if rank >= dp:
-            continue
-        mesh = parallel.Mesh(world=dp, rank=rank, dp=dp, dp_rank=rank, dp_group=groups[dp])
-        for stage in args["stages"]:
-            torch.manual_seed(0)
-            model = Transformer(mcfg)
-            x = torch.randint(0, mcfg.vocab_size, (2, 16))
-            if stage == 0:  # train.py's zero=0 path: float32 parameters, torch's AdamW
-                opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-3)
-                model(x, x)[1].backward()
-                opt.step()
-                measured = torch_adamw_memory(model, opt)
-            else:
-                cfg.zero = stage
-                opt = ZeroAdamW(model, cfg, mesh, dtype)
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    loss = model(x, x)[1]
-                loss.backward()
-                model.grad_sync.finish()
-                opt.step(grad_scale=1.0 / opt.grad_norm())
-                measured = opt.memory(model)
-            out[(dp, stage)] = (measured, model.num_params())
-    if rank == 0:
-        results.update(out)
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def measure(dps=(1, 2, 4), stages=(0, 1, 2, 3), dtype="bfloat16", dim=64, n_layers=2, n_heads=4, vocab_size=128):
-    """{(dp, stage): (measured bytes of rank 0, Phi)} from one CPU/gloo job of max(dps) ranks."""
-    import socket
-
-    import torch.multiprocessing as mp
-    args = dict(dps=list(dps), stages=list(stages), dtype=dtype, dim=dim, n_layers=n_layers, n_heads=n_heads,
-                vocab_size=vocab_size)
-    world = max(dps)
-    if world == 1:
-        results = {}
-        _report_worker(0, 1, 0, args, results)
-        return results
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_report_worker, args=(world, port, args, results), nprocs=world)
-    return dict(results)
-
-
-def main(argv):
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    if "--report" not in argv:
-        print(__doc__)
-        return
-    dps = [int(d) for d in opts.get("dp", "1,2,4").split(",")]
-    dtype = opts.get("dtype", "bfloat16")
-    kw = {k: int(opts[k]) for k in ("dim", "n_layers", "n_heads", "vocab_size") if k in opts}
-    kw.setdefault("dim", 256)
-    kw.setdefault("n_layers", 4)
-    kw.setdefault("vocab_size", 1024)
-    k = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    print(f"bytes per rank, {dtype} compute (k = {k}), measured from the tensors after one step on CPU/gloo")
-    for (dp, stage), (measured, phi) in sorted(measure(dps, dtype=dtype, **kw).items()):
-        print(memory_report(stage, measured, phi, dp, k))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -16,14 +16,14 @@ one_gpu_loss)
 export PYTHONUNBUFFERED=1
 A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --vocab_size=320 --block_size=1024 --batch_size=16 --micro_batch_size=16 --max_iters=200 --warmup_iters=20 --lr_decay_iters=200 --learning_rate=1e-3 --log_interval=10 --eval_interval=200 --eval_iters=5 --checkpoint_interval=1000 --dtype=bfloat16"
 timeout 150 python3 train.py $A --out_dir=$OUT/fast --compile=True --attn_impl=sdpa 2>&1 | grep -E "^step" | tail -4
-timeout 150 python3 train.py $A --out_dir=$OUT/master --compile=True --attn_impl=sdpa --zero=1 2>&1 | grep -E "^step" | tail -4
+timeout 150 python3 train.py $A --out_dir=$OUT/master --compile=True --attn_impl=sdpa --master_weights=True 2>&1 | grep -E "^step" | tail -4
 timeout 150 python3 train.py $A --out_dir=$OUT/plain --compile=False --attn_impl=math 2>&1 | grep -E "^step" | tail -4
 timeout 150 python3 train.py $A --out_dir=$OUT/flash --compile=False --attn_impl=flash 2>&1 | grep -E "^step" | tail -4
 python3 - <<'PY'
 import json, os
 out = os.environ["OUT"]
 L = {n: {r["step"]: r["loss"] for r in map(json.loads, open(f"{out}/{n}/log.jsonl")) if "loss" in r} for n in ("fast", "master", "plain", "flash")}
-print("step  fast(compile+sdpa)  master(compile+sdpa+zero1)  plain(eager+math)  flash(eager+triton)")
+print("step  fast(compile+sdpa)  master(compile+sdpa+master_weights)  plain(eager+math)  flash(eager+triton)")
 for s in sorted(L["fast"]):
     if s % 20 == 0: print(s, *(f"{L[n][s]:.4f}" for n in ("fast", "master", "plain", "flash")))
 for n in ("fast", "master", "flash"):
@@ -51,19 +51,19 @@ A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_head
 run() { name=$1; n=$2; shift 2; [ -n "$LAYOUTS" ] && [[ " $LAYOUTS " != *" $name "* ]] && return; timeout 45 torchrun --standalone --nproc_per_node=$n train.py $A --out_dir=$OUT/$name "$@" > $OUT/$name.log 2>&1; echo "$name rc=$? $(grep -E 'bubble|idle by stage' $OUT/$name.log | tail -2 | tr '\n' ' ')"; }
 export CUDA_VISIBLE_DEVICES=0,1
 run one 1
-run one_zero1 1 --zero=1
+run one_master 1 --master_weights=True  # the reference of the ZeRO layouts, which keep the same precision
 run dp2 2
 run tp2 2 --tp=2
 run pp2_1f1b 2 --pp=2 --pp_measure_idle=True
 run pp2_inter 2 --pp=2 --pp_schedule=interleaved --pp_virtual=2 --pp_measure_idle=True
-run zero1 2 --zero=1
-run zero2 2 --zero=2
-run zero3 2 --zero=3
-run zero3_pp2 2 --pp=2 --zero=3
+run zero1 2 --zero=1 --master_weights=True
+run zero2 2 --zero=2 --master_weights=True
+run zero3 2 --zero=3 --master_weights=True
+run zero3_pp2 2 --pp=2 --zero=3 --master_weights=True
 unset CUDA_VISIBLE_DEVICES
 if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
-run dp2_pp2_zero3 4 --pp=2 --zero=3
-run dp2_tp2_zero2 4 --tp=2 --zero=2
+run dp2_pp2_zero3 4 --pp=2 --zero=3 --master_weights=True
+run dp2_tp2_zero2 4 --tp=2 --zero=2 --master_weights=True
 fi
 python3 - <<'PY'
 import json, os
@@ -72,8 +72,8 @@ def losses(n):
     try: return {r["step"]: r for r in map(json.loads, open(f"{out}/{n}/log.jsonl")) if "loss" in r}
     except Exception as e: return {}
 print("| layout | reference | max abs loss diff (50 steps) | step-50 loss | tokens/s (mean of last 20) | peak GiB |")
-for n in ("one", "one_zero1", "dp2", "tp2", "pp2_1f1b", "pp2_inter", "zero1", "zero2", "zero3", "zero3_pp2", "dp2_pp2_zero3", "dp2_tp2_zero2"):
-    L, refname = losses(n), "one_zero1" if "zero" in n and n != "one_zero1" else "one"
+for n in ("one", "one_master", "dp2", "tp2", "pp2_1f1b", "pp2_inter", "zero1", "zero2", "zero3", "zero3_pp2", "dp2_pp2_zero3", "dp2_tp2_zero2"):
+    L, refname = losses(n), "one_master" if "zero" in n else "one"
     ref = losses(refname)
     if not L:
         if os.path.exists(f"{out}/{n}.log"): print(f"| {n} | | failed | | | |")

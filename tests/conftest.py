@@ -2,11 +2,27 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # flash_attn's Triton kernels run in Triton's interpreter (numpy) on a CPU-only machine: set before
+    # anything imports flash_attn, for every test alike (subprocesses inherit it; only flash_attn reads it)
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # no triton: test_flash_attn skips itself
+        interpreter = None
+    if interpreter is not None:  # Triton 3.6's interpreter int()s 1-element arrays (loop bounds), an error since numpy 2.4
+        _patch_tensor = interpreter._patch_lang_tensor
+
+        def _patch_tensor_index(tensor, scope):
+            _patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+        interpreter._patch_lang_tensor = _patch_tensor_index
 
 
 def pytest_addoption(parser):

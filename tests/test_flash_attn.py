@@ -4,23 +4,17 @@ Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1
 CPU; fp16 and fp32, since bf16 is broken there); with one, the GPU tests run them in bf16/fp16
 and check that model.py trains with attn_impl="flash" like "sdpa".
 """
-import importlib
 import os
 import sys
+import zlib
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before flash_attn defines its kernels
+HAS_CUDA = torch.cuda.is_available()  # without it, conftest.py turns on Triton's interpreter
 pytest.importorskip("triton", reason="flash_attn.py needs the triton package (pip install triton)")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flash_attn  # noqa: E402
-
-if not HAS_CUDA and not flash_attn.INTERPRET:  # imported earlier without the interpreter
-    flash_attn = importlib.reload(flash_attn)
-
 from flash_attn import attention_reference, flash_attn_func  # noqa: E402
 
 
@@ -69,7 +63,7 @@ cpu_only = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on CPU-onl
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}-T{}-H{}/{}-D{}-causal{}-win{}".format(*c))
 def test_interpreter_matches_reference(case, dtype, tol):
     assert flash_attn.INTERPRET, "TRITON_INTERPRET=1 was not in effect: the kernels would not run"
-    torch.manual_seed(hash(case) % 2**31)
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
     check_against_reference(*case, dtype=dtype, device="cpu", tol=tol)
 
 
@@ -137,7 +131,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-H{}/{}-D{}-causal{}-win{}".format(*c))
 def test_gpu_matches_reference(case, dtype, tol):
-    torch.manual_seed(hash(case) % 2**31)
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
     check_against_reference(*case, dtype=dtype, device="cuda", tol=tol)
 
 

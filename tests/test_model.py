@@ -174,9 +174,21 @@ def test_forward_beyond_max_seq_len_fails():
         model(torch.zeros(1, 2, dtype=torch.long), cache=model.new_kv_cache(1), start_pos=63)
 
 
-# --------------------------------------------------------------------------- flash attention (CPU reference)
+def test_flops_per_token_is_palms_count():
+    """6N + 12 L d T (arXiv 2204.02311, appendix B), N without the input embedding, counted by hand."""
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64, max_seq_len=16)
+    per_layer = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32  # wq wo, wk wv (2 kv heads of 8), w1 w2 w3, norms
+    n = 2 * per_layer + 32 + 64 * 32  # final norm, output head
+    assert Transformer(cfg).flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16 == 136128
+
+
+# --------------------------------------------------------------------------- flash attention
 @pytest.mark.parametrize("case", ["gqa", "mqa-tied-theta5e5"])
 def test_flash_attn_impl_matches_math_on_cpu(case):
+    """attn_impl="flash" through flash_attn's Triton kernels (in the interpreter that conftest.py
+    turns on without a GPU), not its PyTorch fallback: the model's layout, GQA and prefill."""
+    flash_attn = pytest.importorskip("flash_attn")
+    assert flash_attn.INTERPRET or torch.cuda.is_available()
     torch.manual_seed(0)
     ref = randomize(Transformer(our_config(case, "math"))).eval()
     flash = Transformer(our_config(case, "flash")).eval()

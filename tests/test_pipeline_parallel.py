@@ -122,22 +122,6 @@ def test_impossible_layouts_name_the_numbers(world, tp, pp, kw, message):
 
 # --------------------------------------------------------------------------- one pipeline step, in process
 
-def _mesh(world, rank, dp, pp):
-    """The mesh init_distributed builds, for a dp x pp (tp = 1) layout of an existing world."""
-    grid = torch.arange(world).view(dp, pp, 1)
-    d, p, _ = (int(i) for i in (grid == rank).nonzero()[0])
-    mesh = parallel.Mesh(world, rank, dp, pp, 1, d, p, 0)
-    for name, lists in (("dp_group", grid.permute(1, 2, 0).reshape(-1, dp)),
-                        ("pp_group", grid.permute(0, 2, 1).reshape(-1, pp)),
-                        ("tp_group", grid.reshape(-1, 1)), ("mp_group", grid.reshape(dp, -1))):
-        for ranks in lists.tolist():
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                setattr(mesh, name, group)
-                mesh.pp_ranks = ranks if name == "pp_group" else mesh.pp_ranks
-    return mesh
-
-
 WORLD = 4
 CASES = [  # (pp, schedule, pp_virtual, n_layers, tie_embeddings) on 4 ranks: dp = 4 / pp
     (2, "gpipe", 1, 4, False), (2, "1f1b", 1, 4, False), (2, "interleaved", 2, 4, False),
@@ -155,7 +139,7 @@ def _step_worker(rank, world, port, results):
     out = {}
     for case in CASES:
         pp, schedule, v, n_layers, tied = case
-        mesh = _mesh(world, rank, world // pp, pp)
+        mesh = parallel.make_mesh(world, rank, world // pp, pp, 1)
         mcfg = ModelConfig(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=64,
                            multiple_of=16, max_seq_len=16, tie_embeddings=tied)
         torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """train.py on one process: config errors, resume, gradient accumulation, loss scaling, learning."""
+import functools
 import json
 import math
 
@@ -7,6 +8,9 @@ import torch
 
 import train
 from util import assert_same_run, final_params, losses, make_dataset, run_ok, run_train, tiny_args
+
+
+FORWARD_BACKWARD = train.forward_backward  # the real one, which _inject wraps
 
 
 @pytest.fixture
@@ -52,6 +56,24 @@ def test_lr_schedule_does_not_depend_on_max_iters():
     assert train.lr_at(a, a.lr_decay_iters + 10) == a.min_lr
 
 
+def test_lr_schedule_values():
+    """Warm-up (s + 1) / (warmup_iters + 1) of the peak, so step 0 already trains; the peak at
+    warmup_iters; half-way between peak and min_lr at the middle of the decay; min_lr from lr_decay_iters."""
+    cfg = train.load_config(["--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=4", "--lr_decay_iters=14"])
+    want = {0: 2e-4, 3: 8e-4, 4: 1e-3, 9: 5.5e-4, 14: 1e-4, 15: 1e-4, 1000: 1e-4}
+    assert {s: train.lr_at(cfg, s) for s in want} == pytest.approx(want, rel=1e-12)
+    assert train.lr_at(cfg, 13) > cfg.min_lr
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
+    ("NVIDIA L40S", 362), ("NVIDIA L4", 121), ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165),
+    ("NVIDIA A10G", None), ("Tesla T4", None)])
+def test_peak_flops_by_device_name(name, tflops):
+    assert train.peak_flops(name) == (tflops and tflops * 1e12)
+    assert train.peak_flops(name, 100.0) == 100e12  # --peak_tflops overrides the table
+
+
 def test_batch_depends_only_on_seed_and_step():
     cfg = train.load_config(["--batch_size=8", "--micro_batch_size=2"])
     o1, o2 = train.batch_offsets(cfg, 10_000, 5, "train"), train.batch_offsets(cfg, 10_000, 5, "train")
@@ -87,29 +109,72 @@ def test_tiny_run_loss_falls(data):
     assert any("val_loss" in r for r in recs)
 
 
-def _inject(monkeypatch, value, at_calls):
-    """Make forward_backward leave `value` in one gradient on the given calls (1-based)."""
+def _inject(monkeypatch, value, at_calls, loss_too=False):
+    """Make forward_backward leave `value` in one gradient (and the loss if loss_too) on the
+    given calls (1-based, counted from this call)."""
     calls = {"n": 0}
-    original = train.forward_backward
 
     def patched(model, *a, **k):
-        loss = original(model, *a, **k)
+        loss = FORWARD_BACKWARD(model, *a, **k)
         calls["n"] += 1
         if calls["n"] in at_calls:
             next(model.parameters()).grad.view(-1)[0] = value
+            loss = loss + value if loss_too else loss
         return loss
     monkeypatch.setattr(train, "forward_backward", patched)
+
+
+def test_logged_loss_is_the_mean_of_the_steps_since_the_last_line(data):
+    """A resume at step 3 with log_interval=4: the step-4 line averages step 4 alone, step 8's
+    steps 5-8, each equal to the mean of an uninterrupted log_interval=1 run's losses."""
+    ref, out = data / "ref", data / "out"
+    train.train(train.load_config(tiny_args(data, out_dir=str(ref), max_iters=8)))
+    train.train(train.load_config(tiny_args(data, out_dir=str(out), max_iters=3, log_interval=4)))
+    train.train(train.load_config(tiny_args(data, out_dir=str(out), max_iters=8, log_interval=4,
+                                            init_from="resume")))
+    per_step, logged = losses(ref), losses(out)
+    assert sorted(logged) == [3, 4, 8]
+    for step, first in ((3, 1), (4, 4), (8, 5)):
+        want = sum(per_step[s] for s in range(first, step + 1)) / (step + 1 - first)
+        assert logged[step] == pytest.approx(want, rel=1e-6), (step, logged[step], want)
+
+
+def test_skipped_step_is_left_out_of_the_logged_loss(data, monkeypatch, capsys):
+    """A NaN loss and gradient at step 2 skip it: the step-4 line averages steps 1, 3, 4 and
+    a line whose steps were all skipped has no loss."""
+    ref, out = data / "ref", data / "out"
+    _inject(monkeypatch, float("nan"), {2}, loss_too=True)
+    train.train(train.load_config(tiny_args(data, out_dir=str(ref), max_iters=4)))
+    _inject(monkeypatch, float("nan"), {2}, loss_too=True)
+    train.train(train.load_config(tiny_args(data, out_dir=str(out), max_iters=4, log_interval=4)))
+    per_step, logged = losses(ref), losses(out)
+    assert sorted(per_step) == [1, 3, 4] and "step      2 | loss n/a (every step skipped)" in capsys.readouterr().out
+    assert logged[4] == pytest.approx((per_step[1] + per_step[3] + per_step[4]) / 3, rel=1e-6)
 
 
 def test_fp16_loss_scaling_recovers_from_overflow(data, monkeypatch, capsys):
     _inject(monkeypatch, float("inf"), {3})
     cfg = train.load_config(tiny_args(data, dtype="float16", max_iters=6))
     model = train.train(cfg)
-    recs = {r["step"]: r for r in map(json.loads, open(data / "out" / "log.jsonl")) if "loss" in r}
+    recs = {r["step"]: r for r in map(json.loads, open(data / "out" / "log.jsonl")) if "lr" in r}
     assert recs[2]["loss_scale"] == 2.0 ** 16 and recs[3]["loss_scale"] == 2.0 ** 15
     assert "non-finite gradient norm, step skipped, loss scale lowered to 32768" in capsys.readouterr().out
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert recs[6]["loss"] < recs[1]["loss"]
+
+
+def test_fp16_resume_restores_the_loss_scale(data, monkeypatch):
+    """fp16 from a loss scale of 2^22 (test only): steps 1 and 2 overflow on their own and halve it
+    to 2^20. Saved at step 3 and resumed, the run goes on with 2^20 and the same losses as the
+    uninterrupted run (a resume from 2^22 or 2^16 would log another scale, or overflow again)."""
+    monkeypatch.setattr(train, "LossScaler", functools.partial(train.LossScaler, scale=2.0 ** 22))
+    ref, out = data / "ref", data / "out"
+    for out_dir, kw in ((ref, {}), (out, dict(max_iters=3)), (out, dict(init_from="resume"))):
+        train.train(train.load_config(tiny_args(data, out_dir=str(out_dir), dtype="float16", **{"max_iters": 6, **kw})))
+    scales = losses(out, "loss_scale")
+    assert scales == losses(ref, "loss_scale") and scales[1] == 2.0 ** 21 and scales[6] == 2.0 ** 20, scales
+    assert sorted(losses(out)) == [3, 4, 5, 6]  # 1 and 2 skipped
+    assert_same_run(out, ref, rtol=0, atol=0, param_atol=0)
 
 
 def test_nan_steps_stop_the_run_with_checkpoint_intact(data, monkeypatch):

@@ -20,7 +20,7 @@ def _models(dtype, stage):
     model.load_state_dict(ref.state_dict())
     cfg = SimpleNamespace(zero=stage, learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD)
     opt = zero.ZeroAdamW(model, cfg, parallel.Mesh(), dtype)
-    ref_opt = torch.optim.AdamW(train.param_groups(ref, WD), lr=LR, betas=BETAS)  # decay on matrices only
+    ref_opt = torch.optim.AdamW(ref.param_groups(WD), lr=LR, betas=BETAS)  # decay on matrices only
     return ref, ref_opt, model, opt
 
 
@@ -71,6 +71,34 @@ def test_step_matches_torch_adamw(dtype, stage):
         torch.testing.assert_close(p.detach(), master[n].to(dtype), rtol=0, atol=0)
     weights = [n for n, p in ref.named_parameters() if p.dim() >= 2]
     assert weights and len(weights) < len(list(ref.parameters()))  # both kinds of range were exercised
+
+
+@pytest.mark.parametrize("stage", [None, 0, 1, 2, 3])
+def test_weight_decay_on_matrices_not_norm_weights(stage):
+    """One step with zero gradients: Adam's update is 0, so what moves is the decay alone. Matrices
+    and the embedding shrink by exactly (1 - lr*wd), norm weights stay. stage None: train.py's
+    torch AdamW; 0-3: ZeroAdamW (0: master weights without sharding)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16, multiple_of=16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = train.load_config([f"--zero={stage or 0}", f"--learning_rate={LR}", f"--weight_decay={WD}", "--device=cpu"])
+    if stage is None:
+        opt = train.build_optimizer(model, cfg, parallel.Mesh(), torch.device("cpu"))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    else:
+        opt = zero.ZeroAdamW(model, cfg, parallel.Mesh(), torch.float32)
+        opt.zero_grad(set_to_none=False)
+        model.grad_sync.finish()
+    opt.step()
+    if stage == 3:
+        for u in opt.units:
+            u.gather()
+    norms = [n for n in before if n.endswith("norm.weight")]
+    assert norms and len(norms) < len(before)
+    for n, p in model.named_parameters():
+        want = before[n] if n in norms else before[n] * (1 - LR * WD)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0, msg=lambda s: f"{n}: {s}")
 
 
 def test_grad_norm_is_the_norm_of_the_shards():

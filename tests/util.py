@@ -65,8 +65,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def losses(out_dir):
-    """{step: loss} from out_dir/log.jsonl (the last record of a step wins, as after a resume)."""
+def losses(out_dir, key="loss"):
+    """{step: loss} (or another key's value) from out_dir/log.jsonl (the last record of a step
+    wins, as after a resume)."""
     out = {}
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         for line in f:
@@ -74,8 +75,8 @@ def losses(out_dir):
                 rec = json.loads(line)
             except ValueError:  # a line cut short by kill -9
                 continue
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
+            if key in rec:
+                out[rec["step"]] = rec[key]
     return out
 
 
@@ -84,15 +85,18 @@ def final_params(out_dir):
 
 
 def assert_same_run(out_a, out_b, rtol=1e-5, atol=1e-6, param_atol=1e-5):
-    """Per-step losses to fp32 tolerance, then the final parameters. Parameters get param_atol:
+    """Per-step losses and gradient norms to fp32 tolerance, then the final parameters. The norms
+    catch a uniform gradient scale (a sum for a mean) that clipping and Adam would hide from the
+    losses. Parameters get param_atol:
     Adam divides each gradient by its own running size, so an element whose gradient is near
     zero turns float32 summation-order noise into a step of up to lr (1e-3 here); one process
     with micro_batch_size 1 vs 2 already differs by ~3e-6 there. A wrong slice, a missing or
     double reduction moves parameters by ~lr per step, far above 1e-5."""
-    la, lb = losses(out_a), losses(out_b)
-    assert la.keys() == lb.keys(), (la, lb)
-    for step in la:
-        assert abs(la[step] - lb[step]) <= atol + rtol * abs(lb[step]), f"step {step}: {la[step]} vs {lb[step]}"
+    for key in ("loss", "grad_norm"):
+        la, lb = losses(out_a, key), losses(out_b, key)
+        assert la.keys() == lb.keys(), (key, la, lb)
+        for step, (a, b) in ((s, (la[s], lb[s])) for s in la):  # inf == inf and nan vs nan pass (a skipped step)
+            assert a == b or abs(a - b) <= atol + rtol * abs(b) or a != a and b != b, f"{key} at step {step}: {a} vs {b}"
     pa, pb = final_params(out_a), final_params(out_b)
     assert pa.keys() == pb.keys()
     for k in pa:
