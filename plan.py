@@ -29,7 +29,6 @@ import math
 import sys
 
 import parallel
-import train
 import zero
 
 GiB = 2 ** 30
@@ -71,16 +70,14 @@ class Layout:
 
 def layout_of(cfg, world):
     return Layout(world // (cfg.tp * cfg.pp), cfg.tp, cfg.pp, cfg.pp_schedule, cfg.pp_virtual, cfg.zero,
-                  cfg.micro_batch_size, getattr(cfg, "activation_checkpointing", "none"),
-                  cfg.sequence_parallel and cfg.tp > 1, cfg.zero_offload and cfg.zero > 0)
+                  cfg.micro_batch_size, cfg.activation_checkpointing,
+                  cfg.sequence_parallel and cfg.tp > 1, cfg.zero_offload and (cfg.zero > 0 or cfg.master_weights))
 
 
 def with_layout(cfg, lay):
     return dataclasses.replace(cfg, tp=lay.tp, pp=lay.pp, pp_schedule=lay.schedule, pp_virtual=lay.virtual,
                                zero=lay.zero, micro_batch_size=lay.micro_batch, sequence_parallel=lay.sp,
-                               zero_offload=lay.offload,
-                               **({"activation_checkpointing": lay.ckpt}
-                                  if hasattr(cfg, "activation_checkpointing") else {}))
+                               zero_offload=lay.offload, activation_checkpointing=lay.ckpt)
 
 
 def precision(cfg, cuda=True):
@@ -88,10 +85,7 @@ def precision(cfg, cuda=True):
     parameters (p = 4) unless the optimizer keeps float32 master weights of low-precision ones."""
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
     a = 4 if dtype == "float32" else 2
-    master = getattr(cfg, "master_weights", None)
-    if master is None:  # before the master_weights key: zero > 0 meant low-precision parameters
-        master = cfg.zero > 0
-    return (a if master else 4), a
+    return (a if cfg.master_weights else 4), a
 
 
 # --------------------------------------------------------------------------- model states
@@ -137,7 +131,7 @@ def model_state_bytes(cfg, mc, lay, stage, cuda=True):
     zero_grad()), as zero.ZeroAdamW.memory / the tensors measure it."""
     p, a = precision(cfg, cuda)
     sizes = units(cfg, mc, lay, stage)
-    if p == 4 and lay.zero == 0:  # torch.optim.AdamW: float32 parameters, gradients, exp_avg, exp_avg_sq
+    if lay.zero == 0 and not cfg.master_weights:  # torch.optim.AdamW: float32 parameters, gradients, exp_avg, exp_avg_sq
         phi = sum(sizes)
         return {"params": 4 * phi, "grads": 4 * phi, "optimizer": 8 * phi}
     n = lay.dp if lay.zero else 1
@@ -246,7 +240,7 @@ def predict(cfg, mc, lay, stage, cuda=True):
     last = stage == lay.pp - 1
     # gradients: persistent (GradBuckets' flat buffers at dp > 1; ZeRO-2/3's shards) or full-size
     # ones that autograd allocates in the backward (and keeps through the accumulation micro-steps)
-    torch_adamw = p == 4 and lay.zero == 0
+    torch_adamw = lay.zero == 0 and not cfg.master_weights
     if torch_adamw:
         g_keep, g_full = (states["grads"], 0) if lay.dp > 1 else (0, states["grads"])
         end = g_full
@@ -344,12 +338,14 @@ def step_time(cfg, mc, lay, gpu):
     out["bubble"] = per_mb * m * bubble / (1 - bubble)
     # data parallelism: gradient bytes that cross the links per rank, and how much hides behind the backward
     phi = max(sum(units(cfg, mc, lay, st)) for st in range(lay.pp))
-    g = 4 if (p == 4 and lay.zero == 0) else p
+    g = p  # gradients travel in the parameters' dtype
     ring = (dp - 1) / dp
     backward = per_mb * 2 / 3  # the last micro-batch's backward, where the sync overlaps
     if dp > 1:
-        if lay.zero == 0:
+        if lay.zero == 0 and not cfg.master_weights:  # GradBuckets: all-reduced during the backward
             exposed = max(0.0, 2 * ring * g * phi / dp_link - backward)
+        elif lay.zero == 0:  # ZeroAdamW unsharded: one all-reduce after the backward
+            exposed = 2 * ring * g * phi / dp_link
         elif lay.zero == 1:  # reduce-scatter after the backward, all-gather after the step
             exposed = 2 * ring * g * phi / dp_link
         elif lay.zero == 2:  # reduce-scatter overlapped, all-gather after the step
@@ -392,10 +388,9 @@ def describe(lay):
             f"micro_batch={lay.micro_batch} activation_checkpointing={lay.ckpt}")
 
 
-def plan(cfg, gpus, mem_bytes, gpu):
+def plan(cfg, mc, gpus, mem_bytes, gpu):
     """[(step seconds, peak bytes, layout, terms, peak stage)] of the feasible layouts, fastest
     first (less memory breaks ties), and the smallest infeasible peak (bytes, layout) seen."""
-    mc = train.model_config(cfg)
     rows, smallest = [], None
     for lay in candidates(cfg, mc, gpus):
         total, stage = peak(cfg, mc, lay)
@@ -459,13 +454,14 @@ def parse_args(argv):
 
 
 def main(argv):
+    import train
     gpus, mem_gib, gpu, top, rest = parse_args(argv)
     try:
         cfg = train.load_config(rest)
         mc = train.model_config(cfg)
     except train.UserError as e:
         raise SystemExit(f"error: {e}")
-    rows, smallest = plan(cfg, gpus, int(mem_gib * GiB), gpu)
+    rows, smallest = plan(cfg, mc, gpus, int(mem_gib * GiB), gpu)
     n_params = sum(units(cfg, mc, Layout(1, 1, 1), 0))
     print(f"{n_params / 1e9:.2f}B parameters, {cfg.batch_size} x {cfg.block_size} tokens per step, {gpus} GPUs of "
           f"{mem_gib:g} GiB ({CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context, {NCCL_BYTES / GiB:.2f} GiB NCCL and "
@@ -497,48 +493,44 @@ def main(argv):
 
 
 # --------------------------------------------------------------------------- train.py's check at start
-def report(cfg, mesh, cuda, mem_bytes=None):
-    """(line, fits): this rank's predicted peak, by term, for the run's own layout."""
-    mc = train.model_config(cfg)
+class DoesNotFit(ValueError):
+    """check_run's refusal: one line naming the bytes and the changes that would fit."""
+
+
+def check_run(cfg, mc, mesh, device):
+    """Called by train.py once the model is built, before the GPU holds anything. Returns the line
+    it logs: this rank's predicted peak by term. On a CUDA device that the fullest rank of the
+    layout (the same decision on every rank) cannot fit, raises DoesNotFit with the alternatives."""
+    cuda = device.type == "cuda"
     lay = layout_of(cfg, mesh.world)
     terms = predict(cfg, mc, lay, mesh.pp_rank, cuda)
-    line = (f"predicted peak memory per rank {terms['total'] / GiB:.2f} GiB (eager): parameters "
+    total, stage = peak(cfg, mc, lay, cuda)
+    line = (f"predicted peak memory {terms['total'] / GiB:.2f} GiB on this rank (eager PyTorch; parameters "
             f"{terms['params'] / GiB:.2f}, gradients {terms['grads'] / GiB:.2f}, optimizer {terms['optimizer'] / GiB:.2f}, "
-            f"activations {terms['activations'] / GiB:.2f} ({terms['live']} live chunk(s), "
-            f"activation_checkpointing={lay.ckpt})")
-    return line, terms["total"], mem_bytes is None or fits(terms["total"], mesh.world, mem_bytes)
-
-
-def check_run(cfg, mesh, device):
-    """Called by train.py before any work: prints this rank's prediction and, on a CUDA device
-    it cannot fit, raises train.UserError naming the bytes and the changes that would fit."""
-    cuda = device.type == "cuda"
-    mem = None
-    if cuda:
-        import torch
-        props = torch.cuda.get_device_properties(device)
-        mem, device = props.total_memory, f"{device} ({props.name})"
-    line, total, ok = report(cfg, mesh, cuda, mem)
-    if ok:
+            f"activations {terms['activations'] / GiB:.2f} for {terms['live']} live micro-batch chunk(s) with "
+            f"activation_checkpointing={lay.ckpt!r})" + (f"; {total / GiB:.2f} GiB on stage {stage}" if lay.pp > 1 else ""))
+    if not cuda:
         return line
-    mc = train.model_config(cfg)
-    lay = layout_of(cfg, mesh.world)
-    changes = [("activation_checkpointing='selective'", dict(ckpt="selective")),
-               ("activation_checkpointing='full'", dict(ckpt="full"))] if hasattr(cfg, "activation_checkpointing") else []
+    import torch
+    props = torch.cuda.get_device_properties(device)
+    mem = props.total_memory
+    if fits(total, mesh.world, mem):
+        return line + f" of {mem / GiB:.1f} GiB"
+    changes = [(f"activation_checkpointing={ck!r}", dict(ckpt=ck)) for ck in ("selective", "full") if ck != lay.ckpt]
     if mesh.dp > 1:
         changes += [(f"zero={z}", dict(zero=z)) for z in (1, 2, 3) if z > lay.zero]
     changes += [(f"micro_batch_size={mb}", dict(micro_batch=mb)) for mb in range(lay.micro_batch - 1, 0, -1)
                 if cfg.batch_size % (mb * mesh.dp) == 0]
     fixes = []
     for name, change in changes:
-        t = max(predict(cfg, mc, dataclasses.replace(lay, **change), st, cuda)["total"] for st in range(lay.pp))
+        t = peak(cfg, mc, dataclasses.replace(lay, **change), cuda)[0]
         if fits(t, mesh.world, mem) and not any(f.startswith(name.split("=")[0]) for f in fixes):
             fixes.append(f"{name} ({t / GiB:.1f} GiB)")
     hint = ("; set " + " or ".join(fixes)) if fixes else \
         "; no single change fits: python plan.py <config> --gpus=N --gpu_mem_gib=G finds a layout that does"
-    raise train.UserError(f"the layout does not fit this GPU: {line}. It needs {total:,} bytes plus "
-                          f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context and {FRAGMENTATION:.0%} fragmentation, more "
-                          f"than the {mem:,} bytes ({mem / GiB:.1f} GiB) of {device}{hint}")
+    raise DoesNotFit(f"the layout does not fit this GPU: {line}. The fullest rank needs {total:,} bytes plus "
+                     f"{CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context and {FRAGMENTATION:.0%} fragmentation, more "
+                     f"than the {mem:,} bytes ({mem / GiB:.1f} GiB) of {device} ({props.name}){hint}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import parallel
+import plan
 import zero
 from model import Transformer, config_from_dict
 
@@ -285,7 +286,7 @@ def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
     for i, (x, y) in enumerate(micro_batches):
         grad_sync.sync = i == len(micro_batches) - 1
         with autocast:
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # not `_, loss`: the name would keep the logits alive through the backward
         (loss * (loss_scale / len(micro_batches))).backward()
         total += loss.detach()
     grad_sync.finish()
@@ -451,13 +452,18 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.init_from.startswith("hf:"):
         try:
-            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl)
+            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl,
+                                        activation_checkpointing=cfg.activation_checkpointing)
         except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
             raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
         model = Transformer(mcfg)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.block_size)
+    try:  # before the GPU holds anything
+        memory = plan.check_run(cfg, model.config, mesh, device)
+    except plan.DoesNotFit as e:
+        raise UserError(str(e))
     model = parallel.parallelize(model, mesh, cfg, device)  # built on the CPU, sliced, then moved
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
@@ -475,6 +481,7 @@ def train(cfg):
         log(f"pipeline: {cfg.pp_schedule} schedule, {mesh.pp} stages x {cfg.pp_virtual} chunks, {grad_accum} "
             f"micro-batches | theoretical bubble {bubble:.1%} of each step"
             + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
+    log(memory)
     preempt = Preemption()
     tokenizer = header.get("tokenizer")
     bad_steps, t0, tokens_seen = 0, time.time(), 0

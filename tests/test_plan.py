@@ -13,9 +13,6 @@ import zero
 from model import Block, ModelConfig, Transformer
 from util import assert_same_run, free_port, make_dataset, run_ok, tiny_args
 
-MASTER = "master_weights" in {f.name for f in train.Config.__dataclass_fields__.values()}
-
-
 def tiny_cfg(tmp_path, **overrides):
     return train.load_config(tiny_args(tmp_path, **overrides))
 
@@ -27,23 +24,6 @@ def measured_state(model, optimizer):
     state = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
     return {"params": zero.storage_bytes(list(model.parameters())),
             "grads": zero.storage_bytes([p.grad for p in model.parameters()]), "optimizer": zero.storage_bytes(state)}
-
-
-def make_mesh(world, rank, dp, pp, tp):
-    """The process groups of parallel.init_distributed for one layout of an initialized world."""
-    grid = torch.arange(world).view(dp, pp, tp)
-    d, p, t = (int(i) for i in (grid == rank).nonzero()[0])
-    mesh = parallel.Mesh(world, rank, dp, pp, tp, d, p, t)
-    for name, lists in (("dp_group", grid.permute(1, 2, 0).reshape(-1, dp)),
-                        ("pp_group", grid.permute(0, 2, 1).reshape(-1, pp)),
-                        ("tp_group", grid.reshape(-1, tp)), ("mp_group", grid.reshape(dp, -1))):
-        for ranks in lists.tolist():
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                setattr(mesh, name, group)
-                if name == "pp_group":
-                    mesh.pp_ranks = ranks
-    return mesh
 
 
 def one_step(cfg, mesh, seed=0):
@@ -69,13 +49,16 @@ def one_step(cfg, mesh, seed=0):
     return got, want, (float(loss), float(norm), grads)
 
 
-# (dp, tp, pp, extra config): every kind of layout the other tests run, at world 4
+# (dp, tp, pp, extra config): every kind of layout the other tests run, at world 4; float32, or
+# bf16 parameters with float32 master weights (zero.ZeroAdamW: zero=0 unsharded, 1-3 sharded)
+BF16 = dict(master_weights=True, dtype="bfloat16")
 LAYOUTS = [
-    (4, 1, 1, {}), (4, 1, 1, dict(zero=1)), (4, 1, 1, dict(zero=2)), (4, 1, 1, dict(zero=3)),
+    (4, 1, 1, {}), (4, 1, 1, BF16), (4, 1, 1, dict(zero=1, **BF16)), (4, 1, 1, dict(zero=2)),
+    (4, 1, 1, dict(zero=3, **BF16)),
     (2, 2, 1, {}), (2, 2, 1, dict(zero=1, sequence_parallel=True)), (2, 2, 1, dict(zero=3, tie_embeddings=True)),
     (1, 4, 1, {}),  # 2 kv heads over 4 tp ranks
-    (2, 1, 2, dict(pp_schedule="gpipe")), (2, 1, 2, dict(zero=1)), (2, 1, 2, dict(zero=2, tie_embeddings=True)),
-    (2, 1, 2, dict(zero=3, pp_schedule="interleaved", pp_virtual=2)),
+    (2, 1, 2, dict(pp_schedule="gpipe")), (2, 1, 2, dict(zero=1, **BF16)), (2, 1, 2, dict(zero=2, tie_embeddings=True)),
+    (2, 1, 2, dict(zero=3, pp_schedule="interleaved", pp_virtual=2, **BF16)),
     (1, 2, 2, dict(tie_embeddings=True)), (1, 1, 4, dict(pp_schedule="gpipe")),
 ]
 
@@ -86,11 +69,8 @@ def _worker(rank, world, port, base, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out = []
     for dp, tp, pp, extra in LAYOUTS:
-        low = extra.get("zero", 0) > 0  # ZeroAdamW layouts: bf16 parameters with float32 master weights
-        if low and MASTER:
-            extra = dict(extra, master_weights=True)
-        cfg = train.load_config(tiny_args(base, tp=tp, pp=pp, dtype="bfloat16" if low else "float32", **extra))
-        out.append(one_step(cfg, make_mesh(world, rank, dp, pp, tp))[:2])
+        cfg = train.load_config(tiny_args(base, tp=tp, pp=pp, **extra))
+        out.append(one_step(cfg, parallel.make_mesh(world, rank, dp, pp, tp))[:2])
     results[rank] = out
     dist.destroy_process_group()
 
@@ -107,9 +87,10 @@ def test_model_states_exact_in_every_layout(tmp_path):
     assert len({str(results[0][i][1]) for i in range(len(LAYOUTS))}) > len(LAYOUTS) // 2
 
 
-@pytest.mark.parametrize("extra", [{}, dict(zero=1, dtype="bfloat16")])
+@pytest.mark.parametrize("extra", [{}, dict(master_weights=True, dtype="bfloat16"),
+                                   dict(zero=1, master_weights=True, dtype="bfloat16")])
 def test_model_states_exact_one_process(tmp_path, extra):
-    cfg = tiny_cfg(tmp_path, **extra, **(dict(master_weights=True) if extra and MASTER else {}))
+    cfg = tiny_cfg(tmp_path, **extra)
     got, want, _ = one_step(cfg, parallel.Mesh())
     assert got == want
 
@@ -130,7 +111,7 @@ def _ckpt_worker(rank, world, port, base, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out = []
     for dp, tp, pp, extra in CKPT_LAYOUTS:
-        mesh = make_mesh(world, rank, dp, pp, tp)
+        mesh = parallel.make_mesh(world, rank, dp, pp, tp)
         out.append([one_step(train.load_config(tiny_args(base, tp=tp, pp=pp, activation_checkpointing=ck, **extra)),
                              mesh, seed=rank)[2] for ck in plan.CKPT_MODES])
     results[rank] = out
@@ -164,7 +145,8 @@ def test_train_with_checkpointing_matches_one_process(tmp_path, nproc, extra):
     run without it (util.assert_same_run)."""
     make_dataset(tmp_path / "data")
     run_ok(tiny_args(tmp_path, out_dir=str(tmp_path / "single")))
-    run_ok(tiny_args(tmp_path, out_dir=str(tmp_path / "ckpt"), **extra), nproc)
+    r = run_ok(tiny_args(tmp_path, out_dir=str(tmp_path / "ckpt"), **extra), nproc)
+    assert f"activation_checkpointing={extra['activation_checkpointing']!r}" in r.stdout  # train.py's memory line
     assert_same_run(tmp_path / "ckpt", tmp_path / "single")
 
 
@@ -242,14 +224,15 @@ def test_planner_errors(argv, needle):
 
 def test_check_run_prints_on_cpu_and_refuses_a_small_gpu(tmp_path, monkeypatch):
     cfg = train.load_config(["configs/llama_1b.py", "--micro_batch_size=8", "--batch_size=64"])
-    line = plan.check_run(cfg, parallel.Mesh(), torch.device("cpu"))
-    assert line.startswith("predicted peak memory per rank")
+    mc = train.model_config(cfg)
+    line = plan.check_run(cfg, mc, parallel.Mesh(), torch.device("cpu"))
+    assert line.startswith("predicted peak memory")
 
     class Props:
         total_memory, name = 40 * 2 ** 30, "a 40 GiB GPU"
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    with pytest.raises(train.UserError) as e:
-        plan.check_run(cfg, parallel.Mesh(), torch.device("cuda"))
+    with pytest.raises(plan.DoesNotFit) as e:
+        plan.check_run(cfg, mc, parallel.Mesh(), torch.device("cuda"))
     msg = str(e.value)
     assert "does not fit" in msg and f"{40 * 2 ** 30:,}" in msg and "a 40 GiB GPU" in msg, msg
     assert "set activation_checkpointing='full' (" in msg and " or micro_batch_size=2 (" in msg, msg
