@@ -236,3 +236,20 @@ def test_check_run_prints_on_cpu_and_refuses_a_small_gpu(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "does not fit" in msg and f"{40 * 2 ** 30:,}" in msg and "a 40 GiB GPU" in msg, msg
     assert "set activation_checkpointing='full' (" in msg and " or micro_batch_size=2 (" in msg, msg
+
+
+# --------------------------------------------------------------------------- predicted against measured peak
+def test_bench_memory_peak_smoke_on_cpu(capsys):
+    """bench_memory.py --peak (the GPU table's script) on the CPU with the tiny shape: the step's peak,
+    from the profiler's memory timeline, within 3% of plan.py's prediction in each checkpointing mode,
+    with and without master weights (micro-batch 2: above the CPU optimizers' eager temporaries,
+    which CUDA's fused / compiled AdamW do not have and the model leaves out)."""
+    import bench_memory
+    rows = bench_memory.main(["--peak", "--device=cpu", "--micro=2", "--steps=1"])
+    assert len(rows) == 6 and {r["ckpt"] for r in rows} == set(plan.CKPT_MODES)
+    for r in rows:
+        assert r["predicted"] == pytest.approx(r["measured"], rel=0.03), r
+    none, full = (next(r["measured"] for r in rows if r["ckpt"] == ck and r["master"]) for ck in ("none", "full"))
+    assert full < 0.9 * none
+    out = capsys.readouterr().out
+    assert "| tiny | on | full | 2 x 128 |" in out and "largest prediction error" in out
