@@ -50,6 +50,7 @@ GPUS = {
     "h200": dict(matmul_tflops=800, attn_tflops=400, hbm_gbs=4300, nvlink_gbs=360, ib_gbs=45, mem_gib=141),
 }
 GPUS_PER_NODE = 8
+OVERLAP = 0.8  # the most of a collective that hides behind compute (the rest contends for memory and SMs)
 PCIE_GBS = 25  # zero_offload: gradients down, parameters up
 CPU_ADAM_PARAMS_PER_S = 1e9  # zero_offload: AdamW on the host
 
@@ -340,18 +341,19 @@ def step_time(cfg, mc, lay, gpu):
     phi = max(sum(units(cfg, mc, lay, st)) for st in range(lay.pp))
     g = p  # gradients travel in the parameters' dtype
     ring = (dp - 1) / dp
+    def hidden(comm, compute):  # what overlapping with `compute` leaves of `comm` (OVERLAP of it at best)
+        return comm - OVERLAP * min(comm, compute)
     backward = per_mb * 2 / 3  # the last micro-batch's backward, where the sync overlaps
+    one = ring * g * phi / dp_link  # one reduce-scatter or all-gather of this rank's parameters' worth
     if dp > 1:
         if lay.zero == 0 and not cfg.master_weights:  # GradBuckets: all-reduced during the backward
-            exposed = max(0.0, 2 * ring * g * phi / dp_link - backward)
-        elif lay.zero == 0:  # ZeroAdamW unsharded: one all-reduce after the backward
-            exposed = 2 * ring * g * phi / dp_link
-        elif lay.zero == 1:  # reduce-scatter after the backward, all-gather after the step
-            exposed = 2 * ring * g * phi / dp_link
-        elif lay.zero == 2:  # reduce-scatter overlapped, all-gather after the step
-            exposed = max(0.0, ring * g * phi / dp_link - backward) + ring * g * phi / dp_link
-        else:  # parameters gathered for every micro-batch's forward and backward, prefetched
-            exposed = max(0.0, (2 * m + 1) * ring * g * phi / dp_link - per_mb * m)
+            exposed = hidden(2 * one, backward)
+        elif lay.zero <= 1:  # after the backward: ZeroAdamW's all-reduce (zero=0), or reduce-scatter + all-gather
+            exposed = 2 * one
+        elif lay.zero == 2:  # reduce-scatter during the backward, all-gather after the step
+            exposed = hidden(one, backward) + one
+        else:  # parameters gathered for every micro-batch's forward and backward (prefetched), reduce-scatter
+            exposed = hidden((2 * m + 1) * one, per_mb * m)
         out["dp_comm"] = exposed
     shard = phi / (dp if lay.zero else 1)
     out["optimizer"] = 28 * shard / (gpu["hbm_gbs"] * 1e9)  # read 2+12 (4+4+8), write 12+2 (4+4+4) bytes
@@ -390,39 +392,46 @@ def describe(lay):
 
 def plan(cfg, mc, gpus, mem_bytes, gpu):
     """[(step seconds, peak bytes, layout, terms, peak stage)] of the feasible layouts, fastest
-    first (less memory breaks ties), and the smallest infeasible peak (bytes, layout) seen."""
-    rows, smallest = [], None
+    first (less memory breaks ties); the smallest infeasible peak (bytes, layout) and the fastest
+    infeasible layout (a row), for the explanations."""
+    rows, smallest, fastest_out = [], None, None
     for lay in candidates(cfg, mc, gpus):
         total, stage = peak(cfg, mc, lay)
-        if not fits(total, gpus, mem_bytes):
-            if smallest is None or total < smallest[0]:
-                smallest = (total, lay)
-            continue
         sec, terms = step_time(cfg, mc, lay, gpu)
-        rows.append((sec, total, lay, terms, stage))
+        if fits(total, gpus, mem_bytes):
+            rows.append((sec, total, lay, terms, stage))
+            continue
+        if smallest is None or total < smallest[0]:
+            smallest = (total, lay)
+        if fastest_out is None or sec < fastest_out[0]:
+            fastest_out = (sec, total, lay, terms, stage)
     rows.sort(key=lambda r: (r[0], r[1]))
-    return rows, smallest
+    return rows, smallest, fastest_out
 
 
-def why(rows, cfg, gpus):
-    """A few sentences: what the winner's time is made of, and what the runner-ups lose."""
+def why(rows, fastest_out, cfg, gpus, mem_bytes):
+    """A few sentences: what the winner's step is made of, the faster layouts that do not fit, and
+    what the best layouts of another kind (tp, pp, zero, checkpointing) lose."""
     sec, total, lay, terms, _ = rows[0]
-    tokens = cfg.batch_size * cfg.block_size
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(terms.items(), key=lambda kv: -kv[1]) if v >= 0.005 * sec)
-    lines = [f"#1 wins: {tokens / sec / gpus:,.0f} tokens/s per GPU; its {sec:.2f} s step is {parts}."]
-    seen = {(lay.ckpt, lay.tp, lay.pp, lay.zero)}
+    lines = [f"#1 wins: {cfg.batch_size * cfg.block_size / sec / gpus:,.0f} tokens/s per GPU, peak "
+             f"{total / GiB:.1f} GiB; its {sec:.2f} s step is {parts}."]
+    if fastest_out is not None and fastest_out[0] < sec:
+        sec2, total2, lay2 = fastest_out[:3]
+        lines.append(f"  faster but too big: {describe(lay2)}, {sec2:.2f} s, needs {total2 / GiB:.1f} GiB "
+                     f"(+ overheads) of {mem_bytes / GiB:g}")
+    seen = {(lay.tp, lay.pp, lay.zero, lay.ckpt)}
     for sec2, total2, lay2, terms2, _ in rows[1:]:
-        key = (lay2.ckpt, lay2.tp, lay2.pp, lay2.zero)
+        key = (lay2.tp, lay2.pp, lay2.zero, lay2.ckpt)
         if key in seen:
             continue
         seen.add(key)
         worse = max(terms2, key=lambda k: terms2[k] - terms.get(k, 0.0))
-        lines.append(f"  vs {describe(lay2)}: {sec2 / sec - 1:+.0%} step time, mostly {worse} "
-                     f"({terms2[worse]:.2f} s against {terms.get(worse, 0.0):.2f} s), peak {total2 / GiB:.1f} GiB")
-        if len(lines) >= 4:
+        lines.append(f"  best with {', '.join(f'{n}={v}' for n, v, w in zip(('tp', 'pp', 'zero', 'checkpointing'), key, (lay.tp, lay.pp, lay.zero, lay.ckpt)) if v != w)}: "
+                     f"{sec2 / sec - 1:+.1%} step time, mostly {worse} ({terms2[worse]:.2f} s against "
+                     f"{terms.get(worse, 0.0):.2f} s), peak {total2 / GiB:.1f} GiB")
+        if len(lines) >= 6:
             break
-    if lay.ckpt != "none":
-        lines.append(f"  it needs activation_checkpointing={lay.ckpt!r}: no faster layout without it fits")
     return lines
 
 
@@ -461,9 +470,11 @@ def main(argv):
         mc = train.model_config(cfg)
     except train.UserError as e:
         raise SystemExit(f"error: {e}")
-    rows, smallest = plan(cfg, mc, gpus, int(mem_gib * GiB), gpu)
+    rows, smallest, fastest_out = plan(cfg, mc, gpus, int(mem_gib * GiB), gpu)
     n_params = sum(units(cfg, mc, Layout(1, 1, 1), 0))
-    print(f"{n_params / 1e9:.2f}B parameters, {cfg.batch_size} x {cfg.block_size} tokens per step, {gpus} GPUs of "
+    p, a = precision(cfg)
+    print(f"{n_params / 1e9:.2f}B parameters ({'bf16 with float32 master weights' if p == 2 else 'float32'}, "
+          f"{'bf16' if a == 2 else 'float32'} compute), {cfg.batch_size} x {cfg.block_size} tokens per step, {gpus} GPUs of "
           f"{mem_gib:g} GiB ({CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context, {NCCL_BYTES / GiB:.2f} GiB NCCL and "
           f"{FRAGMENTATION:.0%} fragmentation reserved); rates: "
           + ", ".join(f"{k} {v}" for k, v in gpu.items() if k != "mem_gib"))
@@ -483,13 +494,16 @@ def main(argv):
               f"{lay.ckpt:>9} {total / GiB:>8.1f} {sec:>7.2f} {cfg.batch_size * cfg.block_size / sec / gpus:>9,.0f} "
               f"{bubble:>6.1%}")
     print(f"{len(rows)} layouts fit" + (f"; the best {top} shown" if len(rows) > top else ""))
-    for line in why(rows, cfg, gpus):
+    for line in why(rows, fastest_out, cfg, gpus, int(mem_gib * GiB)):
         print(line)
     lay = rows[0][2]
-    print("run it: torchrun --nproc_per_node=... train.py <config> " + " ".join(
-        f"--{k}={v}" for k, v in (("tp", lay.tp), ("pp", lay.pp), ("pp_schedule", lay.schedule),
-                                  ("pp_virtual", lay.virtual), ("zero", lay.zero), ("micro_batch_size", lay.micro_batch),
-                                  ("sequence_parallel", lay.sp), ("activation_checkpointing", lay.ckpt))))
+    keys = (("tp", lay.tp), ("pp", lay.pp), ("pp_schedule", lay.schedule), ("pp_virtual", lay.virtual),
+            ("zero", lay.zero), ("micro_batch_size", lay.micro_batch), ("sequence_parallel", lay.sp),
+            ("activation_checkpointing", lay.ckpt))
+    config = next((a for a in rest if not a.startswith("--")), "")
+    print(f"run it: torchrun --nproc_per_node={min(gpus, GPUS_PER_NODE)} train.py {config} "
+          + " ".join(f"--{k}={v}" for k, v in keys if getattr(cfg, k) != v)
+          + (" (per node; --nnodes=" + str(gpus // GPUS_PER_NODE) + ")" if gpus > GPUS_PER_NODE else ""))
 
 
 # --------------------------------------------------------------------------- train.py's check at start
