@@ -475,14 +475,17 @@ def main(argv):
     p, a = precision(cfg)
     print(f"{n_params / 1e9:.2f}B parameters ({'bf16 with float32 master weights' if p == 2 else 'float32'}, "
           f"{'bf16' if a == 2 else 'float32'} compute), {cfg.batch_size} x {cfg.block_size} tokens per step, {gpus} GPUs of "
-          f"{mem_gib:g} GiB ({CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context, {NCCL_BYTES / GiB:.2f} GiB NCCL and "
-          f"{FRAGMENTATION:.0%} fragmentation reserved); rates: "
+          f"{mem_gib:g} GiB ({CUDA_CONTEXT_BYTES / GiB:.2f} GiB CUDA context, "
+          + (f"{NCCL_BYTES / GiB:.2f} GiB NCCL, " if gpus > 1 else "")
+          + f"{FRAGMENTATION:.0%} fragmentation reserved); rates: "
           + ", ".join(f"{k} {v}" for k, v in gpu.items() if k != "mem_gib"))
     if not rows:
         need = smallest[0] * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES + (NCCL_BYTES if gpus > 1 else 0)
         raise SystemExit(f"error: no layout fits: the smallest, {describe(smallest[1])}, needs {smallest[0]:,} bytes "
                          f"({need / GiB:.1f} GiB with overheads) per GPU against {mem_gib:g} GiB; use more GPUs "
-                         f"(--gpus) or larger ones, or a smaller block_size / model")
+                         f"(--gpus) or larger ones"
+                         + ("" if cfg.master_weights else ", bf16 parameters (--master_weights=True --dtype=bfloat16)")
+                         + ", or a smaller block_size / model")
     head = f"{'#':>3} {'dp':>3} {'tp':>3} {'pp':>3} {'schedule':>14} {'zero':>4} {'mb':>3} {'ckpt':>9} " \
            f"{'peak GiB':>8} {'step s':>7} {'tok/s/GPU':>9} {'bubble':>6}"
     print(head)
