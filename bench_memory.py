@@ -86,18 +86,25 @@ def measure(dps=(1, 2, 4), stages=(0, 1, 2, 3), dtype="bfloat16", dim=64, n_laye
 TINY = (dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=2048), 8, 128)
 
 
-def profiled_peak(fn):
-    """The most bytes alive during fn() on the CPU, which has no allocator statistics: the storages
-    of the tensors alive before (found by the garbage collector, each storage once) plus the most
-    the profiler's running total of CPU allocations reaches during fn()."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-    gc.collect()  # what only reference cycles keep is about to go, not part of the step
-    storages = {}
+def cpu_storages():
+    """{data_ptr: bytes} of the CPU tensors alive now (found by the garbage collector, each storage once)."""
+    gc.collect()  # what only reference cycles keep is about to go
+    out = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
             st = obj.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
+            out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+def profiled_peak(fn, before):
+    """The most bytes alive during fn() on the CPU, which has no allocator statistics: the storages
+    alive now that were not alive at `before` (cpu_storages() then: the model, optimizer state and
+    batch built since, not whatever else the process holds) plus the most the profiler's running
+    total of CPU allocations reaches during fn()."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    held = sum(n for ptr, n in cpu_storages().items() if ptr not in before)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     most, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
@@ -106,7 +113,7 @@ def profiled_peak(fn):
         if event.tag == _EventType.Allocation:
             most = max(most, event.extra_fields.total_allocated)
         stack.extend(event.children)
-    return sum(storages.values()) + most
+    return held + most
 
 
 def peak_row(shape, micro, seq, master, ckpt, accum, steps, device):
@@ -122,6 +129,7 @@ def peak_row(shape, micro, seq, master, ckpt, accum, steps, device):
     predicted = plan.peak(cfg, mc, plan.layout_of(cfg, 1), cuda=device.type == "cuda")[0]
     mesh, cuda = parallel.Mesh(), device.type == "cuda"
     model = optimizer = None
+    before = {} if cuda else cpu_storages()
     try:
         torch.manual_seed(0)
         model = parallel.parallelize(Transformer(mc), mesh, cfg, device)
@@ -144,7 +152,7 @@ def peak_row(shape, micro, seq, master, ckpt, accum, steps, device):
             torch.cuda.synchronize()
             measured = torch.cuda.max_memory_allocated()
         else:
-            measured = profiled_peak(step)
+            measured = profiled_peak(step, before)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()

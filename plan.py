@@ -11,21 +11,26 @@ run's own prediction and stops before any work when the layout cannot fit the GP
 Everything is bytes per rank, in plain Python, one function per term:
 
   model states (book 4.2.4, fig. 4.16-4.17; zero.formula): parameters, gradients, optimizer
-    torch.optim.AdamW (zero=0, float32 parameters)   4Phi + 4Phi + 8Phi
-    zero.ZeroAdamW, k bytes per parameter (k = 2: bf16/fp16 parameters with float32 master
-    weights), N = dp, each unit padded to N * zero.ALIGN elements:
-      zero=1: k Phi + k Phi + 12 Phi/N;  zero=2: k Phi + (k + 12) Phi/N;  zero=3: 16 Phi/N at k = 2
-    Phi is this rank's share: its tensor-parallel slices of its pipeline stage's layers.
+    torch.optim.AdamW (zero=0 without master_weights; float32 parameters)   4Phi + 4Phi + 8Phi
+    zero.ZeroAdamW (master_weights or zero > 0), k bytes per parameter (2: bf16/fp16 with float32
+    master weights; 4: float32), N = dp (zero=0: 1), each unit padded to N * zero.ALIGN elements:
+      zero=0/1: k Phi + k Phi + 12 Phi/N;  zero=2: k Phi + (k + 12) Phi/N;  zero=3: (2k + 12) Phi/N
+    Phi is this rank's share: its tensor-parallel slices of its pipeline stage's parameters.
   activations per layer and micro-batch: the tensors autograd saves in model.py's Block, counted
     as Korthikanti et al. (arXiv 2205.05198) count them for GPT (34sbh + 5as^2b); see
-    layer_activation_bytes for this LLaMA (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+    layer_activation_bytes for this LLaMA (RMSNorm, RoPE, grouped-query attention, SwiGLU) and
+    each activation_checkpointing mode.
   what a pipeline schedule keeps alive (parallel.py's schedules, Pipeline.peak_live), the
-    logits and loss buffers, the batch, and the CUDA context / NCCL buffers as stated constants.
+    logits and loss buffers, the batch, and the backward's phases (predict); the CUDA context,
+    NCCL buffers and fragmentation as stated constants.
 
 It models eager PyTorch (torch.compile's partitioner saves fewer tensors: an upper bound there).
+tests/test_plan.py holds it on the CPU against the tensors (model states in 15 layouts on 4 gloo
+ranks, to the byte; a Block's saved tensors in each mode, to the byte) and against a whole step's
+peak (bench_memory.py --peak --device=cpu, within 3%); `python bench_memory.py --peak` on a GPU
+compares it with torch.cuda.max_memory_allocated.
 """
 import dataclasses
-import math
 import sys
 
 import parallel
@@ -173,7 +178,7 @@ def layer_activation_bytes(mc, b, s, tp, sp, p, a, ckpt, cuda=True):
     s_n = s // tp if sp else s
     if ckpt == "full":
         return p * b * s_n * h
-    casts = a * sum(layer_numel(mc, tp)[:1]) if p != a else 0
+    casts = a * layer_numel(mc, tp)[0] if p != a else 0
     linear_in = (5 if p != a else 2) * a * b * s * h + a * b * s * hq
     if ckpt == "selective":
         return 2 * p * b * s_n * h + linear_in + a * b * s * (hq + 2 * hkv) + 3 * a * b * s * f + casts
@@ -195,10 +200,11 @@ def head_bytes(mc, b, s, tp, sp, p, a):
     """(kept, transient) of the last chunk's final norm, output head and loss for one micro-batch.
     Kept: the final RMSNorm (as a layer's), the output matrix's input, and the float32 log-
     probabilities (F.cross_entropy's log_softmax output; the vocab-parallel loss's softmax),
-    4 b s V/tp, and autocast's copy of a float32 output matrix. Transient at the loss, beyond that: one process, forward: the logits (a), their
-    float32 copy (4) and the log-softmax (4); backward: the log-softmax's output, its gradient
-    and the input's gradient (12) -> max(a + 8, 12) - 4. Vocab-parallel (tp > 1): forward a + 8
-    (logits, float32 copy, exp), the backward works in place -> a + 4."""
+    4 b s V/tp, and autocast's copy of a float32 output matrix. Transient at the loss, beyond
+    that, per b s V/tp: one process, forward: the logits (a), their float32 copy (4) and the
+    log-softmax (4); backward: the log-softmax's output, its gradient and the input's gradient
+    (12) -> max(a + 8, 12) - 4. Vocab-parallel (tp > 1): forward a + 8 (logits, float32 copy,
+    exp), the backward works in place -> a + 4."""
     s_n = s // tp if sp else s
     bsv = b * s * mc.vocab_size // tp
     kept = (4 + p) * b * s_n * mc.dim + 4 * b * s_n + a * b * s * mc.dim + 4 * bsv
@@ -210,7 +216,7 @@ def head_bytes(mc, b, s, tp, sp, p, a):
 def live_chunks(schedule, m, pp, virtual, stage):
     """Most (micro-batch, chunk) activations a stage holds at once: parallel.py's schedule run
     as Pipeline.peak_live counts it (GPipe m; 1F1B pp - stage; interleaved 2(pp - stage - 1) +
-    (v - 1) pp + 1 chunks). Also whether the last chunk's count (the loss buffers) differs."""
+    (v - 1) pp + 1 chunks), as {chunk: count} at the moment the total peaks."""
     if pp == 1:
         return {0: 1}
     if schedule == "gpipe":
@@ -256,8 +262,9 @@ def predict(cfg, mc, lay, stage, cuda=True):
         root = len(sizes) - sum(stage_layers(cfg, mc, lay.pp, lay.virtual, stage).values())
         params += p * sum(padded(u, n) for u in sizes[:root]) + p * 2 * padded(sizes[-1], n) * (len(sizes) > root)
     optimizer = 0 if lay.offload else states["optimizer"]
-    # activations: each live (micro-batch, chunk) keeps its layers' saved tensors, its input (a
-    # float32 input is the first norm's saved copy already) and a non-last chunk's output
+    # activations: each live (micro-batch, chunk) keeps its layers' saved tensors, a non-last chunk's
+    # output and its received input (unless a saved tensor is that input already: the first norm's
+    # float32 "copy" of a float32 input, or a checkpoint's input)
     live = live_chunks(lay.schedule, m, lay.pp, lay.virtual, stage)
     per_chunk = stage_layers(cfg, mc, lay.pp, lay.virtual, stage)
     layer = layer_activation_bytes(mc, b, s, tp, lay.sp, p, a, lay.ckpt, cuda)
@@ -277,8 +284,8 @@ def predict(cfg, mc, lay, stage, cuda=True):
     none = layer_activation_bytes(mc, b, s, tp, lay.sp, p, a, "none", cuda)
     recompute = none - layer if lay.ckpt != "none" else 0
     accumulate = m > 1 or lay.pp > 1
-    head_grads = p * sum(sizes[:len(sizes) - sum(per_chunk.values())]) if last and not torch_adamw else \
-        (4 * sum(sizes[:len(sizes) - sum(per_chunk.values())]) if last and lay.dp == 1 else 0)
+    n_root = len(sizes) - sum(per_chunk.values())  # the loss's backward has filled the head's gradients
+    head_grads = p * sum(sizes[:n_root]) if last and not (torch_adamw and lay.dp > 1) else 0
     dynamic = max(act + transient + (g_full if accumulate else 0),
                   act + recompute + (g_full if accumulate else head_grads), end)
     total = params + optimizer + g_keep + dynamic
@@ -315,7 +322,7 @@ def step_time(cfg, mc, lay, gpu):
     dp_link = link if intra else gpu["ib_gbs"] * 1e9
     matmul, attn = gpu["matmul_tflops"] * 1e12, gpu["attn_tflops"] * 1e12
     n_layers = max(sum(stage_layers(cfg, mc, lay.pp, lay.virtual, st).values()) for st in range(lay.pp))
-    fwd_matmul = 2 * tokens * sum(layer_numel(mc, tp)[:1]) * n_layers
+    fwd_matmul = 2 * tokens * layer_numel(mc, tp)[0] * n_layers
     head = 2 * tokens * mc.dim * mc.vocab_size // tp  # the output head, on the last stage (and the embedding nowhere)
     hq = mc.n_heads * mc.head_dim // tp
     fwd_attn = 2 * tokens * s * hq * n_layers
