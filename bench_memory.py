@@ -11,9 +11,10 @@ stage it builds the model, runs one training step and prints the bytes rank 0 ho
 
 --peak: on one device, for each shape (bench_train.SHAPES; --device=cpu adds the small "tiny"),
 master_weights off/on, activation_checkpointing mode and micro-batch, train.py's step (eager,
-bf16 autocast, one process): a warm-up step, then the peak of one step, torch.cuda.max_memory_allocated
-on a GPU and on the CPU the profiler's memory timeline (every tensor's creation and destruction),
-next to plan.predict's peak, and the median step time. Prints a markdown table, then each mode's
+bf16 autocast, one process): a warm-up step, then the peak of one step (torch.cuda.max_memory_allocated
+on a GPU; on the CPU profiled_peak), next to plan.predict's peak, and the median step time (on the CPU the eager optimizers' temporaries,
+which CUDA's fused AdamW and compiled ZeroAdamW update do not have, are not in the prediction:
+rows whose activations are small read low there). Prints a markdown table, then each mode's
 memory and time against none.
 """
 import gc
@@ -191,7 +192,7 @@ def peak_main(opts):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"bench_memory.py --peak on {gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: eager, bf16 "
           f"autocast, one process, {accum} micro-step(s) per step; measured = "
-          + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "the profiler's memory timeline"))
+          + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "the CPU profiler's allocations (bench_memory.profiled_peak)"))
     print("| shape | master weights | checkpointing | micro-batch x seq | predicted GiB | measured GiB | "
           "predicted / measured | step ms | tokens/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
