@@ -253,3 +253,26 @@ def test_bench_memory_peak_smoke_on_cpu(capsys):
     assert full < 0.9 * none
     out = capsys.readouterr().out
     assert "| tiny | on | full | 2 x 128 |" in out and "largest prediction error" in out
+
+
+@pytest.mark.parametrize("ckpt", plan.CKPT_MODES)
+def test_zero3_recomputation_keeps_layer_by_layer_gathers(tmp_path, monkeypatch, ckpt):
+    """zero=3 with checkpointing, one process: a layer's recomputation runs inside its module's
+    forward hooks' reach (Block.forward), so the backward still holds at most two of the four layer
+    units gathered (the one computing and the prefetched one), and none after the step."""
+    cfg = tiny_cfg(tmp_path, zero=3, activation_checkpointing=ckpt, micro_batch_size=8)
+    peak_gathered, gather = [0], zero.Unit.gather
+    layer_units = []
+
+    def counting_gather(unit, async_op=False):
+        gather(unit, async_op)
+        peak_gathered[0] = max(peak_gathered[0], sum(u.gathered for u in layer_units))
+    monkeypatch.setattr(zero.Unit, "gather", counting_gather)
+    torch.manual_seed(cfg.seed)
+    model = parallel.parallelize(Transformer(train.model_config(cfg)), parallel.Mesh(), cfg, torch.device("cpu"))
+    optimizer = train.build_optimizer(model, cfg, parallel.Mesh(), torch.device("cpu"))
+    layer_units.extend(optimizer.units[-cfg.n_layers:])
+    seqs = torch.randint(0, cfg.vocab_size, (8, cfg.block_size + 1), generator=torch.Generator().manual_seed(0))
+    train.forward_backward(model, [(seqs[:, :-1], seqs[:, 1:])], 1.0, train.setup_device(cfg)[2], model.grad_sync)
+    optimizer.step()
+    assert 1 <= peak_gathered[0] <= 2 and not any(u.gathered for u in optimizer.units), peak_gathered
