@@ -9,7 +9,12 @@ Files (save_training / load_training, for train.py): model.pt (the full, single-
 state dict and the model config: any layout loads it), optimizer.pt (AdamW's moments keyed
 by parameter name; ZeRO adds each rank's shard as optim_rank<r>.pt), train_state.pt (step,
 config, RNG, loss scaler; the data position is the step itself, since the batch of step t
-depends only on seed and t).
+depends only on seed and t). model.pt also records the tokenizer's identity (prepare.Tokenizer:
+name and sha); an hf tokenizer's files (tokenizer.json, ...) are copied beside it, so sample.py,
+eval_ppl.py and export need nothing but the checkpoint.
+
+Export: `python checkpoint.py export out/x --to=DIR` writes any checkpoint (or out_dir's newest)
+as a Hugging Face directory that transformers loads unchanged (see export).
 """
 import dataclasses
 import hashlib
@@ -148,22 +153,54 @@ def load(path, name):
         raise CheckpointError(f"cannot read checkpoint file {os.path.join(path, name)}: {e}")
 
 
-def load_model(spec, device="cpu", **config_overrides):
-    """A model from 'hf:<dir>', a checkpoint folder, or an out_dir (its newest checkpoint).
-    Returns (model, tokenizer name or None)."""
-    from model import Transformer, config_from_dict
-    if spec.startswith("hf:"):
-        return Transformer.from_hf(spec[3:], **config_overrides).to(device), None
+def resolve(spec):
+    """The checkpoint folder of a checkpoint folder or an out_dir (its newest checkpoint)."""
     path = spec if os.path.exists(os.path.join(spec, "manifest.json")) else latest(spec)
     if path is None:
         raise CheckpointError(f"no checkpoint in {spec}: train first (python train.py ...) or pass hf:<dir>")
+    return path
+
+
+def tokenizer_record(spec):
+    """The tokenizer a model belongs to, {"name", "sha", "spec"} (spec: what prepare.get_tokenizer
+    loads), or None when nothing says (an hf:<dir> without tokenizer.json). A checkpoint records
+    the identity in model.pt (a bare name before identities existed) and, for hf tokenizers,
+    holds the tokenizer files themselves."""
+    if spec.startswith("hf:"):
+        if not os.path.exists(os.path.join(spec[3:], "tokenizer.json")):
+            return None
+        from prepare import get_tokenizer
+        return {**get_tokenizer(spec).identity(), "spec": spec}
+    path = resolve(spec)
+    try:  # mmap: only the small "tokenizer" entry is read, not the weights
+        blob = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
+    return _record(path, blob.get("tokenizer"))
+
+
+def _record(path, rec):
+    if rec is None:
+        return None
+    rec = dict(rec) if isinstance(rec, dict) else {"name": rec, "sha": None}
+    has_files = os.path.exists(os.path.join(path, "tokenizer.json"))
+    return {**rec, "spec": "hf:" + path if has_files else rec["name"]}
+
+
+def load_model(spec, device="cpu", **config_overrides):
+    """A model from 'hf:<dir>', a checkpoint folder, or an out_dir (its newest checkpoint).
+    Returns (model, tokenizer_record(spec))."""
+    from model import Transformer, config_from_dict
+    if spec.startswith("hf:"):
+        return Transformer.from_hf(spec[3:], **config_overrides).to(device), tokenizer_record(spec)
+    path = resolve(spec)
     blob = load(path, "model.pt")
     model = Transformer(config_from_dict({**blob["model_config"], **config_overrides}))
     state = dict(blob["state_dict"])
     if model.config.tie_embeddings:  # saved once, under its first name
         state.setdefault("output.weight", state["tok_embeddings.weight"])
     model.load_state_dict(state)
-    return model.to(device), blob.get("tokenizer")
+    return model.to(device), _record(path, blob.get("tokenizer"))
 
 
 # --------------------------------------------------------------------------- a training run's state (train.py)
@@ -199,9 +236,11 @@ def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
         files = {"optimizer.pt": opt} if mesh.is_main else {}
     ok = torch.ones((), device=next(model.parameters()).device)  # NCCL reduces device tensors only
     try:
-        if mesh.is_main:
+        if mesh.is_main:  # tokenizer: a prepare.Tokenizer, or an identity {"name", "sha"} when not loadable
             files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
-                                 "tokenizer": tokenizer}
+                                 "tokenizer": tokenizer.identity() if hasattr(tokenizer, "identity") else tokenizer}
+            if getattr(tokenizer, "files", None):  # an hf tokenizer: its files travel with the checkpoint
+                tokenizer.save(tmp)
             files["train_state.pt"] = {"step": step, "config": dataclasses.asdict(cfg), "scaler": scaler.state_dict(),
                                        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
         write_files(tmp, files)
@@ -255,3 +294,47 @@ def load_training(cfg, mesh, model, optimizer, scaler, path):
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     return state["step"]
+
+
+# --------------------------------------------------------------------------- export (python checkpoint.py export ...)
+def export(spec, directory, dtype="float32"):
+    """Write the model of `spec` (a checkpoint folder, an out_dir's newest checkpoint, or hf:<dir>)
+    as a Hugging Face directory: config.json and generation_config.json with the tokenizer's
+    bos/eos ids, model.safetensors, the tokenizer files and their identity (prepare.META_FILE),
+    so that transformers' AutoModelForCausalLM, AutoTokenizer and pipeline load it unchanged."""
+    from prepare import get_tokenizer
+    model, rec = load_model(spec)
+    if rec is None:
+        raise CheckpointError(f"{spec} names no tokenizer, so the export could not be used; export a "
+                              "checkpoint trained by train.py or an hf:<dir> with tokenizer.json")
+    tok = get_tokenizer(rec["spec"])
+    if tok.n_vocab > model.config.vocab_size:
+        raise CheckpointError(f"tokenizer {tok.name} has {tok.n_vocab} ids but the model's vocab_size is "
+                              f"{model.config.vocab_size}")
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise CheckpointError(f"--to={directory} is not empty; pick a new folder (nothing is overwritten)")
+    eos = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
+    model.save_hf(directory, dtype=getattr(torch, dtype), bos_token_id=tok.bos, eos_token_id=eos)
+    tok.save(directory)
+    return directory
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="python checkpoint.py export out/x --to=DIR [--dtype=bfloat16]: "
+                                "a training checkpoint as a Hugging Face model directory")
+    p.add_argument("command", choices=["export"])
+    p.add_argument("init_from", help="checkpoint folder, out_dir (its newest checkpoint) or hf:<dir>")
+    p.add_argument("--to", required=True, help="the new Hugging Face directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = p.parse_args(argv)
+    try:
+        export(a.init_from, a.to, a.dtype)
+    except (CheckpointError, OSError, ValueError) as e:  # prepare.DataError is a ValueError
+        raise SystemExit(f"error: {e}")
+    print(f"exported {a.init_from} to {a.to} (load it with transformers' AutoModelForCausalLM / "
+          f"AutoTokenizer, or here with --init_from=hf:{a.to})")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,16 +2,20 @@
 
     python eval_ppl.py --init_from=out --text=book.txt
     python eval_ppl.py --init_from=out --dataset=pystdlib --split=val --json
-    python eval_ppl.py --init_from=hf:/path/to/llama --tokenizer=gpt2 --text=a.txt --stride=512
+    python eval_ppl.py --init_from=hf:/path/to/SmolLM2 --text=a.txt --block_size=512 --stride=256
+    python eval_ppl.py --init_from=out          # the run's own validation split (its dataset/data_dir)
 
 Windows of --block_size tokens (default: the model's max_seq_len) are non-overlapping by
 default; --stride smaller than the block slides them, so that every token after the first
 window is scored with at least block_size - stride tokens of context. This is the loop of
-the transformers perplexity guide (docs: perplexity.md), token for token.
+the transformers perplexity guide (docs: perplexity.md), token for token. The tokenizer is the
+model's own (see sample.py); --text starts with BOS when the tokenizer's family adds one, as
+the guide's tokenizer(text) call does.
 """
 import argparse
 import json
 import math
+import os
 import sys
 from contextlib import nullcontext
 
@@ -20,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sample import DTYPES, autocast, default_device, check_vocab, get_encoding, load_checkpoint
+from sample import DTYPES, autocast, default_device, check_vocab, load_checkpoint, model_tokenizer
 
 # --------------------------------------------------------------------------- the math
 # Book 8.1-8.4. Over the N scored tokens x_t, each predicted from the tokens before it:
 #   NLL = -(1/N) sum_t ln p(x_t | x_<t)       mean negative log-likelihood, nats per token
 #   H   = NLL / ln 2                          the same in bits per token (cross-entropy)
 #   PPL = exp(NLL) = 2^H                      perplexity
-#   bits per byte = N * H / B                 B = UTF-8 bytes of the scored tokens; unlike PPL it
-#                                             does not depend on how the tokenizer cuts the text
+#   bits per byte = N * H / B                 B = UTF-8 bytes of the text of the scored tokens
+#                                             (Tokenizer.count_bytes); unlike PPL it does not
+#                                             depend on how the tokenizer cuts the text
 
 
 def summarize(nll_sum, n_tokens, n_bytes):
@@ -54,22 +59,11 @@ def windows(n_tokens, block_size, stride):
     return out
 
 
-def token_byte_lengths(enc):
-    """UTF-8 bytes of each token id as decoded; special tokens (end-of-text) count 0."""
-    lengths = np.zeros(enc.n_vocab, dtype=np.int64)
-    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-    for i in range(enc.n_vocab):
-        try:
-            lengths[i] = 0 if i in special else len(enc.decode_single_token_bytes(i))
-        except KeyError:  # an id in a gap of the vocabulary
-            pass
-    return lengths
-
-
 @torch.no_grad()
-def evaluate(model, tokens, block_size=None, stride=None, batch_size=8, token_bytes=None,
+def evaluate(model, tokens, block_size=None, stride=None, batch_size=8, count_bytes=None,
              ctx=nullcontext(), progress=True):
-    """Sum of -ln p over the scored tokens of `tokens` (1-D ids), windows as above."""
+    """Sum of -ln p over the scored tokens of `tokens` (1-D ids), windows as above.
+    count_bytes(prev, ids): bytes of text the scored ids stand for (Tokenizer.count_bytes)."""
     block_size = block_size or model.config.max_seq_len
     stride = stride or block_size
     n = len(tokens)
@@ -98,39 +92,65 @@ def evaluate(model, tokens, block_size=None, stride=None, batch_size=8, token_by
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1,
                               reduction="sum")
         nll_sum += float(nll)
-        scored = y[y >= 0]
-        n_scored += scored.numel()
-        if token_bytes is not None:
-            n_bytes += int(token_bytes[scored.numpy()].sum())
+        scored = y >= 0
+        n_scored += int(scored.sum())
+        if count_bytes is not None:  # x holds the token before each target
+            n_bytes += count_bytes(x[scored].numpy(), y[scored].numpy())
         bar.update(len(group))
     bar.close()
-    out = summarize(nll_sum, n_scored, n_bytes if token_bytes is not None else 0)
+    out = summarize(nll_sum, n_scored, n_bytes if count_bytes is not None else 0)
     out.update(windows=len(wins), block_size=block_size, stride=stride)
     return out
 
 
 # --------------------------------------------------------------------------- main
-def read_tokens(a, model_tokenizer, vocab_size):
-    """(1-D token ids, tokenizer name) from --text, --tokens or --dataset/--split."""
+def read_tokens(a, model_tok, vocab_size):
+    """(1-D token ids, Tokenizer) from --text, --tokens or --dataset/--split; model_tok: the
+    model's tokenizer record (checkpoint.load_model)."""
     if a.text:
-        name = model_tokenizer or a.tokenizer or "gpt2"
+        tok = model_tokenizer(a.init_from, model_tok, a.tokenizer)
         try:
             with open(a.text, encoding="utf-8") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: cannot read --text={a.text}: {e}")
-        return np.array(get_encoding(name).encode_ordinary(text), dtype=np.int64), name
-    from prepare import load_tokens
-    path = a.tokens or f"{a.data_dir}/{a.dataset}/{a.split}.bin"
+        head = [tok.bos] if tok.add_bos else []
+        return np.array(head + tok.encode(text), dtype=np.int64), tok
+    from prepare import describe, load_tokens, same_tokenizer
+    path = a.tokens or os.path.join(a.data_dir, a.dataset, f"{a.split}.bin")
     try:
         tokens, header = load_tokens(path, expected_vocab_size=vocab_size)
     except ValueError as e:  # prepare.DataError names the file and the fix
         raise SystemExit(f"error: {e}")
-    name = header.get("tokenizer")
-    if model_tokenizer and name and name != model_tokenizer:
-        raise SystemExit(f"error: {path} was tokenized with {name!r} but the model with {model_tokenizer!r}; "
-                         f"prepare the data again with --tokenizer={model_tokenizer}")
-    return tokens, model_tokenizer or name or a.tokenizer or "gpt2"
+    data_tok = {"name": header.get("tokenizer"), "sha": header.get("tokenizer_sha")}
+    if model_tok is not None and not same_tokenizer(model_tok, data_tok):
+        raise SystemExit(f"error: {path} was tokenized with {describe(data_tok)} but the model --init_from="
+                         f"{a.init_from} with {describe(model_tok)}: its ids mean other text. Fix: prepare the "
+                         f"data again with --tokenizer={model_tok['spec']}, or pass that model's tokens")
+    if model_tok is None and a.tokenizer is None:  # the data's own tokenizer: its files, else its name
+        folder = os.path.join(os.path.dirname(path), "tokenizer")
+        spec = "hf:" + folder if os.path.exists(os.path.join(folder, "tokenizer.json")) else data_tok["name"]
+        model_tok = {**data_tok, "spec": spec}
+    tok = model_tokenizer(a.init_from, model_tok, a.tokenizer)
+    if not same_tokenizer(tok.identity(), data_tok):
+        raise SystemExit(f"error: {path} was tokenized with {describe(data_tok)}, not --tokenizer={a.tokenizer} "
+                         f"({describe(tok.identity())}). Fix: leave --tokenizer out")
+    return tokens, tok
+
+
+def default_split(a):
+    """--init_from=<a training run> with no data flag: its own dataset and data_dir (saved config)."""
+    from checkpoint import CheckpointError, load, resolve
+    if a.init_from.startswith("hf:"):
+        raise SystemExit("error: pass --text FILE, --tokens FILE.bin or --dataset NAME (with --split); an "
+                         "hf: model has no dataset of its own")
+    try:
+        cfg = load(resolve(a.init_from), "train_state.pt").get("config") or {}
+    except (CheckpointError, OSError) as e:
+        raise SystemExit(f"error: cannot load --init_from={a.init_from}: {e}")
+    if not cfg.get("dataset"):
+        raise SystemExit(f"error: {a.init_from} records no dataset; pass --text, --tokens or --dataset")
+    a.dataset, a.data_dir = cfg["dataset"], cfg.get("data_dir", a.data_dir)
 
 
 def main(argv=None):
@@ -146,27 +166,27 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=None, help="window step (default: block_size, non-overlapping)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward")
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--tokenizer", default=None, help="for hf:<dir> models (default gpt2); a checkpoint names its own")
+    p.add_argument("--tokenizer", default=None, help="default and required to match: the model's own (needed "
+                   "only for an hf:<dir> without tokenizer.json)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--json", action="store_true", help="print one JSON summary line")
     a = p.parse_args(argv)
     if not (a.text or a.tokens or a.dataset):
-        p.error("pass --text FILE, --tokens FILE.bin or --dataset NAME (with --split)")
+        default_split(a)
 
-    model, model_tokenizer = load_checkpoint(a.init_from, a.device)
+    model, model_tok = load_checkpoint(a.init_from, a.device)
     model.eval()
-    tokens, name = read_tokens(a, model_tokenizer, model.config.vocab_size)
-    enc = get_encoding(name)
-    check_vocab(enc, model)
+    tokens, tok = read_tokens(a, model_tok, model.config.vocab_size)
+    check_vocab(tok, model)
     if a.max_tokens:
         tokens = tokens[:a.max_tokens]
     try:
-        r = evaluate(model, tokens, a.block_size, a.stride, a.batch_size, token_byte_lengths(enc),
+        r = evaluate(model, tokens, a.block_size, a.stride, a.batch_size, tok.count_bytes,
                      autocast(a.device, a.dtype), progress=True)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    r.update(tokenizer=name, init_from=a.init_from, source=a.text or a.tokens or f"{a.dataset}/{a.split}")
+    r.update(tokenizer=tok.name, init_from=a.init_from, source=a.text or a.tokens or f"{a.dataset}/{a.split}")
     if a.json:
         print(json.dumps(r))
         return

@@ -561,6 +561,11 @@ class Pipeline:
     peak_live: int = 0  # most (micro-batch, chunk) activations held for backward at once, last step
     idle_s: float = 0.0  # time waiting on receives (pp_measure_idle), since the last report
     total_s: float = 0.0
+    # pp_trace: None, or this step's [kind, micro-batch, chunk, start, end] (seconds from the step's
+    # start; kinds F, B, wait, drain), with the step's length in trace_length (pipeline_trace)
+    trace: list = None
+    trace_t0: float = 0.0
+    trace_length: float = 0.0
     connected: bool = False  # _connect_neighbours has run
 
     def rank_of(self, g):
@@ -626,14 +631,15 @@ def interleaved_schedule(m, pp, stage, v):
     return actions + [action("B", k) for k in range(total - warmup, total)]
 
 
+def schedule_actions(schedule, m, pp, stage, v=1):
+    """The actions of one stage by schedule name (plot.py draws the plan of every stage from it)."""
+    if schedule == "interleaved":
+        return interleaved_schedule(m, pp, stage, v)
+    return gpipe_schedule(m, pp, stage) if schedule == "gpipe" else one_f_one_b_schedule(m, pp, stage)
+
+
 def schedule_for(pipe, m, forward_only=False):
-    pp, stage = pipe.mesh.pp, pipe.mesh.pp_rank
-    if pipe.schedule == "interleaved":
-        actions = interleaved_schedule(m, pp, stage, pipe.virtual)
-    elif pipe.schedule == "gpipe":
-        actions = gpipe_schedule(m, pp, stage)
-    else:
-        actions = one_f_one_b_schedule(m, pp, stage)
+    actions = schedule_actions(pipe.schedule, m, pipe.mesh.pp, pipe.mesh.pp_rank, pipe.virtual)
     return [a for a in actions if a[0] == "F"] if forward_only else actions
 
 
@@ -683,27 +689,32 @@ def _recv_op(pipe, kind, mb, g, m, device, dtype):
     return dist.P2POp(dist.irecv, buf, peer, tag=_tag(kind, mb, g if kind == "F" else g + 1, m))
 
 
-def _wait(work, pipe, timed):
-    """Wait for a receive; with pp_measure_idle the wait is timed, which costs speed (off by
-    default)."""
+def _wait(work, pipe, timed, event):
+    """Wait for a receive; with pp_measure_idle or pp_trace the wait is timed, which costs speed
+    (off by default)."""
     if not timed:
         return work.wait()
-    _timed_wait(pipe, work.wait)
+    _timed_wait(pipe, work.wait, event)
 
 
-def _timed_wait(pipe, wait):
-    """Add the time wait() blocks to the stage's idle time. On CUDA the compute stream is drained
-    first (not the whole device: NCCL runs on its own stream, and a device-wide sync would swallow
-    the very wait we time); after wait() a second sync of the compute stream ends when the data
-    has arrived."""
-    stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
-    if stream is not None:
-        stream.synchronize()
+def _sync_compute():
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
+
+
+def _timed_wait(pipe, wait, event):
+    """Add the time wait() blocks to the stage's idle time (and to the trace as event = [kind, mb,
+    chunk]). On CUDA the compute stream is drained first (not the whole device: NCCL runs on its
+    own stream, and a device-wide sync would swallow the very wait we time); after wait() a second
+    sync of the compute stream ends when the data has arrived."""
+    _sync_compute()
     t = time.perf_counter()
     wait()
-    if stream is not None:
-        stream.synchronize()
-    pipe.idle_s += time.perf_counter() - t
+    _sync_compute()
+    t_end = time.perf_counter()
+    pipe.idle_s += t_end - t
+    if pipe.trace is not None:
+        pipe.trace.append(event + [t - pipe.trace_t0, t_end - pipe.trace_t0])
 
 
 def _connect_neighbours(pipe, device):
@@ -748,9 +759,11 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
             # gradient this stage sends (m of each) stays allocated until the schedule ends. (NCCL;
             # gloo reports a send complete only at wait(), so on the CPU they all still stay.)
             in_flight = [w for w in in_flight if not w.is_completed()] + works[:len(sends)]
-            if recv:
-                _wait(works[-1], pipe, timed=pipe.measure_idle and not forward_only)  # training steps only
+            if recv:  # timed in training steps only
+                _wait(works[-1], pipe, (pipe.measure_idle or pipe.trace is not None) and not forward_only,
+                      ["wait", mb, g])
         sends = []
+        t_action = time.perf_counter()
         if kind == "F":
             x, y = micro_batches[mb]
             inp = recv.tensor.requires_grad_(not forward_only) if recv else x
@@ -774,6 +787,9 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
                 torch.autograd.backward(out, grad_tensors=recv.tensor)
             if g > 0:
                 sends.append(dist.P2POp(dist.isend, inp.grad.contiguous(), pipe.rank_of(g - 1), tag=_tag("B", mb, g, m)))
+        if pipe.trace is not None and not forward_only:
+            _sync_compute()
+            pipe.trace.append([kind, mb, g, t_action - pipe.trace_t0, time.perf_counter() - pipe.trace_t0])
     if sends:
         in_flight += dist.batch_isend_irecv(sends)
     for w in in_flight:
@@ -784,16 +800,22 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
 def pipeline_step(model, micro_batches, loss_scale, autocast):
     """forward_backward for pp > 1: the mean loss (on the last stage, 0 elsewhere), with
     gradients data-parallel averaged and a tied embedding's two copies summed."""
-    pipe, t0 = model.pipeline, time.perf_counter()
+    pipe = model.pipeline
+    if pipe.trace is not None:  # the stages start a traced step together, so their clocks line up
+        _sync_compute()
+        dist.barrier(group=pipe.mesh.pp_group)
+        pipe.trace.clear()
+    t0 = pipe.trace_t0 = time.perf_counter()
     total = run_schedule(model, micro_batches, loss_scale, autocast)
-    if pipe.measure_idle:  # the drain: a stage done early waits for the others' last backwards
-        _timed_wait(pipe, lambda: dist.barrier(group=pipe.mesh.pp_group))
+    if pipe.measure_idle or pipe.trace is not None:  # the drain: a stage done early waits for the others
+        _timed_wait(pipe, lambda: dist.barrier(group=pipe.mesh.pp_group), ["drain", -1, -1])
     model.grad_sync.finish()
     if pipe.embed_group is not None:  # d loss / d W = embedding's part (first) + output head's part (last)
         w = model.tok_embeddings.weight if model.tok_embeddings is not None else model.output.weight
         # after the dp sync: w.grad, or under ZeRO this rank's dp shard of it, the only part kept
         all_reduce(model.grad_sync.reduced_grad(w), pipe.embed_group)
-    pipe.total_s += time.perf_counter() - t0
+    pipe.trace_length = time.perf_counter() - t0
+    pipe.total_s += pipe.trace_length
     return total / len(micro_batches)
 
 
@@ -810,6 +832,15 @@ def pipeline_idle(model):
     dist.all_gather_object(parts, (pipe.idle_s, pipe.total_s), group=pipe.mesh.pp_group)
     pipe.idle_s = pipe.total_s = 0.0
     return [idle / max(total, 1e-9) for idle, total in parts]
+
+
+def pipeline_trace(model):
+    """The traced step of every stage, by stage: {"length": s, "events": [[kind, mb, chunk, start,
+    end], ...]} (collective over the pipeline; plot.py --timeline draws it)."""
+    pipe = model.pipeline
+    parts = [None] * pipe.mesh.pp
+    dist.all_gather_object(parts, {"length": pipe.trace_length, "events": pipe.trace}, group=pipe.mesh.pp_group)
+    return parts
 
 
 def gather_stages(full, model, mesh):

@@ -1,14 +1,17 @@
 """Generate text from a trained model (or a local Hugging Face Llama) with the KV cache.
 
     python sample.py --init_from=out --start="Once upon a time" --num_samples=3
-    python sample.py --init_from=hf:/path/to/llama --tokenizer=gpt2 --start=FILE:prompt.txt
+    python sample.py --init_from=hf:/path/to/SmolLM2 --start=FILE:prompt.txt
+    python sample.py --init_from=hf:/path/to/SmolLM2 --chat --start="What is 2+2?"
     python sample.py --temperature=0            # greedy: the same text every run
 
-Tokens are printed as they are produced. Generation stops at the end-of-text token, after
---max_new_tokens, or when the sequence reaches the model's max_seq_len.
+The tokenizer is the model's own: the one a checkpoint was trained with (its files travel in
+the checkpoint), or an hf:<dir>'s tokenizer.json; --tokenizer must name the same one (or serve a
+directory that has none). Tokens are printed as they are produced. Generation stops at an
+end-of-text token (eos; for hf, any of generation_config's eos ids), after --max_new_tokens, or
+when the sequence reaches the model's max_seq_len.
 """
 import argparse
-import codecs
 import sys
 import time
 from contextlib import nullcontext
@@ -32,12 +35,12 @@ def autocast(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
 
 
-def get_encoding(name):
-    """tiktoken Encoding via prepare.get_tokenizer; offline, its error says how to get the files."""
+def get_encoding(spec):
+    """prepare.get_tokenizer (a prepare.Tokenizer); offline, its error says how to get the files."""
     from prepare import get_tokenizer
     try:
-        return get_tokenizer(name)
-    except ValueError as e:  # prepare.DataError: unknown name, or BPE files not downloadable
+        return get_tokenizer(spec)
+    except ValueError as e:  # prepare.DataError: unknown name, missing files, BPE files not downloadable
         raise SystemExit(f"error: {e}")
 
 
@@ -50,22 +53,37 @@ def load_checkpoint(init_from, device):
         raise SystemExit(f"error: cannot load --init_from={init_from}: {e}")
 
 
+def model_tokenizer(init_from, model_tok, flag=None):
+    """The Tokenizer to use with a model whose tokenizer record (checkpoint.load_model) is
+    model_tok: the model's own; --tokenizer (flag) must be the same one, and is needed only
+    when the model names none (an hf:<dir> without tokenizer.json)."""
+    from prepare import describe, same_tokenizer
+    if flag is None and model_tok is None:
+        raise SystemExit(f"error: --init_from={init_from} has no tokenizer (no tokenizer.json there). Fix: "
+                         f"pass the one it was trained with, --tokenizer=hf:DIR (a directory with "
+                         f"tokenizer.json) or byte / gpt2 / cl100k_base / o200k_base")
+    tok = get_encoding(flag or model_tok["spec"])
+    if model_tok is not None and not same_tokenizer(tok.identity(), model_tok):
+        what = f"--tokenizer={flag}" if flag else f"the tokenizer files at {model_tok['spec']}"
+        raise SystemExit(f"error: {what} is {describe(tok.identity())} but the model --init_from={init_from} "
+                         f"was trained with {describe(model_tok)}: its token ids mean other text. Fix: leave "
+                         f"--tokenizer out (the model's own tokenizer is the default)")
+    return tok
+
+
 def load(init_from, device, tokenizer=None):
-    """(model in eval mode, tiktoken Encoding). A checkpoint names its tokenizer; an hf:<dir>
-    model has none, so --tokenizer (default gpt2) is used."""
-    model, name = load_checkpoint(init_from, device)
-    if name is not None and tokenizer is not None and tokenizer != name:
-        print(f"note: the checkpoint was trained with tokenizer {name!r}; using it, not --tokenizer={tokenizer!r}",
-              file=sys.stderr)
-    enc = get_encoding(name or tokenizer or "gpt2")
-    check_vocab(enc, model)
-    return model.eval(), enc
+    """(model in eval mode, its prepare.Tokenizer); see model_tokenizer."""
+    model, model_tok = load_checkpoint(init_from, device)
+    tok = model_tokenizer(init_from, model_tok, tokenizer)
+    check_vocab(tok, model)
+    return model.eval(), tok
 
 
-def check_vocab(enc, model):
-    if enc.n_vocab > model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model's vocab_size "
-                         f"is {model.config.vocab_size}; pass the --tokenizer the model was trained with")
+def check_vocab(tok, model):
+    if tok.n_vocab > model.config.vocab_size:
+        raise SystemExit(f"error: tokenizer {tok.name!r} has {tok.n_vocab} tokens but the model's vocab_size "
+                         f"is {model.config.vocab_size}: it is not the model's tokenizer. Fix: pass the "
+                         f"--tokenizer the model was trained with")
 
 
 # --------------------------------------------------------------------------- sampling
@@ -128,7 +146,7 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=N
         else:
             stats["decode_s"] += time.perf_counter() - t0
             stats["decode_steps"] += 1
-        if nxt == eot:
+        if nxt == eot or (isinstance(eot, tuple) and nxt in eot):  # eot: an id or a tuple of stop ids
             return
         stats["new_tokens"] += 1
         yield nxt
@@ -143,17 +161,19 @@ def throughput(stats):
             f"{stats['prefill_s'] * 1e3:.1f} ms | decode {rate:.1f} tokens/s]")
 
 
-def stream(token_ids, enc, out=None):
-    """Print tokens as they come; an incremental decoder holds back partial UTF-8 characters
-    (a byte-level token can be half of one). Returns the ids."""
+def stream(token_ids, tok, out=None, at_start=False):
+    """Print tokens as they come (Tokenizer.decode_stream holds back partial UTF-8 characters:
+    a byte-level token can be half of one). Returns the ids."""
     out = out or sys.stdout
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     ids = []
-    for t in token_ids:
-        ids.append(t)
-        out.write(decoder.decode(enc.decode_single_token_bytes(t)))
+
+    def consumed():
+        for t in token_ids:
+            ids.append(t)
+            yield t
+    for piece in tok.decode_stream(consumed(), at_start):
+        out.write(piece)
         out.flush()
-    out.write(decoder.decode(b"", final=True))
     return ids
 
 
@@ -179,14 +199,17 @@ def check_args(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default="out", help="out_dir, checkpoint folder, or hf:<dir> (default: out)")
-    p.add_argument("--start", default="", help="prompt text, or FILE:path; empty = start of a document (end-of-text)")
+    p.add_argument("--start", default="", help="prompt text, or FILE:path; empty = start of a document")
+    p.add_argument("--chat", action="store_true", help="--start is a user message: apply the tokenizer's chat "
+                   "template (with the assistant's turn opened) and print the reply")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
     p.add_argument("--top_k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top_p", type=float, default=None, help="nucleus: smallest set with probability >= p")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--tokenizer", default=None, help="for hf:<dir> models (default gpt2); a checkpoint names its own")
+    p.add_argument("--tokenizer", default=None, help="byte | gpt2 | cl100k_base | o200k_base | hf:DIR; default "
+                   "and required to match: the model's own (needed only for an hf:<dir> without tokenizer.json)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     a = p.parse_args(argv)
@@ -196,13 +219,22 @@ def main(argv=None):
     ctx = autocast(a.device, a.dtype)
     cache_dtype = None if a.dtype == "float32" else DTYPES[a.dtype]  # k/v come out of autocast in dtype
     text = read_start(a.start)
-    prompt = enc.encode(text, allowed_special="all") if text else [enc.eot_token]
+    if a.chat:
+        try:
+            prompt = enc.encode(enc.render_chat([{"role": "user", "content": text}]), allow_special=True)
+        except ValueError as e:  # prepare.DataError: no template, or the template refused
+            raise SystemExit(f"error: --chat: {e}")
+        text = ""  # print only the reply
+    else:  # a document: [BOS] text, or just its start (BOS, else the previous document's end)
+        head = [enc.bos] if enc.add_bos else []
+        prompt = head + enc.encode(text, allow_special=True) if text else head or [enc.eos]
     gen = torch.Generator().manual_seed(a.seed)  # sampling runs on CPU: same seed, same text on any device
     for i in range(a.num_samples):
         sys.stdout.write(text)
         stats = {}
-        stream(generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, enc.eot_token,
-                        gen, enc.n_vocab, ctx, cache_dtype, stats), enc)
+        stream(generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, enc.stop_ids,
+                        gen, enc.n_vocab, ctx, cache_dtype, stats), enc,
+               at_start=not text and not a.chat)
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(throughput(stats), file=sys.stderr)

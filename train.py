@@ -36,7 +36,7 @@ class Config:
     out_dir: str = "out"
     dataset: str = "pystdlib"  # data/<dataset>/{train,val}.bin; the offline pystdlib is prepared on first use
     data_dir: str = "data"
-    init_from: str = "scratch"  # scratch | resume (newest checkpoint in out_dir) | hf:<dir>
+    init_from: str = "scratch"  # scratch | resume (newest checkpoint in out_dir) | hf:<dir> (its shape, weights, tokenizer)
     resume_fallback: bool = False  # resume from an older checkpoint if the newest is corrupt
     # batch: batch_size sequences per optimizer step, micro_batch_size per forward on one rank
     block_size: int = 256
@@ -92,6 +92,7 @@ class Config:
     pp_first_layers: int = 0  # layers of the first pipeline chunk (it also holds the embedding); 0: balanced
     pp_last_layers: int = 0  # layers of the last chunk (it also holds the output head); 0: balanced
     pp_measure_idle: bool = False  # log each stage's measured idle share (syncs the device: slower)
+    pp_trace: bool = False  # time every pipeline action of a few steps into out_dir/pp_trace.json (plot.py --timeline)
     dp_bucket_mb: float = 25.0
     peak_tflops: float = 0.0  # dense bf16 TFLOP/s of one GPU, for MFU; 0: looked up by device name (PEAK_TFLOPS)
     # trackers (RunLog): the fields of log.jsonl, from rank 0; off by default, never required
@@ -166,6 +167,8 @@ def load_config(argv):
     for key in ("max_iters", "peak_tflops"):
         if getattr(cfg, key) < 0:
             raise UserError(f"config key {key}={getattr(cfg, key)} must be >= 0")
+    if cfg.pp_trace and cfg.pp < 2:
+        raise UserError(f"pp_trace=True records the pipeline schedule: it needs pp >= 2 (got pp={cfg.pp})")
     if cfg.batch_size % cfg.micro_batch_size:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size}")
     return cfg
@@ -210,6 +213,65 @@ def open_split(cfg, split, vocab_size):
         raise UserError(f"{path} has {len(tokens)} tokens, fewer than one block (block_size={cfg.block_size}) "
                         "plus one; use a smaller block_size or more data")
     return tokens, header
+
+
+def read_hf_config(init_from):
+    """config.json of init_from=hf:<dir> (the model's shape comes from it, not from this Config)."""
+    path = os.path.join(init_from[3:], "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"init_from={init_from}: cannot read {path} ({e}); point hf: at a Hugging Face "
+                        "Llama directory (config.json, model.safetensors, tokenizer.json)")
+
+
+def data_tokenizer(cfg, header):
+    """What checkpoints record as the run's tokenizer: the data's Tokenizer when its files are at
+    data/<dataset>/tokenizer/ (prepare.py puts hf tokenizers there), else the header's identity."""
+    from prepare import DataError, get_tokenizer, same_tokenizer
+    ident = {"name": header.get("tokenizer"), "sha": header.get("tokenizer_sha")}
+    folder = os.path.join(cfg.data_dir, cfg.dataset, "tokenizer")
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        try:
+            tok = get_tokenizer("hf:" + folder)
+        except DataError as e:
+            raise UserError(str(e))
+        if same_tokenizer(tok.identity(), ident):
+            return tok
+    return ident
+
+
+def resumed_model_config(cfg, mcfg, path):
+    """The model to resume into. A run started from hf:<dir> took its shape from the directory,
+    not from the config's model keys: when those keys are as the run saved them, the checkpoint's
+    model config is the run's. Keys changed since are left to load_training to refuse."""
+    runtime = {"attn_impl", "max_seq_len", "activation_checkpointing"}  # how to compute, not which model
+    keys = {f.name for f in dataclasses.fields(Config)} & set(dataclasses.asdict(mcfg)) - runtime
+    saved_cfg = checkpoint.load(path, "train_state.pt").get("config", {})
+    if any(saved_cfg.get(k) != getattr(cfg, k) for k in keys):
+        return mcfg
+    try:  # mmap: only the small model_config entry is read, not the weights
+        saved = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise checkpoint.CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
+    return config_from_dict({**saved["model_config"], "attn_impl": cfg.attn_impl,
+                             "activation_checkpointing": cfg.activation_checkpointing,
+                             "max_seq_len": max(cfg.block_size, saved["model_config"]["max_seq_len"])})
+
+
+def check_tokenizer(cfg, header, model_tok, source):
+    """Refuse data tokenized with another tokenizer than the model's (model_tok: a record from
+    checkpoint.tokenizer_record, None when the model names none). Returns model_tok."""
+    from prepare import describe, same_tokenizer
+    data_tok = {"name": header.get("tokenizer"), "sha": header.get("tokenizer_sha")}
+    if model_tok is not None and not same_tokenizer(model_tok, data_tok):
+        spec = model_tok.get("spec") or model_tok["name"]
+        raise UserError(f"dataset {cfg.dataset!r} ({os.path.join(cfg.data_dir, cfg.dataset)}) was tokenized with "
+                        f"{describe(data_tok)} but the model {source} uses {describe(model_tok)}: its token ids "
+                        f"would mean other text. Fix: python prepare.py --source=<your text> "
+                        f"--name={cfg.dataset} --tokenizer={spec}")
+    return model_tok
 
 
 def batch_offsets(cfg, n_tokens, step, split):
@@ -434,25 +496,59 @@ def open_tracker(cfg, kind):
     return (lambda scalars, step: run.log(scalars, step=step)), run.finish
 
 
+PP_TRACE_STEPS = 3
+
+
+def record_trace(trace, stages, step, cfg, mesh, m, device):
+    """Add one traced step (parallel.pipeline_trace) to out_dir/pp_trace.json; rank 0 writes it,
+    whole each time (write, then rename), so plot.py --timeline can read it during the run."""
+    if trace is None:
+        trace = {"schedule": cfg.pp_schedule, "pp": mesh.pp, "m": m, "virtual": cfg.pp_virtual,
+                 "formula_idle": parallel.bubble_fraction(cfg.pp_schedule, mesh.pp, m, cfg.pp_virtual),
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, gloo",
+                 "steps": []}
+    trace["steps"].append({"step": step, "stages": stages})
+    if mesh.is_main:
+        path = os.path.join(cfg.out_dir, "pp_trace.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(trace, f)
+        os.replace(path + ".tmp", path)
+    return trace
+
+
 def train(cfg):
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
     runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
     mcfg = model_config(cfg)
-    train_data, header = open_split(cfg, "train", mcfg.vocab_size)
-    val_data, _ = open_split(cfg, "val", mcfg.vocab_size)
+    hf_config = read_hf_config(cfg.init_from) if cfg.init_from.startswith("hf:") else None
     resume_path = None
     if cfg.init_from == "resume":
         resume_path = checkpoint.latest(cfg.out_dir, fallback=cfg.resume_fallback)
         if resume_path is None and mesh.is_main:
             print(f"no checkpoint in {cfg.out_dir}: starting from scratch")
+        if resume_path is not None:
+            mcfg = resumed_model_config(cfg, mcfg, resume_path)
     elif cfg.init_from != "scratch" and not cfg.init_from.startswith("hf:"):
         raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or 'hf:<dir>'")
+    vocab_size = hf_config["vocab_size"] if hf_config else mcfg.vocab_size
+    train_data, header = open_split(cfg, "train", vocab_size)
+    val_data, _ = open_split(cfg, "val", vocab_size)
+    tokenizer = data_tokenizer(cfg, header)
+    if resume_path is not None:
+        check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
+    elif hf_config:
+        rec = check_tokenizer(cfg, header, checkpoint.tokenizer_record(cfg.init_from), cfg.init_from)
+        if rec:  # the model's tokenizer, so checkpoints carry its files
+            from prepare import get_tokenizer
+            tokenizer = get_tokenizer(cfg.init_from)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.init_from.startswith("hf:"):
         try:
-            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=cfg.block_size, attn_impl=cfg.attn_impl,
+            # the published context length stays the model's (checkpoints, export); block_size may exceed it
+            max_seq_len = max(cfg.block_size, hf_config.get("max_position_embeddings") or 0)
+            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=max_seq_len, attn_impl=cfg.attn_impl,
                                         activation_checkpointing=cfg.activation_checkpointing)
         except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
             raise UserError(f"init_from={cfg.init_from}: {e}")
@@ -468,6 +564,8 @@ def train(cfg):
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
     step = checkpoint.load_training(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
+    # pp_trace: the PP_TRACE_STEPS steps after this run's first (which warms up), in out_dir/pp_trace.json
+    trace_steps, trace = range(step + 2, step + 2 + PP_TRACE_STEPS) if cfg.pp_trace else (), None
     fwd_bwd = torch.compile(model) if cfg.compile and mesh.pp == 1 else model
 
     log = print if mesh.is_main else (lambda *a, **k: None)
@@ -483,9 +581,8 @@ def train(cfg):
             + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
     log(memory)
     preempt = Preemption()
-    tokenizer = header.get("tokenizer")
     bad_steps, t0, tokens_seen = 0, time.time(), 0
-    loss_sum, n_summed = torch.zeros((), device=device), 0  # the applied steps since the last log line
+    loss_sum, n_summed = torch.zeros((), device=device), 0  # over the applied steps since the last log line
     world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
     if device.type == "cuda":  # MFU = 6N + 12LdT FLOPs per token (model.flops_per_token) x tokens/s / peak
         gpu = torch.cuda.get_device_name(device)
@@ -499,7 +596,13 @@ def train(cfg):
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = get_micro_batches(cfg, train_data, step, "train", mesh, device)
+        traced = step + 1 in trace_steps
+        if traced:
+            model.pipeline.trace = []
         loss, norm = compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro, scaler, autocast)
+        if traced:
+            trace = record_trace(trace, parallel.pipeline_trace(model), step + 1, cfg, mesh, grad_accum, device)
+            model.pipeline.trace = None
         # one small collective and one host sync per step: every rank agrees on skip/stop
         flags = torch.stack([(~torch.isfinite(norm)).float(), torch.tensor(float(preempt.requested), device=device)])
         parallel.all_reduce(flags, world_group, op=torch.distributed.ReduceOp.MAX)
@@ -530,14 +633,12 @@ def train(cfg):
                    "tokens_per_s": tok_s, "loss_scale": scaler.scale, "tokens": step * cfg.batch_size * cfg.block_size}
             line = (f"step {step:6d} | loss " + (f"{mean_loss:.4f}" if n_summed else "n/a (every step skipped)")
                     + f" | lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {tok_s:,.0f} tok/s")
-            loss_sum.zero_()
-            n_summed = 0
+            loss_sum, n_summed = loss_sum.zero_(), 0
             if device.type == "cuda":
                 if peak:
                     rec["mfu"] = flops_per_token * tok_s / (peak * mesh.world)
-                    line += f" | MFU {100 * rec['mfu']:.1f}%"
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                line += f" | mem {rec['peak_mem_gib']:.1f} GiB"
+                line += (f" | MFU {100 * rec['mfu']:.1f}%" if peak else "") + f" | mem {rec['peak_mem_gib']:.1f} GiB"
             if cfg.pp_measure_idle and mesh.pp > 1:
                 rec["pp_idle"] = parallel.pipeline_idle(model)
                 line += " | idle by stage " + " ".join(f"{f:.0%}" for f in rec["pp_idle"])

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
         from triton.runtime import interpreter
     except ImportError:  # no triton: test_flash_attn skips itself
         interpreter = None
-    if interpreter is not None:  # Triton 3.6's interpreter int()s 1-element arrays (loop bounds), an error since numpy 2.4
+    if interpreter is not None:  # Triton 3.6's interpreter int()s 1-element arrays (loop bounds): an error in numpy 2.4
         _patch_tensor = interpreter._patch_lang_tensor
 
         def _patch_tensor_index(tensor, scope):

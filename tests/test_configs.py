@@ -11,7 +11,8 @@ from model import Transformer
 from util import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-LAYOUT = {"tiny": (1, 1), "gpt2_small": (1, 1), "llama_1b": (8, 8), "llama_7b": (8, 1), "llama_13b": (16, 1)}  # (world, dp): the launches in the headers
+# (world, dp) of the launches in the headers
+LAYOUT = {"tiny": (1, 1), "gpt2_small": (1, 1), "llama_1b": (8, 8), "llama_7b": (8, 1), "llama_13b": (16, 1)}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])

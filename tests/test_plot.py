@@ -11,9 +11,10 @@ import types
 import pytest
 import torch
 
+import parallel
 import plot
 import train
-from util import make_dataset, tiny_args
+from util import make_dataset, run_ok, tiny_args
 
 
 def _train_with_nan_at(args, bad_call):
@@ -135,3 +136,46 @@ def test_a_missing_tracker_package_is_one_line(tmp_path, monkeypatch, capsys):
             train.main(tiny_args(tmp_path, **{kind: True}))
         assert e.value.code == 2
         assert f"{kind}=True needs the {kind} package: pip install {kind}" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the pipeline timeline
+@pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_pipeline_trace_follows_the_plan_and_matches_measured_idle(tmp_path, schedule, virtual):
+    make_dataset(tmp_path / "data")
+    run_ok(tiny_args(tmp_path, pp=2, pp_schedule=schedule, pp_virtual=virtual, max_iters=5, pp_trace=True,
+                     pp_measure_idle=True), nproc=2)  # batch 8 / micro-batch 2: m = 4
+    trace = plot.read_trace(str(tmp_path / "out"))
+    assert (trace["pp"], trace["m"], trace["virtual"]) == (2, 4, virtual)
+    assert [s["step"] for s in trace["steps"]] == [2, 3, 4]  # the first step warms up
+    logged = {r["step"]: r["pp_idle"] for r in map(json.loads, open(tmp_path / "out" / "log.jsonl"))
+              if "pp_idle" in r}
+    for step in trace["steps"]:
+        for stage, events in enumerate(step["stages"]):
+            actions = [(k, mb, g) for k, mb, g, _, _ in events["events"] if k in ("F", "B")]
+            assert actions == parallel.schedule_actions(schedule, 4, 2, stage, virtual)  # each once, in order
+            starts = [t0 for *_, t0, _ in events["events"]]
+            assert starts == sorted(starts) and all(t0 <= t1 <= events["length"] for *_, t0, t1 in events["events"])
+            # the trace's waits are the intervals pp_measure_idle sums (log_interval=1: one step each)
+            assert plot.measured_idle(events) == pytest.approx(logged[step["step"]][stage], abs=1e-9)
+    fig = plot.make_timeline(trace)
+    measured, planned = fig.axes[:2]
+    n_bars = lambda ax: len(ax.collections)
+    assert n_bars(planned) == 2 * 2 * 4 * virtual  # F and B of every micro-batch and chunk, on each stage
+    assert n_bars(measured) == sum(len(st["events"]) for st in trace["steps"][-1]["stages"])
+    plot.main(["--timeline", str(tmp_path / "out"), "--no_show"])
+    assert os.path.getsize(tmp_path / "out" / "timeline.png") > 10_000
+
+
+def test_planned_timeline_idle_is_the_bubble_formula():
+    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+        for pp, m in ((2, 4), (4, 8)):
+            lanes = plot.planned_timeline(schedule, pp, m, v)
+            end = max(e[4] for lane in lanes for e in lane)
+            for lane in lanes:
+                idle = 1 - sum(e[4] - e[3] for e in lane) / end
+                assert idle == pytest.approx(parallel.bubble_fraction(schedule, pp, m, v)), (schedule, pp, m)
+
+
+def test_pp_trace_needs_a_pipeline():
+    with pytest.raises(train.UserError, match="pp_trace=True .* needs pp >= 2"):
+        train.load_config(["--pp_trace=True"])

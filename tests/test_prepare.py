@@ -112,16 +112,16 @@ def test_too_large_vocabulary_rejected(tmp_path):
 # --------------------------------------------------------------------------- tokenizers
 def test_byte_tokenizer_lossless():
     enc = get_tokenizer("byte")
-    assert enc.n_vocab == 257 and enc.eot_token == EOT
+    assert enc.n_vocab == 257 and enc.eos == EOT and enc.bos is None and not enc.add_bos
     texts = ["", "hello world\n", "héllo wörld 🙂 世界 \x00\t\r\n" * 50, "a" * 10000 + " b",
              "".join(chr(c) for c in range(1, 0x3000, 7)), "<|endoftext|> stays text",
              "e\u0301 combining, \U0001F468\u200D\U0001F469 zwj, \ufeff bom"]
     for text in texts:
-        ids = enc.encode_ordinary(text)
+        ids = enc.encode(text)
         assert ids == byte_ids(text)  # one token per UTF-8 byte
         assert enc.decode(ids) == text
-    assert enc.decode([104, 105, EOT]) == "hi<|endoftext|>"
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT]
+    assert enc.decode([104, 105, EOT]) == "hi"  # special tokens are left out
+    assert enc.encode("<|endoftext|>", allow_special=True) == [EOT]
 
 
 def test_encode_docs_appends_eot_and_skips_empty():
@@ -240,7 +240,7 @@ def test_local_jsonl(tmp_path, streaming, num_proc):
                           streaming=streaming, quiet=True)
     expect = {"train": [], "val": []}
     for i, d in enumerate(docs):
-        expect["val" if (i + 1) % 20 == 0 else "train"] += enc.encode_ordinary(d) + [enc.eot_token]
+        expect["val" if (i + 1) % 20 == 0 else "train"] += enc.encode(d) + [enc.eos]
     for s in ("train", "val"):
         tokens, header = load_tokens(os.path.join(out, f"{s}.bin"), expected_vocab_size=257)
         assert tokens.tolist() == expect[s]

@@ -25,7 +25,7 @@ import eval_ppl  # noqa: E402
 import sample  # noqa: E402
 from checkpoint import commit, temp_dir, write_files  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from prepare import get_tokenizer, write_tokens  # noqa: E402
+from prepare import _tiktoken_tokenizer, get_tokenizer, write_tokens  # noqa: E402
 
 MAX_LEN = 64
 TEXT = ("The quick brown fox jumps over the lazy dog. Perplexity is the exponential of the mean "
@@ -80,7 +80,7 @@ def greedy_by_full_forward(model, prompt, n, vocab_limit):
 def test_checkpoint_loads_with_its_tokenizer(ckpt, enc):
     out, model = ckpt
     loaded, tok = sample.load(out, "cpu")
-    assert tok.name == "byte" and tok.eot_token == 256
+    assert tok.name == "byte" and tok.eos == 256
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
 
@@ -210,8 +210,8 @@ def merge_encoding():
     """A byte-level BPE with three merges, so tokens are 1-3 bytes and bits per byte != bits per token."""
     ranks = {bytes([i]): i for i in range(256)}
     ranks.update({b"th": 256, b"the": 257, b"he": 258})
-    return tiktoken.Encoding("merges", pat_str=r"[\s\S]{1,4096}", mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 259})
+    return _tiktoken_tokenizer(tiktoken.Encoding("merges", pat_str=r"[\s\S]{1,4096}", mergeable_ranks=ranks,
+                                                 special_tokens={"<|endoftext|>": 259}))
 
 
 def test_windows_cover_each_token_once():
@@ -231,9 +231,8 @@ def test_windows_cover_each_token_once():
 def test_eval_nll_equals_direct_computation(ckpt, block, stride):
     _, model = ckpt
     enc = merge_encoding()
-    tokens = enc.encode_ordinary(TEXT)
-    lengths = eval_ppl.token_byte_lengths(enc)
-    r = eval_ppl.evaluate(model, tokens, block, stride, batch_size=3, token_bytes=lengths, progress=False)
+    tokens = enc.encode(TEXT)
+    r = eval_ppl.evaluate(model, tokens, block, stride, batch_size=3, count_bytes=enc.count_bytes, progress=False)
     wins = eval_ppl.windows(len(tokens), block, stride or block)
     nll_sum, n = direct_nll(model, tokens, wins)
     assert r["tokens"] == n and r["windows"] == len(wins)
@@ -243,12 +242,12 @@ def test_eval_nll_equals_direct_computation(ckpt, block, stride):
     assert math.isclose(r["ppl"], 2 ** r["nll_bits"], rel_tol=1e-9)  # PPL = exp(NLL) = 2^H
     # bytes: the text's UTF-8 bytes minus those of the tokens that were context only
     scored = {t for b, e, c in wins for t in range(b + 1 + c, e)}
-    unscored_bytes = sum(len(enc.decode_single_token_bytes(tokens[i])) for i in range(len(tokens)) if i not in scored)
+    unscored_bytes = sum(len(enc.token_bytes[tokens[i]]) for i in range(len(tokens)) if i not in scored)
     assert r["bytes"] == len(TEXT.encode("utf-8")) - unscored_bytes
     assert len(tokens) < r["bytes"]  # the merges make some tokens longer than a byte
     assert math.isclose(r["bits_per_byte"], nll_sum / math.log(2) / r["bytes"], rel_tol=1e-5)
     # batching (with a shorter last window padded) changes nothing
-    r1 = eval_ppl.evaluate(model, tokens, block, stride, batch_size=1, token_bytes=lengths, progress=False)
+    r1 = eval_ppl.evaluate(model, tokens, block, stride, batch_size=1, count_bytes=enc.count_bytes, progress=False)
     assert math.isclose(r1["nll_nats"], r["nll_nats"], rel_tol=1e-6)
 
 
@@ -266,7 +265,7 @@ def test_sliding_window_equals_transformers_guide_loop(ckpt, tmp_path, stride):
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                        dtype=torch.float32).eval()
     enc = get_tokenizer("byte")
-    input_ids = torch.tensor([enc.encode_ordinary(TEXT[:200])])
+    input_ids = torch.tensor([enc.encode(TEXT[:200])])
     max_length, seq_len = 32, input_ids.size(1)
 
     nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
@@ -305,7 +304,7 @@ def test_eval_cli_json_on_text_and_token_file(ckpt, enc, tmp_path, capsys):
     r = run("eval_ppl.py", "--init_from", out, "--text", str(tmp_path / "t.txt"), "--block_size", "32",
             "--stride", "16", "--json", "--device", "cpu")
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    tokens = enc.encode_ordinary(TEXT)
+    tokens = enc.encode(TEXT)
     ref = eval_ppl.evaluate(model, tokens, 32, 16, progress=False)
     assert got["tokens"] == ref["tokens"] == len(tokens) - 1
     assert math.isclose(got["nll_nats"], ref["nll_nats"], rel_tol=1e-6)
@@ -314,15 +313,15 @@ def test_eval_cli_json_on_text_and_token_file(ckpt, enc, tmp_path, capsys):
     assert got["tokenizer"] == "byte" and "windows" in r.stderr  # the tqdm bar
     # a prepared token file, two documents with end-of-text after each (0 bytes), and the
     # data/<dataset>/<split>.bin shortcut to the same file
-    docs = [enc.encode_ordinary(TEXT[:150]) + [enc.eot_token], enc.encode_ordinary(TEXT[150:]) + [enc.eot_token]]
+    docs = [enc.encode(TEXT[:150]) + [enc.eos], enc.encode(TEXT[150:]) + [enc.eos]]
     ids = docs[0] + docs[1]
-    write_tokens(str(tmp_path / "data" / "mini" / "val.bin"), ids, "byte", enc.n_vocab, enc.eot_token)
+    write_tokens(str(tmp_path / "data" / "mini" / "val.bin"), ids, "byte", enc.n_vocab, enc.eos)
     got = eval_main(capsys, "--init_from", out, "--tokens", str(tmp_path / "data" / "mini" / "val.bin"),
                     "--block_size", "64")
     ref = eval_ppl.evaluate(model, ids, 64, None, progress=False)
     assert got["tokens"] == ref["tokens"] and math.isclose(got["nll_nats"], ref["nll_nats"], rel_tol=1e-6)
     scored = [ids[t] for b, e, c in eval_ppl.windows(len(ids), 64, 64) for t in range(b + 1 + c, e)]
-    assert got["bytes"] == sum(1 for t in scored if t != enc.eot_token)
+    assert got["bytes"] == sum(1 for t in scored if t != enc.eos)
     got2 = eval_main(capsys, "--init_from", out, "--dataset", "mini", "--split", "val", "--data_dir",
                      str(tmp_path / "data"), "--block_size", "64")
     assert got2["nll_nats"] == got["nll_nats"]
@@ -352,3 +351,21 @@ def test_eval_rejects_bad_windows_and_offline_tokenizer(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="cl100k_base.*TIKTOKEN_CACHE_DIR"):
         eval_ppl.main(["--init_from", f"hf:{tmp_path / 'hf'}", "--tokenizer", "cl100k_base",
                        "--text", str(tmp_path / "t.txt")])
+
+
+def test_chat_without_template_and_data_of_another_tokenizer_refused(ckpt, tmp_path):
+    out, _ = ckpt
+    with pytest.raises(SystemExit, match="--chat: tokenizer byte has no chat template"):
+        sample.main(["--init_from", out, "--chat", "--start", "hi", "--max_new_tokens", "1"])
+    # a token file whose header names another tokenizer (it once crashed with an IndexError)
+    other = merge_encoding()
+    path = str(tmp_path / "merges.bin")
+    write_tokens(path, other.encode(TEXT), other.name, other.n_vocab, other.eos, tokenizer_sha=other.sha)
+    with pytest.raises(SystemExit, match="merges.bin was tokenized with 'merges'.*'byte'.*--tokenizer=byte"):
+        eval_ppl.main(["--init_from", out, "--tokens", path])
+    # --tokenizer that is not the checkpoint's
+    with pytest.raises(SystemExit, match="--tokenizer=cl100k_base|cl100k_base.*TIKTOKEN_CACHE_DIR"):
+        sample.main(["--init_from", out, "--tokenizer", "cl100k_base"])
+    # no data flag: the run's own validation split, from the config it saved (this one saved none)
+    with pytest.raises(SystemExit, match="train_state.pt"):
+        eval_ppl.main(["--init_from", out])
