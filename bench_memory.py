@@ -131,6 +131,7 @@ def peak_row(shape, micro, seq, master, ckpt, accum, steps, device):
     mesh, cuda = parallel.Mesh(), device.type == "cuda"
     model = optimizer = None
     before = {} if cuda else cpu_storages()
+    left = torch.cuda.memory_allocated(device) if cuda else 0  # what earlier rows left (normally 0), not this row's
     try:
         torch.manual_seed(0)
         model = parallel.parallelize(Transformer(mc), mesh, cfg, device)
@@ -151,7 +152,7 @@ def peak_row(shape, micro, seq, master, ckpt, accum, steps, device):
             torch.cuda.reset_peak_memory_stats()
             step()
             torch.cuda.synchronize()
-            measured = torch.cuda.max_memory_allocated()
+            measured = torch.cuda.max_memory_allocated(device) - left
         else:
             measured = profiled_peak(step, before)
         times = []
