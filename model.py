@@ -15,9 +15,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTN_IMPLS = ("flash", "sdpa", "math")
+CHECKPOINTING = ("none", "selective", "full")  # ModelConfig.activation_checkpointing
 # rope_scaling types rope_tables implements, with the keys each needs (transformers' names)
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -45,6 +47,9 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     attn_impl: str = "sdpa"  # "flash" (flash_attn.py), "sdpa" (torch), "math" (reference)
+    # what the backward recomputes instead of keeping (see recompute): "none"; "selective", the
+    # norms, RoPE + attention core and SwiGLU's silu*mul (the matmul outputs are kept); "full", whole blocks
+    activation_checkpointing: str = "none"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -88,20 +93,36 @@ class ModelConfig:
                 bad(f"rope_scaling={s!r}: high_freq_factor must exceed low_freq_factor")
         if self.attn_impl not in ATTN_IMPLS:
             bad(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            bad(f"activation_checkpointing={self.activation_checkpointing!r} is not one of {CHECKPOINTING}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             bad(f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive")
 
 
 # --------------------------------------------------------------------------- layers
-class RMSNorm(nn.Module):
-    """a_i / RMS(a) * g_i, RMS(a) = sqrt(mean(a^2) + eps) (2.30-2.31), statistics in float32."""
+def recompute(fn, *args):
+    """fn(*args) keeping only its inputs for the backward, which runs fn again for the tensors it
+    needs (activation checkpointing; torch.utils.checkpoint, non-reentrant: autocast and RNG state
+    are replayed). Without autograd recording, a plain call. plan.py counts what each mode keeps."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
-    def __init__(self, dim, eps):
+
+class RMSNorm(nn.Module):
+    """a_i / RMS(a) * g_i, RMS(a) = sqrt(mean(a^2) + eps) (2.30-2.31), statistics in float32.
+    recompute (a block's norms under selective checkpointing): keep the input only, not its
+    float32 copy and the normalized tensor."""
+
+    def __init__(self, dim, eps, recompute=False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.recompute = eps, recompute
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        return recompute(self.normalize, x) if self.recompute else self.normalize(x)
+
+    def normalize(self, x):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -167,6 +188,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.attn_impl = cfg.attn_impl
+        self.recompute = cfg.activation_checkpointing == "selective"  # RoPE and the attention core
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -178,13 +200,25 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
+        if self.recompute and cache is None:  # keep q, k, v (the matmul outputs), not RoPE's and the kernel's
+            y = recompute(self.core, q, k, v, cos, sin)
+        else:
+            y = self.core(q, k, v, cos, sin, cache, start_pos)
+        return self.wo(y.reshape(B, T, -1))
+
+    def core(self, q, k, v, cos, sin, cache=None, start_pos=0):
+        """RoPE, then causal attention; with a cache, this step's k, v are written to it first."""
+        B, T = q.shape[:2]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # (B, max_len, Hkv, D) buffers, filled up to start_pos + T
             cache[0][:B, start_pos:start_pos + T] = k
             cache[1][:B, start_pos:start_pos + T] = v
             k, v = cache[0][:B, :start_pos + T], cache[1][:B, :start_pos + T]
-        y = causal_attention(q, k, v, self.attn_impl, q_offset=start_pos)
-        return self.wo(y.reshape(B, T, -1))
+        return causal_attention(q, k, v, self.attn_impl, q_offset=start_pos)
+
+
+def swiglu(gate, up):
+    return F.silu(gate) * up
 
 
 class FeedForward(nn.Module):
@@ -195,20 +229,34 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.recompute = cfg.activation_checkpointing == "selective"  # silu * mul: keep w1 x and w3 x only
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        return self.w2(recompute(swiglu, gate, up) if self.recompute else swiglu(gate, up))
 
 
 class Block(nn.Module):
+    """Pre-norm: x + attention(norm(x)), then + feed_forward(norm(.)). Full checkpointing keeps
+    only the block's input and reruns the block in the backward: the recompute sits inside the
+    module, so hooks on it (zero.py's stage-3 gathers) fire once per forward, not again for the
+    recomputation (the before-backward gather has the parameters in place by then)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        selective = cfg.activation_checkpointing == "selective"
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, recompute=selective)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, recompute=selective)
         self.feed_forward = FeedForward(cfg)
+        self.full_recompute = cfg.activation_checkpointing == "full"
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
+        if self.full_recompute and cache is None:
+            return recompute(self.body, x, cos, sin)
+        return self.body(x, cos, sin, cache, start_pos)
+
+    def body(self, x, cos, sin, cache=None, start_pos=0):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 

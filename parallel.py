@@ -357,7 +357,7 @@ class NormEnterTP(RMSNorm):
 
     def __init__(self, norm, group, sequence_parallel):
         nn.Module.__init__(self)
-        self.eps, self.weight = norm.eps, norm.weight
+        self.eps, self.weight, self.recompute = norm.eps, norm.weight, norm.recompute
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x):
@@ -742,7 +742,7 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
     NCCL pairs a send with the neighbour's receive only inside one batch, and the k-th batches of
     the two stages meet: a1 goes out in the batch that waits for g0 and g0 in the one that waits
     for a1, so neither stage blocks the other. Sends are waited for only at the end of the
-    schedule: no device sync after each send."""
+    schedule (no device sync after each send); finished ones are dropped on the way."""
     pipe, m = model.pipeline, len(micro_batches)
     device, dtype = micro_batches[0][0].device, next(model.parameters()).dtype  # the residual stream's dtype
     if not pipe.connected:
@@ -755,7 +755,10 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
         recv = _recv_op(pipe, kind, mb, g, m, device, dtype)
         if sends or recv:
             works = dist.batch_isend_irecv(sends + ([recv] if recv else []))
-            in_flight += works[:len(sends)]
+            # a send's Work holds its tensor: keep only the unfinished ones, or every activation and
+            # gradient this stage sends (m of each) stays allocated until the schedule ends. (NCCL;
+            # gloo reports a send complete only at wait(), so on the CPU they all still stay.)
+            in_flight = [w for w in in_flight if not w.is_completed()] + works[:len(sends)]
             if recv:  # timed in training steps only
                 _wait(works[-1], pipe, (pipe.measure_idle or pipe.trace is not None) and not forward_only,
                       ["wait", mb, g])

@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import parallel
+import plan
 import zero
 from model import Transformer, config_from_dict
 
@@ -79,6 +80,7 @@ class Config:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     attn_impl: str = "sdpa"
+    activation_checkpointing: str = "none"  # none | selective | full: recompute in the backward instead of keeping
     # parallelism (parallel.py, zero.py)
     tp: int = 1
     sequence_parallel: bool = False  # tp > 1: norms and residuals on T/tp tokens per rank (parallel.py)
@@ -244,7 +246,8 @@ def resumed_model_config(cfg, mcfg, path):
     """The model to resume into. A run started from hf:<dir> took its shape from the directory,
     not from the config's model keys: when those keys are as the run saved them, the checkpoint's
     model config is the run's. Keys changed since are left to load_training to refuse."""
-    keys = {f.name for f in dataclasses.fields(Config)} & set(dataclasses.asdict(mcfg)) - {"attn_impl", "max_seq_len"}
+    runtime = {"attn_impl", "max_seq_len", "activation_checkpointing"}  # how to compute, not which model
+    keys = {f.name for f in dataclasses.fields(Config)} & set(dataclasses.asdict(mcfg)) - runtime
     saved_cfg = checkpoint.load(path, "train_state.pt").get("config", {})
     if any(saved_cfg.get(k) != getattr(cfg, k) for k in keys):
         return mcfg
@@ -253,6 +256,7 @@ def resumed_model_config(cfg, mcfg, path):
     except Exception as e:
         raise checkpoint.CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
     return config_from_dict({**saved["model_config"], "attn_impl": cfg.attn_impl,
+                             "activation_checkpointing": cfg.activation_checkpointing,
                              "max_seq_len": max(cfg.block_size, saved["model_config"]["max_seq_len"])})
 
 
@@ -344,7 +348,7 @@ def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
     for i, (x, y) in enumerate(micro_batches):
         grad_sync.sync = i == len(micro_batches) - 1
         with autocast:
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # not `_, loss`: the name would keep the logits alive through the backward
         (loss * (loss_scale / len(micro_batches))).backward()
         total += loss.detach()
     grad_sync.finish()
@@ -544,13 +548,18 @@ def train(cfg):
         try:
             # the published context length stays the model's (checkpoints, export); block_size may exceed it
             max_seq_len = max(cfg.block_size, hf_config.get("max_position_embeddings") or 0)
-            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=max_seq_len, attn_impl=cfg.attn_impl)
+            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=max_seq_len, attn_impl=cfg.attn_impl,
+                                        activation_checkpointing=cfg.activation_checkpointing)
         except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
             raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
         model = Transformer(mcfg)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.block_size)
+    try:  # before the GPU holds anything
+        memory = plan.check_run(cfg, model.config, mesh, device)
+    except plan.DoesNotFit as e:
+        raise UserError(str(e))
     model = parallel.parallelize(model, mesh, cfg, device)  # built on the CPU, sliced, then moved
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
@@ -570,6 +579,7 @@ def train(cfg):
         log(f"pipeline: {cfg.pp_schedule} schedule, {mesh.pp} stages x {cfg.pp_virtual} chunks, {grad_accum} "
             f"micro-batches | theoretical bubble {bubble:.1%} of each step"
             + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
+    log(memory)
     preempt = Preemption()
     bad_steps, t0, tokens_seen = 0, time.time(), 0
     loss_sum, n_summed = torch.zeros((), device=device), 0  # over the applied steps since the last log line
