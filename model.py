@@ -489,7 +489,8 @@ _HF_FIXED = {
 }
 # 3. never change the logits: metadata, token ids, initialization, generation defaults
 _HF_HARMLESS = {"architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
-                "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
+                "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
+                "use_cache", "initializer_range",
                 "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
                 "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
                 # old transformers split the matmuls into pretraining_tp slices: the same products
