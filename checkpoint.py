@@ -64,7 +64,7 @@ def temp_dir(out_dir, step):
 def write_files(tmp, objects):
     """torch.save each {name: object} into tmp and fsync it (called on every rank that has files).
     Test hook: CHECKPOINT_TEST_WRITE_DELAY_S=<seconds> sleeps after each file, so a test can kill
-    the process in the middle of a write (tests/test_fault_tolerance.py); unset, it costs nothing."""
+    the process in the middle of a write (tests/test_checkpoints.py); unset, it costs nothing."""
     os.makedirs(tmp, exist_ok=True)
     for name, obj in objects.items():
         path = os.path.join(tmp, name)

@@ -168,6 +168,21 @@ def test_async_at_most_one_write_in_flight_and_stall_logged(data, monkeypatch):
     assert not [n for n in os.listdir(data / "out") if n.startswith(".tmp")]  # the last one finished before exit
 
 
+def test_async_write_failure_is_reported_at_the_next_save(data, monkeypatch, capsys):
+    real, calls = checkpoint.write_files, {"n": 0}
+
+    def failing(tmp, objects):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real(tmp, objects)
+    monkeypatch.setattr(checkpoint, "write_files", failing)
+    run_inproc(data, max_iters=6, checkpoint_interval=2, checkpoint_async=True)
+    assert "checkpoint at step 4 failed; the previous checkpoint is intact" in capsys.readouterr().out
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(data / "out")] == ["ckpt_00000002", "ckpt_00000006"]
+    assert not [n for n in os.listdir(data / "out") if n.startswith(".tmp")]
+
+
 def test_kill9_during_async_write_keeps_previous_checkpoint(data):
     steps = dict(max_iters=8, checkpoint_interval=2, lr_decay_iters=8, checkpoint_async=True)
     run_ok(tiny_args(data, out_dir=str(data / "ref"), **steps))
