@@ -357,12 +357,6 @@ class AsyncWriter:
         if agreed is not None and self.mesh.is_main:
             print(f"saved checkpoint {commit(self.cfg.out_dir, agreed, self.cfg.keep_checkpoints)}")
 
-    def close(self):
-        """Only wait for the thread (no collective): for a run ending in an error."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-
     def _settle(self):
         """Join the previous write and agree on it; its step when every rank wrote it, else None."""
         if self.thread is None:
