@@ -13,6 +13,15 @@ depends only on seed and t). model.pt also records the tokenizer's identity (pre
 name and sha); an hf tokenizer's files (tokenizer.json, ...) are copied beside it, so sample.py,
 eval_ppl.py and export need nothing but the checkpoint.
 
+Safe to load: every file holds only tensors and plain Python values (dicts, lists, tuples, str,
+numbers, None: configs as dataclasses.asdict, RNG states as tensors and ints), and load() reads it
+with torch.load(weights_only=True), so a checkpoint someone shares cannot run code when sample.py,
+eval_ppl.py or a resume opens it; a file that needs any other Python object is refused (see load).
+
+Asynchronous (checkpoint_async=True, AsyncWriter): the state is copied to host memory and written by
+a background thread while training goes on, with the same temporary folder, fsync, rename and
+manifest; the agreement that every rank wrote runs on the main thread at the next save or at the end.
+
 Export: `python checkpoint.py export out/x --to=DIR` writes any checkpoint (or out_dir's newest)
 as a Hugging Face directory that transformers loads unchanged (see export).
 """
@@ -20,7 +29,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import threading
+import time
 
 import numpy as np
 import torch
@@ -50,7 +62,9 @@ def temp_dir(out_dir, step):
 
 
 def write_files(tmp, objects):
-    """torch.save each {name: object} into tmp and fsync it (called on every rank that has files)."""
+    """torch.save each {name: object} into tmp and fsync it (called on every rank that has files).
+    Test hook: CHECKPOINT_TEST_WRITE_DELAY_S=<seconds> sleeps after each file, so a test can kill
+    the process in the middle of a write (tests/test_checkpoints.py); unset, it costs nothing."""
     os.makedirs(tmp, exist_ok=True)
     for name, obj in objects.items():
         path = os.path.join(tmp, name)
@@ -58,6 +72,7 @@ def write_files(tmp, objects):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        time.sleep(float(os.environ.get("CHECKPOINT_TEST_WRITE_DELAY_S", 0)))
 
 
 def _sha256(path):
@@ -146,11 +161,29 @@ def latest(out_dir, fallback=False):
     return None
 
 
-def load(path, name):
+# Checkpoints written before RNG states were stored as tensors hold numpy's MT19937 state, a
+# uint32 array: these globals rebuild exactly that (an array of an allowed dtype; its elements go
+# through the same restricted unpickler), so older checkpoints still resume without running code.
+_NUMPY_RNG_GLOBALS = [(np._core.multiarray._reconstruct, name + ".multiarray._reconstruct")
+                      for name in ("numpy._core", "numpy.core")] + [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load(path, name, mmap=False):
+    """torch.load(weights_only=True) of one checkpoint file: tensors and plain values only. A file
+    that needs any other Python object (a pickled payload could run code) is refused, unread."""
+    file = os.path.join(path, name)
     try:
-        return torch.load(os.path.join(path, name), map_location="cpu", weights_only=False)
-    except Exception as e:  # a pickle error names nothing useful
-        raise CheckpointError(f"cannot read checkpoint file {os.path.join(path, name)}: {e}")
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a pickle error names nothing useful; keep the message to one line
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"refusing to load checkpoint file {file}: it holds a pickled Python object ({found.group(1)}), "
+                "not only tensors and plain values, and unpickling it could run code. Checkpoints of this "
+                "repository never do; if you trust the file, re-save it once at your own risk with "
+                "torch.load(..., weights_only=False) and only tensors/dicts/lists/numbers/str in it")
+        raise CheckpointError(f"cannot read checkpoint file {file}: {str(e).strip().splitlines()[0]}")
 
 
 def resolve(spec):
@@ -172,10 +205,7 @@ def tokenizer_record(spec):
         from prepare import get_tokenizer
         return {**get_tokenizer(spec).identity(), "spec": spec}
     path = resolve(spec)
-    try:  # mmap: only the small "tokenizer" entry is read, not the weights
-        blob = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
+    blob = load(path, "model.pt", mmap=True)  # mmap: only the small "tokenizer" entry is read, not the weights
     return _record(path, blob.get("tokenizer"))
 
 
@@ -223,8 +253,11 @@ def load_optimizer_state(model, optimizer, state):
                                   "exp_avg_sq": state["exp_avg_sq"][n].to(p.device, p.dtype)}
 
 
-def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
-    """Every rank contributes (gathers are collective); rank 0 writes the single-process files."""
+def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer, writer=None):
+    """Every rank contributes (gathers are collective); rank 0 writes the single-process files.
+    With an AsyncWriter the files are written in the background (see AsyncWriter). Returns the
+    seconds the training loop was blocked (the stall)."""
+    t0 = time.time()
     tmp = temp_dir(cfg.out_dir, step)
     if isinstance(optimizer, zero.ZeroAdamW):  # full tensors gathered from its shards (same files) + optim_rank<r>.pt
         params, files = optimizer.checkpoint_files(model, mesh)
@@ -234,24 +267,41 @@ def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
         opt["exp_avg"] = parallel.gather_full(opt["exp_avg"], model, mesh)
         opt["exp_avg_sq"] = parallel.gather_full(opt["exp_avg_sq"], model, mesh)
         files = {"optimizer.pt": opt} if mesh.is_main else {}
-    ok = torch.ones((), device=next(model.parameters()).device)  # NCCL reduces device tensors only
+    if mesh.is_main:  # tokenizer: a prepare.Tokenizer, or an identity {"name", "sha"} when not loadable
+        files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
+                             "tokenizer": tokenizer.identity() if hasattr(tokenizer, "identity") else tokenizer}
+        files["train_state.pt"] = {"step": step, "config": dataclasses.asdict(cfg), "scaler": scaler.state_dict(),
+                                   "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()}}
+    device = next(model.parameters()).device
+    if writer is not None:
+        writer.submit(step, tmp, files, tokenizer if mesh.is_main else None, device)
+        return time.time() - t0
+    ok = _write(tmp, files, tokenizer if mesh.is_main else None, mesh.rank)
+    if _agree(cfg, mesh, step, ok, device) and mesh.is_main:
+        print(f"saved checkpoint {commit(cfg.out_dir, step, cfg.keep_checkpoints)}")
+    return time.time() - t0
+
+
+def _write(tmp, files, tokenizer, rank):
+    """This rank's files into tmp; False (and a message) when the file system refused."""
     try:
-        if mesh.is_main:  # tokenizer: a prepare.Tokenizer, or an identity {"name", "sha"} when not loadable
-            files["model.pt"] = {"model_config": dataclasses.asdict(model.config), "state_dict": params,
-                                 "tokenizer": tokenizer.identity() if hasattr(tokenizer, "identity") else tokenizer}
-            if getattr(tokenizer, "files", None):  # an hf tokenizer: its files travel with the checkpoint
-                tokenizer.save(tmp)
-            files["train_state.pt"] = {"step": step, "config": dataclasses.asdict(cfg), "scaler": scaler.state_dict(),
-                                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+        os.makedirs(tmp, exist_ok=True)
+        if getattr(tokenizer, "files", None):  # an hf tokenizer: its files travel with the checkpoint
+            tokenizer.save(tmp)
         write_files(tmp, files)
+        return True
     except OSError as e:
-        print(f"rank {mesh.rank}: checkpoint write failed: {e}")
-        ok.zero_()
-    parallel.all_reduce(ok, _world(mesh), op=torch.distributed.ReduceOp.MIN)  # did every rank write?
-    if ok.item():
-        if mesh.is_main:
-            print(f"saved checkpoint {commit(cfg.out_dir, step, cfg.keep_checkpoints)}")
-        return
+        print(f"rank {rank}: checkpoint write failed: {e}")
+        return False
+
+
+def _agree(cfg, mesh, step, ok, device):
+    """Did every rank write its files for `step`? A collective: main thread only. On failure rank 0
+    drops the temporary folder and the run stops (checkpoint_errors_fatal) or goes on."""
+    flag = torch.full((), float(ok), device=device)  # NCCL reduces device tensors only
+    parallel.all_reduce(flag, _world(mesh), op=torch.distributed.ReduceOp.MIN)
+    if flag.item():
+        return True
     if mesh.is_main:
         discard(cfg.out_dir, step)
     msg = f"checkpoint at step {step} failed; the previous checkpoint is intact"
@@ -259,6 +309,83 @@ def save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer):
         raise CheckpointError(msg)
     if mesh.is_main:
         print("warning: " + msg + " (training goes on; set checkpoint_errors_fatal=True to stop instead)")
+    return False
+
+
+def _numpy_rng_state():
+    """numpy's global RNG state as plain values (its key array as an int64 tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}
+
+
+def _set_numpy_rng_state(state):
+    if isinstance(state, dict):  # older checkpoints hold numpy's own tuple
+        state = (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)
+
+
+class AsyncWriter:
+    """The one checkpoint write in flight (checkpoint_async=True; one per rank, owned by train.train).
+    submit() copies the state to host memory (pinned when CUDA is available, kept and reused by the
+    next save, which has the same shapes) and starts a thread that writes and fsyncs this rank's
+    files while training goes on. The thread runs no collective: one would race the training's on
+    the same process group. So the all-ranks-wrote agreement runs on the main thread at a safe
+    point, the next submit() or finish(), after joining the thread (at most one write in flight);
+    rank 0 then commits the agreed step (manifest, rename, prune) at the start of the next write's
+    thread, or in finish() at the end of the run. A kill -9 at any moment leaves the committed
+    checkpoints as they were; the one being written is lost with its temporary folder."""
+
+    def __init__(self, cfg, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.thread, self.step, self.ok, self.device = None, None, True, None  # the write in flight
+        self.buffers = {}  # host copies by path in the state, reused from save to save
+
+    def submit(self, step, tmp, files, tokenizer, device):
+        agreed = self._settle()
+        host = self._to_host(files, ())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the copies into pinned memory are non-blocking
+        self.step, self.ok, self.device = step, True, device
+        self.thread = threading.Thread(target=self._run, args=(agreed, tmp, host, tokenizer), name="checkpoint")
+        self.thread.start()
+
+    def finish(self):
+        """Wait for the write in flight, agree on it and commit it (end of the run, SIGTERM included)."""
+        agreed = self._settle()
+        if agreed is not None and self.mesh.is_main:
+            print(f"saved checkpoint {commit(self.cfg.out_dir, agreed, self.cfg.keep_checkpoints)}")
+
+    def _settle(self):
+        """Join the previous write and agree on it; its step when every rank wrote it, else None."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        self.thread = None
+        return self.step if _agree(self.cfg, self.mesh, self.step, self.ok, self.device) else None
+
+    def _run(self, agreed, tmp, files, tokenizer):
+        try:
+            if agreed is not None and self.mesh.is_main:
+                print(f"saved checkpoint {commit(self.cfg.out_dir, agreed, self.cfg.keep_checkpoints)}")
+            self.ok = _write(tmp, files, tokenizer, self.mesh.rank)
+        except Exception as e:  # reported by the agreement at the next save, like a failed write
+            print(f"rank {self.mesh.rank}: asynchronous checkpoint failed: {e!r}")
+            self.ok = False
+
+    def _to_host(self, obj, path):
+        if torch.is_tensor(obj):
+            buf = self.buffers.get(path)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = self.buffers[path] = torch.empty(obj.shape, dtype=obj.dtype,
+                                                       pin_memory=torch.cuda.is_available())
+            return buf.copy_(obj.detach(), non_blocking=True)
+        if isinstance(obj, dict):
+            return {k: self._to_host(v, path + (k,)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._to_host(v, path + (i,)) for i, v in enumerate(obj))
+        return obj  # plain values: ints, floats, str, None
 
 
 def _world(mesh):
@@ -292,7 +419,7 @@ def load_training(cfg, mesh, model, optimizer, scaler, path):
     state = load(path, "train_state.pt")
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
+    _set_numpy_rng_state(state["rng"]["numpy"])
     return state["step"]
 
 

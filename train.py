@@ -59,6 +59,7 @@ class Config:
     checkpoint_interval: int = 500
     keep_checkpoints: int = 3
     checkpoint_errors_fatal: bool = False  # a failed checkpoint write stops the run
+    checkpoint_async: bool = False  # write checkpoints in a background thread from a host copy (checkpoint.AsyncWriter)
     max_bad_steps: int = 5  # consecutive NaN/Inf steps (bf16/fp32) before the run stops
     # system
     seed: int = 1337
@@ -251,10 +252,7 @@ def resumed_model_config(cfg, mcfg, path):
     saved_cfg = checkpoint.load(path, "train_state.pt").get("config", {})
     if any(saved_cfg.get(k) != getattr(cfg, k) for k in keys):
         return mcfg
-    try:  # mmap: only the small model_config entry is read, not the weights
-        saved = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise checkpoint.CheckpointError(f"cannot read checkpoint file {os.path.join(path, 'model.pt')}: {e}")
+    saved = checkpoint.load(path, "model.pt", mmap=True)  # mmap: only the small model_config entry is read
     return config_from_dict({**saved["model_config"], "attn_impl": cfg.attn_impl,
                              "activation_checkpointing": cfg.activation_checkpointing,
                              "max_seq_len": max(cfg.block_size, saved["model_config"]["max_seq_len"])})
@@ -435,7 +433,8 @@ def evaluate(cfg, model, mesh, val, device, autocast):
 
 class RunLog:
     """The run's records, written by rank 0 only: out_dir/log.jsonl (one JSON object per line: a
-    logged step, a validation loss or a skipped step) and, when switched on, the trackers, which
+    logged step, a validation loss, a skipped step or a
+    checkpoint's stall {"step", "checkpoint_stall_s", "checkpoint_async"}) and, when switched on, the trackers, which
     get the same numeric fields at the same steps (lists such as pp_idle as name/0, name/1, ...).
     wandb=True: wandb_project / wandb_run_name; WANDB_MODE=offline is honoured by wandb itself, and
     a resumed run continues the same wandb run (its id is kept in out_dir/wandb_id). Steps that a
@@ -581,6 +580,9 @@ def train(cfg):
             + (" | torch.compile is not applied under pp > 1" if cfg.compile else ""))
     log(memory)
     preempt = Preemption()
+    # checkpoint_async: the write in flight; a run ending in an error leaves it to its (non-daemon)
+    # thread to finish writing, uncommitted, and the committed checkpoints as they were
+    writer = checkpoint.AsyncWriter(cfg, mesh) if cfg.checkpoint_async else None
     bad_steps, t0, tokens_seen = 0, time.time(), 0
     loss_sum, n_summed = torch.zeros((), device=device), 0  # over the applied steps since the last log line
     world_group = torch.distributed.group.WORLD if mesh.world > 1 else None
@@ -652,12 +654,18 @@ def train(cfg):
             if runlog:
                 runlog.write({"step": step, "val_loss": val_loss})
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters or stop:
-            checkpoint.save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer)
+            stall = checkpoint.save_training(cfg, mesh, model, optimizer, scaler, step, tokenizer, writer)
+            log(f"step {step:6d} | checkpoint stalled training {stall:.2f}s"
+                + (" (written in the background)" if writer else ""))
+            if runlog:
+                runlog.write({"step": step, "checkpoint_stall_s": stall, "checkpoint_async": bool(writer)})
         if step % cfg.eval_interval == 0 or step % cfg.checkpoint_interval == 0:
             t0, tokens_seen = time.time(), 0  # tokens/s counts training steps only
         if stop:
             log(f"stopped by signal at step {step}; resume with --init_from=resume")
             break
+    if writer:  # the last write in flight (the final or the SIGTERM checkpoint) is finished before exit
+        writer.finish()
     if runlog:
         runlog.close()
     return model

@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|bench_multi|train_multi (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|bench_multi|train_multi|ckpt_stall (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -99,5 +99,27 @@ for s in ${SCHEDULES:-gpipe 1f1b interleaved}; do
   grep -E "^step +20" $OUT/$s.log
 done
 rm -rf $OUT/*/ckpt_*
+;;
+ckpt_stall)
+# the training stall of one checkpoint of configs/llama_1b.py's shape (vocab 320: pystdlib_small's) on one
+# GPU, synchronous against checkpoint_async=True; saves at steps 100 and 200 (the async run's first save
+# also allocates its pinned buffers; the second reuses them). About 3 minutes on an H200. CPU check of the
+# script: CKPT_STALL_ARGS="<tiny shape, --device=cpu, other data>" overrides any key (later keys win).
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+D=${CKPT_DIR:-/tmp/ckpt_stall}  # checkpoints (~6 GB each) stay off $OUT
+A="configs/llama_1b.py --data_dir=.gpudata --dataset=pystdlib_small --vocab_size=320 --batch_size=4 --micro_batch_size=2 --max_iters=200 --warmup_iters=10 --lr_decay_iters=200 --log_interval=50 --eval_interval=1000 --eval_iters=1 --checkpoint_interval=100 --keep_checkpoints=1 --compile=False --dtype=bfloat16 $CKPT_STALL_ARGS"
+for mode in False True; do
+  timeout 150 python3 train.py $A --out_dir=$D/async_$mode --checkpoint_async=$mode 2>&1 | grep -E "^model|^step +[0-9]+ \| (loss|checkpoint)"  # tok/s: does the background write slow the steps?
+  du -sh $D/async_$mode/ckpt_* | tail -1
+done
+python3 - "$D" <<'PY'
+import json, sys
+for mode in ("False", "True"):
+    recs = [json.loads(l) for l in open(f"{sys.argv[1]}/async_{mode}/log.jsonl")]
+    stalls = {r["step"]: round(r["checkpoint_stall_s"], 3) for r in recs if "checkpoint_stall_s" in r}
+    print(f"checkpoint_async={mode}: training stall per save (s) by step: {stalls}")
+PY
+rm -rf $D
 ;;
 esac
