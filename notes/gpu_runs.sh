@@ -102,13 +102,13 @@ rm -rf $OUT/*/ckpt_*
 ;;
 ckpt_stall)
 # the training stall of one checkpoint of configs/llama_1b.py's shape (vocab 320: pystdlib_small's) on one
-# GPU, synchronous against checkpoint_async=True; saves at steps 100 and 200 (the async run's first save
-# also allocates its pinned buffers; the second reuses them). About 3 minutes on an H200. CPU check of the
+# GPU, synchronous against checkpoint_async=True; saves at steps 20 and 40 (the async run's first save
+# also allocates its pinned buffers; the second reuses them). About 2 minutes on an H200. CPU check of the
 # script: CKPT_STALL_ARGS="<tiny shape, --device=cpu, other data>" overrides any key (later keys win).
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 D=${CKPT_DIR:-/tmp/ckpt_stall}  # checkpoints (~6 GB each) stay off $OUT
-A="configs/llama_1b.py --data_dir=.gpudata --dataset=pystdlib_small --vocab_size=320 --batch_size=4 --micro_batch_size=2 --max_iters=200 --warmup_iters=10 --lr_decay_iters=200 --log_interval=50 --eval_interval=1000 --eval_iters=1 --checkpoint_interval=100 --keep_checkpoints=1 --compile=False --dtype=bfloat16 $CKPT_STALL_ARGS"
+A="configs/llama_1b.py --data_dir=.gpudata --dataset=pystdlib_small --vocab_size=320 --batch_size=4 --micro_batch_size=2 --max_iters=40 --warmup_iters=10 --lr_decay_iters=200 --log_interval=10 --eval_interval=1000 --eval_iters=1 --checkpoint_interval=20 --keep_checkpoints=1 --compile=False --dtype=bfloat16 $CKPT_STALL_ARGS"
 for mode in False True; do
   timeout 150 python3 train.py $A --out_dir=$D/async_$mode --checkpoint_async=$mode 2>&1 | grep -E "^model|^step +[0-9]+ \| (loss|checkpoint)"  # tok/s: does the background write slow the steps?
   du -sh $D/async_$mode/ckpt_* | tail -1
