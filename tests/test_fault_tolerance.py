@@ -1,5 +1,6 @@
 """Nothing lost: kill -9, SIGTERM, corrupt checkpoints, NaNs, full disks, dead ranks, bad input."""
 import errno
+import json
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import train
-from util import ROOT, assert_same_run, final_params, free_port, losses, make_dataset, run_train, tiny_args
+from util import ELASTIC_ENV, ROOT, assert_same_run, final_params, free_port, losses, make_dataset, run_ok, run_train, tiny_args
 
 
 @pytest.fixture
@@ -22,11 +23,11 @@ def data(tmp_path):
     return tmp_path
 
 
-def popen_train(args, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+def popen_train(args, nproc=1, max_restarts=0):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                f"--max-restarts={max_restarts}"] if nproc > 1 else [sys.executable]
     return subprocess.Popen(launcher + [os.path.join(ROOT, "train.py")] + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **ELASTIC_ENV})
 
 
 def wait_for_step(out_dir, step, proc, timeout=60):
@@ -129,6 +130,31 @@ def test_killed_rank_ends_the_run(data):
     text = proc.communicate(timeout=90)[0]
     assert proc.returncode != 0 and time.time() - t0 < 60
     assert "local_rank: 1" in text or "rank 1" in text, text[-3000:]
+
+
+def test_killed_rank_restarts_and_resumes_under_init_from_auto(data):
+    """torchrun --max-restarts=1 --init_from=auto: kill -9 of one rank makes torchrun restart
+    both, which resume from the newest checkpoint; the job ends by itself with the losses of the
+    uninterrupted run, exactly."""
+    steps = dict(max_iters=60, checkpoint_interval=3, lr_decay_iters=60, init_from="auto")
+    ref = data / "ref"
+    run_ok(tiny_args(data, out_dir=str(ref), **steps), nproc=2)
+    out = data / "out"
+    proc = popen_train(tiny_args(data, **steps), nproc=2, max_restarts=1)
+    wait_for_step(out, 4, proc)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    os.kill(int(children[-1]), signal.SIGKILL)
+    text = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, text[-3000:]
+    with open(out / "log.jsonl") as f:
+        resumes = [r for r in map(json.loads, f) if "resumed_from" in r]
+    assert len(resumes) == 1, resumes  # the kill came before the end, and one restart followed it
+    r = resumes[0]
+    assert r["init_from"] == "auto" and r["restart"] == 1 and r["step"] >= 3 and r["step"] % 3 == 0, r
+    assert os.path.dirname(r["resumed_from"]) == str(out), r  # a checkpoint of this run (the newest at the kill)
+    assert f"resuming at step {r['step']} from" in text and "automatic (init_from=auto), torchrun restart 1" in text
+    assert_same_run(out, ref, rtol=0, atol=0, param_atol=0)
 
 
 # --------------------------------------------------------------------------- NaN on one rank only
