@@ -260,10 +260,22 @@ def init_source(cfg):
 
 def resume_record(cfg, step, path):
     """The log.jsonl record of a resume: from which checkpoint and step, when, and whether it was
-    automatic (init_from=auto) and which torchrun restart (torchrun sets TORCHELASTIC_RESTART_COUNT)."""
+    automatic (init_from=auto) and which torchrun restart (TORCHELASTIC_RESTART_COUNT: the failures
+    that rank 0's torchrun agent has restarted after; an agent restarting for another node's failure
+    does not count it, and a requeued Slurm job starts again at 0)."""
     return {"step": step, "resumed_from": path, "init_from": cfg.init_from,
             "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def restart_warning(env):
+    """A warning when torchrun (env: a worker's environment) may restart the workers with its
+    rendezvous store shared with them: the store keeps the previous attempt's addresses, so the
+    restarted ranks fail to connect (pytorch/pytorch#135712). None when restarts can work."""
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("warning: torchrun --max-restarts: a restart will likely fail to connect; launch torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (slurm/train.sbatch sets it)")
+    return None
 
 
 def resumed_model_config(cfg, mcfg, path):
@@ -593,6 +605,8 @@ def train(cfg):
     log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
         f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
         + (" parameters, float32 master weights" if cfg.master_weights else ""))
+    if restart_warning(os.environ):
+        log(restart_warning(os.environ))
     if resume_path:
         rec = resume_record(cfg, step, resume_path)
         log(f"resuming at step {step} from {resume_path} | {rec['time']}" + (

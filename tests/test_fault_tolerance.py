@@ -154,7 +154,34 @@ def test_killed_rank_restarts_and_resumes_under_init_from_auto(data):
     assert r["init_from"] == "auto" and r["restart"] == 1 and r["step"] >= 3 and r["step"] % 3 == 0, r
     assert os.path.dirname(r["resumed_from"]) == str(out), r  # a checkpoint of this run (the newest at the kill)
     assert f"resuming at step {r['step']} from" in text and "automatic (init_from=auto), torchrun restart 1" in text
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in text  # set (ELASTIC_ENV): no warning
     assert_same_run(out, ref, rtol=0, atol=0, param_atol=0)
+
+
+def test_restart_warning_names_the_torchrun_setting():
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in train.restart_warning(shared)
+    assert train.restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert train.restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert train.restart_warning({}) is None  # not under torchrun
+
+
+def test_init_from_auto_and_its_errors(data):
+    """auto without a checkpoint starts as after auto: (scratch); with a corrupt newest one it
+    resumes from the previous good one (no one is there to pass resume_fallback); a bad source
+    is one clear error."""
+    r = run_ok(tiny_args(data, max_iters=2, checkpoint_interval=1, init_from="auto"))
+    assert "starting from scratch" in r.stdout and "resuming" not in r.stdout
+    ref = data / "ref"
+    run_ok(tiny_args(data, out_dir=str(ref), max_iters=2))
+    assert_same_run(data / "out", ref, rtol=0, atol=0, param_atol=0)
+    with open(os.path.join(checkpoint.latest(data / "out"), "model.pt"), "r+b") as f:
+        f.truncate(100)
+    r = run_ok(tiny_args(data, max_iters=3, checkpoint_interval=1, init_from="auto"))
+    assert "warning: skipping" in r.stdout and "resuming at step 1 from" in r.stdout, r.stdout
+    assert "automatic (init_from=auto), torchrun restart 0" in r.stdout
+    r = run_train(tiny_args(data, max_iters=2, init_from="auto:resume"))
+    assert r.returncode == 2 and "init_from='auto:resume' must be" in r.stderr and "auto:hf:<dir>" in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------- NaN on one rank only
