@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import train
-from util import ELASTIC_ENV, ROOT, assert_same_run, final_params, free_port, losses, make_dataset, run_ok, run_train, tiny_args
+from util import (ELASTIC_ENV, ROOT, assert_same_run, final_params, free_port, losses, make_dataset, run_ok, run_train,
+                  tiny_args)
 
 
 @pytest.fixture
@@ -26,8 +27,9 @@ def data(tmp_path):
 def popen_train(args, nproc=1, max_restarts=0):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 f"--max-restarts={max_restarts}"] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **ELASTIC_ENV}
     return subprocess.Popen(launcher + [os.path.join(ROOT, "train.py")] + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **ELASTIC_ENV})
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
 
 
 def wait_for_step(out_dir, step, proc, timeout=60):

@@ -72,7 +72,8 @@ def test_slurm_script_on_two_simulated_nodes(base, tmp_path):
     config = tmp_path / "dp2_tp2.py"
     config.write_text("tp = 2\n")  # a config file, passed through to train.py before the overrides
     out = base / "slurm"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    path = f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # fakes, then torchrun
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path,
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "sim[1-2]",
            "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": ROOT, "RDZV_PORT": str(free_port())}
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "train.sbatch"), str(config),
