@@ -4,12 +4,13 @@ one process does, with each tensor-parallel group inside one node."""
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from util import ROOT, assert_same_run, free_port, make_dataset, run_ok, tiny_args
+from util import ELASTIC_ENV, ROOT, assert_same_run, free_port, make_dataset, run_ok, tiny_args
 
 NODE = ["--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d"]  # the README's command, 2 processes a node
 
@@ -50,9 +51,10 @@ def test_two_torchrun_agents_train_dp2_tp2_as_one_process(base):
     assert_same_run(out, base / "single")
 
 
-def test_slurm_script_on_two_simulated_nodes(base, tmp_path):
-    """slurm/train.sbatch as sbatch would run it, with a fake srun (one task per node, each a
-    torchrun agent here) and a fake scontrol (the node list's hostnames: loopback)."""
+def slurm_job(tmp_path, args):
+    """slurm/train.sbatch started as sbatch would run it on two nodes of two GPUs each, with a
+    fake srun (one task per node, each a torchrun agent here) and a fake scontrol (the node
+    list's hostnames: loopback)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
@@ -69,17 +71,42 @@ def test_slurm_script_on_two_simulated_nodes(base, tmp_path):
         'echo 127.0.0.1; echo 127.0.0.2\n')
     for f in ("srun", "scontrol"):
         os.chmod(bin_dir / f, 0o755)
-    config = tmp_path / "dp2_tp2.py"
-    config.write_text("tp = 2\n")  # a config file, passed through to train.py before the overrides
-    out = base / "slurm"
     path = f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # fakes, then torchrun
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path,
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "sim[1-2]",
            "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": ROOT, "RDZV_PORT": str(free_port())}
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "train.sbatch"), str(config),
-                             *tiny_args(base, out_dir=str(out))],
+    return subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "train.sbatch"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
-    text = finish([proc])[0]
+
+
+def test_slurm_script_on_two_simulated_nodes(base, tmp_path):
+    config = tmp_path / "dp2_tp2.py"
+    config.write_text("tp = 2\n")  # a config file, passed through to train.py before the overrides
+    out = base / "slurm"
+    text = finish([slurm_job(tmp_path, [str(config), *tiny_args(base, out_dir=str(out))])])[0]
     assert "world 4 = dp 2 x pp 1 x tp 2" in text, text[-4000:]
     assert "no checkpoint in" in text and "starting from scratch" in text  # --init_from=auto, nothing to resume
     assert_same_run(out, base / "single")
+
+
+def descendants(pid):
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(k) for k in kids] + [d for k in kids for d in descendants(k)]
+
+
+@pytest.mark.slow
+def test_slurm_job_restarts_a_killed_rank_by_itself(base, tmp_path):
+    """kill -9 of one rank of the two-node Slurm job: both torchrun agents restart their
+    processes, which resume from the newest checkpoint, exactly as the uninterrupted run."""
+    from test_fault_tolerance import wait_for_step
+    steps = dict(max_iters=40, checkpoint_interval=3, lr_decay_iters=40, tp=2)
+    ref, out = base / "restart_ref", base / "restart"
+    run_ok(tiny_args(base, out_dir=str(ref), **steps), nproc=4, env=ELASTIC_ENV)
+    proc = slurm_job(tmp_path, tiny_args(base, out_dir=str(out), **steps))
+    wait_for_step(out, 5, proc, timeout=120)
+    workers = [p for p in descendants(proc.pid) if not descendants(p)]  # the leaves: train.py processes
+    assert len(workers) == 4, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    text = finish([proc])[0]
+    assert "resuming at step" in text and "automatic (init_from=auto)" in text, text[-4000:]
+    assert_same_run(out, ref, rtol=0, atol=0, param_atol=0)
