@@ -37,7 +37,8 @@ class Config:
     dataset: str = "pystdlib"  # data/<dataset>/{train,val}.bin; the offline pystdlib is prepared on first use
     data_dir: str = "data"
     init_from: str = "scratch"  # scratch | resume (newest checkpoint in out_dir) | hf:<dir> (its shape, weights, tokenizer)
-    resume_fallback: bool = False  # resume from an older checkpoint if the newest is corrupt
+    #   | auto | auto:hf:<dir>: resume if out_dir has a checkpoint, else start as after "auto:" (scratch); for restarts
+    resume_fallback: bool = False  # resume from an older checkpoint if the newest is corrupt (always on under auto)
     # batch: batch_size sequences per optimizer step, micro_batch_size per forward on one rank
     block_size: int = 256
     batch_size: int = 32
@@ -241,6 +242,41 @@ def data_tokenizer(cfg, header):
         if same_tokenizer(tok.identity(), ident):
             return tok
     return ident
+
+
+def init_source(cfg):
+    """(where a fresh start takes its weights: 'scratch' or 'hf:<dir>', the checkpoint to resume
+    or None). resume and auto take the newest checkpoint in out_dir; without one, resume starts
+    from scratch and auto:<source> from its source. auto also passes over a corrupt newest
+    checkpoint to the previous good one (resume_fallback): a restart has no one to ask."""
+    auto = cfg.init_from == "auto" or cfg.init_from.startswith("auto:")
+    fresh = (cfg.init_from[5:] or "scratch") if auto else {"resume": "scratch"}.get(cfg.init_from, cfg.init_from)
+    if fresh != "scratch" and not fresh.startswith("hf:"):
+        raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume', 'hf:<dir>', 'auto' "
+                        "or 'auto:hf:<dir>'")
+    if not auto and cfg.init_from != "resume":
+        return fresh, None
+    return fresh, checkpoint.latest(cfg.out_dir, fallback=cfg.resume_fallback or auto)
+
+
+def resume_record(cfg, step, path):
+    """The log.jsonl record of a resume: from which checkpoint and step, when, and whether it was
+    automatic (init_from=auto) and which torchrun restart (TORCHELASTIC_RESTART_COUNT: the failures
+    that rank 0's torchrun agent has restarted after; an agent restarting for another node's failure
+    does not count it, and a requeued Slurm job starts again at 0)."""
+    return {"step": step, "resumed_from": path, "init_from": cfg.init_from,
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def restart_warning(env):
+    """A warning when torchrun (env: a worker's environment) may restart the workers with its
+    rendezvous store shared with them: the store keeps the previous attempt's addresses, so the
+    restarted ranks fail to connect (pytorch/pytorch#135712). None when restarts can work."""
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("warning: torchrun --max-restarts: a restart will likely fail to connect; launch torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (slurm/train.sbatch sets it)")
+    return None
 
 
 def resumed_model_config(cfg, mcfg, path):
@@ -520,16 +556,12 @@ def train(cfg):
     device, dtype, autocast = setup_device(cfg)
     runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
     mcfg = model_config(cfg)
-    hf_config = read_hf_config(cfg.init_from) if cfg.init_from.startswith("hf:") else None
-    resume_path = None
-    if cfg.init_from == "resume":
-        resume_path = checkpoint.latest(cfg.out_dir, fallback=cfg.resume_fallback)
-        if resume_path is None and mesh.is_main:
-            print(f"no checkpoint in {cfg.out_dir}: starting from scratch")
-        if resume_path is not None:
-            mcfg = resumed_model_config(cfg, mcfg, resume_path)
-    elif cfg.init_from != "scratch" and not cfg.init_from.startswith("hf:"):
-        raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or 'hf:<dir>'")
+    source, resume_path = init_source(cfg)
+    if resume_path is not None:
+        mcfg, source = resumed_model_config(cfg, mcfg, resume_path), "resume"
+    elif cfg.init_from != source and mesh.is_main:
+        print(f"no checkpoint in {cfg.out_dir}: starting from {source}")
+    hf_config = read_hf_config(source) if source.startswith("hf:") else None
     vocab_size = hf_config["vocab_size"] if hf_config else mcfg.vocab_size
     train_data, header = open_split(cfg, "train", vocab_size)
     val_data, _ = open_split(cfg, "val", vocab_size)
@@ -537,20 +569,20 @@ def train(cfg):
     if resume_path is not None:
         check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
     elif hf_config:
-        rec = check_tokenizer(cfg, header, checkpoint.tokenizer_record(cfg.init_from), cfg.init_from)
+        rec = check_tokenizer(cfg, header, checkpoint.tokenizer_record(source), source)
         if rec:  # the model's tokenizer, so checkpoints carry its files
             from prepare import get_tokenizer
-            tokenizer = get_tokenizer(cfg.init_from)
+            tokenizer = get_tokenizer(source)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if cfg.init_from.startswith("hf:"):
+    if hf_config:
         try:
             # the published context length stays the model's (checkpoints, export); block_size may exceed it
             max_seq_len = max(cfg.block_size, hf_config.get("max_position_embeddings") or 0)
-            model = Transformer.from_hf(cfg.init_from[3:], max_seq_len=max_seq_len, attn_impl=cfg.attn_impl,
+            model = Transformer.from_hf(source[3:], max_seq_len=max_seq_len, attn_impl=cfg.attn_impl,
                                         activation_checkpointing=cfg.activation_checkpointing)
         except (OSError, ValueError) as e:  # model.UnsupportedCheckpoint names the key and the fix
-            raise UserError(f"init_from={cfg.init_from}: {e}")
+            raise UserError(f"init_from={source}: {e}")
     else:
         model = Transformer(mcfg)
     n_params = model.num_params()
@@ -571,8 +603,16 @@ def train(cfg):
     grad_accum = cfg.batch_size // mesh.dp // cfg.micro_batch_size
     log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
         f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
-        + (" parameters, float32 master weights" if cfg.master_weights else "")
-        + (f" | resuming at step {step} from {resume_path}" if resume_path else ""))
+        + (" parameters, float32 master weights" if cfg.master_weights else ""))
+    if restart_warning(os.environ):
+        log(restart_warning(os.environ))
+    if resume_path:
+        rec = resume_record(cfg, step, resume_path)
+        log(f"resuming at step {step} from {resume_path} | {rec['time']}" + (
+            f" | automatic (init_from={cfg.init_from}), torchrun restart {rec['restart']}"
+            if cfg.init_from.startswith("auto") else ""))
+        if runlog:
+            runlog.write(rec)
     if mesh.pp > 1:
         bubble = parallel.bubble_fraction(cfg.pp_schedule, mesh.pp, grad_accum, cfg.pp_virtual)
         log(f"pipeline: {cfg.pp_schedule} schedule, {mesh.pp} stages x {cfg.pp_virtual} chunks, {grad_accum} "

@@ -1,5 +1,6 @@
 """Nothing lost: kill -9, SIGTERM, corrupt checkpoints, NaNs, full disks, dead ranks, bad input."""
 import errno
+import json
 import os
 import random
 import signal
@@ -13,7 +14,8 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import train
-from util import ROOT, assert_same_run, final_params, free_port, losses, make_dataset, run_train, tiny_args
+from util import (ELASTIC_ENV, ROOT, assert_same_run, final_params, free_port, losses, make_dataset, run_ok, run_train,
+                  tiny_args)
 
 
 @pytest.fixture
@@ -22,11 +24,12 @@ def data(tmp_path):
     return tmp_path
 
 
-def popen_train(args, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+def popen_train(args, nproc=1, max_restarts=0):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                f"--max-restarts={max_restarts}"] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **ELASTIC_ENV}
     return subprocess.Popen(launcher + [os.path.join(ROOT, "train.py")] + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
 
 
 def wait_for_step(out_dir, step, proc, timeout=60):
@@ -129,6 +132,58 @@ def test_killed_rank_ends_the_run(data):
     text = proc.communicate(timeout=90)[0]
     assert proc.returncode != 0 and time.time() - t0 < 60
     assert "local_rank: 1" in text or "rank 1" in text, text[-3000:]
+
+
+def test_killed_rank_restarts_and_resumes_under_init_from_auto(data):
+    """torchrun --max-restarts=1 --init_from=auto: kill -9 of one rank makes torchrun restart
+    both, which resume from the newest checkpoint; the job ends by itself with the losses of the
+    uninterrupted run, exactly."""
+    steps = dict(max_iters=60, checkpoint_interval=3, lr_decay_iters=60, init_from="auto")
+    ref = data / "ref"
+    run_ok(tiny_args(data, out_dir=str(ref), **steps), nproc=2)
+    out = data / "out"
+    proc = popen_train(tiny_args(data, **steps), nproc=2, max_restarts=1)
+    wait_for_step(out, 4, proc)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    os.kill(int(children[-1]), signal.SIGKILL)
+    text = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, text[-3000:]
+    with open(out / "log.jsonl") as f:
+        resumes = [r for r in map(json.loads, f) if "resumed_from" in r]
+    assert len(resumes) == 1, resumes  # the kill came before the end, and one restart followed it
+    r = resumes[0]
+    assert r["init_from"] == "auto" and r["restart"] == 1 and r["step"] >= 3 and r["step"] % 3 == 0, r
+    assert os.path.dirname(r["resumed_from"]) == str(out), r  # a checkpoint of this run (the newest at the kill)
+    assert f"resuming at step {r['step']} from" in text and "automatic (init_from=auto), torchrun restart 1" in text
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in text  # set (ELASTIC_ENV): no warning
+    assert_same_run(out, ref, rtol=0, atol=0, param_atol=0)
+
+
+def test_restart_warning_names_the_torchrun_setting():
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in train.restart_warning(shared)
+    assert train.restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert train.restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert train.restart_warning({}) is None  # not under torchrun
+
+
+def test_init_from_auto_and_its_errors(data):
+    """auto without a checkpoint starts as after auto: (scratch); with a corrupt newest one it
+    resumes from the previous good one (no one is there to pass resume_fallback); a bad source
+    is one clear error."""
+    r = run_ok(tiny_args(data, max_iters=2, checkpoint_interval=1, init_from="auto"))
+    assert "starting from scratch" in r.stdout and "resuming" not in r.stdout
+    ref = data / "ref"
+    run_ok(tiny_args(data, out_dir=str(ref), max_iters=2))
+    assert_same_run(data / "out", ref, rtol=0, atol=0, param_atol=0)
+    with open(os.path.join(checkpoint.latest(data / "out"), "model.pt"), "r+b") as f:
+        f.truncate(100)
+    r = run_ok(tiny_args(data, max_iters=3, checkpoint_interval=1, init_from="auto"))
+    assert "warning: skipping" in r.stdout and "resuming at step 1 from" in r.stdout, r.stdout
+    assert "automatic (init_from=auto), torchrun restart 0" in r.stdout
+    r = run_train(tiny_args(data, max_iters=2, init_from="auto:resume"))
+    assert r.returncode == 2 and "init_from='auto:resume' must be" in r.stderr and "auto:hf:<dir>" in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------- NaN on one rank only

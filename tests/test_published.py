@@ -220,7 +220,8 @@ def test_mismatched_tokenizer_refused(smollm2_dir, corpus, tmp_path, capsys):
 
 def test_run_from_a_directory_resumes_with_its_shape(tmp_path):
     """A run started from hf:<dir> (a tiny Llama with its own shape and rope theta) resumes with
-    the checkpoint's model, not the config's model keys, and continues exactly as one run."""
+    the checkpoint's model, not the config's model keys, and continues exactly as one run; the
+    split run is launched twice alike with init_from=auto:hf:<dir> (from the directory, then resumed)."""
     from model import ModelConfig, Transformer
     from util import tiny_args
     torch.manual_seed(0)
@@ -230,9 +231,10 @@ def test_run_from_a_directory_resumes_with_its_shape(tmp_path):
     make_dataset(str(tmp_path / "data"))
     args = lambda out, **kw: tiny_args(tmp_path, out_dir=str(tmp_path / out), **kw)
     run_ok(args("whole", init_from=f"hf:{tmp_path / 'tiny'}", max_iters=6))
-    run_ok(args("split", init_from=f"hf:{tmp_path / 'tiny'}", max_iters=4))
-    r = run_ok(args("split", init_from="resume", max_iters=6))
-    assert "resuming at step 4" in r.stdout
+    r = run_ok(args("split", init_from=f"auto:hf:{tmp_path / 'tiny'}", max_iters=4))
+    assert f"starting from hf:{tmp_path / 'tiny'}" in r.stdout
+    r = run_ok(args("split", init_from=f"auto:hf:{tmp_path / 'tiny'}", max_iters=6))
+    assert "resuming at step 4" in r.stdout and "automatic (init_from=auto:hf:" in r.stdout
     whole, split = losses(str(tmp_path / "whole")), losses(str(tmp_path / "split"))
     assert whole.keys() == split.keys() == set(range(1, 7))
     for step in whole:

@@ -15,6 +15,10 @@ import checkpoint  # noqa: E402
 from prepare import write_tokens  # noqa: E402
 
 VOCAB = 64
+# torchrun's environment for --max-restarts: torch's rendezvous store, shared with the workers by
+# default, keeps the addresses of the previous attempt's ranks, so a restart fails to connect
+# (pytorch/pytorch#135712); slurm/train.sbatch and the README set it too
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def make_dataset(data_dir, name="synth", n_train=20000, n_val=4000, seed=0):
