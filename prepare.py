@@ -593,9 +593,9 @@ def _load_source(source, streaming, sample_by):
         big = [f for f in files if os.path.getsize(f) > MAX_DOC_BYTES]
         if big:
             raise DataError(
-                f"--source={source!r}: {big[0]} is {os.path.getsize(big[0]) / 2**20:.0f} MiB, one document with "
+                f"--source={source!r}: {big[0]} is {os.path.getsize(big[0]):,} bytes, one document with "
                 f"--sample_by=document (a .txt file's default), and one document is tokenised whole in memory; "
-                f"at most {MAX_DOC_BYTES >> 20} MiB.\nFix: --sample_by=paragraph (documents separated by a "
+                f"at most {MAX_DOC_BYTES:,} bytes.\nFix: --sample_by=paragraph (documents separated by a "
                 f"blank line) or --sample_by=line, with --streaming for files larger than memory.")
     if loader == "text" and streaming:
         return {"train": TextFiles(files, sample_by)}, desc
