@@ -13,7 +13,11 @@ Sources
   hf:NAME[:CONFIG]  datasets.load_dataset(NAME, CONFIG); --text_field names the text column,
                     --streaming reads large ones without downloading them whole.
   PATH or GLOB      local files through datasets' "text" / "json" / "parquet" loaders; a .txt
-                    file is one document (--sample_by=line|paragraph splits it further).
+                    file is one document (--sample_by=line|paragraph splits it further; one above
+                    MAX_DOC_BYTES is refused); with --streaming, .txt files are read by TextFiles.
+Memory: tokens are appended to PATH.tmp chunk by chunk (the header, with the count, written last);
+--streaming reads a hub dataset or local files a batch at a time, so memory does not grow with the
+corpus; without it, datasets keeps the text and the ids in Arrow files on disk (memory-mapped).
 Validation: the source's "validation" split when it has one, else a deterministic slice of the
 documents: document i goes to val when floor((i+1)*f) > floor(i*f), f = --val_fraction
 (f = 0.05: every 20th document).
@@ -802,7 +806,8 @@ def main(argv=None):
                    "tokenizer directory); default: byte for pystdlib, else gpt2")
     p.add_argument("--data_dir", default="data")
     p.add_argument("--text_field", default="text", help="column holding the text (hf and json/parquet)")
-    p.add_argument("--streaming", action="store_true", help="stream a large hf dataset instead of downloading it")
+    p.add_argument("--streaming", action="store_true", help="read the source a batch at a time: a large hf "
+                   "dataset without downloading it whole, local files larger than memory")
     p.add_argument("--num_proc", type=int, default=None, help="tokenising processes (default: min(8, cores))")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for val when "
                    "the source has no validation split")
