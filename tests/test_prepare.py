@@ -389,6 +389,10 @@ def test_one_huge_txt_document_refused(tmp_path, monkeypatch):
     out = prepare.prepare(source=str(tmp_path / "huge.txt"), tokenizer="byte", data_dir=str(tmp_path),
                           sample_by="line", streaming=True, val_fraction=0.5, quiet=True)
     assert load_tokens(os.path.join(out, "train.bin"))[1]["num_tokens"] == 2001
+    (tmp_path / "latin.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt is not UTF-8.*iconv"):
+        prepare.prepare(source=str(tmp_path / "latin.txt"), tokenizer="byte", data_dir=str(tmp_path),
+                        streaming=True, quiet=True)
 
 
 def test_pystdlib_peak_memory(tmp_path):
