@@ -414,6 +414,7 @@ def test_multi_gb_txt_streaming_peak_memory(tmp_path):
                         "--quiet", "--data_dir=d"], tmp_path)
     n = sum(load_tokens(str(tmp_path / "d" / "big" / f"{s}.bin"))[1]["num_tokens"] for s in ("train", "val"))
     assert n == n_para * (len(para) - 2 + 1)  # each paragraph without its "\n\n", plus <eot>
+    print(f"prepare.py --streaming on a {os.path.getsize(tmp_path / 'big.txt'):,}-byte .txt: peak RSS {peak:.0f} MB")
     assert peak < 400, peak
 
 
