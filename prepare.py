@@ -13,7 +13,11 @@ Sources
   hf:NAME[:CONFIG]  datasets.load_dataset(NAME, CONFIG); --text_field names the text column,
                     --streaming reads large ones without downloading them whole.
   PATH or GLOB      local files through datasets' "text" / "json" / "parquet" loaders; a .txt
-                    file is one document (--sample_by=line|paragraph splits it further).
+                    file is one document (--sample_by=line|paragraph splits it further; one above
+                    MAX_DOC_BYTES is refused); with --streaming, .txt files are read by TextFiles.
+Memory: tokens are appended to PATH.tmp chunk by chunk (the header, with the count, written last);
+--streaming reads a hub dataset or local files a batch at a time, so memory does not grow with the
+corpus; without it, datasets keeps the text and the ids in Arrow files on disk (memory-mapped).
 Validation: the source's "validation" split when it has one, else a deterministic slice of the
 documents: document i goes to val when floor((i+1)*f) > floor(i*f), f = --val_fraction
 (f = 0.05: every 20th document).
@@ -40,6 +44,8 @@ import codecs
 import functools
 import glob
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -59,6 +65,8 @@ VERSION = 1
 HEADER_BYTES = 256
 TOKENIZERS = ("byte", "gpt2", "cl100k_base", "o200k_base")
 LOCAL_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MAX_DOC_BYTES = 64 << 20  # a larger .txt file is refused as one document: it is tokenised whole, ~30 bytes per byte
+TEXT_CHUNK_CHARS = 10 << 20  # local .txt files are read this much at a time (datasets' chunksize too)
 
 
 class DataError(ValueError):
@@ -117,7 +125,9 @@ class Tokenizer:
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         if allow_special:
             return [self.backend.encode(t, allowed_special="all") for t in texts]
-        return self.backend.encode_ordinary_batch(texts)  # threaded inside tiktoken
+        if len(texts) == 1:
+            return [self.backend.encode_ordinary(texts[0])]
+        return list(_encode_pool().map(self.backend.encode_ordinary, texts))  # tiktoken frees the GIL
 
     def decode(self, ids):
         """ids -> text, special tokens left out; a leading dummy-prefix space is dropped (as
@@ -190,6 +200,19 @@ class Tokenizer:
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump({**self.identity(), "eos": self.eos, "stop_ids": list(self.stop_ids), "bos": self.bos,
                        "add_bos": self.add_bos}, f, indent=2)
+
+
+_POOL = [None, None]  # (pid, ThreadPoolExecutor) of _encode_pool
+
+
+def _encode_pool():
+    """One lasting pool of threads for tiktoken batches (re-made after a fork). tiktoken keeps a copy
+    of its regex, with its growing match cache, per thread id it sees (up to 128); the fresh threads of
+    encode_ordinary_batch's pool per call piled those up to ~700 MB preparing pystdlib."""
+    if _POOL[0] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[:] = [os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 1))]
+    return _POOL[1]
 
 
 def tokenizer_sha(token_bytes, special):
@@ -569,9 +592,52 @@ def _load_source(source, streaming, sample_by):
         raise DataError(f"--source={source!r} matches files ending in {sorted(exts)}; use one kind of "
                         f"{sorted(LOCAL_LOADERS)}")
     loader = LOCAL_LOADERS[exts.pop()]
+    desc = f"local {loader} files {files if len(files) <= 10 else files[:10] + ['...']}"
+    if loader == "text" and sample_by == "document":
+        big = [f for f in files if os.path.getsize(f) > MAX_DOC_BYTES]
+        if big:
+            raise DataError(
+                f"--source={source!r}: {big[0]} is {os.path.getsize(big[0]):,} bytes, one document with "
+                f"--sample_by=document (a .txt file's default), and one document is tokenised whole in memory; "
+                f"at most {MAX_DOC_BYTES:,} bytes.\nFix: --sample_by=paragraph (documents separated by a "
+                f"blank line) or --sample_by=line, with --streaming for files larger than memory.")
+    if loader == "text" and streaming:
+        return {"train": TextFiles(files, sample_by)}, desc
     kwargs = dict(sample_by=sample_by) if loader == "text" else {}
-    dsd = datasets.load_dataset(loader, data_files={"train": files}, streaming=streaming, **kwargs)
-    return dsd, f"local {loader} files {files if len(files) <= 10 else files[:10] + ['...']}"
+    return datasets.load_dataset(loader, data_files={"train": files}, streaming=streaming, **kwargs), desc
+
+
+class TextFiles:
+    """Stream of {"text": document} from local .txt files, split exactly as datasets' "text" loader
+    splits them (so --streaming gives the same tokens), reading TEXT_CHUNK_CHARS at a time: memory
+    holds one chunk, not the file. (datasets' own streaming loader does this too at ~400 MB more.)"""
+    column_names = ["text"]
+
+    def __init__(self, files, sample_by):
+        self.files, self.sample_by = files, sample_by
+
+    def __iter__(self):
+        for path in self.files:
+            try:
+                yield from ({"text": t} for t in self._docs(path))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 ({e}); convert it, e.g. `iconv -f latin1 -t utf-8`")
+
+    def _docs(self, path):
+        with open(path, encoding="utf-8") as f:  # text mode: "\r\n" and "\r" read as "\n"
+            if self.sample_by == "document":
+                yield f.read()
+                return
+            rest = ""
+            while chunk := f.read(TEXT_CHUNK_CHARS):
+                chunk = rest + chunk + f.readline()  # end on a whole line
+                if self.sample_by == "line":  # only "\n" splits (str.splitlines would split on more)
+                    yield from (line.rstrip("\n") for line in io.StringIO(chunk).readlines())
+                else:  # paragraph: the last piece may go on in the next chunk; empty ones are dropped
+                    *paragraphs, rest = chunk.split("\n\n")
+                    yield from (p for p in paragraphs if p)
+            if rest:
+                yield rest
 
 
 def _tokenize_batch(batch, text_field, tokenizer):
@@ -603,11 +669,11 @@ def _prepare_datasets(out_dir, enc, tokenizer, source, text_field, streaming, nu
         raise DataError(f"{desc} has splits {list(dsd)} but no 'train' split")
     splits = {"train": dsd["train"], "val": dsd.get("validation")}
     for s, ds in splits.items():
-        cols = None if ds is None else ds.column_names  # None: a stream that does not know yet
+        cols = getattr(ds, "column_names", None)  # None: no split, or a stream that does not know yet
         if cols is not None and text_field not in cols:
             raise DataError(f"{desc} ({s}) has columns {cols} but no {text_field!r}; pick one with --text_field")
         if ds is not None and max_docs:
-            splits[s] = ds.take(max_docs) if streaming else ds.select(range(min(max_docs, len(ds))))
+            splits[s] = itertools.islice(ds, max_docs) if streaming else ds.select(range(min(max_docs, len(ds))))
     val_desc = "the source's validation split" if splits["val"] is not None else \
         f"documents i with floor((i+1)*{val_fraction}) > floor(i*{val_fraction}) of train"
     files = {s: TokenFile(os.path.join(out_dir, f"{s}.bin"), enc.name, enc.n_vocab, enc.eos, enc.sha)
@@ -740,7 +806,8 @@ def main(argv=None):
                    "tokenizer directory); default: byte for pystdlib, else gpt2")
     p.add_argument("--data_dir", default="data")
     p.add_argument("--text_field", default="text", help="column holding the text (hf and json/parquet)")
-    p.add_argument("--streaming", action="store_true", help="stream a large hf dataset instead of downloading it")
+    p.add_argument("--streaming", action="store_true", help="read the source a batch at a time: a large hf "
+                   "dataset without downloading it whole, local files larger than memory")
     p.add_argument("--num_proc", type=int, default=None, help="tokenising processes (default: min(8, cores))")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of documents for val when "
                    "the source has no validation split")

@@ -303,6 +303,121 @@ def test_unreachable_hf_dataset_error(monkeypatch, tmp_path):
     assert "roneneldan/TinyStories" in msg and "pystdlib" in msg and "local file" in msg
 
 
+# --------------------------------------------------------------------------- bounded memory
+def peak_rss_mb(args, cwd):
+    """Peak resident memory (MB) of `python prepare.py ARGS`, measured by a fresh parent whose only
+    child it is (RUSAGE_CHILDREN of this process would include earlier subprocesses)."""
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(r.stderr[-2000:])")
+    out = subprocess.run([sys.executable, "-c", code, sys.executable, os.path.join(ROOT, "prepare.py"), *args],
+                         capture_output=True, text=True, cwd=cwd, check=True).stdout
+    rc, kb = out.split("\n")[0].split()
+    assert rc == "0", out
+    return int(kb) / 1024  # Linux: kilobytes
+
+
+TRICKY = ("first line\r\nsecond\r\n\r\nthird\rstill 3?\n\n\n\nafter a gap \u00fc\u2028same line\n"
+          "  \n\nspaces above\n\n\n\n\n" + "long line of text " * 20 + "\n\nno newline at the end")
+
+
+@pytest.mark.parametrize("sample_by", ["line", "paragraph", "document"])
+def test_text_files_split_like_datasets(tmp_path, monkeypatch, sample_by):
+    """TextFiles (the --streaming reader of local .txt files) yields the documents of datasets'
+    "text" loader, whatever its chunk size: 7 characters here, datasets' 10 MB there."""
+    datasets = pytest.importorskip("datasets")
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(tmp_path / "c.txt")]
+    for f, t in zip(files, [TRICKY, "", "\n\nlast\n"]):
+        with open(f, "w", encoding="utf-8", newline="") as fh:
+            fh.write(t)
+    monkeypatch.setattr(prepare, "TEXT_CHUNK_CHARS", 7)
+    ours = [ex["text"] for ex in prepare.TextFiles(files, sample_by)]
+    theirs = datasets.load_dataset("text", data_files={"train": files}, sample_by=sample_by,
+                                   cache_dir=str(tmp_path / "cache"))["train"]["text"]
+    assert ours == theirs and len(ours) > 2
+
+
+@pytest.mark.parametrize("sample_by", ["line", "paragraph"])
+def test_txt_streaming_equals_in_memory(tmp_path, monkeypatch, sample_by):
+    """--streaming on a local .txt file writes, byte for byte and with the same header, the files of
+    the non-streaming (datasets) path and of tokenising all documents in memory at once."""
+    (tmp_path / "c.txt").write_text((TRICKY + "\n\n") * 30, encoding="utf-8")
+    monkeypatch.setattr(prepare, "TEXT_CHUNK_CHARS", 100)  # many chunks
+    run = lambda d, streaming: prepare.prepare(name="c", source=str(tmp_path / "c.txt"), tokenizer="byte",
+                                               data_dir=str(tmp_path / d), streaming=streaming,
+                                               sample_by=sample_by, val_fraction=0.3, num_proc=1, quiet=True)
+    streamed, arrow = run("s", True), run("a", False)
+    docs = [ex["text"] for ex in prepare.TextFiles([str(tmp_path / "c.txt")], sample_by)]
+    ids = prepare.encode_docs(docs, get_tokenizer("byte"))
+    for s in ("train", "val"):
+        path = str(tmp_path / f"{s}.bin")
+        write_tokens(path, np.concatenate([x for i, x in enumerate(ids) if prepare.is_val(i, 0.3) == (s == "val")]),
+                     "byte", 257, EOT, tokenizer_sha=get_tokenizer("byte").sha)
+        raw = open(os.path.join(streamed, f"{s}.bin"), "rb").read()
+        assert len(raw) > 256 + 100
+        assert raw == open(os.path.join(arrow, f"{s}.bin"), "rb").read() == open(path, "rb").read()
+    meta = [json.load(open(os.path.join(d, "meta.json"))) for d in (streamed, arrow)]
+    assert meta[0]["train_docs"] == meta[1]["train_docs"] == len(docs) - meta[0]["val_docs"]
+
+
+def test_txt_streaming_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
+    """Python's peak allocations while streaming a ~6 MB .txt file stay below the size of the
+    corpus' token array: tokens go to the file chunk by chunk and the file is read in chunks (holding
+    all tokens, or the file's lines, at once would exceed it)."""
+    import tracemalloc
+    para = "paragraph {} of the streamed corpus: " + "a line of words to tokenise\n" * 20 + "\n"
+    (tmp_path / "big.txt").write_text("".join(para.format(i) for i in range(10_000)))
+    monkeypatch.setattr(prepare, "TEXT_CHUNK_CHARS", 1 << 18)
+    pytest.importorskip("datasets")  # imported before tracing: its modules are not corpus data
+    get_tokenizer("byte").encode_batch(["warm", "up"])  # the thread pool and tiktoken's caches
+    tracemalloc.start()
+    try:
+        out = prepare.prepare(name="big", source=str(tmp_path / "big.txt"), tokenizer="byte", streaming=True,
+                              sample_by="paragraph", data_dir=str(tmp_path), quiet=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    n = sum(load_tokens(os.path.join(out, f"{s}.bin"))[1]["num_tokens"] for s in ("train", "val"))
+    print(peak, n)
+    assert n > 5_000_000 and peak < 2 * n, (peak, n)  # 2 * n: the bytes of all tokens as uint16
+
+
+def test_one_huge_txt_document_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "MAX_DOC_BYTES", 1000)
+    (tmp_path / "huge.txt").write_text("x" * 2000)
+    with pytest.raises(DataError, match=r"(?s)huge.txt is 2,000 bytes.*--sample_by=document.*1,000 bytes.*Fix: --sample_by=paragraph.*--streaming"):
+        prepare.prepare(source=str(tmp_path / "huge.txt"), tokenizer="byte", data_dir=str(tmp_path), quiet=True)
+    out = prepare.prepare(source=str(tmp_path / "huge.txt"), tokenizer="byte", data_dir=str(tmp_path),
+                          sample_by="line", streaming=True, val_fraction=0.5, quiet=True)
+    assert load_tokens(os.path.join(out, "train.bin"))[1]["num_tokens"] == 2001
+    (tmp_path / "latin.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.txt is not UTF-8.*iconv"):
+        prepare.prepare(source=str(tmp_path / "latin.txt"), tokenizer="byte", data_dir=str(tmp_path),
+                        streaming=True, quiet=True)
+
+
+def test_pystdlib_peak_memory(tmp_path):
+    """Preparing all of pystdlib stays small (745 MB before one lasting thread pool: tiktoken kept a
+    regex cache per thread of a fresh pool per call)."""
+    assert peak_rss_mb(["--quiet", "--data_dir=d"], tmp_path) < 250
+
+
+@pytest.mark.slow
+def test_multi_gb_txt_streaming_peak_memory(tmp_path):
+    """prepare.py --streaming on a 2 GB .txt file: peak memory a few hundred MB, all tokens written."""
+    para = "A paragraph of the generated corpus, line after line of the same words.\n" * 20 + "\n"
+    block = para * 1000
+    with open(tmp_path / "big.txt", "w") as f:
+        for _ in range(2_000_000_000 // len(block) + 1):
+            f.write(block)
+    n_para = (2_000_000_000 // len(block) + 1) * 1000
+    peak = peak_rss_mb(["--source=big.txt", "--tokenizer=byte", "--streaming", "--sample_by=paragraph",
+                        "--quiet", "--data_dir=d"], tmp_path)
+    n = sum(load_tokens(str(tmp_path / "d" / "big" / f"{s}.bin"))[1]["num_tokens"] for s in ("train", "val"))
+    assert n == n_para * (len(para) - 2 + 1)  # each paragraph without its "\n\n", plus <eot>
+    print(f"prepare.py --streaming on a {os.path.getsize(tmp_path / 'big.txt'):,}-byte .txt: peak RSS {peak:.0f} MB")
+    assert peak < 400, peak
+
+
 # --------------------------------------------------------------------------- command line
 def test_cli(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *a],
