@@ -334,10 +334,12 @@ class Transformer(nn.Module):
         return {int(i): (make(), make()) for i in self.layers}
 
     def param_groups(self, weight_decay):
-        """AdamW groups (nanoGPT's configure_optimizers): decay on matrices and embeddings, not norm weights."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW groups (nanoGPT's configure_optimizers): decay on matrices and embeddings, not norm
+        weights. Frozen parameters (requires_grad False, e.g. LoRA's base weights) are in neither."""
+        trained = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     # ----------------------------------------------------------------------- accounting
     def num_params(self, non_embedding=False):

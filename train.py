@@ -125,10 +125,11 @@ def _unknown(key, known):
     return UserError(f"unknown config key {key!r}{hint}")
 
 
-def load_config(argv):
+def load_config(argv, config_class=Config):
     """Config from `[config.py] [--key=value ...]`: the file is plain Python whose top-level
-    names are config keys; command-line values are Python literals (or bare strings)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    names are config keys; command-line values are Python literals (or bare strings).
+    config_class: Config or a dataclass extending it with a stage's own keys (finetune.py)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -155,7 +156,7 @@ def load_config(argv):
                 values[key] = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 values[key] = {"true": True, "false": False}.get(raw.lower(), raw)
-    cfg = Config(**{k: _typed(k, v, defaults[k]) for k, v in values.items()})
+    cfg = config_class(**{k: _typed(k, v, defaults[k]) for k, v in values.items()})
     for key, choices in (("pp_schedule", ("gpipe", "1f1b", "interleaved")), ("zero", (0, 1, 2, 3)),
                          ("dtype", ("auto", "float32", "bfloat16", "float16")), ("device", ("auto", "cpu", "cuda"))):
         if getattr(cfg, key) not in choices:
@@ -414,14 +415,15 @@ def setup_device(cfg):
     return device, dtype, autocast
 
 
-def evaluate(cfg, model, mesh, val, device, autocast):
-    """Mean validation loss over eval_iters fixed batches (the same batches every evaluation)."""
+def evaluate(cfg, model, mesh, batches, device, autocast):
+    """Mean validation loss over eval_iters fixed batches (the same batches every evaluation);
+    batches(step, split) gives a step's micro-batches (see train)."""
     from tqdm import tqdm
     model.eval()
     total = torch.zeros((), device=device)
     with torch.no_grad():
         for i in tqdm(range(cfg.eval_iters), desc="eval", leave=False, disable=not mesh.is_main):
-            micro = get_micro_batches(cfg, val, i, "val", mesh, device)
+            micro = batches(i, "val")
             if mesh.pp > 1:  # through the pipeline: the loss sum is on the last stage, 0 elsewhere
                 total += parallel.pipeline_forward(model, micro, autocast)
                 continue
@@ -516,7 +518,14 @@ def record_trace(trace, stages, step, cfg, mesh, m, device):
     return trace
 
 
-def train(cfg):
+def train(cfg, data=None, adapt=None):
+    """The training loop of every stage. Pre-training reads data/<dataset>/{train,val}.bin. A later
+    stage (finetune.py) passes its own data: an object with micro_batches(cfg, step, split, mesh,
+    device) -> [(x, y), ...] (a function of (seed, split, step) only, like get_micro_batches;
+    targets -1 are ignored) and tokenizer (a prepare.Tokenizer, saved with the checkpoints); and
+    adapt(model, device, dtype) -> model, applied to the built or loaded model before it is
+    parallelized (e.g. LoRA: new parameters, frozen ones; the optimizer gets those with
+    requires_grad). Returns the trained model."""
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
     runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
@@ -532,12 +541,18 @@ def train(cfg):
     elif cfg.init_from != "scratch" and not cfg.init_from.startswith("hf:"):
         raise UserError(f"init_from={cfg.init_from!r} must be 'scratch', 'resume' or 'hf:<dir>'")
     vocab_size = hf_config["vocab_size"] if hf_config else mcfg.vocab_size
-    train_data, header = open_split(cfg, "train", vocab_size)
-    val_data, _ = open_split(cfg, "val", vocab_size)
-    tokenizer = data_tokenizer(cfg, header)
-    if resume_path is not None:
+    if data is not None:  # the stage's own data, tokenized with the model's tokenizer
+        tokenizer = data.tokenizer
+        batches = lambda step, split: data.micro_batches(cfg, step, split, mesh, device)
+    else:
+        train_data, header = open_split(cfg, "train", vocab_size)
+        val_data, _ = open_split(cfg, "val", vocab_size)
+        tokenizer = data_tokenizer(cfg, header)
+        batches = lambda step, split: get_micro_batches(cfg, train_data if split == "train" else val_data,
+                                                        step, split, mesh, device)
+    if data is None and resume_path is not None:
         check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
-    elif hf_config:
+    elif data is None and hf_config:
         rec = check_tokenizer(cfg, header, checkpoint.tokenizer_record(cfg.init_from), cfg.init_from)
         if rec:  # the model's tokenizer, so checkpoints carry its files
             from prepare import get_tokenizer
@@ -554,6 +569,8 @@ def train(cfg):
             raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
         model = Transformer(mcfg)
+    if adapt is not None:
+        model = adapt(model, device, dtype)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.block_size)
     try:  # before the GPU holds anything
@@ -595,7 +612,7 @@ def train(cfg):
         lr = lr_at(cfg, step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        micro = get_micro_batches(cfg, train_data, step, "train", mesh, device)
+        micro = batches(step, "train")
         traced = step + 1 in trace_steps
         if traced:
             model.pipeline.trace = []
@@ -647,7 +664,7 @@ def train(cfg):
             if runlog:
                 runlog.write(rec)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            val_loss = evaluate(cfg, fwd_bwd, mesh, val_data, device, autocast)
+            val_loss = evaluate(cfg, fwd_bwd, mesh, batches, device, autocast)
             log(f"step {step:6d} | val loss {val_loss:.4f}")
             if runlog:
                 runlog.write({"step": step, "val_loss": val_loss})
