@@ -1,0 +1,205 @@
+"""finetune.py: the chat data and its loss mask, LoRA (B = 0, merge, PEFT's format loaded by peft,
+only adapters change), every layout against one process, and LoRA learning a task SmolLM2-135M
+does not solve."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from util import ROOT, assert_same_run, final_params, losses
+
+import finetune  # noqa: E402
+import prepare  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16)
+
+
+def write_chat(path, n=64, seed=0):
+    """Additions in both accepted forms, a third of them with a system message."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = (int(v) for v in rng.integers(0, 10, 2))
+            if i % 2:
+                f.write(json.dumps({"prompt": f"{a}+{b}", "response": str(a + b)}) + "\n")
+            else:
+                sys_msg = [{"role": "system", "content": "sum"}] if i % 3 == 0 else []
+                f.write(json.dumps({"messages": sys_msg + [{"role": "user", "content": f"{a}+{b}"},
+                                                           {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    return str(path)
+
+
+def args(tmp_path, **kw):
+    cfg = dict(out_dir=str(tmp_path / "out"), data=str(tmp_path / "chat.jsonl"), tokenizer="byte", device="cpu",
+               dtype="float32", **TINY, block_size=64, batch_size=8, micro_batch_size=2, max_iters=4,
+               learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, lr_decay_iters=8, log_interval=1,
+               eval_interval=1000, eval_iters=2, checkpoint_interval=1000, seed=3)
+    cfg.update(kw)
+    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+
+
+def run_finetune(argv, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    r = subprocess.run(launcher + [os.path.join(ROOT, "finetune.py")] + argv, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    return r
+
+
+def ok(argv, nproc=1):
+    r = run_finetune(argv, nproc)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture
+def data(tmp_path):
+    write_chat(tmp_path / "chat.jsonl")
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- data and the loss mask
+def test_assistant_mask_smollm2(smollm2_dir):
+    """The mask covers the assistant's content and the template's end of turn, nothing else; the
+    prompt's tokens are those sample.py --chat feeds the model."""
+    tok = prepare.get_tokenizer(f"hf:{smollm2_dir}")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "content": "5"}, {"role": "user", "content": "and 4+4?"},
+            {"role": "assistant", "content": "8"}]
+    ids, mask = finetune.tokenize_conversation(tok, msgs, "test")
+    text = lambda ids: b"".join(tok.special[i].encode() if i in tok.special else tok.token_bytes[i]
+                                for i in ids.tolist()).decode()  # special tokens as written
+    assert text(ids) == tok.render_chat(msgs, add_generation_prompt=False)
+    assert text(ids[mask]) == "5<|im_end|>\n8<|im_end|>\n"
+    first = tok.encode(tok.render_chat(msgs[:2]), allow_special=True)  # what sample.py --chat would feed
+    assert ids[:len(first)].tolist() == first and not mask[:len(first)].any() and mask[len(first)]
+
+
+def test_loss_only_on_assistant_tokens(data):
+    """The masked loss and its gradients equal those of the assistant positions alone (the others
+    dropped); prompt and system positions get exactly zero gradient on their logits."""
+    cfg = finetune.load_config(args(data))
+    sft = finetune.SFTData(cfg, prepare.get_tokenizer("byte"), 320)
+    (x, y), = sft.micro_batches(cfg, 0, "train", SimpleNamespace(dp=1, dp_rank=0), torch.device("cpu"))[:1]
+    assert (y == -1).any() and (y >= 0).any()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, max_seq_len=64))
+    logits, loss = model(x, y)
+    logits.retain_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert (logits.grad[y == -1] == 0).all() and (logits.grad[y >= 0] != 0).any()
+    model.zero_grad()
+    logits = model(x)[0]
+    keep = y >= 0
+    dropped = torch.nn.functional.cross_entropy(logits[keep], y[keep])  # only the assistant positions
+    dropped.backward()
+    torch.testing.assert_close(loss, dropped)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+    # what the mask keeps: the answers' bytes, the eos that ends the turn and the template's newline
+    text = [bytes(t for t in y[r][y[r] >= 0].tolist() if t < 256).decode() for r in range(len(y))]
+    assert all(t[:-1].isdigit() and t[-1] == "\n" for t in text), text
+    assert all((y[r] == 256).sum() == 1 for r in range(len(y)))
+
+
+@pytest.mark.parametrize("line, expect", [
+    ("{not json", "line 2: not JSON"),
+    ('{"text": "hi"}', "line 2: expected an object with 'messages' or with 'prompt' and 'response'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: no assistant message"),
+    ('{"messages": [{"role": "user"}]}', "line 2: messages must be a list of"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, expect):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n' + line + "\n")
+    r = run_finetune(args(tmp_path, max_iters=1))
+    assert r.returncode == 2 and f"error: {path}, {expect}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- LoRA
+def tiny_lora(cfg_kw=None):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, max_seq_len=64)).eval()
+    cfg = finetune.load_config(["--data=x", "--lora_rank=4", "--lora_alpha=8", *(cfg_kw or [])])
+    return model, cfg
+
+
+def test_lora_starts_at_the_base_and_merges_exactly():
+    model, cfg = tiny_lora()
+    x = torch.randint(0, 320, (2, 16))
+    base = model(x)[0].detach()
+    finetune.add_lora(model, cfg)
+    torch.testing.assert_close(model(x)[0], base, rtol=0, atol=0)  # B = 0
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"layers.{i}.{m}.{w}.lora_{ab}" for i in range(2) for m, w in
+         [("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
+          ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3")] for ab in "AB"}
+    with torch.no_grad():
+        for m in finetune.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.1)
+    adapted = model(x)[0].detach()
+    assert (adapted - base).abs().max() > 1e-2
+    finetune.merge_lora(model)
+    assert not finetune.lora_modules(model)
+    torch.testing.assert_close(model(x)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+def tiny_hf(tmp_path):
+    torch.manual_seed(1)
+    d = str(tmp_path / "base")
+    Transformer(ModelConfig(**TINY, max_seq_len=64)).save_hf(d)
+    return d
+
+
+def test_lora_run_peft_and_export(data):
+    """A LoRA run changes only adapters; peft loads its adapter directory onto transformers' base model
+    with our logits; the exported merged directory gives the same logits in transformers."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = tiny_hf(data)
+    r = ok(args(data, init_from=f"hf:{base}", lora_rank=4, lora_alpha=8.0, lora_targets="q,v,o,gate,down",
+                lora_dropout=0.1))
+    assert "trainable of" in r.stdout and "optimizer state" in r.stdout
+    after = final_params(str(data / "out"))
+    before = Transformer.from_hf(base).state_dict()
+    for k, v in after.items():
+        if "lora_" in k:
+            continue
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in after.items())
+    cfg = finetune.load_config(args(data, init_from=f"hf:{base}", lora_rank=4, lora_alpha=8.0,
+                                    lora_targets="q,v,o,gate,down"))
+    import checkpoint
+    ours = finetune.load_finetuned(checkpoint.latest(cfg.out_dir), cfg).eval()
+    x = torch.randint(0, 257, (2, 20))
+    with torch.no_grad():
+        want = ours(x)[0]
+        hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        adapter = peft.PeftModel.from_pretrained(hf_base, str(data / "out" / "adapter")).eval()
+        torch.testing.assert_close(adapter(x).logits, want, rtol=1e-4, atol=1e-4)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(str(data / "out" / "hf"), dtype=torch.float32)
+        torch.testing.assert_close(merged.eval()(x).logits, want, rtol=1e-4, atol=1e-4)
+    conf = json.load(open(data / "out" / "adapter" / "adapter_config.json"))
+    assert conf["peft_type"] == "LORA" and conf["r"] == 4 and conf["lora_alpha"] == 8.0 and \
+        sorted(conf["target_modules"]) == ["down_proj", "gate_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_lora_refuses_layouts_not_done(data):
+    r = run_finetune(args(data, lora_rank=4, zero=1))
+    assert r.returncode == 2 and "lora_rank=4 runs under data parallelism only" in r.stderr
+
+
+# --------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("extra", [dict(lora_rank=4), dict(), dict(zero=1), dict(zero=3)],
+                         ids=["lora-dp2", "full-dp2", "full-zero1", "full-zero3"])
+def test_layout_equals_one_process(data, extra):
+    ref = ok(args(data, out_dir=str(data / "ref"), **{**extra, "zero": 0}))  # one process, torch's AdamW
+    ok(args(data, out_dir=str(data / "dp2"), **extra), nproc=2)
+    assert_same_run(str(data / "dp2"), str(data / "ref"))
+    assert "val loss" in ref.stdout
