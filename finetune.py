@@ -9,7 +9,8 @@ checkpoints are train.py's (train.train(cfg, data, adapt)):
   SFTData   JSON lines, each {"messages": [{"role", "content"}, ...]} or {"prompt", "response"
             [, "system"]}, rendered with the tokenizer's chat template (BUILTIN_TEMPLATE when it
             has none); targets are the next tokens of the assistant turns only, -1 elsewhere
-            (model.cross_entropy ignores -1), one conversation per row padded to block_size.
+            (model.cross_entropy ignores -1), one conversation per row padded to block_size, or
+            (pack=True) several per row with document masking (model.document_mask).
   LoRA      W x + (alpha/r) B A x on the target projections, W frozen (arXiv 2106.09685).
   export    at the end: out_dir/hf, a Hugging Face directory with the adapters merged into W;
             with LoRA also out_dir/adapter, the adapters alone in PEFT's format.
@@ -46,6 +47,7 @@ BUILTIN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['c
 class FinetuneConfig(train.Config):
     data: str = ""  # JSON lines of conversations (see the module docstring)
     val_fraction: float = 0.05  # every 1/val_fraction-th conversation is held out for the validation loss
+    pack: bool = False  # several conversations per row, each attending only to itself (attn_impl sdpa/math)
     tokenizer: str = ""  # "": the model's (init_from=hf:<dir>); a get_tokenizer spec for a model from scratch
     lora_rank: int = 0  # r; 0: full fine-tuning
     lora_alpha: float = 16.0  # the update is scaled by alpha / r
@@ -66,6 +68,10 @@ def load_config(argv):
     if bad or not lora_targets(cfg):
         raise train.UserError(f"config key lora_targets={cfg.lora_targets!r}: {bad or 'empty'}; pick from "
                               f"{','.join(LORA_TARGETS)}")
+    if cfg.pack and (cfg.pp > 1 or cfg.attn_impl == "flash"):
+        raise train.UserError(f"pack=True needs document masking, which pp={cfg.pp} > 1 (the pipeline sends (x, y) "
+                              f"only) and attn_impl={cfg.attn_impl!r} do not have yet; set pack=False, or pp=1 and "
+                              "attn_impl='sdpa'")
     if cfg.lora_rank and (cfg.tp > 1 or cfg.pp > 1 or cfg.zero or cfg.master_weights):
         raise train.UserError(f"lora_rank={cfg.lora_rank} runs under data parallelism only so far (got tp={cfg.tp}, "
                               f"pp={cfg.pp}, zero={cfg.zero}, master_weights={cfg.master_weights}); "
@@ -142,11 +148,13 @@ def tokenize_conversation(tok, messages, where):
 
 
 class SFTData:
-    """The fine-tuning data of a run, tokenized in memory: per split a list of (x, y) rows of at
-    most block_size tokens (y: the next token where it is an assistant token, else -1). The batch
-    of step t is drawn from (seed, split, t) alone, as train.batch_offsets does, so every layout
-    sees the same rows. Conversations longer than block_size + 1 tokens are cut; one left with
-    no assistant target is dropped (both counted in the log)."""
+    """The fine-tuning data of a run, tokenized in memory: per split a list of (x, y, doc) rows of
+    at most block_size tokens (y: the next token where it is an assistant token, else -1; doc: each
+    token's conversation within the row). pack=False: one conversation per row; pack=True: the
+    conversations in file order, as many per row as fit whole. The batch of step t is drawn from
+    (seed, split, t) alone, as train.batch_offsets does, so every layout sees the same rows.
+    Conversations longer than block_size + 1 tokens are cut; one left with no assistant target
+    is dropped (both counted in the log)."""
 
     def __init__(self, cfg, tokenizer, vocab_size):
         self.tokenizer = tokenizer
@@ -166,29 +174,44 @@ class SFTData:
                 dropped += 1
                 continue
             self.rows["val" if is_val(i, cfg.val_fraction) else "train"].append((ids[:-1], y))
+        self.pack = cfg.pack
+        for split, convs in self.rows.items():
+            rows = []
+            for x, y in convs:
+                if cfg.pack and rows and len(rows[-1][0]) + len(x) <= cfg.block_size:
+                    px, py, pd = rows[-1]
+                    rows[-1] = (np.concatenate([px, x]), np.concatenate([py, y]),
+                                np.concatenate([pd, np.full(len(x), pd[-1] + 1)]))
+                else:
+                    rows.append((x, y, np.zeros(len(x), dtype=np.int64)))
+            self.rows[split] = rows
         for split, rows in self.rows.items():
             if not rows:
                 raise DataError(f"data={cfg.data!r}: no {split} conversation with an assistant token within "
                                 f"block_size={cfg.block_size} (val_fraction={cfg.val_fraction}); add data or "
                                 "raise block_size / val_fraction")
         self.summary = (f"data {cfg.data}: {len(self.rows['train'])} train / {len(self.rows['val'])} val "
-                        f"conversations, {cut} cut to block_size={cfg.block_size}, {dropped} dropped "
+                        f"{'packed rows' if cfg.pack else 'conversations'}, {cut} cut to block_size={cfg.block_size}, {dropped} dropped "
                         f"(no assistant token left) | chat template: "
                         f"{'built-in' if tokenizer.chat_template is BUILTIN_TEMPLATE else tokenizer.name}")
 
     def micro_batches(self, cfg, step, split, mesh, device):
-        """This dp rank's contiguous share of the step's global batch, as (x, y) micro-batches."""
+        """This dp rank's contiguous share of the step's global batch, as (x, y) micro-batches, or
+        (x, y, doc_ids) when packed (padding is a document of its own: doc id block_size)."""
         rows = self.rows[split]
         rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, step])
         pick = rng.integers(0, len(rows), size=cfg.batch_size)
         per_rank = cfg.batch_size // mesh.dp
         x = np.full((per_rank, cfg.block_size), self.pad, dtype=np.int64)
         y = np.full((per_rank, cfg.block_size), -1, dtype=np.int64)
+        doc = np.full((per_rank, cfg.block_size), cfg.block_size, dtype=np.int64)
         for r, k in enumerate(pick[mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank]):
-            x[r, :len(rows[k][0])], y[r, :len(rows[k][1])] = rows[k]
-        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            n = len(rows[k][0])
+            x[r, :n], y[r, :n], doc[r, :n] = rows[k]
+        x, y, doc = (torch.from_numpy(a).to(device) for a in (x, y, doc))
         mb = cfg.micro_batch_size
-        return [(x[i:i + mb], y[i:i + mb]) for i in range(0, per_rank, mb)]
+        return [(x[i:i + mb], y[i:i + mb]) + ((doc[i:i + mb],) if self.pack else ())
+                for i in range(0, per_rank, mb)]
 
 
 # --------------------------------------------------------------------------- LoRA

@@ -344,12 +344,14 @@ class LossScaler:
 def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
     """Gradient accumulation on one pipeline stage: the mean loss of the micro-batches.
     Each micro-batch loss is a mean over its tokens, so each backward gets 1/len of it.
-    Gradients sync across dp only in the last micro-step (grad_sync.sync)."""
+    Gradients sync across dp only in the last micro-step (grad_sync.sync). A micro-batch is
+    (x, y), or (x, y, doc_ids) for rows packed with several documents (Transformer.forward)."""
     total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (x, y, *doc) in enumerate(micro_batches):
         grad_sync.sync = i == len(micro_batches) - 1
         with autocast:
-            loss = model(x, y)[1]  # not `_, loss`: the name would keep the logits alive through the backward
+            # not `_, loss`: the name would keep the logits alive through the backward
+            loss = model(x, y, doc_ids=doc[0] if doc else None)[1]
         (loss * (loss_scale / len(micro_batches))).backward()
         total += loss.detach()
     grad_sync.finish()
@@ -427,9 +429,9 @@ def evaluate(cfg, model, mesh, batches, device, autocast):
             if mesh.pp > 1:  # through the pipeline: the loss sum is on the last stage, 0 elsewhere
                 total += parallel.pipeline_forward(model, micro, autocast)
                 continue
-            for x, y in micro:
+            for x, y, *doc in micro:
                 with autocast:
-                    total += model(x, y)[1].float()
+                    total += model(x, y, doc_ids=doc[0] if doc else None)[1].float()
     model.train()
     n = cfg.eval_iters * (cfg.batch_size // mesh.dp // cfg.micro_batch_size)
     return parallel.reduce_for_log(total / n, mesh).item()
