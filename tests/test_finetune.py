@@ -190,16 +190,19 @@ def test_lora_run_peft_and_export(data):
         sorted(conf["target_modules"]) == ["down_proj", "gate_proj", "o_proj", "q_proj", "v_proj"]
 
 
-def test_lora_refuses_layouts_not_done(data):
-    r = run_finetune(args(data, lora_rank=4, zero=1))
-    assert r.returncode == 2 and "lora_rank=4 runs under data parallelism only" in r.stderr
+def test_lora_refuses_tensor_parallelism(data):
+    r = run_finetune(args(data, lora_rank=4, tp=2))
+    assert r.returncode == 2 and "LoRA under tensor parallelism is not implemented yet" in r.stderr
 
 
 # --------------------------------------------------------------------------- layouts
-@pytest.mark.parametrize("extra", [dict(lora_rank=4), dict(), dict(zero=1), dict(zero=3)],
-                         ids=["lora-dp2", "full-dp2", "full-zero1", "full-zero3"])
+@pytest.mark.parametrize("extra", [dict(lora_rank=4), dict(), dict(zero=1), dict(zero=3), dict(lora_rank=4, zero=1),
+                                   dict(lora_rank=4, zero=2), dict(lora_rank=4, zero=3), dict(lora_rank=4, pp=2),
+                                   dict(tp=2, sequence_parallel=True, pack=True, block_size=160)],
+                         ids=["lora-dp2", "full-dp2", "full-zero1", "full-zero3", "lora-zero1", "lora-zero2",
+                              "lora-zero3", "lora-pp2", "full-tp2-sp-packed"])
 def test_layout_equals_one_process(data, extra):
-    ref = ok(args(data, out_dir=str(data / "ref"), **{**extra, "zero": 0}))  # one process, torch's AdamW
+    ref = ok(args(data, out_dir=str(data / "ref"), **{**extra, "zero": 0, "tp": 1, "pp": 1}))  # one process
     ok(args(data, out_dir=str(data / "dp2"), **extra), nproc=2)
     assert_same_run(str(data / "dp2"), str(data / "ref"))
     assert "val loss" in ref.stdout
