@@ -253,3 +253,71 @@ def test_pack_run_dp2_equals_one_process(data):
     assert_same_run(str(data / "dp2"), str(data / "ref"))
     r = run_finetune(args(data, pack=True, attn_impl="flash"))
     assert r.returncode == 2 and "pack=True needs document masking" in r.stderr
+
+
+# --------------------------------------------------------------------------- a real model learns a task
+CODES = {"zorblat": "crimson", "quimbex": "falcon", "drellix": "granite", "vostrel": "lantern",
+         "pliskar": "meadow", "thrunge": "copper", "weskolm": "harbor", "grafnix": "violet"}
+
+
+def masked_loss_and_accuracy(model, data, tok):
+    """Mean loss on the assistant tokens of the held-out rows, and the share of them whose greedy
+    answer (up to the end of turn) is exactly right."""
+    total, n, right = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y, _ in data.rows["val"]:
+            x, y = torch.from_numpy(x)[None], torch.from_numpy(y)[None]
+            logits = model(x)[0]
+            keep = y >= 0
+            total += torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum").item()
+            n += int(keep.sum())
+            start = int(keep[0].nonzero()[0])  # the prompt ends here; generate greedily from it
+            ids = x[:, :start + 1]
+            for _ in range(6):
+                nxt = model(ids)[0][0, -1].argmax()
+                if int(nxt) in tok.stop_ids:
+                    break
+                ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            want = tok.decode([t for t in y[keep].tolist() if t not in tok.stop_ids]).strip()
+            right += tok.decode(ids[0, start + 1:].tolist()).strip() == want
+    return total / n, right / len(data.rows["val"])
+
+
+def test_lora_learns_code_words_smollm2(smollm2_dir, tmp_path):
+    """50 LoRA steps on SmolLM2-135M-Instruct: made-up code words -> answers, asked one way in training
+    and another in the held-out split. The held-out response loss falls by >= 30% and the exact-match
+    accuracy rises (the base model cannot know the words)."""
+    path = tmp_path / "codes.jsonl"
+    ask = ["What does the code word {} mean?", "Decode {}.", "Code word {}: what is it?", "Translate the code word {}."]
+    held = "Tell me the meaning of the code word {}."
+    with open(path, "w") as f:
+        for i in range(160):
+            word = list(CODES)[i % len(CODES)]
+            q = held if prepare.is_val(i, 0.05) else ask[(i // len(CODES)) % len(ask)]
+            f.write(json.dumps({"system": "Decode.", "prompt": q.format(word), "response": CODES[word]}) + "\n")
+    cfg = finetune.load_config(["configs/sft_smollm2.py", f"--init_from=hf:{smollm2_dir}", f"--data={path}",
+                                f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--dtype=float32", "--block_size=40",
+                                "--batch_size=4", "--micro_batch_size=4", "--max_iters=50", "--warmup_iters=5",
+                                "--lr_decay_iters=50", "--learning_rate=2e-3", "--min_lr=2e-4", "--lora_rank=8",
+                                "--lora_alpha=16", "--lora_dropout=0.0", "--eval_iters=1", "--eval_interval=1000",
+                                "--checkpoint_interval=1000", "--log_interval=10"])
+    tok = prepare.get_tokenizer(f"hf:{smollm2_dir}")
+    data = finetune.SFTData(cfg, tok, 49152)
+    assert len(data.rows["val"]) == 8 and "0 cut" in data.summary  # short rows: ~90 s on two CPU cores
+    base = Transformer.from_hf(smollm2_dir).eval()
+    loss0, acc0 = masked_loss_and_accuracy(base, data, tok)
+    finetune.finetune(cfg)
+    tuned = Transformer.from_hf(str(tmp_path / "out" / "hf")).eval()
+    loss1, acc1 = masked_loss_and_accuracy(tuned, data, tok)
+    print(f"held-out response loss {loss0:.3f} -> {loss1:.3f}, exact match {acc0:.0%} -> {acc1:.0%}")
+    assert loss1 <= 0.7 * loss0 and acc1 > acc0, (loss0, loss1, acc0, acc1)
+
+
+def test_bench_finetune_smoke(capsys):
+    """bench_finetune.py's four rows on the tiny shape: each trains only what it should."""
+    import bench_finetune
+    rows = {r["name"]: r for r in bench_finetune.main(["--shape=tiny", "--steps=1"])}
+    assert set(rows) == {"ours_lora", "hf_lora", "ours_full", "hf_full"}
+    assert rows["ours_lora"]["trainable"] == rows["hf_lora"]["trainable"] < rows["ours_full"]["trainable"]
+    assert rows["ours_full"]["trainable"] == rows["hf_full"]["trainable"]
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
