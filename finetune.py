@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,9 +73,6 @@ def load_config(argv):
         raise train.UserError(f"pack=True needs document masking, which pp={cfg.pp} > 1 (the pipeline sends (x, y) "
                               f"only) and attn_impl={cfg.attn_impl!r} do not have yet; set pack=False, or pp=1 and "
                               "attn_impl='sdpa'")
-    if cfg.lora_rank and cfg.tp > 1:  # each adapter would have to be split as its base matrix is: not done yet
-        raise train.UserError(f"lora_rank={cfg.lora_rank} with tp={cfg.tp}: LoRA under tensor parallelism is not "
-                              "implemented yet; use data parallelism, ZeRO or pp (tp=1), or lora_rank=0")
     return cfg
 
 
@@ -216,35 +214,55 @@ class SFTData:
 # --------------------------------------------------------------------------- LoRA
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A dropout(x) (arXiv 2106.09685, eq. 3), W (out, in) frozen, A (r, in)
-    Kaiming-uniform as PEFT initializes it, B (out, r) zero, so training starts at the base model.
-    `weight` is the base Linear's own parameter: its name, and so checkpoints and exports, stay."""
+    Kaiming-uniform as PEFT initializes it (from its own generator, seeded by the projection's
+    name: every layout draws the same A), B (out, r) zero, so training starts at the base model.
+    `weight` is the base Linear's own parameter: its name, and so checkpoints and exports, stay.
+    Under tensor parallelism each adapter is split as its base matrix (parallel.py, 4.2-4.3):
+      column-parallel W_i (rows): B_i its rows, A whole; A's gradient is a partial sum on each rank
+        (from B_i only), summed over tp;
+      row-parallel W_i (columns): A_i its columns, B whole; B A_i x_i joins W_i x_i before the one
+        all-reduce (g), so sum_i B A_i x_i = B A x; B's gradient is partial on each rank, summed."""
 
-    def __init__(self, base, r, alpha, dropout):
+    def __init__(self, base, r, alpha, dropout, seed, mesh=None):
         super().__init__()
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(r, base.weight.shape[1], dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.weight.shape[0], r, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        column, row = isinstance(base, parallel.ColumnParallelLinear), isinstance(base, parallel.RowParallelLinear)
+        out_dim = base.weight.shape[0] * (base.weight.tp_shards if column else 1)
+        in_dim = base.weight.shape[1] * (mesh.tp if row else 1)
+        A = torch.empty(r, in_dim, dtype=torch.float32)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+        B = torch.zeros(out_dim, r, dtype=torch.float32)
+        self.lora_A = parallel._shard(A, 1, mesh) if row else nn.Parameter(A)
+        self.lora_B = parallel._shard(B, 0, mesh, base.weight.tp_shards) if column else nn.Parameter(B)
+        if column:
+            parallel._sum_grad_over(self.lora_A, mesh.tp_group)
+        if row:
+            parallel._sum_grad_over(self.lora_B, mesh.tp_group)
+        self.leave_tp = (base.group, base.sequence_parallel) if row else None
         self.scale, self.dropout = alpha / r, nn.Dropout(dropout)
 
     def forward(self, x):
-        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        y = F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return parallel.leave_tp(y, *self.leave_tp) if self.leave_tp else y
 
     def merged_weight(self):
         """W + (alpha / r) B A, in W's dtype: the same map with the adapter folded in (export)."""
         return (self.weight.float() + self.scale * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype)
 
 
-def add_lora(model, cfg):
-    """Freeze every parameter and put LoRALinear on the target projections of every layer."""
+def add_lora(model, cfg, mesh=None):
+    """Freeze every parameter and put LoRALinear on the target projections of every layer this
+    rank holds (mesh: the tp layout, when parallel.tensor_parallel has split the model)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in model.layers.values():
+    for key, layer in model.layers.items():
         for t in lora_targets(cfg):
             parent, name, _ = LORA_TARGETS[t]
             owner = getattr(layer, parent)
-            setattr(owner, name, LoRALinear(getattr(owner, name), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+            seed = cfg.seed * 1_000_003 + zlib.crc32(f"layers.{key}.{parent}.{name}".encode())
+            setattr(owner, name, LoRALinear(getattr(owner, name), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                            seed, mesh))
     return model
 
 
@@ -256,16 +274,21 @@ def lora_modules(model):
 def make_adapt(cfg, log):
     """train.train's adapt: LoRA when lora_rank > 0 (frozen matrices stored in bf16 when the run
     computes in bf16 on a GPU), and the parameter and optimizer memory in the log."""
-    def adapt(model, device, dtype):
+    def adapt(model, mesh, device, dtype):
         total = model.num_params()
         if cfg.lora_rank:
-            add_lora(model, cfg)
+            kv = {"k", "v"} & set(lora_targets(cfg))
+            if kv and model.config.n_kv_heads < mesh.tp:
+                raise train.UserError(f"lora_targets={cfg.lora_targets!r} with tp={mesh.tp} > n_kv_heads="
+                                      f"{model.config.n_kv_heads}: LoRA on kv heads that several tp ranks share is not "
+                                      f"implemented; drop {sorted(kv)} from lora_targets or use tp <= n_kv_heads")
+            add_lora(model, cfg, mesh)
             if dtype == "bfloat16" and device.type == "cuda":  # autocast computes in bf16 anyway
                 tied = model.tok_embeddings.weight
                 for p in model.parameters():
                     if not p.requires_grad and p.dim() >= 2 and p is not tied:
                         p.data = p.data.to(torch.bfloat16)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # this rank's
         per = 8 + 4 * cfg.master_weights  # AdamW's two float32 moments (+ a float32 master copy)
         log(f"fine-tuning {'LoRA r=%d on %s' % (cfg.lora_rank, cfg.lora_targets) if cfg.lora_rank else 'all parameters'}"
             f": {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) | optimizer state "

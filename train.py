@@ -525,9 +525,9 @@ def train(cfg, data=None, adapt=None):
     stage (finetune.py) passes its own data: an object with micro_batches(cfg, step, split, mesh,
     device) -> [(x, y), ...] (a function of (seed, split, step) only, like get_micro_batches;
     targets -1 are ignored) and tokenizer (a prepare.Tokenizer, saved with the checkpoints); and
-    adapt(model, device, dtype) -> model, applied to the built or loaded model before it is
-    parallelized (e.g. LoRA: new parameters, frozen ones; the optimizer gets those with
-    requires_grad). Returns the trained model."""
+    adapt(model, mesh, device, dtype) -> model, applied to this rank's part of the model after
+    tp/pp cut it, before it moves to the device (parallel.parallelize; e.g. LoRA: new parameters,
+    frozen ones; the optimizer gets those with requires_grad). Returns the trained model."""
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
     runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
@@ -571,15 +571,14 @@ def train(cfg, data=None, adapt=None):
             raise UserError(f"init_from={cfg.init_from}: {e}")
     else:
         model = Transformer(mcfg)
-    if adapt is not None:
-        model = adapt(model, device, dtype)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.block_size)
     try:  # before the GPU holds anything
         memory = plan.check_run(cfg, model.config, mesh, device)
     except plan.DoesNotFit as e:
         raise UserError(str(e))
-    model = parallel.parallelize(model, mesh, cfg, device)  # built on the CPU, sliced, then moved
+    model = parallel.parallelize(model, mesh, cfg, device,  # built on the CPU, sliced, adapted, then moved
+                                 adapt=adapt and (lambda m: adapt(m, mesh, device, dtype)))
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
     step = checkpoint.load_training(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0

@@ -190,17 +190,18 @@ def test_lora_run_peft_and_export(data):
         sorted(conf["target_modules"]) == ["down_proj", "gate_proj", "o_proj", "q_proj", "v_proj"]
 
 
-def test_lora_refuses_tensor_parallelism(data):
-    r = run_finetune(args(data, lora_rank=4, tp=2))
-    assert r.returncode == 2 and "LoRA under tensor parallelism is not implemented yet" in r.stderr
+def test_lora_refuses_shared_kv_heads_under_tp(data):
+    r = run_finetune(args(data, lora_rank=4, n_kv_heads=1, tp=2), nproc=2)
+    assert r.returncode != 0 and "error: lora_targets=" in r.stderr and "LoRA on kv heads that several tp ranks share" in r.stderr, r.stderr  # torchrun exits 1 when a rank exits 2
 
 
 # --------------------------------------------------------------------------- layouts
 @pytest.mark.parametrize("extra", [dict(lora_rank=4), dict(), dict(zero=1), dict(zero=3), dict(lora_rank=4, zero=1),
                                    dict(lora_rank=4, zero=2), dict(lora_rank=4, zero=3), dict(lora_rank=4, pp=2),
+                                   dict(lora_rank=4, tp=2), dict(lora_rank=4, tp=2, sequence_parallel=True, zero=1),
                                    dict(tp=2, sequence_parallel=True, pack=True, block_size=160)],
                          ids=["lora-dp2", "full-dp2", "full-zero1", "full-zero3", "lora-zero1", "lora-zero2",
-                              "lora-zero3", "lora-pp2", "full-tp2-sp-packed"])
+                              "lora-zero3", "lora-pp2", "lora-tp2", "lora-tp2-sp-zero1", "full-tp2-sp-packed"])
 def test_layout_equals_one_process(data, extra):
     ref = ok(args(data, out_dir=str(data / "ref"), **{**extra, "zero": 0, "tp": 1, "pp": 1}))  # one process
     ok(args(data, out_dir=str(data / "dp2"), **extra), nproc=2)
