@@ -284,7 +284,7 @@ def masked_loss_and_accuracy(model, data, tok):
     return total / n, right / len(data.rows["val"])
 
 
-def test_lora_learns_code_words_smollm2(smollm2_dir, tmp_path):
+def test_lora_learns_code_words_smollm2(smollm2_dir, tmp_path, capsys):
     """50 LoRA steps on SmolLM2-135M-Instruct: made-up code words -> answers, asked one way in training
     and another in the held-out split. The held-out response loss falls by >= 30% and the exact-match
     accuracy rises (the base model cannot know the words)."""
@@ -312,6 +312,11 @@ def test_lora_learns_code_words_smollm2(smollm2_dir, tmp_path):
     loss1, acc1 = masked_loss_and_accuracy(tuned, data, tok)
     print(f"held-out response loss {loss0:.3f} -> {loss1:.3f}, exact match {acc0:.0%} -> {acc1:.0%}")
     assert loss1 <= 0.7 * loss0 and acc1 > acc0, (loss0, loss1, acc0, acc1)
+    import sample  # the exported directory chats with its own template (and the default system prompt)
+    capsys.readouterr()
+    sample.main(["--init_from", f"hf:{tmp_path / 'out' / 'hf'}", "--chat", "--start", held.format("zorblat"),
+                 "--temperature", "0", "--max_new_tokens", "4", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("crimson")
 
 
 def test_bench_finetune_smoke(capsys):
