@@ -578,7 +578,7 @@ def train(cfg, data=None, adapt=None):
     except plan.DoesNotFit as e:
         raise UserError(str(e))
     model = parallel.parallelize(model, mesh, cfg, device,  # built on the CPU, sliced, adapted, then moved
-                                 adapt=adapt and (lambda m: adapt(m, mesh, device, dtype)))
+                                 adapt=None if adapt is None else (lambda m: adapt(m, mesh, device, dtype)))
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
     step = checkpoint.load_training(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
