@@ -15,6 +15,7 @@ from util import ROOT, assert_same_run, final_params, losses
 
 import finetune  # noqa: E402
 import prepare  # noqa: E402
+import parallel  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=16)
@@ -327,3 +328,27 @@ def test_bench_finetune_smoke(capsys):
     assert rows["ours_lora"]["trainable"] == rows["hf_lora"]["trainable"] < rows["ours_full"]["trainable"]
     assert rows["ours_full"]["trainable"] == rows["hf_full"]["trainable"]
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_optimizer_holds_only_the_adapters(stage):
+    """ZeroAdamW's units, master weights and moments cover the LoRA parameters alone; the frozen
+    base stays whole and unchanged by a step."""
+    import train
+    import zero
+    model, cfg = tiny_lora()
+    finetune.add_lora(model, cfg)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    zcfg = train.load_config([f"--zero={stage}", "--device=cpu"])
+    opt = zero.ZeroAdamW(model, zcfg, parallel.Mesh(), torch.float32)
+    names = {n for u in opt.units for n in u.names}
+    adapters = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == adapters and opt.master.numel() == opt.exp_avg.numel() < 2 * sum(
+        p.numel() for n, p in model.named_parameters() if n in adapters) + 64 * len(opt.units)
+    model.train()
+    model(torch.randint(0, 320, (2, 16)), torch.randint(0, 320, (2, 16)))[1].backward()
+    model.grad_sync.finish()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            torch.testing.assert_close(p.detach(), frozen[n], rtol=0, atol=0)
