@@ -197,8 +197,12 @@ def test_lora_refuses_shared_kv_heads_under_tp(data):
 
 
 # --------------------------------------------------------------------------- layouts
-@pytest.mark.parametrize("extra", [dict(lora_rank=4), dict(), dict(zero=1), dict(zero=3), dict(lora_rank=4, zero=1),
-                                   dict(lora_rank=4, zero=2), dict(lora_rank=4, zero=3), dict(lora_rank=4, pp=2),
+SLOW = pytest.mark.slow  # the stage between two that run by default
+
+
+@pytest.mark.parametrize("extra", [dict(lora_rank=4), dict(), pytest.param(dict(zero=1), marks=SLOW), dict(zero=3),
+                                   dict(lora_rank=4, zero=1), pytest.param(dict(lora_rank=4, zero=2), marks=SLOW),
+                                   dict(lora_rank=4, zero=3), dict(lora_rank=4, pp=2),
                                    dict(lora_rank=4, tp=2), dict(lora_rank=4, tp=2, sequence_parallel=True, zero=1),
                                    dict(tp=2, sequence_parallel=True, pack=True, block_size=160)],
                          ids=["lora-dp2", "full-dp2", "full-zero1", "full-zero3", "lora-zero1", "lora-zero2",
