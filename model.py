@@ -154,16 +154,34 @@ def rope_tables(head_dim, max_seq_len, theta, scaling=None):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, T, H, D); pairs channel i with i + D/2 and rotates each pair by m*theta_i."""
+    """x: (B, T, H, D); pairs channel i with i + D/2 and rotates each pair by m*theta_i.
+    cos/sin: (T, D), or (B, T, D) when each row has its own positions (document masking)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def causal_attention(q, k, v, impl, q_offset=0):
+def causal_attention(q, k, v, impl, q_offset=0, same_doc=None):
     """q: (B, T, Hq, D), k/v: (B, S, Hkv, D) with S = q_offset + T; returns (B, T, Hq, D).
-    Query t attends to keys 0..q_offset+t. Hkv divides Hq (grouped-query attention)."""
+    Query t attends to keys 0..q_offset+t. Hkv divides Hq (grouped-query attention).
+    same_doc: None, or a (B, T, T) boolean mask, True where query and key are in one document
+    (packed rows, see document_mask); attention is then also limited to the query's document."""
+    if same_doc is not None:
+        if impl == "flash":
+            raise ValueError("document masking (packed rows) is not in the Triton flash kernel yet (issue #20): "
+                             "use attn_impl='sdpa' or 'math'")
+        group = q.shape[2] // k.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        T = q.shape[2]
+        allowed = same_doc & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        if impl == "sdpa":  # an explicit mask: torch picks a kernel that takes one (efficient or math)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
+                                                  enable_gqa=group > 1).transpose(1, 2)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        return (scores.softmax(-1) @ v.float()).to(v.dtype).transpose(1, 2)
     if impl == "flash" and q_offset == 0:
         from flash_attn import flash_attn_func
         return flash_attn_func(q, k, v, causal=True)
@@ -194,19 +212,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, same_doc=None):
         B, T, _ = x.shape
         # -1 heads: tensor parallelism shrinks wq/wk/wv to the local heads
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.recompute and cache is None:  # keep q, k, v (the matmul outputs), not RoPE's and the kernel's
-            y = recompute(self.core, q, k, v, cos, sin)
+            y = recompute(self.core, q, k, v, cos, sin, None, 0, same_doc)
         else:
-            y = self.core(q, k, v, cos, sin, cache, start_pos)
+            y = self.core(q, k, v, cos, sin, cache, start_pos, same_doc)
         return self.wo(y.reshape(B, T, -1))
 
-    def core(self, q, k, v, cos, sin, cache=None, start_pos=0):
+    def core(self, q, k, v, cos, sin, cache=None, start_pos=0, same_doc=None):
         """RoPE, then causal attention; with a cache, this step's k, v are written to it first."""
         B, T = q.shape[:2]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -214,7 +232,7 @@ class Attention(nn.Module):
             cache[0][:B, start_pos:start_pos + T] = k
             cache[1][:B, start_pos:start_pos + T] = v
             k, v = cache[0][:B, :start_pos + T], cache[1][:B, :start_pos + T]
-        return causal_attention(q, k, v, self.attn_impl, q_offset=start_pos)
+        return causal_attention(q, k, v, self.attn_impl, q_offset=start_pos, same_doc=same_doc)
 
 
 def swiglu(gate, up):
@@ -251,14 +269,26 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.full_recompute = cfg.activation_checkpointing == "full"
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, same_doc=None):
         if self.full_recompute and cache is None:
-            return recompute(self.body, x, cos, sin)
-        return self.body(x, cos, sin, cache, start_pos)
+            return recompute(self.body, x, cos, sin, None, 0, same_doc)
+        return self.body(x, cos, sin, cache, start_pos, same_doc)
 
-    def body(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+    def body(self, x, cos, sin, cache=None, start_pos=0, same_doc=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, same_doc)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+def document_mask(doc_ids):
+    """(positions, same_doc) of packed rows: doc_ids (B, T), each document a contiguous run of one
+    id. positions (B, T): each token's index within its document (RoPE restarts there);
+    same_doc (B, T, T): query and key in one document (causal_attention adds causality)."""
+    T = doc_ids.shape[1]
+    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # index of the document's first token
+    return t - first, doc_ids[:, :, None] == doc_ids[:, None, :]
 
 
 def cross_entropy(logits, targets):
@@ -297,10 +327,13 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, 0.02)
 
-    def forward(self, tokens, targets=None, cache=None, start_pos=0):
+    def forward(self, tokens, targets=None, cache=None, start_pos=0, doc_ids=None):
         """tokens: (B, T) ids, or (B, T, dim) hidden states on a later pipeline stage.
         Returns (logits, loss); loss is None without targets. Pipeline parallelism
-        sets tok_embeddings / norm / output to None on stages that do not own them."""
+        sets tok_embeddings / norm / output to None on stages that do not own them.
+        doc_ids: None, or (B, T) ids of the document each token belongs to (several packed in a
+        row, each a contiguous run): attention stays within a document and RoPE positions restart
+        at each (document_mask), so each document is computed as if alone in its row."""
         T = tokens.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence end {start_pos + T} exceeds max_seq_len={self.config.max_seq_len}")
@@ -308,8 +341,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence end {start_pos + T} exceeds the KV cache's "
                              f"{next(iter(cache.values()))[0].shape[1]} positions; pass new_kv_cache a larger max_len")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        same_doc = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache")
+            positions, same_doc = document_mask(doc_ids)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
         pieces = self.pieces(first=self.tok_embeddings is not None, last=self.output is not None)
-        h = self.run(tokens, cos, sin, pieces, cache, start_pos)  # (B, T, vocab) logits, or (B, T, dim)
+        h = self.run(tokens, cos, sin, pieces, cache, start_pos, same_doc)  # (B, T, vocab) logits, or (B, T, dim)
         return h, None if self.output is None or targets is None else self.loss_fn(h, targets)
 
     def pieces(self, layer_ids=None, first=True, last=True):
@@ -319,9 +358,10 @@ class Transformer(nn.Module):
         tail = [(None, self.norm), (None, self.output)] if last else []
         return head + [(int(i), self.layers[str(i)]) for i in (self.layers if layer_ids is None else layer_ids)] + tail
 
-    def run(self, h, cos, sin, pieces, cache=None, start_pos=0):
+    def run(self, h, cos, sin, pieces, cache=None, start_pos=0, same_doc=None):
         for i, module in pieces:  # the one layer loop: token ids or hidden states in, logits or hidden states out
-            h = module(h) if i is None else module(h, cos, sin, None if cache is None else cache[i], start_pos)
+            h = module(h) if i is None else module(h, cos, sin, None if cache is None else cache[i], start_pos,
+                                                   same_doc)
         return h
 
     def new_kv_cache(self, batch_size, dtype=None, device=None, max_len=None):
@@ -334,10 +374,12 @@ class Transformer(nn.Module):
         return {int(i): (make(), make()) for i in self.layers}
 
     def param_groups(self, weight_decay):
-        """AdamW groups (nanoGPT's configure_optimizers): decay on matrices and embeddings, not norm weights."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW groups (nanoGPT's configure_optimizers): decay on matrices and embeddings, not norm
+        weights. Frozen parameters (requires_grad False, e.g. LoRA's base weights) are in neither."""
+        trained = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     # ----------------------------------------------------------------------- accounting
     def num_params(self, non_embedding=False):

@@ -870,14 +870,18 @@ def gather_stages(full, model, mesh):
 #                    tp rank r holds slice r * tp_shards // tp (n_kv_heads < tp: tp / n_kv_heads ranks
 #                    share a kv head's wk/wv slice). Absent: the full tensor, the same on every tp rank
 #   p.pp_tied_copy   on the last stage's copy of a tied embedding (pipeline_split): norm and saves skip it
-def parallelize(model, mesh, cfg, device=None):
+def parallelize(model, mesh, cfg, device=None, adapt=None):
     """The transforms in the order of the module docstring; tp and pp cut the model where it was
-    built (e.g. the CPU), so only this rank's part reaches `device`. Returns the model."""
+    built (e.g. the CPU), so only this rank's part reaches `device`. adapt(model) -> model, if
+    given, runs on this rank's cut model before it moves and data parallelism hooks its
+    parameters (finetune.py's LoRA: adapters split as their tp-sharded base matrices). Returns the model."""
     model.grad_sync = NoSync()
     if mesh.tp > 1:  # tp=1: no transform at all, so f and g cost nothing
         tensor_parallel(model, mesh, cfg)
     if mesh.pp > 1:  # pipeline: keep this rank's chunks of layers (after TP, before the DP hooks)
         pipeline_split(model, mesh, cfg)
+    if adapt is not None:
+        model = adapt(model)
     if device is not None:
         model.to(device)
     if mesh.dp > 1 and not (cfg.zero or getattr(cfg, "master_weights", False)):  # else zero.ZeroAdamW syncs

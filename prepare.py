@@ -163,9 +163,10 @@ class Tokenizer:
             n -= int((lead[ids] & (lengths[prev] == 0)).sum())
         return n
 
-    def render_chat(self, messages):
+    def render_chat(self, messages, add_generation_prompt=True):
         """The chat template applied to messages, ending with the assistant's turn (transformers'
-        apply_chat_template with add_generation_prompt=True; same Jinja2 settings)."""
+        apply_chat_template with add_generation_prompt=True; same Jinja2 settings); False: the
+        conversation as it stands (fine-tuning data, finetune.py)."""
         if not self.chat_template:
             raise DataError(f"tokenizer {self.name} has no chat template (tokenizer_config.json "
                             "'chat_template' or chat_template.jinja); leave --chat out and write the prompt")
@@ -180,7 +181,7 @@ class Tokenizer:
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
         tokens = {"bos_token": self.special.get(self.bos, ""), "eos_token": self.special.get(self.eos, "")}
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                           **tokens)
 
     def save(self, directory):

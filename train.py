@@ -127,10 +127,11 @@ def _unknown(key, known):
     return UserError(f"unknown config key {key!r}{hint}")
 
 
-def load_config(argv):
+def load_config(argv, config_class=Config):
     """Config from `[config.py] [--key=value ...]`: the file is plain Python whose top-level
-    names are config keys; command-line values are Python literals (or bare strings)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    names are config keys; command-line values are Python literals (or bare strings).
+    config_class: Config or a dataclass extending it with a stage's own keys (finetune.py)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -157,7 +158,7 @@ def load_config(argv):
                 values[key] = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 values[key] = {"true": True, "false": False}.get(raw.lower(), raw)
-    cfg = Config(**{k: _typed(k, v, defaults[k]) for k, v in values.items()})
+    cfg = config_class(**{k: _typed(k, v, defaults[k]) for k, v in values.items()})
     for key, choices in (("pp_schedule", ("gpipe", "1f1b", "interleaved")), ("zero", (0, 1, 2, 3)),
                          ("dtype", ("auto", "float32", "bfloat16", "float16")), ("device", ("auto", "cpu", "cuda"))):
         if getattr(cfg, key) not in choices:
@@ -377,12 +378,14 @@ class LossScaler:
 def forward_backward(model, micro_batches, loss_scale, autocast, grad_sync):
     """Gradient accumulation on one pipeline stage: the mean loss of the micro-batches.
     Each micro-batch loss is a mean over its tokens, so each backward gets 1/len of it.
-    Gradients sync across dp only in the last micro-step (grad_sync.sync)."""
+    Gradients sync across dp only in the last micro-step (grad_sync.sync). A micro-batch is
+    (x, y), or (x, y, doc_ids) for rows packed with several documents (Transformer.forward)."""
     total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (x, y, *doc) in enumerate(micro_batches):
         grad_sync.sync = i == len(micro_batches) - 1
         with autocast:
-            loss = model(x, y)[1]  # not `_, loss`: the name would keep the logits alive through the backward
+            # not `_, loss`: the name would keep the logits alive through the backward
+            loss = model(x, y, doc_ids=doc[0] if doc else None)[1]
         (loss * (loss_scale / len(micro_batches))).backward()
         total += loss.detach()
     grad_sync.finish()
@@ -448,20 +451,21 @@ def setup_device(cfg):
     return device, dtype, autocast
 
 
-def evaluate(cfg, model, mesh, val, device, autocast):
-    """Mean validation loss over eval_iters fixed batches (the same batches every evaluation)."""
+def evaluate(cfg, model, mesh, batches, device, autocast):
+    """Mean validation loss over eval_iters fixed batches (the same batches every evaluation);
+    batches(step, split) gives a step's micro-batches (see train)."""
     from tqdm import tqdm
     model.eval()
     total = torch.zeros((), device=device)
     with torch.no_grad():
         for i in tqdm(range(cfg.eval_iters), desc="eval", leave=False, disable=not mesh.is_main):
-            micro = get_micro_batches(cfg, val, i, "val", mesh, device)
+            micro = batches(i, "val")
             if mesh.pp > 1:  # through the pipeline: the loss sum is on the last stage, 0 elsewhere
                 total += parallel.pipeline_forward(model, micro, autocast)
                 continue
-            for x, y in micro:
+            for x, y, *doc in micro:
                 with autocast:
-                    total += model(x, y)[1].float()
+                    total += model(x, y, doc_ids=doc[0] if doc else None)[1].float()
     model.train()
     n = cfg.eval_iters * (cfg.batch_size // mesh.dp // cfg.micro_batch_size)
     return parallel.reduce_for_log(total / n, mesh).item()
@@ -551,7 +555,14 @@ def record_trace(trace, stages, step, cfg, mesh, m, device):
     return trace
 
 
-def train(cfg):
+def train(cfg, data=None, adapt=None):
+    """The training loop of every stage. Pre-training reads data/<dataset>/{train,val}.bin. A later
+    stage (finetune.py) passes its own data: an object with micro_batches(cfg, step, split, mesh,
+    device) -> [(x, y), ...] (a function of (seed, split, step) only, like get_micro_batches;
+    targets -1 are ignored) and tokenizer (a prepare.Tokenizer, saved with the checkpoints); and
+    adapt(model, mesh, device, dtype) -> model, applied to this rank's part of the model after
+    tp/pp cut it, before it moves to the device (parallel.parallelize; e.g. LoRA: new parameters,
+    frozen ones; the optimizer gets those with requires_grad). Returns the trained model."""
     mesh = parallel.init_distributed(cfg)
     device, dtype, autocast = setup_device(cfg)
     runlog = RunLog(cfg) if mesh.is_main else None  # before any work: a missing tracker package stops here
@@ -563,12 +574,18 @@ def train(cfg):
         print(f"no checkpoint in {cfg.out_dir}: starting from {source}")
     hf_config = read_hf_config(source) if source.startswith("hf:") else None
     vocab_size = hf_config["vocab_size"] if hf_config else mcfg.vocab_size
-    train_data, header = open_split(cfg, "train", vocab_size)
-    val_data, _ = open_split(cfg, "val", vocab_size)
-    tokenizer = data_tokenizer(cfg, header)
-    if resume_path is not None:
+    if data is not None:  # the stage's own data, tokenized with the model's tokenizer
+        tokenizer = data.tokenizer
+        batches = lambda step, split: data.micro_batches(cfg, step, split, mesh, device)
+    else:
+        train_data, header = open_split(cfg, "train", vocab_size)
+        val_data, _ = open_split(cfg, "val", vocab_size)
+        tokenizer = data_tokenizer(cfg, header)
+        batches = lambda step, split: get_micro_batches(cfg, train_data if split == "train" else val_data,
+                                                        step, split, mesh, device)
+    if data is None and resume_path is not None:
         check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
-    elif hf_config:
+    elif data is None and hf_config:
         rec = check_tokenizer(cfg, header, checkpoint.tokenizer_record(source), source)
         if rec:  # the model's tokenizer, so checkpoints carry its files
             from prepare import get_tokenizer
@@ -591,7 +608,8 @@ def train(cfg):
         memory = plan.check_run(cfg, model.config, mesh, device)
     except plan.DoesNotFit as e:
         raise UserError(str(e))
-    model = parallel.parallelize(model, mesh, cfg, device)  # built on the CPU, sliced, then moved
+    model = parallel.parallelize(model, mesh, cfg, device,  # built on the CPU, sliced, adapted, then moved
+                                 adapt=None if adapt is None else (lambda m: adapt(m, mesh, device, dtype)))
     optimizer = build_optimizer(model, cfg, mesh, device)
     scaler = LossScaler(enabled=dtype == "float16")
     step = checkpoint.load_training(cfg, mesh, model, optimizer, scaler, resume_path) if resume_path else 0
@@ -637,7 +655,7 @@ def train(cfg):
         lr = lr_at(cfg, step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        micro = get_micro_batches(cfg, train_data, step, "train", mesh, device)
+        micro = batches(step, "train")
         traced = step + 1 in trace_steps
         if traced:
             model.pipeline.trace = []
@@ -689,7 +707,7 @@ def train(cfg):
             if runlog:
                 runlog.write(rec)
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            val_loss = evaluate(cfg, fwd_bwd, mesh, val_data, device, autocast)
+            val_loss = evaluate(cfg, fwd_bwd, mesh, batches, device, autocast)
             log(f"step {step:6d} | val loss {val_loss:.4f}")
             if runlog:
                 runlog.write({"step": step, "val_loss": val_loss})

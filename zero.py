@@ -171,13 +171,17 @@ def make_units(model, mesh, dtype, stage):
     """One unit per parameter outside model.layers (embedding, final norm, output head: the
     "root"), then one unit per layer. A root parameter gets a unit of its own so that its shard
     boundaries depend only on its size: a pipeline's two copies of a tied embedding (first and
-    last stage) then shard alike over dp, and their gradient shards can be summed."""
+    last stage) then shard alike over dp, and their gradient shards can be summed. Frozen
+    parameters (requires_grad False: LoRA's base weights) are in no unit: the optimizer holds
+    nothing of them, and they stay whole on every rank in their own dtype."""
     in_layers = {id(p) for layer in model.layers.values() for p in layer.parameters()}
-    root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]
+    root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers and p.requires_grad]
     decayed = {id(p) for group in model.param_groups(1.0) if group["weight_decay"] for p in group["params"]}
     units = [Unit([named], mesh, dtype, stage, decayed) for named in root]
     for key, layer in model.layers.items():
-        units.append(Unit(list(layer.named_parameters(prefix=f"layers.{key}")), mesh, dtype, stage, decayed))
+        trained = [(n, p) for n, p in layer.named_parameters(prefix=f"layers.{key}") if p.requires_grad]
+        if trained:
+            units.append(Unit(trained, mesh, dtype, stage, decayed))
     return units
 
 
@@ -281,9 +285,9 @@ def install_gather_hooks(model, units):
     unit_of = {id(p): u for u in units for p in u.params}
     layers = {id(layer) for layer in model.layers.values()}
 
-    def module_unit(module):
-        (unit,) = {unit_of[id(p)] for p in module.parameters()}  # a layer, or a one-parameter root module
-        return unit
+    def module_unit(module):  # a layer, or a one-parameter root module; None when all of it is frozen
+        units = {unit_of[id(p)] for p in module.parameters() if id(p) in unit_of}
+        return units.pop() if units else None
 
     def hooks(unit, is_root, next_unit, prev_unit):
         def before_backward(grad):
@@ -307,6 +311,8 @@ def install_gather_hooks(model, units):
     for run in forward_runs(model):
         run_units = [module_unit(m) for m in run]
         for i, module in enumerate(run):
+            if run_units[i] is None:  # frozen: nothing to gather
+                continue
             is_root = id(module) not in layers
             before, after = hooks(run_units[i], is_root, run_units[i + 1] if i + 1 < len(run) else None,
                                   run_units[i - 1] if i > 0 else None)
@@ -473,7 +479,8 @@ class ZeroAdamW:
         master, m, v = self._by_name(self.master), self._by_name(self.exp_avg), self._by_name(self.exp_avg_sq)
         params, files = {}, {}
         if mesh.dp_rank == 0:
-            params = parallel.gather_full(master, model, mesh)
+            frozen = {n: p.detach().float() for n, p in model.named_parameters() if not p.requires_grad}
+            params = parallel.gather_full({**frozen, **master}, model, mesh)
             opt = {"step": float(self.step_count), "exp_avg": parallel.gather_full(m, model, mesh),
                    "exp_avg_sq": parallel.gather_full(v, model, mesh)}
             if mesh.is_main:
@@ -495,6 +502,9 @@ class ZeroAdamW:
             u.free()  # stage 3: drop a stale gathered copy
             if self.stage < 3:
                 u.full.copy_(flat)
+        for n, p in model.named_parameters():
+            if not p.requires_grad:  # in no unit
+                p.copy_(local_params[n])
         source = self._load_moments(path, model, mesh)
         if mesh.is_main:
             where = {"shard": "optim_rank<r>.pt, same layout", "full": "optimizer.pt, re-sharded"}.get(source, "")
