@@ -167,36 +167,28 @@ def causal_attention(q, k, v, impl, q_offset=0, same_doc=None):
     Query t attends to keys 0..q_offset+t. Hkv divides Hq (grouped-query attention).
     same_doc: None, or a (B, T, T) boolean mask, True where query and key are in one document
     (packed rows, see document_mask); attention is then also limited to the query's document."""
-    if same_doc is not None:
-        if impl == "flash":
-            raise ValueError("document masking (packed rows) is not in the Triton flash kernel yet (issue #20): "
-                             "use attn_impl='sdpa' or 'math'")
-        group = q.shape[2] // k.shape[2]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        T = q.shape[2]
-        allowed = same_doc & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        if impl == "sdpa":  # an explicit mask: torch picks a kernel that takes one (efficient or math)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
-                                                  enable_gqa=group > 1).transpose(1, 2)
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        return (scores.softmax(-1) @ v.float()).to(v.dtype).transpose(1, 2)
+    if impl == "flash" and same_doc is not None:
+        raise ValueError("document masking (packed rows) is not in the Triton flash kernel yet (issue #20): "
+                         "use attn_impl='sdpa' or 'math'")
     if impl == "flash" and q_offset == 0:
         from flash_attn import flash_attn_func
         return flash_attn_func(q, k, v, causal=True)
     group = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     T, S = q.shape[2], k.shape[2]
-    if impl == "sdpa" and (q_offset == 0 or T == 1):
+    if impl == "sdpa" and same_doc is None and (q_offset == 0 or T == 1):
         if q.is_cuda and group > 1:  # cuDNN's kernel takes no grouped k/v; repeating costs a few MB
             k, v, group = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), 1
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=q_offset == 0 and T > 1,
                                                   enable_gqa=group > 1).transpose(1, 2)
+    allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + q_offset
+    if same_doc is not None:  # packed rows (no cache, S = T): also within the query's document
+        allowed = (allowed & same_doc)[:, None]  # (B, 1, T, S)
+        if impl == "sdpa":  # an explicit mask: torch picks a kernel that takes one (efficient or math)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=group > 1).transpose(1, 2)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + q_offset
     scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(v.dtype).transpose(1, 2)
 
