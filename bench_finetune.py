@@ -20,7 +20,7 @@ import torch
 import finetune
 import parallel
 import train
-from model import _OURS_TO_HF, Transformer, config_from_dict
+from model import Transformer, config_from_dict
 
 SHAPES = {"1b": ("configs/llama_1b.py", 4, 2048), "tiny": (None, 2, 32)}  # config, batch, seq
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)

@@ -378,14 +378,7 @@ def finetune(cfg):
 
 
 def main(argv):
-    try:
-        finetune(load_config(argv))
-    except (train.UserError, DataError, parallel.LayoutError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    train.run_main(lambda: finetune(load_config(argv)))
 
 
 if __name__ == "__main__":

@@ -622,8 +622,9 @@ def train(cfg, data=None, adapt=None):
     log(f"model {n_params / 1e6:.2f}M parameters | world {mesh.world} = dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
         f" | {grad_accum} micro-batches of {cfg.micro_batch_size} per rank | {device} {dtype}"
         + (" parameters, float32 master weights" if cfg.master_weights else ""))
-    if restart_warning(os.environ):
-        log(restart_warning(os.environ))
+    warning = restart_warning(os.environ)
+    if warning:
+        log(warning)
     if resume_path:
         rec = resume_record(cfg, step, resume_path)
         log(f"resuming at step {step} from {resume_path} | {rec['time']}" + (
@@ -730,9 +731,15 @@ def train(cfg, data=None, adapt=None):
 
 
 def main(argv):
+    run_main(lambda: train(load_config(argv)))
+
+
+def run_main(run):
+    """run() with the command-line contract of train.py and finetune.py: a mistake is one line
+    and exit code 2, a dead peer exit code 1, and the process group is always torn down."""
     from prepare import DataError
     try:
-        train(load_config(argv))
+        run()
     except (UserError, DataError, parallel.LayoutError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
