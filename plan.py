@@ -421,7 +421,7 @@ def why(rows, fastest_out, cfg, gpus, mem_bytes):
     what the best layouts of another kind (tp, pp, zero, checkpointing) lose."""
     sec, total, lay, terms, _ = rows[0]
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(terms.items(), key=lambda kv: -kv[1]) if v >= 0.005 * sec)
-    lines = [f"#1 wins: {cfg.batch_size * cfg.block_size / sec / gpus:,.0f} tokens/s per GPU, peak "
+    lines = [f"layout 1 wins: {cfg.batch_size * cfg.block_size / sec / gpus:,.0f} tokens/s per GPU, peak "
              f"{total / GiB:.1f} GiB; its {sec:.2f} s step is {parts}."]
     if fastest_out is not None and fastest_out[0] < sec:
         sec2, total2, lay2 = fastest_out[:3]
