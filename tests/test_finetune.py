@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from util import ROOT, assert_same_run, final_params, losses
+from util import ROOT, assert_same_run, final_params
 
 import finetune  # noqa: E402
 import prepare  # noqa: E402

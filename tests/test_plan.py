@@ -10,7 +10,7 @@ import parallel
 import plan
 import train
 import zero
-from model import Block, ModelConfig, Transformer
+from model import ModelConfig, Transformer
 from util import assert_same_run, free_port, make_dataset, run_ok, tiny_args
 
 def tiny_cfg(tmp_path, **overrides):
@@ -63,10 +63,15 @@ LAYOUTS = [
 ]
 
 
-def _worker(rank, world, port, base, results):
+def _join(rank, world, port):
+    """A spawned worker joins the gloo group of the test."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank, world, port, base, results):
+    _join(rank, world, port)
     out = []
     for dp, tp, pp, extra in LAYOUTS:
         cfg = train.load_config(tiny_args(base, tp=tp, pp=pp, **extra))
@@ -106,9 +111,7 @@ CKPT_LAYOUTS = [  # (dp, tp, pp, extra): each kind of layout, at world 4
 
 
 def _ckpt_worker(rank, world, port, base, results):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, port)
     out = []
     for dp, tp, pp, extra in CKPT_LAYOUTS:
         mesh = parallel.make_mesh(world, rank, dp, pp, tp)
