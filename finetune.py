@@ -48,7 +48,7 @@ BUILTIN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['c
 class FinetuneConfig(train.Config):
     data: str = ""  # JSON lines of conversations (see the module docstring)
     val_fraction: float = 0.05  # every 1/val_fraction-th conversation is held out for the validation loss
-    pack: bool = False  # several conversations per row, each attending only to itself (attn_impl sdpa/math)
+    pack: bool = False  # several conversations per row, each attending only to itself (document masking)
     tokenizer: str = ""  # "": the model's (init_from=hf:<dir>); a get_tokenizer spec for a model from scratch
     lora_rank: int = 0  # r; 0: full fine-tuning
     lora_alpha: float = 16.0  # the update is scaled by alpha / r
@@ -69,10 +69,6 @@ def load_config(argv):
     if bad or not lora_targets(cfg):
         raise train.UserError(f"config key lora_targets={cfg.lora_targets!r}: {bad or 'empty'}; pick from "
                               f"{','.join(LORA_TARGETS)}")
-    if cfg.pack and (cfg.pp > 1 or cfg.attn_impl == "flash"):
-        raise train.UserError(f"pack=True needs document masking, which pp={cfg.pp} > 1 (the pipeline sends (x, y) "
-                              f"only) and attn_impl={cfg.attn_impl!r} do not have yet; set pack=False, or pp=1 and "
-                              "attn_impl='sdpa'")
     return cfg
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTN_IMPLS = ("flash", "sdpa", "math")
+ATTN_IMPLS = ("auto", "flash", "sdpa", "math")  # ModelConfig.attn_impl; resolve_attn_impl reads "auto"
 CHECKPOINTING = ("none", "selective", "full")  # ModelConfig.activation_checkpointing
 # rope_scaling types rope_tables implements, with the keys each needs (transformers' names)
 ROPE_SCALING_KEYS = {"linear": ("factor",),
@@ -46,7 +46,9 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # None, or transformers' {"rope_type": "linear" | "llama3", ...}
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    attn_impl: str = "sdpa"  # "flash" (flash_attn.py), "sdpa" (torch), "math" (reference)
+    # "flash" (flash_attn.py's Triton kernels), "sdpa" (torch), "math" (reference); "auto": flash on CUDA
+    # when Triton is installed, else sdpa (resolve_attn_impl, decided by the device each call runs on)
+    attn_impl: str = "auto"
     # what the backward recomputes instead of keeping (see recompute): "none"; "selective", the
     # norms, RoPE + attention core and SwiGLU's silu*mul (the matmul outputs are kept); "full", whole blocks
     activation_checkpointing: str = "none"
@@ -162,31 +164,50 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def causal_attention(q, k, v, impl, q_offset=0, same_doc=None):
+def resolve_attn_impl(impl, device):
+    """The attention that runs on device for ModelConfig.attn_impl: "auto" is flash_attn.py's Triton
+    kernel on CUDA when Triton is installed (flash_attn.HAVE_TRITON), torch's SDPA otherwise (CPU, or
+    no Triton); "flash", "sdpa" and "math" are themselves. A checkpoint keeps "auto", not the choice."""
+    if impl != "auto":
+        return impl
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn
+    except ImportError:  # a flash_attn.py that needs Triton to import
+        return "sdpa"
+    return "flash" if getattr(flash_attn, "HAVE_TRITON", True) else "sdpa"
+
+
+def causal_attention(q, k, v, impl, q_offset=0, docs=None):
     """q: (B, T, Hq, D), k/v: (B, S, Hkv, D) with S = q_offset + T; returns (B, T, Hq, D).
     Query t attends to keys 0..q_offset+t. Hkv divides Hq (grouped-query attention).
-    same_doc: None, or a (B, T, T) boolean mask, True where query and key are in one document
-    (packed rows, see document_mask); attention is then also limited to the query's document."""
-    if impl == "flash" and same_doc is not None:
-        raise ValueError("document masking (packed rows) is not in the Triton flash kernel yet (issue #20): "
-                         "use attn_impl='sdpa' or 'math'")
-    if impl == "flash" and q_offset == 0:
+    docs: None, or packed rows' document mask (no cache, S = T) in the form document_mask made
+    for this impl: attention is then also limited to the query's document."""
+    impl = resolve_attn_impl(impl, q.device)
+    T = q.shape[1]
+    # flash: training, and prefill with a filled cache (a chat's next turn): Tq = T < Tk = S, the
+    # causal mask aligned bottom-right (query t at position q_offset + t). Decoding one token goes
+    # to SDPA, as for attn_impl="sdpa": one query row would leave the kernel's 64-128-row query
+    # tiles nearly empty, for the cost of padding and copying the cache each step
+    if impl == "flash" and (q_offset == 0 or T > 1):
         from flash_attn import flash_attn_func
-        return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q, k, v, causal=True, doc_ids=docs)
     group = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    T, S = q.shape[2], k.shape[2]
-    if impl == "sdpa" and same_doc is None and (q_offset == 0 or T == 1):
+    S = k.shape[2]
+    if impl in ("sdpa", "flash") and docs is None and (q_offset == 0 or T == 1):
         if q.is_cuda and group > 1:  # cuDNN's kernel takes no grouped k/v; repeating costs a few MB
             k, v, group = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), 1
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=q_offset == 0 and T > 1,
                                                   enable_gqa=group > 1).transpose(1, 2)
-    allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + q_offset
-    if same_doc is not None:  # packed rows (no cache, S = T): also within the query's document
-        allowed = (allowed & same_doc)[:, None]  # (B, 1, T, S)
+    if docs is not None:  # packed rows: the (B, 1, T, T) mask holds causality too
+        allowed = docs
         if impl == "sdpa":  # an explicit mask: torch picks a kernel that takes one (efficient or math)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=group > 1).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=docs, enable_gqa=group > 1).transpose(1, 2)
+    else:
+        allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + q_offset
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -204,19 +225,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, same_doc=None):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, docs=None):
         B, T, _ = x.shape
         # -1 heads: tensor parallelism shrinks wq/wk/wv to the local heads
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.recompute and cache is None:  # keep q, k, v (the matmul outputs), not RoPE's and the kernel's
-            y = recompute(self.core, q, k, v, cos, sin, None, 0, same_doc)
+            y = recompute(self.core, q, k, v, cos, sin, None, 0, docs)
         else:
-            y = self.core(q, k, v, cos, sin, cache, start_pos, same_doc)
+            y = self.core(q, k, v, cos, sin, cache, start_pos, docs)
         return self.wo(y.reshape(B, T, -1))
 
-    def core(self, q, k, v, cos, sin, cache=None, start_pos=0, same_doc=None):
+    def core(self, q, k, v, cos, sin, cache=None, start_pos=0, docs=None):
         """RoPE, then causal attention; with a cache, this step's k, v are written to it first."""
         B, T = q.shape[:2]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -224,7 +245,7 @@ class Attention(nn.Module):
             cache[0][:B, start_pos:start_pos + T] = k
             cache[1][:B, start_pos:start_pos + T] = v
             k, v = cache[0][:B, :start_pos + T], cache[1][:B, :start_pos + T]
-        return causal_attention(q, k, v, self.attn_impl, q_offset=start_pos, same_doc=same_doc)
+        return causal_attention(q, k, v, self.attn_impl, q_offset=start_pos, docs=docs)
 
 
 def swiglu(gate, up):
@@ -261,26 +282,31 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.full_recompute = cfg.activation_checkpointing == "full"
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, same_doc=None):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, docs=None):
         if self.full_recompute and cache is None:
-            return recompute(self.body, x, cos, sin, None, 0, same_doc)
-        return self.body(x, cos, sin, cache, start_pos, same_doc)
+            return recompute(self.body, x, cos, sin, None, 0, docs)
+        return self.body(x, cos, sin, cache, start_pos, docs)
 
-    def body(self, x, cos, sin, cache=None, start_pos=0, same_doc=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, same_doc)
+    def body(self, x, cos, sin, cache=None, start_pos=0, docs=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, docs)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def document_mask(doc_ids):
-    """(positions, same_doc) of packed rows: doc_ids (B, T), each document a contiguous run of one
-    id. positions (B, T): each token's index within its document (RoPE restarts there);
-    same_doc (B, T, T): query and key in one document (causal_attention adds causality)."""
+def document_mask(doc_ids, impl):
+    """(positions, docs) of packed rows: doc_ids (B, T), each document a contiguous run of one id.
+    positions (B, T): each token's index within its document (RoPE restarts there). docs: the mask
+    in the form causal_attention takes for impl (resolved), made once per forward for all layers:
+    flash, doc_ids itself (the kernel skips the tiles between documents); sdpa and math, a
+    (B, 1, T, T) boolean, True where key j <= query i and both are in one document."""
     T = doc_ids.shape[1]
     t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # index of the document's first token
-    return t - first, doc_ids[:, :, None] == doc_ids[:, None, :]
+    if impl == "flash":
+        return t - first, doc_ids
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return t - first, ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
 def cross_entropy(logits, targets):
@@ -332,15 +358,11 @@ class Transformer(nn.Module):
         if cache is not None and start_pos + T > next(iter(cache.values()))[0].shape[1]:
             raise ValueError(f"sequence end {start_pos + T} exceeds the KV cache's "
                              f"{next(iter(cache.values()))[0].shape[1]} positions; pass new_kv_cache a larger max_len")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
-        same_doc = None
-        if doc_ids is not None:
-            if cache is not None:
-                raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache")
-            positions, same_doc = document_mask(doc_ids)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache")
         pieces = self.pieces(first=self.tok_embeddings is not None, last=self.output is not None)
-        h = self.run(tokens, cos, sin, pieces, cache, start_pos, same_doc)  # (B, T, vocab) logits, or (B, T, dim)
+        cos, sin, docs = self.layer_inputs(T, start_pos, doc_ids)
+        h = self.run(tokens, cos, sin, pieces, cache, start_pos, docs)  # (B, T, vocab) logits, or (B, T, dim)
         return h, None if self.output is None or targets is None else self.loss_fn(h, targets)
 
     def pieces(self, layer_ids=None, first=True, last=True):
@@ -350,10 +372,23 @@ class Transformer(nn.Module):
         tail = [(None, self.norm), (None, self.output)] if last else []
         return head + [(int(i), self.layers[str(i)]) for i in (self.layers if layer_ids is None else layer_ids)] + tail
 
-    def run(self, h, cos, sin, pieces, cache=None, start_pos=0, same_doc=None):
-        for i, module in pieces:  # the one layer loop: token ids or hidden states in, logits or hidden states out
-            h = module(h) if i is None else module(h, cos, sin, None if cache is None else cache[i], start_pos,
-                                                   same_doc)
+    def layer_inputs(self, T, start_pos=0, doc_ids=None):
+        """(cos, sin, docs): what travels down the layer loop (run) beside the hidden states, made once
+        per forward (or pipeline chunk, from the same (B, T) doc_ids): the rotary tables of positions
+        start_pos..start_pos+T-1, (T, head_dim); with doc_ids (packed rows) those of each token's
+        position within its document, (B, T, head_dim), and docs, document_mask's mask for the
+        attention that runs on doc_ids' device (None without doc_ids). T: the whole sequence, also
+        where sequence parallelism holds T/tp of it (attention gathers the whole)."""
+        if doc_ids is None:
+            return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T], None
+        positions, docs = document_mask(doc_ids, resolve_attn_impl(self.config.attn_impl, doc_ids.device))
+        return self.rope_cos[positions], self.rope_sin[positions], docs
+
+    def run(self, h, cos, sin, pieces, cache=None, start_pos=0, docs=None):
+        """The one layer loop: token ids or hidden states in, logits or hidden states out. Each
+        block gets (cos, sin, docs) of layer_inputs and its layer's cache entry."""
+        for i, module in pieces:
+            h = module(h) if i is None else module(h, cos, sin, None if cache is None else cache[i], start_pos, docs)
         return h
 
     def new_kv_cache(self, batch_size, dtype=None, device=None, max_len=None):

@@ -665,11 +665,14 @@ def check_pipeline(cfg, pp, m):
 
 
 # ---- running a schedule
-def chunk_forward(model, pipe, g, x, y):
+def chunk_forward(model, pipe, g, x, y, doc_ids=None):
     """Chunk g: x is (B, T) token ids for chunk 0, else (B, T, dim) hidden states (B, T/tp, dim)
-    under sequence parallelism). Returns the chunk's output, or the mean token loss for the last."""
+    under sequence parallelism); doc_ids: the micro-batch's (B, T) document ids of packed rows, which
+    every stage has (each builds its chunk's masks from them), or None. Returns the chunk's output,
+    or the mean token loss for the last."""
     T, last = y.shape[1], g == pipe.n_chunks - 1  # T: the full sequence, which the rotary tables span
-    out = model.run(x, model.rope_cos[:T], model.rope_sin[:T], model.pieces(pipe.layers[g], g == 0, last))
+    cos, sin, docs = model.layer_inputs(T, 0, doc_ids)
+    out = model.run(x, cos, sin, model.pieces(pipe.layers[g], g == 0, last), docs=docs)
     return model.loss_fn(out, y) if last else out
 
 
@@ -765,10 +768,10 @@ def run_schedule(model, micro_batches, loss_scale, autocast, forward_only=False)
         sends = []
         t_action = time.perf_counter()
         if kind == "F":
-            x, y = micro_batches[mb]
+            x, y, *doc = micro_batches[mb]  # (x, y) or (x, y, doc_ids), as train.forward_backward takes
             inp = recv.tensor.requires_grad_(not forward_only) if recv else x
             with autocast:
-                out = chunk_forward(model, pipe, g, inp, y)
+                out = chunk_forward(model, pipe, g, inp, y, doc[0] if doc else None)
             if g == pipe.n_chunks - 1:
                 total += out.detach().float()
             else:

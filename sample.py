@@ -18,6 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
+from model import ATTN_IMPLS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,11 +46,11 @@ def get_encoding(spec):
         raise SystemExit(f"error: {e}")
 
 
-def load_checkpoint(init_from, device):
+def load_checkpoint(init_from, device, **config_overrides):
     """checkpoint.load_model, with a one-line error instead of a traceback."""
     from checkpoint import CheckpointError, load_model
     try:
-        return load_model(init_from, device)
+        return load_model(init_from, device, **config_overrides)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load --init_from={init_from}: {e}")
 
@@ -71,9 +73,10 @@ def model_tokenizer(init_from, model_tok, flag=None):
     return tok
 
 
-def load(init_from, device, tokenizer=None):
-    """(model in eval mode, its prepare.Tokenizer); see model_tokenizer."""
-    model, model_tok = load_checkpoint(init_from, device)
+def load(init_from, device, tokenizer=None, **config_overrides):
+    """(model in eval mode, its prepare.Tokenizer); see model_tokenizer. config_overrides: ModelConfig
+    fields that change how it computes, not what (attn_impl)."""
+    model, model_tok = load_checkpoint(init_from, device, **config_overrides)
     tok = model_tokenizer(init_from, model_tok, tokenizer)
     check_vocab(tok, model)
     return model.eval(), tok
@@ -212,10 +215,13 @@ def main(argv=None):
                    "and required to match: the model's own (needed only for an hf:<dir> without tokenizer.json)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--attn_impl", default=None, choices=ATTN_IMPLS, help="attention (model.ModelConfig.attn_impl); "
+                   "default: the model's (a checkpoint's own, auto for hf:<dir>)")
     a = p.parse_args(argv)
     check_args(a)
 
-    model, enc = load(a.init_from, a.device, a.tokenizer)
+    model, enc = load(a.init_from, a.device, a.tokenizer,
+                      **({"attn_impl": a.attn_impl} if a.attn_impl else {}))
     ctx = autocast(a.device, a.dtype)
     cache_dtype = None if a.dtype == "float32" else DTYPES[a.dtype]  # k/v come out of autocast in dtype
     text = read_start(a.start)

@@ -41,6 +41,9 @@ class Config:
     resume_fallback: bool = False  # resume from an older checkpoint if the newest is corrupt (always on under auto)
     # batch: batch_size sequences per optimizer step, micro_batch_size per forward on one rank
     block_size: int = 256
+    # document masking: a row of block_size tokens spans several documents of the data; each token
+    # attends within its own document only and RoPE positions restart at each (README, Training)
+    doc_mask: bool = False
     batch_size: int = 32
     micro_batch_size: int = 8
     # AdamW with linear warmup then cosine decay to min_lr at lr_decay_iters
@@ -81,7 +84,7 @@ class Config:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
-    attn_impl: str = "sdpa"
+    attn_impl: str = "auto"  # auto (flash on CUDA with Triton, else sdpa) | flash | sdpa | math (model.ModelConfig)
     activation_checkpointing: str = "none"  # none | selective | full: recompute in the backward instead of keeping
     # parallelism (parallel.py, zero.py)
     tp: int = 1
@@ -218,6 +221,17 @@ def open_split(cfg, split, vocab_size):
     return tokens, header
 
 
+def data_eot(cfg, header):
+    """The end-of-text id that doc_mask splits documents at: the token files' header records it."""
+    eot = header.get("eot_token")
+    if not isinstance(eot, int) or not 0 <= eot < header.get("vocab_size", eot + 1):
+        path = os.path.join(cfg.data_dir, cfg.dataset, "train.bin")
+        raise UserError(f"doc_mask=True needs the end-of-text token id of the data, but {path}'s header has "
+                        f"eot_token={eot!r}; prepare the data again with prepare.py (which records it), "
+                        "or set doc_mask=False")
+    return eot
+
+
 def read_hf_config(init_from):
     """config.json of init_from=hf:<dir> (the model's shape comes from it, not from this Config)."""
     path = os.path.join(init_from[3:], "config.json")
@@ -315,8 +329,9 @@ def batch_offsets(cfg, n_tokens, step, split):
     return rng.integers(0, n_tokens - cfg.block_size - 1, size=cfg.batch_size)
 
 
-def get_micro_batches(cfg, tokens, step, split, mesh, device):
-    """This dp rank's contiguous share of the global batch, as (x, y) micro-batches."""
+def get_micro_batches(cfg, tokens, step, split, mesh, device, eot=None):
+    """This dp rank's contiguous share of the global batch, as (x, y) micro-batches, or with
+    cfg.doc_mask (x, y, doc_ids) (document_ids; eot: the data's end-of-text id)."""
     offsets = batch_offsets(cfg, len(tokens), step, split)
     per_rank = cfg.batch_size // mesh.dp
     mine = offsets[mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank]
@@ -324,7 +339,18 @@ def get_micro_batches(cfg, tokens, step, split, mesh, device):
     if device.type == "cuda":
         seqs = seqs.pin_memory().to(device, non_blocking=True)
     mb = cfg.micro_batch_size
+    if cfg.doc_mask:
+        return [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:], document_ids(seqs[i:i + mb, :-1], eot))
+                for i in range(0, per_rank, mb)]
     return [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:]) for i in range(0, per_rank, mb)]
+
+
+def document_ids(x, eot):
+    """(B, T) document ids of rows cut from [bos] doc1 <eot> [bos] doc2 <eot> ... (prepare.py): a new
+    document starts right after each eot, which stays with the document it ends (so the model still
+    learns to emit it); the exclusive cumulative count of eots, on x's device."""
+    ends = (x == eot).int()
+    return ends.cumsum(1) - ends
 
 
 # --------------------------------------------------------------------------- optimization
@@ -575,14 +601,18 @@ def train(cfg, data=None, adapt=None):
     hf_config = read_hf_config(source) if source.startswith("hf:") else None
     vocab_size = hf_config["vocab_size"] if hf_config else mcfg.vocab_size
     if data is not None:  # the stage's own data, tokenized with the model's tokenizer
+        if cfg.doc_mask:
+            raise UserError("doc_mask=True splits pre-training token files at their end-of-text tokens; this "
+                            "stage brings its own rows: leave doc_mask off (finetune.py: pack=True masks documents)")
         tokenizer = data.tokenizer
         batches = lambda step, split: data.micro_batches(cfg, step, split, mesh, device)
     else:
         train_data, header = open_split(cfg, "train", vocab_size)
         val_data, _ = open_split(cfg, "val", vocab_size)
         tokenizer = data_tokenizer(cfg, header)
+        eot = data_eot(cfg, header) if cfg.doc_mask else None
         batches = lambda step, split: get_micro_batches(cfg, train_data if split == "train" else val_data,
-                                                        step, split, mesh, device)
+                                                        step, split, mesh, device, eot)
     if data is None and resume_path is not None:
         check_tokenizer(cfg, header, checkpoint.tokenizer_record(resume_path), resume_path)
     elif data is None and hf_config:
