@@ -204,6 +204,48 @@ def test_flash_attn_impl_matches_math_on_cpu(case):
     assert rel_err(dec, l_ref) < TOL
 
 
+def test_flash_prefill_with_a_filled_cache_equals_full_forward(monkeypatch):
+    """A second chunk prefilled onto a filled cache (a chat's next turn) runs flash_attn_func with
+    Tq < Tk (the causal mask bottom-right aligned) and equals the full forward."""
+    flash_attn = pytest.importorskip("flash_attn")
+    calls, kernel = [], flash_attn.flash_attn_func
+    monkeypatch.setattr(flash_attn, "flash_attn_func",
+                        lambda q, k, *a, **kw: calls.append((q.shape[1], k.shape[1])) or kernel(q, k, *a, **kw))
+    torch.manual_seed(0)
+    ref = randomize(Transformer(our_config("gqa", "math"))).eval()
+    flash = Transformer(our_config("gqa", "flash")).eval()
+    flash.load_state_dict(ref.state_dict())
+    x = batch(B=1)[0][:, :20]
+    with torch.no_grad():
+        cache = flash.new_kv_cache(1, max_len=20)
+        pieces = [flash(x[:, :12], cache=cache)[0], flash(x[:, 12:19], cache=cache, start_pos=12)[0],
+                  flash(x[:, 19:], cache=cache, start_pos=19)[0]]  # one token: SDPA, no kernel call
+        assert rel_err(torch.cat(pieces, dim=1), ref(x)[0]) < TOL
+    assert calls == [(12, 12)] * 2 + [(7, 19)] * 2  # per layer: the prefill, then the chunk on the cache
+
+
+def test_auto_attention_resolves_by_device(monkeypatch):
+    """attn_impl="auto" (the default) is sdpa on the CPU; on CUDA flash when flash_attn has its
+    Triton kernels, else sdpa. The config keeps "auto"."""
+    from model import resolve_attn_impl
+    assert ModelConfig().attn_impl == "auto"
+    assert resolve_attn_impl("auto", "cpu") == resolve_attn_impl("auto", torch.device("cpu")) == "sdpa"
+    assert [resolve_attn_impl(i, "cuda") for i in ("flash", "sdpa", "math")] == ["flash", "sdpa", "math"]
+    flash_attn = pytest.importorskip("flash_attn")
+    monkeypatch.setattr(flash_attn, "HAVE_TRITON", True, raising=False)
+    assert resolve_attn_impl("auto", "cuda:0") == "flash"
+    monkeypatch.setattr(flash_attn, "HAVE_TRITON", False, raising=False)
+    assert resolve_attn_impl("auto", "cuda") == "sdpa"
+    # on the CPU an "auto" model computes as an "sdpa" one
+    torch.manual_seed(0)
+    auto = randomize(Transformer(our_config("gqa", "auto"))).eval()
+    sdpa = Transformer(our_config("gqa", "sdpa")).eval()
+    sdpa.load_state_dict(auto.state_dict())
+    x = batch()[0]
+    with torch.no_grad():
+        assert torch.equal(auto(x)[0], sdpa(x)[0])
+
+
 # --------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize("kw, words", [
     (dict(dim=64, n_heads=5), ["dim=64", "n_heads=5"]),

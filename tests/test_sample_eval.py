@@ -186,6 +186,16 @@ def test_sample_cli_greedy_deterministic_and_streams_text(ckpt, enc, tmp_path, c
     assert capsys.readouterr().out == a
 
 
+def test_sample_cli_with_flash_attention(ckpt, enc, capsys):
+    """--attn_impl=flash: the prompt's prefill through flash_attn_func (Triton's interpreter on the
+    CPU), decoding through SDPA; the same greedy text as the checkpoint's math attention."""
+    out, model = ckpt
+    args = ["--init_from", out, "--start", "The quick", "--max_new_tokens", "4", "--temperature", "0", "--device", "cpu"]
+    sample.main(args + ["--attn_impl", "flash"])
+    assert capsys.readouterr().out == "The quick" + enc.decode(greedy_by_full_forward(model, enc.encode("The quick"),
+                                                                                      4, enc.n_vocab)) + "\n"
+
+
 @pytest.mark.parametrize("flag, value", [("--top_p", "1.5"), ("--temperature", "-1"), ("--top_k", "0")])
 def test_sample_cli_rejects_bad_arguments(ckpt, flag, value):
     with pytest.raises(SystemExit, match=f"{flag}={value}"):
