@@ -76,27 +76,51 @@ def _band(rows, cols, BEFORE, AFTER):
 
 
 @triton.jit
-def _block_range(start, T, BEFORE, AFTER, BLOCK: tl.constexpr, STEP: tl.constexpr):
-    """Rows start..start+BLOCK-1 see columns [lo, hi) (the band of _visible). Splits it into
-    [lo, mid_lo) masked | [mid_lo, mid_hi) visible to every row, no mask | [mid_hi, hi) masked;
-    lo, mid_lo, mid_hi are multiples of STEP (the column tile). Columns outside [lo, hi) are the
-    fully masked tiles that are skipped (causal: everything right of the diagonal)."""
-    lo = tl.maximum(start - BEFORE, 0) // STEP * STEP
-    hi = tl.minimum(start + BLOCK + AFTER, T)
-    # a column tile [c, c+STEP) is fully visible if the last row reaches back to c, the first
-    # row reaches forward to c+STEP-1, and c+STEP <= T
-    mid_lo = tl.cdiv(tl.maximum(start + BLOCK - 1 - BEFORE, lo), STEP) * STEP
-    mid_hi = tl.minimum(start + 1 + AFTER, T) // STEP * STEP
-    mid_lo = tl.minimum(mid_lo, tl.cdiv(hi, STEP) * STEP)
-    mid_hi = tl.maximum(mid_hi, mid_lo)
+def _in_doc(starts, ends, cols):
+    """(len(starts), len(cols)) bool: starts[r] <= c < ends[r] (row r's document), one unsigned compare."""
+    d = (cols[None, :] - starts[:, None]).to(tl.uint32, bitcast=True)
+    return d < (ends - starts)[:, None].to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _row_docs(Doc, DOC_STRIDE, rows, T):
+    """(starts, ends) of the documents of these rows (doc_range, see _doc_range); rows >= T: empty."""
+    return (tl.load(Doc + rows, mask=rows < T, other=0),
+            tl.load(Doc + DOC_STRIDE + rows, mask=rows < T, other=0))
+
+
+@triton.jit
+def _block_range(start, T_rows, T, BEFORE, AFTER, Doc, DOC_STRIDE,
+                 BLOCK: tl.constexpr, STEP: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Rows start..start+BLOCK-1 see columns [lo, hi): the band of _visible and, with HAS_DOCS, the
+    row's document [Doc[r], Doc[DOC_STRIDE + r]). Splits it into [lo, mid_lo) masked | [mid_lo,
+    mid_hi) visible to every row, no mask | [mid_hi, hi) masked; lo, mid_lo, mid_hi are multiples
+    of STEP (the column tile). Columns outside [lo, hi) are the fully masked tiles that are skipped
+    (causal: everything right of the diagonal; documents: every other document)."""
+    # Row r sees [r - BEFORE, r + AFTER + 1) of [0, T), intersected with its document. Both ends
+    # grow with r (documents are contiguous runs), so the first row has the lowest start and end,
+    # the last row the highest: a column tile [c, c+STEP) is fully visible if the last row's start
+    # is <= c and the first row's end >= c+STEP.
+    first_start, last_start = start - BEFORE, start + BLOCK - 1 - BEFORE
+    first_end, last_end = start + 1 + AFTER, start + BLOCK + AFTER
+    if HAS_DOCS:
+        last = tl.minimum(start + BLOCK, T_rows) - 1  # the last row that exists
+        first_start = tl.maximum(first_start, tl.load(Doc + start))
+        last_start = tl.maximum(last_start, tl.load(Doc + last))
+        first_end = tl.minimum(first_end, tl.load(Doc + DOC_STRIDE + start))
+        last_end = tl.minimum(last_end, tl.load(Doc + DOC_STRIDE + last))
+    lo = tl.maximum(first_start, 0) // STEP * STEP
+    hi = tl.maximum(tl.minimum(last_end, T), lo)  # hi == lo: no row sees anything (Tq > Tk)
+    mid_lo = tl.minimum(tl.cdiv(tl.maximum(last_start, lo), STEP) * STEP, tl.cdiv(hi, STEP) * STEP)
+    mid_hi = tl.maximum(tl.maximum(tl.minimum(first_end, T), 0) // STEP * STEP, mid_lo)
     return lo, mid_lo, mid_hi, hi
 
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, start, end,
-               T, LEFT, RIGHT, qk_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+               T, LEFT, RIGHT, doc_start, doc_end, qk_scale,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block (see the module docstring)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
@@ -105,7 +129,10 @@ def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, start, 
         qk = tl.dot(q, k.T, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N); S_j = scale * qk
         v = desc_v.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
         if MASKED:
-            qk = tl.where(_visible(offs_m, start_n + offs_n, T, LEFT, RIGHT), qk, float("-inf"))
+            seen = _visible(offs_m, start_n + offs_n, T, LEFT, RIGHT)
+            if HAS_DOCS:
+                seen = seen & _in_doc(doc_start, doc_end, start_n + offs_n)
+            qk = tl.where(seen, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
         if MASKED:  # a row that has seen no visible key yet: subtract 0, not -inf (inf - inf = nan)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -128,36 +155,42 @@ def _query_block(H, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     return bh, bh // H, bh % H, pid_m * BLOCK_M
 
 
-@triton.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "SEQ_BUCKET"])
-def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale,
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_pad", "GROUP", "LEFT", "RIGHT", "DOC_STRIDE", "SEQ_BUCKET"])
+def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
                 stride_ob, stride_ot, stride_oh,
-                T, T_pad, H, GROUP, LEFT, RIGHT, SEQ_BUCKET,
-                HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                Tq, Tk, T_pad, H, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
+                HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     # q/k/v are seen as 2D (B*T, heads*D): a tile is BLOCK rows of one head's D columns.
-    # Rows past T read the next sequence (or zeros at the end): those keys are masked and
+    # Rows past Tq (Tk) read the next sequence (or zeros at the end): those keys are masked and
     # those query rows are never stored.
-    kv_row, kv_col = b * T, (h // GROUP) * HEAD_DIM
-    q = desc_q.load([b * T + m0, h * HEAD_DIM])  # (BLOCK_M, D), stays on chip
+    kv_row, kv_col = b * Tk, (h // GROUP) * HEAD_DIM
+    q = desc_q.load([b * Tq + m0, h * HEAD_DIM])  # (BLOCK_M, D), stays on chip
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = softmax_scale * LOG2E  # exp(x) = exp2(x * log2(e))
 
-    lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    doc_start, doc_end = 0, 0
+    if HAS_DOCS:
+        Docs += b * Tq
+        doc_start, doc_end = _row_docs(Docs, DOC_STRIDE, offs_m, Tq)
+    lo, mid_lo, mid_hi, hi = _block_range(m0, Tq, Tk, LEFT, RIGHT, Docs, DOC_STRIDE, BLOCK_M, BLOCK_N, HAS_DOCS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
-                               T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
-                               T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
+                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, False, HAS_DOCS, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
-                               T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
 
-    # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there)
-    valid = offs_m < T
-    l_i = tl.where(valid, l_i, 1.0)  # padding rows may have seen no key at all
-    lse = tl.where(valid, m_i + tl.math.log2(l_i), float("inf"))
+    # epilogue: O = acc / l, lse = m + log2(l); rows that saw no key (padding rows, or queries
+    # before the first key when Tq > Tk) get O = 0 and lse = +inf (so P = 0 there in backward)
+    valid = offs_m < Tq
+    seen = l_i > 0
+    lse = tl.where(valid & seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    l_i = tl.where(seen, l_i, 1.0)
     tl.store(Lse + bh.to(tl.int64) * T_pad + offs_m, lse)
     Out += b.to(tl.int64) * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot  # scalar 64-bit base
     offs = tl.arange(0, BLOCK_M)[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]  # 32-bit offsets
@@ -183,8 +216,8 @@ def _bwd_preprocess(Out, dOut, Delta, stride_b, stride_t, stride_h, T, T_pad, H,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, offs_n, start, end,
-                T, T_pad, LEFT, RIGHT, qk_scale,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+                T, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
     """One key block against query blocks [start, end) of one query head; tiles are transposed
     (keys along rows) so that dK and dV come out as (BLOCK_N, D)."""
     for start_m in range(start, end, BLOCK_M):
@@ -197,7 +230,10 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, off
         s_t = tl.dot(k, q.T, input_precision=PRECISION) * qk_scale  # S^T: (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])  # P^T = exp(S - lse)^T, recomputed
         if MASKED:  # key j is seen by query i iff j - RIGHT <= i <= j + LEFT (and i < T: lse)
-            p_t = tl.where(_band(offs_n, offs_m, RIGHT, LEFT), p_t, 0.0)
+            seen = _band(offs_n, offs_m, RIGHT, LEFT)
+            if HAS_DOCS:  # and i is in j's document
+                seen = seen & _in_doc(doc_start, doc_end, offs_m)
+            p_t = tl.where(seen, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
         dp_t = tl.dot(v, do.T, input_precision=PRECISION)  # dP^T = V dO^T
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # dS^T = P^T * (dP^T - D)
@@ -205,52 +241,62 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, off
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T", "T_pad", "LEFT", "RIGHT", "SEQ_BUCKET"])  # GROUP == 1: no group loop
-def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, softmax_scale,
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_pad", "LEFT", "RIGHT", "DOC_STRIDE", "SEQ_BUCKET"])  # GROUP == 1: no group loop
+def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, Docs, softmax_scale,
                      stride_b, stride_t, stride_h,
-                     T, T_pad, H_KV, GROUP, LEFT, RIGHT, SEQ_BUCKET,
-                     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                     Tq, Tk, T_pad, H_KV, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
+                     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False):
     # grid: (key blocks, B * H_KV); causal: the first key blocks have the most work and start first
     bhk = tl.program_id(1)
     b, hk = bhk // H_KV, bhk % H_KV
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = desc_k.load([b * T + n0, hk * HEAD_DIM])  # (BLOCK_N, D), on chip for the whole loop
-    v = desc_v.load([b * T + n0, hk * HEAD_DIM])
+    k = desc_k.load([b * Tk + n0, hk * HEAD_DIM])  # (BLOCK_N, D), on chip for the whole loop
+    v = desc_v.load([b * Tk + n0, hk * HEAD_DIM])
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = softmax_scale * LOG2E
-    # the query rows that see these keys: the transpose of the forward's band (BEFORE <-> AFTER)
-    lo, mid_lo, mid_hi, hi = _block_range(n0, T, RIGHT, LEFT, BLOCK_N, BLOCK_M)
+    # the query rows that see these keys: the transpose of the forward's band (BEFORE <-> AFTER);
+    # documents are symmetric (queries of key j's document: [start[j], end[j]), Tq == Tk)
+    doc_start, doc_end = 0, 0
+    if HAS_DOCS:
+        Docs += b * Tk
+        doc_start, doc_end = _row_docs(Docs, DOC_STRIDE, offs_n, Tk)
+    lo, mid_lo, mid_hi, hi = _block_range(n0, Tk, Tq, RIGHT, LEFT, Docs, DOC_STRIDE, BLOCK_N, BLOCK_M, HAS_DOCS)
     for g in range(GROUP):  # grouped-query: sum over the query heads that share this kv head
         h = hk * GROUP + g
         bh = (b * H_KV * GROUP + h).to(tl.int64)
         if ONE_LOOP:  # mask every block: more arithmetic, but fewer live registers (no spills)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
-                                 lo, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+                                 lo, hi, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
+                                 BLOCK_M, True, HAS_DOCS, PRECISION)
         else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
-                                 lo, mid_lo, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
-                                 mid_lo, mid_hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, False, PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * T, h * HEAD_DIM, bh, offs_n,
-                                 mid_hi, hi, T, T_pad, LEFT, RIGHT, qk_scale, BLOCK_M, True, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+                                 lo, mid_lo, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
+                                 BLOCK_M, True, HAS_DOCS, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+                                 mid_lo, mid_hi, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
+                                 BLOCK_M, False, HAS_DOCS, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+                                 mid_hi, hi, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
+                                 BLOCK_M, True, HAS_DOCS, PRECISION)
     # a scalar 64-bit base, 32-bit offsets and a row mask (a 2D int64/mask epilogue costs ~30
     # registers across the whole loop and made the kernel spill)
     base = b.to(tl.int64) * stride_b + hk * stride_h + n0.to(tl.int64) * stride_t
     dK += base
     dV += base
     offs = tl.arange(0, BLOCK_N)[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
-    mask = (offs_n < T)[:, None]
+    mask = (offs_n < Tk)[:, None]
     tl.store(dK + offs, (dk * softmax_scale).to(dK.dtype.element_ty), mask=mask)  # dK = scale dS^T Q
     tl.store(dV + offs, dv.to(dV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, start, end,
-              T, LEFT, RIGHT, qk_scale,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+              T, LEFT, RIGHT, doc_start, doc_end, qk_scale,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
     """One query block against key blocks [start, end)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
@@ -260,38 +306,46 @@ def _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, sta
         s = tl.dot(q, k.T, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m, start_n + offs_n, T, LEFT, RIGHT), p, 0.0)
+            seen = _visible(offs_m, start_n + offs_n, T, LEFT, RIGHT)
+            if HAS_DOCS:
+                seen = seen & _in_doc(doc_start, doc_end, start_n + offs_n)
+            p = tl.where(seen, p, 0.0)
         dp = tl.dot(do, v.T, input_precision=PRECISION)  # dP = dO V^T
         ds = p * (dp - delta[:, None])  # dS = P * (dP - D)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dQ += dS K
     return dq
 
 
-@triton.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "SEQ_BUCKET"])
-def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scale,
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_pad", "GROUP", "LEFT", "RIGHT", "DOC_STRIDE", "SEQ_BUCKET"])
+def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, Docs, softmax_scale,
                    stride_b, stride_t, stride_h,
-                   T, T_pad, H, GROUP, LEFT, RIGHT, SEQ_BUCKET,
-                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   Tq, Tk, T_pad, H, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
+                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = desc_q.load([b * T + m0, h * HEAD_DIM])  # (BLOCK_M, D)
-    do = desc_do.load([b * T + m0, h * HEAD_DIM])
+    q = desc_q.load([b * Tq + m0, h * HEAD_DIM])  # (BLOCK_M, D)
+    do = desc_do.load([b * Tq + m0, h * HEAD_DIM])
     lse = tl.load(Lse + bh.to(tl.int64) * T_pad + offs_m)
     delta = tl.load(Delta + bh.to(tl.int64) * T_pad + offs_m)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = softmax_scale * LOG2E
-    kv_row, kv_col = b * T, (h // GROUP) * HEAD_DIM
-    lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    kv_row, kv_col = b * Tk, (h // GROUP) * HEAD_DIM
+    doc_start, doc_end = 0, 0
+    if HAS_DOCS:
+        Docs += b * Tq
+        doc_start, doc_end = _row_docs(Docs, DOC_STRIDE, offs_m, Tq)
+    lo, mid_lo, mid_hi, hi = _block_range(m0, Tq, Tk, LEFT, RIGHT, Docs, DOC_STRIDE, BLOCK_M, BLOCK_N, HAS_DOCS)
     dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
-                   T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
-                   T, LEFT, RIGHT, qk_scale, BLOCK_N, False, PRECISION)
+                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, False, HAS_DOCS, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
-                   T, LEFT, RIGHT, qk_scale, BLOCK_N, True, PRECISION)
+                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
     dQ += b.to(tl.int64) * stride_b + h * stride_h + m0.to(tl.int64) * stride_t  # scalar base
     offs = tl.arange(0, BLOCK_M)[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=(offs_m < T)[:, None])
+    tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=(offs_m < Tq)[:, None])
 
 
 # --------------------------------------------------------------------------- tile configs
@@ -346,7 +400,7 @@ def _autotuned(kernel, which):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **x}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
                for bm, bn, w, s in TILES[which] for x in VARIANTS[which]]
     # key: plus the dtypes of the tensor arguments, which Triton adds itself
-    return triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "SEQ_BUCKET"],
+    return triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "SEQ_BUCKET"],
                            prune_configs_by={"early_config_prune": _prune(which)})(kernel)
 
 
@@ -387,9 +441,9 @@ def _prepare(x):
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
-def _common(q, causal):
+def _common(q, causal, doc_range):
     B, T, H, D = q.shape
-    return dict(HEAD_DIM=D, IS_CAUSAL=causal,
+    return dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_DOCS=doc_range is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 SEQ_BUCKET=0 if T <= 1024 else 1 if T <= 4096 else 2)
 
@@ -410,50 +464,55 @@ def _hopper(q):
     return _HOPPER_MODULE if _HOPPER_MODULE and _HOPPER_MODULE.supported(q) else None
 
 
-def _forward(q, k, v, causal, scale, left, right, hopper):
-    B, T, H, D = q.shape
+def _forward(q, k, v, doc_range, causal, scale, left, right):
+    """out (B, Tq, H, D), lse (B, H, T_pad) float32 in log2 units (+inf on rows that see no key).
+    left/right: the window around each query's bottom-right-aligned position (_window)."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
     group = H // k.shape[2]
-    T_pad = triton.cdiv(T, MAX_BLOCK) * MAX_BLOCK
+    T_pad = triton.cdiv(Tq, MAX_BLOCK) * MAX_BLOCK
+    hopper = _hopper(q) if doc_range is None and Tq == Tk else None
     if hopper:
         return hopper.forward(q, k, v, causal, scale, left, right, T_pad)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
-    _launch("fwd", T, B * H, [_desc(q), _desc(k), _desc(v)],
-            out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
-            T, T_pad, H, group, left, right, **_common(q, causal))
+    _launch("fwd", Tq, B * H, [_desc(q), _desc(k), _desc(v)],
+            out, lse, doc_range, scale, out.stride(0), out.stride(1), out.stride(2),
+            Tq, Tk, T_pad, H, group, *_band_args(Tq, Tk, left, right, doc_range), **_common(q, causal, doc_range))
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, causal, scale, left, right, hopper):
-    B, T, H, D = q.shape
-    H_kv = k.shape[2]
+def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
+    B, Tq, H, D = q.shape
+    Tk, H_kv = k.shape[1], k.shape[2]
     T_pad = lse.shape[-1]
     delta = torch.empty_like(lse)
     _bwd_preprocess[(T_pad // MAX_BLOCK, B * H)](out, do, delta, out.stride(0), out.stride(1), out.stride(2),
-                                                 T, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
-    if hopper:  # the kernels that ran the forward (their lse)
+                                                 Tq, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
+    hopper = _hopper(q) if doc_range is None and Tq == Tk else None
+    if hopper:  # its lse has the same format, so either kernels' forward can come first
         return hopper.backward(do, q, k, v, lse, delta, scale, left, right)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    band = _band_args(Tq, Tk, left, right, doc_range)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
-    _launch("dkdv", T, B * H_kv, descs, dk, dv, lse, delta, scale,
-            dk.stride(0), dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right,
-            **_common(q, causal))
+    _launch("dkdv", Tk, B * H_kv, descs, dk, dv, lse, delta, doc_range, scale,
+            dk.stride(0), dk.stride(1), dk.stride(2), Tq, Tk, T_pad, H_kv, H // H_kv, *band,
+            **_common(q, causal, doc_range))
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
-    _launch("dq", T, B * H, descs, dq, lse, delta, scale,
-            dq.stride(0), dq.stride(1), dq.stride(2), T, T_pad, H, H // H_kv, left, right,
-            **_common(q, causal))
+    _launch("dq", Tq, B * H, descs, dq, lse, delta, doc_range, scale,
+            dq.stride(0), dq.stride(1), dq.stride(2), Tq, Tk, T_pad, H, H // H_kv, *band,
+            **_common(q, causal, doc_range))
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, left, right):
+    def forward(ctx, q, k, v, doc_range, causal, scale, left, right):
         q, k, v = _prepare(q), _prepare(k), _prepare(v)
-        hopper = _hopper(q)
-        out, lse = _forward(q, k, v, causal, scale, left, right, hopper)
+        out, lse = _forward(q, k, v, doc_range, causal, scale, left, right)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, left, right, hopper)
-        lse_e = lse[..., :q.shape[1]] / LOG2E.value  # natural-log lse, (B, H, T)
+        ctx.args = (doc_range, causal, scale, left, right)
+        lse_e = lse[..., :q.shape[1]] / LOG2E.value  # natural-log lse, (B, H, Tq)
         ctx.mark_non_differentiable(lse_e)
         return out, lse_e
 
@@ -461,13 +520,14 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(_prepare(do), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
-def _window(causal, window_size, T):
-    """(left, right): query i sees keys i-left..i+right. -1 (or None) means unbounded, which the
-    kernels encode as T; causal forces right = 0 (FlashAttention's convention)."""
+def _window(causal, window_size, Tq, Tk):
+    """(left, right): query i, at position p = i + Tk - Tq among the keys (bottom-right aligned, as
+    FlashAttention), sees keys p-left..p+right. -1 (or None) means unbounded, which is encoded as
+    max(Tq, Tk) (every key); causal forces right = 0 (FlashAttention's convention)."""
     if window_size is None:
         window_size = (-1, -1)
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
@@ -475,64 +535,116 @@ def _window(causal, window_size, T):
         raise ValueError(f"window_size={window_size!r} must be None or a pair (left, right) of ints >= -1 "
                          "(-1: unbounded); e.g. window_size=(256, 0) for a causal band of 257 keys")
     left, right = window_size
+    T = max(Tq, Tk)
     left = T if left < 0 else min(left, T)
     right = 0 if causal else (T if right < 0 else min(right, T))
     return left, right
 
 
-def _check(q, k, v):
+def _band_args(Tq, Tk, left, right, doc_range):
+    """The kernels' (LEFT, RIGHT, DOC_STRIDE): the window relative to the query's row index i
+    (query i sees keys i-LEFT..i+RIGHT; bottom-right alignment shifts it by Tk - Tq, so either
+    may be negative) and the offset of the ends in doc_range (2, B, T)."""
+    shift = Tk - Tq
+    return left - shift, right + shift, 0 if doc_range is None else doc_range[0].numel()
+
+
+def _doc_range(doc_ids):
+    """int32 (2, B, T): [0] the index of the first token of each token's document, [1] one past its
+    last. A document is a maximal run of equal ids in a row (so ids may repeat in later runs).
+    Query i sees key j only if start[i] <= j < end[i] (FlashAttention-2's variable-length batches,
+    arXiv 2307.08691, with the packed row kept as one sequence). Plain torch ops (torch.compile)."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    change = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T-1): token t+1 starts a document
+    first = torch.cat([torch.ones_like(change[:, :1]), change], 1)
+    last = torch.cat([change, torch.ones_like(change[:, :1])], 1)
+    start = torch.where(first, idx, 0).cummax(1).values
+    end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)
+    return torch.stack([start, end]).to(torch.int32).contiguous()
+
+
+def _check(q, k, v, doc_ids=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (batch, seqlen, nheads, headdim); got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"k and v must be (batch, seqlen, nheads_kv, headdim) matching q's batch, seqlen "
-                         f"and headdim; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"k and v must be (batch, seqlen_k, nheads_kv, headdim) matching q's batch and "
+                         f"headdim; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"nheads={q.shape[2]} of q is not a multiple of nheads_kv={k.shape[2]} of k/v; "
                          "each kv head must serve a whole group of query heads")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+    if doc_ids is not None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"doc_ids needs seqlen_q == seqlen_k (one packed row); got {q.shape[1]} and "
+                             f"{k.shape[1]}: pass doc_ids=None with a KV cache")
+        if doc_ids.shape != q.shape[:2] or doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex \
+                or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be an integer (batch, seqlen) = {tuple(q.shape[:2])} tensor of "
+                             f"document ids; got {doc_ids.dtype} {tuple(doc_ids.shape)}")
+        if doc_ids.device != q.device:
+            raise ValueError(f"doc_ids is on {doc_ids.device} but q on {q.device}; move it to q's device")
 
 
-def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, return_lse=False):
-    """softmax(scale * q k^T + mask) v for q (B, T, Hq, D), k/v (B, T, Hkv, D), Hkv dividing Hq
-    (query head h uses kv head h // (Hq // Hkv)). causal: query i sees keys <= i. window_size=
-    (left, right): query i sees keys i-left..i+right (-1: unbounded; the book's band attention).
-    Returns out (B, T, Hq, D), and with return_lse=True also lse (B, Hq, T) float32, the
+def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, return_lse=False, doc_ids=None):
+    """softmax(scale * q k^T + mask) v for q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), Hkv dividing Hq
+    (query head h uses kv head h // (Hq // Hkv)). Masks are aligned bottom-right (FlashAttention's
+    convention): query i sits at position p = i + Tk - Tq, so with a KV cache the last query is the
+    last key. causal: query i sees keys <= p. window_size=(left, right): keys p-left..p+right (-1:
+    unbounded; the book's band attention). doc_ids: None or an integer (B, T) tensor (Tq == Tk),
+    a document being a run of one id; a query sees only keys of its own document (packed rows).
+    A query that sees no key (Tq > Tk) gets out 0, lse +inf and zero gradients.
+    D: any multiple of 8 up to 256 (others are zero-padded to the next kernel width here).
+    Returns out (B, Tq, Hq, D), and with return_lse=True also lse (B, Hq, Tq) float32, the
     log-sum-exp of each row's scores. Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1);
     elsewhere the PyTorch reference."""
-    _check(q, k, v)
-    T, D = q.shape[1], q.shape[3]
+    _check(q, k, v, doc_ids)
+    Tq, Tk, D = q.shape[1], k.shape[1], q.shape[3]
+    if D % 8 or not 8 <= D <= 256:
+        raise ValueError(f"head dim {D} is not supported: use a multiple of 8 from 8 to 256 "
+                         "(or attn_impl='sdpa')")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    left, right = _window(causal, window_size, T)
+    left, right = _window(causal, window_size, Tq, Tk)
     if not (q.is_cuda or INTERPRET):
-        out, lse = attention_reference(q, k, v, causal, scale, window_size)
+        out, lse = attention_reference(q, k, v, causal, scale, window_size, doc_ids)
     else:
-        if D not in HEAD_DIMS:
-            raise ValueError(f"head dim {D} is not supported by the Triton kernels; use one of {HEAD_DIMS} "
-                             "(or attn_impl='sdpa')")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-        out, lse = _FlashAttention.apply(q, k, v, bool(causal), float(scale), left, right)
+        width = next(d for d in HEAD_DIMS if d >= D)  # the kernel's head dim
+        if width != D:  # zero columns change no score; autograd slices the gradients back to D
+            q, k, v = (torch.nn.functional.pad(x, (0, width - D)) for x in (q, k, v))
+        doc_range = None if doc_ids is None else _doc_range(doc_ids)
+        out, lse = _FlashAttention.apply(q, k, v, doc_range, bool(causal), float(scale), left, right)
+        out = out[..., :D]
     return (out, lse) if return_lse else out
 
 
 # --------------------------------------------------------------------------- reference
-def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=None):
-    """Plain PyTorch attention with the same arguments and masks; materialises the (T, T)
-    scores. Computes in float32 (float64 inputs stay float64). Returns (out, lse)."""
-    _check(q, k, v)
-    B, T, H, D = q.shape
+def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None):
+    """Plain PyTorch attention with the same arguments and masks (flash_attn_func); materialises
+    the (Tq, Tk) scores. Computes in float32 (float64 inputs stay float64). Returns (out, lse);
+    a row that sees no key has out 0 and lse +inf, and gets zero gradients."""
+    _check(q, k, v, doc_ids)
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
     group = H // k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    left, right = _window(causal, window_size, T)
+    left, right = _window(causal, window_size, Tq, Tk)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = (x.to(ct).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    s = (qf @ kf.transpose(-2, -1)) * scale  # (B, H, T, T)
-    i = torch.arange(T, device=q.device)[:, None]
-    j = torch.arange(T, device=q.device)[None, :]
-    s = s.masked_fill(~((i - j <= left) & (j - i <= right)), float("-inf"))
-    lse = s.logsumexp(-1)  # (B, H, T)
-    out = torch.exp(s - lse[..., None]) @ vf
+    s = (qf @ kf.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)  # bottom-right aligned positions
+    j = torch.arange(Tk, device=q.device)[None, :]
+    seen = (i - j <= left) & (j - i <= right)  # (Tq, Tk)
+    if doc_ids is not None:
+        start, end = _doc_range(doc_ids)[:, :, None, :, None]  # (B, 1, T, 1) each
+        seen = seen & (j >= start) & (j < end)  # (B, 1, T, T)
+    empty = ~seen.any(-1, keepdim=True)  # rows that see no key: a finite logsumexp, then P = 0
+    s = s.masked_fill(~seen, float("-inf")).masked_fill(empty, 0.0)
+    lse = s.logsumexp(-1, keepdim=True)  # (B, H, Tq, 1)
+    out = torch.exp(s - lse).masked_fill(empty, 0.0) @ vf
+    lse = lse.masked_fill(empty, float("inf")).squeeze(-1)
     return out.transpose(1, 2).to(q.dtype), lse.float() if ct == torch.float32 else lse
