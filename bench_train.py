@@ -8,8 +8,14 @@ master weights, bf16 autocast, fused torch AdamW, random tokens (never zeros). "
 model.py through train.py's forward_backward / grad_norm / clip / optimizer.step; "hf" is
 LlamaForCausalLM with SDPA attention. "ours_compile_master" is train.py's --master_weights=True
 step instead: bf16 parameters and gradients, float32 master weights and moments in
-zero.ZeroAdamW (book fig. 4.16). MFU counts model.flops_per_token (6N + 12*L*d*T, PaLM) against
-the bf16 matmul rate measured in this run and against the datasheet peak (train.PEAK_TFLOPS).
+zero.ZeroAdamW (book fig. 4.16). "_flash" rows use attn_impl="flash" (flash_attn.py's Triton
+kernels), the others attn_impl="sdpa" (cuDNN first). "_docs" rows train with document masking
+(train.py --doc_mask=True): the tokens are random documents, lengths drawn with mean DOC_MEAN, each
+ending in EOT, and the step computes the doc ids from them as train.py does; every other row gets
+the same tokens and ignores the documents. MFU counts model.flops_per_token (6N + 12*L*d*T, PaLM,
+the causal count also for "_docs", which compute less attention) against the bf16 matmul rate
+measured in this run and against the datasheet peak (train.PEAK_TFLOPS). The ratios at the end:
+flash / sdpa under --compile=True, and doc_mask=True / False for each attention.
 """
 import argparse
 import dataclasses
@@ -44,11 +50,26 @@ def measured_matmul_rate(n=8192, iters=20):
     return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3)
 
 
-def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION, master=False):
+DOC_MEAN = 512  # mean document length of the tokens (the "_docs" rows mask by document)
+
+
+def random_documents(batch, seq, vocab_size, generator):
+    """(batch, seq + 1) random tokens in documents of lengths uniform in 1..2 DOC_MEAN - 1 (mean
+    DOC_MEAN), each ending in EOT = vocab_size - 1, as prepare.py joins documents."""
+    x = torch.randint(0, vocab_size - 1, (batch, seq + 1), generator=generator)
+    lengths = torch.randint(1, 2 * DOC_MEAN, (batch * (seq + 1),), generator=generator)
+    ends = lengths.cumsum(0) - 1
+    x.view(-1)[ends[ends < x.numel()]] = vocab_size - 1
+    return x
+
+
+def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend.CUDNN_ATTENTION, master=False,
+              doc_mask=False):
     """train.py's step: compute_gradients (forward_backward, grad_norm) and apply_update (clip,
     AdamW), built as train.py builds it. master: bf16 parameters and gradients with float32
     master weights and moments in zero.ZeroAdamW (no autocast weight casts, one fused AdamW
-    pass); else float32 parameters under bf16 autocast, torch's fused AdamW."""
+    pass); else float32 parameters under bf16 autocast, torch's fused AdamW. doc_mask: the doc
+    ids of each batch (train.document_ids, on the GPU as train.py computes them) go with it."""
     model_module.SDPA_BACKENDS.sort(key=lambda b: b != sdpa_first)  # which SDPA backend is tried first
     cfg, mesh = dataclasses.replace(train.Config(), master_weights=master, dtype="bfloat16", device="cuda"), parallel.Mesh()
     device, _, autocast = train.setup_device(cfg)
@@ -58,7 +79,8 @@ def ours_step(shape, batch, seq, compile_model, attn_impl, sdpa_first=SDPBackend
     scaler = train.LossScaler(enabled=False)
 
     def step(x, y):
-        _, norm = train.compute_gradients(cfg, mesh, model, fwd, opt, [(x, y)], scaler, autocast)
+        micro = [(x, y, train.document_ids(x, shape["vocab_size"] - 1))] if doc_mask else [(x, y)]
+        _, norm = train.compute_gradients(cfg, mesh, model, fwd, opt, micro, scaler, autocast)
         train.apply_update(cfg, model, opt, norm, scaler)
         opt.zero_grad(set_to_none=model.grad_sync.set_to_none)
     return model, step
@@ -93,7 +115,14 @@ IMPLS = {
     "ours_compile_flash": lambda s, b, t: ours_step(s, b, t, True, "flash"),
     "ours_compile_master": lambda s, b, t: ours_step(s, b, t, True, "sdpa", master=True),
     "ours_compile_sdpa_flash": lambda s, b, t: ours_step(s, b, t, True, "sdpa", sdpa_first=SDPBackend.FLASH_ATTENTION),
+    "ours_compile_docs": lambda s, b, t: ours_step(s, b, t, True, "sdpa", doc_mask=True),
+    "ours_compile_flash_docs": lambda s, b, t: ours_step(s, b, t, True, "flash", doc_mask=True),
 }
+# (name, numerator, denominator) of the ratios printed after the table, per shape
+RATIOS = [("flash / sdpa, --compile=True", "ours_compile_flash", "ours_compile"),
+          ("flash / sdpa, --compile=True, doc_mask", "ours_compile_flash_docs", "ours_compile_docs"),
+          ("doc_mask=True / False, flash", "ours_compile_flash_docs", "ours_compile_flash"),
+          ("doc_mask=True / False, sdpa", "ours_compile_docs", "ours_compile")]
 
 
 def bench(impl, shape_name, steps, warmup):
@@ -102,8 +131,11 @@ def bench(impl, shape_name, steps, warmup):
     model, step = IMPLS[impl](shape, batch, seq)
     with torch.device("meta"):  # model.py's count for either implementation: same shapes, same FLOPs
         flops_per_token = Transformer(ModelConfig(**shape, max_seq_len=seq)).flops_per_token(seq)
-    x = torch.randint(0, shape["vocab_size"], (batch, seq), device="cuda")
-    y = torch.roll(x, -1, 1)
+    xy = random_documents(batch, seq, shape["vocab_size"], torch.Generator().manual_seed(0)).cuda()
+    x, y = xy[:, :-1], xy[:, 1:]
+    if impl.endswith("_docs"):
+        print(f"{shape_name} {impl}: {batch} x {seq} tokens in {int((x == shape['vocab_size'] - 1).sum()) + batch} "
+              f"(partial) documents")
     torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step(x, y)
@@ -124,7 +156,8 @@ def bench(impl, shape_name, steps, warmup):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="134m,1b")
-    p.add_argument("--impls", default="hf,hf_compile,ours,ours_compile,ours_compile_flash,ours_compile_master")
+    p.add_argument("--impls", default="hf,hf_compile,ours,ours_compile,ours_compile_flash,ours_compile_master,"
+                                      "ours_compile_docs,ours_compile_flash_docs")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
@@ -148,6 +181,11 @@ def main():
     for shape_name, impl, tok_s, mfu, mfu_ds, peak in rows:
         ref = next((r[2] for r in rows if r[0] == shape_name and r[1] == "hf_compile"), math.nan)
         print(f"| {shape_name} | {impl} | {tok_s:,.0f} | {100 * mfu:.1f}% | {100 * mfu_ds:.1f}% | {peak:.1f} | {tok_s / ref:.2f}x |")
+    speed = {(r[0], r[1]): r[2] for r in rows}
+    for shape_name in args.shapes.split(","):
+        for name, num, den in RATIOS:
+            if (shape_name, num) in speed and (shape_name, den) in speed:
+                print(f"{shape_name} {name}: {speed[shape_name, num] / speed[shape_name, den]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|bench_multi|train_multi|ckpt_stall (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -31,6 +31,42 @@ for n in ("fast", "master", "flash"):
 PY
 python3 plot.py $OUT/plain $OUT/fast $OUT/master $OUT/flash --no_show --out=$OUT/loss.png \
   --labels="eager math,compile sdpa,compile sdpa master_weights,eager flash_attn"
+rm -rf $OUT/*/ckpt_*
+;;
+attn_bench)
+# issue #20: the compiled step with attn_impl flash against sdpa (cuDNN), next to transformers + compile, and
+# document masking (random documents of mean length 512, bench_train.DOC_MEAN) with each attention
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+python3 bench_train.py --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
+;;
+doc_mask_loss)
+# train.py --doc_mask=True against False on real documents: 200 steps of a 85M model at 2k context, compiled,
+# attn_impl=flash (about 3-4 minutes on an H200). pystdlib_small's documents (Python files) average ~13k
+# bytes, so only about 1 row in 6 crosses a document boundary: the curves should nearly coincide; the run
+# shows that masking trains as well, and at what speed
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+A="--data_dir=.gpudata --dataset=pystdlib_small --dim=768 --n_layers=12 --n_heads=12 --vocab_size=320 --block_size=2048 --batch_size=16 --micro_batch_size=16 --max_iters=200 --warmup_iters=20 --lr_decay_iters=200 --learning_rate=1e-3 --log_interval=10 --eval_interval=50 --eval_iters=5 --checkpoint_interval=1000 --dtype=bfloat16 --compile=True --attn_impl=flash"
+for m in True False; do
+  timeout 170 python3 train.py $A --out_dir=$OUT/doc_mask_$m --doc_mask=$m 2>&1 | grep -E "^MFU|^step +(100|200) "
+done
+python3 - <<'PY'
+import json, os
+out = os.environ["OUT"]
+R = {m: [json.loads(l) for l in open(f"{out}/doc_mask_{m}/log.jsonl")] for m in ("True", "False")}
+L = {m: {r["step"]: r["loss"] for r in R[m] if "loss" in r} for m in R}
+V = {m: {r["step"]: r["val_loss"] for r in R[m] if "val_loss" in r} for m in R}
+print("step  loss doc_mask=True  doc_mask=False")
+for s in sorted(L["True"]):
+    if s % 20 == 0: print(s, *(f"{L[m][s]:.4f}" for m in R))
+print("val loss by step:", {m: {s: round(v, 4) for s, v in V[m].items()} for m in R})
+for m in R:  # tokens/s of the steps after compilation (from step 50)
+    tps = [r["tokens_per_s"] for r in R[m] if "tokens_per_s" in r and r["step"] > 50 and r["step"] % 50]
+    print(f"doc_mask={m}: mean tokens/s over steps 60-200 (evaluation steps left out) {sum(tps) / len(tps):,.0f}")
+PY
+python3 plot.py $OUT/doc_mask_True $OUT/doc_mask_False --no_show --out=$OUT/doc_mask_loss.png \
+  --labels="doc_mask=True,doc_mask=False"
 rm -rf $OUT/*/ckpt_*
 ;;
 bench_multi)
