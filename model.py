@@ -18,6 +18,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+try:  # attn_impl "flash" (and "auto" on CUDA): imported here, not in forward, where torch.compile
+    import flash_attn  # would trace the import itself (an import it cannot run reads as no flash_attn)
+except ImportError:  # a flash_attn.py that needs Triton to import
+    flash_attn = None
+
 ATTN_IMPLS = ("auto", "flash", "sdpa", "math")  # ModelConfig.attn_impl; resolve_attn_impl reads "auto"
 CHECKPOINTING = ("none", "selective", "full")  # ModelConfig.activation_checkpointing
 # rope_scaling types rope_tables implements, with the keys each needs (transformers' names)
@@ -170,11 +175,7 @@ def resolve_attn_impl(impl, device):
     no Triton); "flash", "sdpa" and "math" are themselves. A checkpoint keeps "auto", not the choice."""
     if impl != "auto":
         return impl
-    if torch.device(device).type != "cuda":
-        return "sdpa"
-    try:
-        import flash_attn
-    except ImportError:  # a flash_attn.py that needs Triton to import
+    if torch.device(device).type != "cuda" or flash_attn is None:
         return "sdpa"
     return "flash" if getattr(flash_attn, "HAVE_TRITON", True) else "sdpa"
 
@@ -191,8 +192,7 @@ def causal_attention(q, k, v, impl, q_offset=0, docs=None):
     # to SDPA, as for attn_impl="sdpa": one query row would leave the kernel's 64-128-row query
     # tiles nearly empty, for the cost of padding and copying the cache each step
     if impl == "flash" and (q_offset == 0 or T > 1):
-        from flash_attn import flash_attn_func
-        return flash_attn_func(q, k, v, causal=True, doc_ids=docs)
+        return flash_attn.flash_attn_func(q, k, v, causal=True, doc_ids=docs)
     group = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     S = k.shape[2]

@@ -234,6 +234,8 @@ def test_auto_attention_resolves_by_device(monkeypatch):
     flash_attn = pytest.importorskip("flash_attn")
     monkeypatch.setattr(flash_attn, "HAVE_TRITON", True, raising=False)
     assert resolve_attn_impl("auto", "cuda:0") == "flash"
+    # the same inside torch.compile's trace, which is where a training step resolves it
+    assert torch.compile(lambda x: resolve_attn_impl("auto", "cuda") == "flash" and x + 1, fullgraph=True)(torch.ones(1))
     monkeypatch.setattr(flash_attn, "HAVE_TRITON", False, raising=False)
     assert resolve_attn_impl("auto", "cuda") == "sdpa"
     # on the CPU an "auto" model computes as an "sdpa" one
