@@ -196,18 +196,17 @@ def causal_attention(q, k, v, impl, q_offset=0, docs=None):
     group = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     S = k.shape[2]
-    if impl in ("sdpa", "flash") and docs is None and (q_offset == 0 or T == 1):
-        if q.is_cuda and group > 1:  # cuDNN's kernel takes no grouped k/v; repeating costs a few MB
-            k, v, group = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), 1
+    sdpa = impl in ("sdpa", "flash") and (docs is not None or q_offset == 0 or T == 1)  # flash here: decoding
+    if sdpa and q.is_cuda and group > 1:  # cuDNN's kernel takes no grouped k/v, nor does the efficient one
+        k, v, group = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), 1  # (a few MB)
+    if sdpa and docs is None:
         with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=q_offset == 0 and T > 1,
                                                   enable_gqa=group > 1).transpose(1, 2)
-    if docs is not None:  # packed rows: the (B, 1, T, T) mask holds causality too
-        allowed = docs
-        if impl == "sdpa":  # an explicit mask: torch picks a kernel that takes one (efficient or math)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=docs, enable_gqa=group > 1).transpose(1, 2)
-    else:
-        allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + q_offset
+    if sdpa:  # packed rows: the (B, 1, T, T) mask holds causality too; torch picks a kernel that takes one
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=docs, enable_gqa=group > 1).transpose(1, 2)
+    allowed = docs if docs is not None else \
+        torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + q_offset
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
