@@ -1,7 +1,8 @@
 """FlashAttention in Triton: forward and backward kernels, (batch, seqlen, nheads, headdim) layout.
 
     from flash_attn import flash_attn_func
-    out = flash_attn_func(q, k, v, causal=True)   # q (B, T, Hq, D), k/v (B, T, Hkv, D)
+    out = flash_attn_func(q, k, v, causal=True)   # q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)
+    out = flash_attn_func(q, k, v, doc_ids=ids)   # ids (B, T): attention within each document
 
 The algorithm (the book's section 2.4.2; FlashAttention, arXiv 2205.14135, algorithm 1;
 FlashAttention-2's work partitioning, arXiv 2307.08691). Attention is O = softmax(S) V with S = scale * Q K^T. The (T, T) matrix S
@@ -27,20 +28,30 @@ tile by tile, and with D = rowsum(dO * O) (a small preprocess kernel),
 Following FlashAttention-2, one kernel owns a key block and loops over query blocks (dK, dV
 accumulate in registers, no atomics) and a second owns a query block and loops over key
 blocks (dQ). For grouped-query attention the dK/dV program also loops over the query heads
-of its group, so repeated k/v are never materialised. Masks (causal, sliding window, ragged
-tails) split each loop into blocks that need a mask and blocks that don't; fully masked
+of its group, so repeated k/v are never materialised. Masks (causal, sliding window, documents,
+ragged tails) split each loop into blocks that need a mask and blocks that don't; fully masked
 blocks are skipped. attention_reference() at the end is the plain PyTorch version, used on
 CPUs and by the tests.
 
+Masks. With Tq queries and Tk keys they are aligned bottom-right, as in FlashAttention: query i
+sits at position i + Tk - Tq, so with a KV cache the last query is the last key (causal: it
+sees keys <= i + Tk - Tq; a query that sees no key gets out 0 and lse +inf). Documents (packed
+rows): doc_ids gives each token a document, a contiguous run of one id, and a query sees only
+keys of its own document: FlashAttention-2's variable-length batches (arXiv 2307.08691)
+without unpadding the row. Since documents are contiguous, query i sees the key range
+[start[i], end[i]) (_doc_range) cut by the causal/window band, and both ends grow with i, so
+a tile's first and last rows bound the keys the whole tile sees: tiles in other documents
+are skipped and the cost falls with the document length.
+
 Loads use TMA tensor descriptors (Hopper's bulk tensor copy engine; Triton falls back to
 ordinary loads on older GPUs) and Triton's software pipelining (num_stages). Tile sizes are
-autotuned per (head dim, causal, dtype, sequence-length bucket).
+autotuned per (head dim, causal, documents, dtype, sequence-length bucket).
 
 On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
 algorithm, masks and lse, scheduled as FlashAttention-3 does (a loader warp, two consumer
 warpgroups, the five backward matmuls in one kernel). These kernels stay the portable path:
-every other GPU, head dim and dtype, and the interpreter on CPUs. FLASH_ATTN_HOPPER=0 keeps
-them on Hopper too.
+every other GPU, head dim and dtype, documents, Tq != Tk, and the interpreter on CPUs.
+FLASH_ATTN_HOPPER=0 keeps them on Hopper too.
 """
 import math
 import os
@@ -577,6 +588,8 @@ def _check(q, k, v, doc_ids=None):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
     if doc_ids is not None:
+        if not isinstance(doc_ids, torch.Tensor):
+            raise ValueError(f"doc_ids must be None or an integer (batch, seqlen) tensor; got {type(doc_ids).__name__}")
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"doc_ids needs seqlen_q == seqlen_k (one packed row); got {q.shape[1]} and "
                              f"{k.shape[1]}: pass doc_ids=None with a KV cache")

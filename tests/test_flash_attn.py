@@ -23,23 +23,41 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / max(b.double().norm().item(), 1.0)).item()
 
 
-def check_against_reference(B, T, Hq, Hkv, D, causal, window, dtype, device, tol):
-    """Fresh random inputs; kernel vs the reference in float64 on the same (rounded) inputs."""
-    q = torch.randn(B, T, Hq, D, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, window_size=window)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-
-    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, T)
-    errs = {"out": rel_err(out, ref), "lse": rel_err(lse, ref_lse)}
-    errs.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+def compare(results, refs, tol):
+    """(out, lse, dq, dk, dv) against the same from a float64 run: relative errors under tol, no nan,
+    and +inf lse (rows that see no key) exactly where the reference has it."""
+    assert not any(x.isnan().any() for x in (*results, *refs)), "nan"
+    lse, ref_lse = results[1], refs[1]
+    assert torch.equal(lse.isinf(), ref_lse.isinf()) and (lse[lse.isinf()] > 0).all(), "rows without keys differ"
+    finite = lambda x: x.masked_fill(x.isinf(), 0.0)  # noqa: E731
+    errs = {name: rel_err(finite(a), finite(b)) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results, refs)}
     assert all(e < tol for e in errs.values()), f"errors over {tol}: {errs}"
+
+
+def run(fn, q, k, v, dout, **kw):
+    """(out, lse, dq, dk, dv) of fn = flash_attn_func or attention_reference."""
+    out, lse = fn(q, k, v, **kw, **({"return_lse": True} if fn is flash_attn_func else {}))
+    return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def leaves(*xs, dtype=None):
+    return [x.detach().to(dtype or x.dtype).requires_grad_() for x in xs]
+
+
+def check_against_reference(B, T, Hq, Hkv, D, causal, window, dtype, device, tol, Tk=None, doc_ids=None):
+    """Fresh random inputs; kernel vs the reference in float64 on the same (rounded) inputs.
+    Tk: the keys' length if not T (masks aligned bottom-right); doc_ids: (B, T) document ids."""
+    Tk = T if Tk is None else Tk
+    q = torch.randn(B, T, Hq, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Tk, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Tk, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    dout = torch.randn_like(q)
+    kw = dict(causal=causal, window_size=window, doc_ids=doc_ids)
+    results = run(flash_attn_func, q, k, v, dout, **kw)
+    refs = run(attention_reference, *leaves(q, k, v, dtype=torch.float64), dout.double(), **kw)
+    assert results[0].shape == q.shape and results[0].dtype == dtype and results[1].shape == (B, Hq, T)
+    compare(results, refs, tol)
+    return (q, k, v, dout), results
 
 
 # --------------------------------------------------------------------------- CPU (interpreter)
@@ -67,16 +85,81 @@ def test_interpreter_matches_reference(case, dtype, tol):
     check_against_reference(*case, dtype=dtype, device="cpu", tol=tol)
 
 
+# (B, Tq, Tk, Hq, Hkv, D, causal, window): a KV cache's prefill and one decode step (Tq < Tk),
+# and Tq > Tk, where the first queries see no key (out 0, lse +inf, zero gradients)
+QK_CASES = [
+    (1, 40, 150, 2, 1, 32, True, None),
+    (1, 1, 100, 2, 1, 32, True, None),
+    (2, 150, 60, 2, 2, 32, True, None),
+    (1, 100, 37, 2, 1, 32, False, (10, 3)),
+    (1, 33, 130, 4, 2, 64, False, None),
+    (1, 70, 130, 2, 1, 32, True, (20, 0)),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("case", QK_CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}/{}-D{}-causal{}-win{}".format(*c))
+def test_interpreter_seqlen_q_ne_k(case, dtype, tol):
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
+    B, Tq, Tk, Hq, Hkv, D, causal, window = case
+    check_against_reference(B, Tq, Hq, Hkv, D, causal, window, dtype=dtype, device="cpu", tol=tol, Tk=Tk)
+
+
+@cpu_only
+@pytest.mark.parametrize("head_dim", [8, 40, 72, 96])
+def test_interpreter_odd_head_dims(head_dim):
+    """Head dims that are no kernel width run zero-padded; scale 1/sqrt(real head dim)."""
+    torch.manual_seed(head_dim)
+    check_against_reference(2, 70, 2, 1, head_dim, True, None, dtype=torch.float32, device="cpu", tol=1e-4)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, (30, 9))])
+def test_interpreter_doc_mask(causal, window, dtype, tol):
+    """Documents of length 1, one spanning tile boundaries, a row that is one document, grouped
+    heads: the kernels against the float64 reference and against each document run alone."""
+    torch.manual_seed(2)
+    ids = doc_ids_of(DOC_LENGTHS)
+    (q, k, v, dout), results = check_against_reference(3, 150, 4, 2, 32, causal, window, dtype=dtype, device="cpu",
+                                                       tol=tol, doc_ids=ids)
+    alone = per_document(attention_reference, *leaves(q, k, v, dtype=torch.float64), dout.double(), DOC_LENGTHS,
+                         causal=causal, window_size=window)
+    compare(results, alone, tol)
+
+
+@cpu_only
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's row max over the nan document
+def test_interpreter_skips_other_documents():
+    """Tiles of other documents are never loaded: nan in the second document (tile-aligned at 64)
+    stays out of the first's output and gradients, as it would not if those tiles were only masked
+    (0 * nan = nan in P V)."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 128, 2, 16), torch.randn(1, 128, 1, 16), torch.randn(1, 128, 1, 16)
+    for x in (q, k, v):
+        x[:, 64:] = float("nan")
+    q, k, v = leaves(q, k, v)
+    dout = torch.randn_like(q)
+    ids = doc_ids_of([[64, 64]])
+    out, lse, dq, dk, dv = run(flash_attn_func, q, k, v, dout, causal=False, doc_ids=ids)
+    ref = run(attention_reference, *leaves(q[:, :64], k[:, :64], v[:, :64], dtype=torch.float64), dout[:, :64].double(),
+              causal=False)
+    compare((out[:, :64], lse[..., :64], dq[:, :64], dk[:, :64], dv[:, :64]), ref, 1e-4)
+
+
 def naive_attention(q, k, v, causal, window):
-    """Row by row, float64: query i attends to keys j with i-left <= j <= i+right."""
+    """Row by row, float64: query i, at p = i + Tk - Tq, attends to keys j with p-left <= j <= p+right."""
     B, T, H, D = q.shape
+    Tk = k.shape[1]
     group = H // k.shape[2]
     left, right = window if window is not None else (-1, -1)
     out = torch.zeros(B, T, H, D, dtype=torch.float64)
     for i in range(T):
-        js = [j for j in range(T) if (left < 0 or j >= i - left)
-              and (j <= i if causal else (right < 0 or j <= i + right))]
-        for h in range(H):
+        p = i + Tk - T
+        js = [j for j in range(Tk) if (left < 0 or j >= p - left)
+              and (j <= p if causal else (right < 0 or j <= p + right))]
+        for h in range(H * bool(js)):  # no key: out stays 0
             s = torch.einsum("bd,bnd->bn", q[:, i, h].double(), k[:, js, h // group].double()) / D ** 0.5
             out[:, i, h] = torch.einsum("bn,bnd->bd", s.softmax(-1), v[:, js, h // group].double())
     return out
@@ -91,12 +174,84 @@ def test_reference_masks(causal, window):
     assert rel_err(out, naive_attention(q, k, v, causal, window)) < 1e-6
 
 
+@pytest.mark.parametrize("Tq,Tk,causal,window", [(7, 19, True, None), (19, 7, True, None), (19, 7, False, (3, 2)),
+                                                  (5, 19, False, (4, 1)), (19, 7, False, None)])
+def test_reference_seqlen_q_ne_k(Tq, Tk, causal, window):
+    """Bottom-right alignment against the row-by-row loop; rows that see no key: out 0, lse +inf,
+    zero gradients, and no nan anywhere."""
+    torch.manual_seed(0)
+    q, k, v = leaves(torch.randn(2, Tq, 4, 8), torch.randn(2, Tk, 2, 8), torch.randn(2, Tk, 2, 8))
+    out, lse = attention_reference(q, k, v, causal=causal, window_size=window)
+    assert rel_err(out, naive_attention(q, k, v, causal, window)) < 1e-6
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    empty = (out == 0).all(-1)  # (B, Tq, H)
+    assert torch.equal(empty.transpose(1, 2), lse.isinf()) and (lse[lse.isinf()] > 0).all()
+    right = 0 if causal else window[1] if window else float("inf")
+    assert empty.any() == (Tq - Tk > right)  # the first query is at position Tk - Tq
+    assert not any(x.isnan().any() for x in (dq, dk, dv)) and (dq[empty] == 0).all()
+
+
+def doc_ids_of(lengths):
+    """(B, T) int64 ids from each row's document lengths; ids repeat across non-adjacent runs
+    (a document is a run, so run 0 and run 2 of id 0 are still two documents)."""
+    return torch.stack([torch.cat([torch.full((n,), d % 2) for d, n in enumerate(row)]) for row in lengths])
+
+
+def per_document(fn, q, k, v, dout, doc_lengths, **kw):
+    """(out, lse, dq, dk, dv) with each document of each row run on its own and concatenated."""
+    results = [[] for _ in range(5)]
+    for b, row in enumerate(doc_lengths):
+        t = 0
+        for n in row:
+            piece = run(fn, *leaves(q[b:b + 1, t:t + n], k[b:b + 1, t:t + n], v[b:b + 1, t:t + n]),
+                        dout[b:b + 1, t:t + n], **kw)
+            for r, x in zip(results, piece):
+                r.append(x)
+            t += n
+    cat = [torch.cat(r, dim=2 if i == 1 else 1) for i, r in enumerate(results)]  # lse is (1, H, n)
+    return [x.reshape(len(doc_lengths), -1, *x.shape[2:]) if i != 1 else
+            x.reshape(x.shape[1], len(doc_lengths), -1).transpose(0, 1) for i, x in enumerate(cat)]
+
+
+def test_doc_range():
+    ids = torch.tensor([[7, 7, 3, 3, 3, 7], [1, 1, 1, 1, 1, 1], [0, 1, 2, 3, 4, 5]])
+    starts, ends = flash_attn._doc_range(ids)
+    assert flash_attn._doc_range(ids).dtype == torch.int32
+    assert starts.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6, [0, 1, 2, 3, 4, 5]]
+    assert ends.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 2, 3, 4, 5, 6]]
+
+
+DOC_LENGTHS = [[1, 1, 40, 1, 70, 37], [150], [20, 80, 1, 1, 48]]  # length 1; 20..100 spans tile boundaries
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (False, (9, 4))])
+def test_reference_doc_mask_is_each_document_alone(causal, window):
+    """The reference's document mask (no interpreter): each document run on its own, float64."""
+    torch.manual_seed(1)
+    lengths = [[1, 3, 1, 10, 5], [20], [12, 8]]
+    q, k, v = leaves(torch.randn(3, 20, 4, 8).double(), torch.randn(3, 20, 2, 8).double(),
+                     torch.randn(3, 20, 2, 8).double())
+    dout = torch.randn_like(q)
+    kw = dict(causal=causal, window_size=window)
+    compare(run(attention_reference, q, k, v, dout, doc_ids=doc_ids_of(lengths), **kw),
+            per_document(attention_reference, q, k, v, dout, lengths, **kw), 1e-12)
+
+
 def test_cpu_fallback_is_the_reference(monkeypatch):
     """CPU tensors without the interpreter take the PyTorch path (model.py's "flash" on CPU)."""
     monkeypatch.setattr(flash_attn, "INTERPRET", False)
     q, k, v = torch.randn(1, 33, 4, 16), torch.randn(1, 33, 1, 16), torch.randn(1, 33, 1, 16)
     out = flash_attn_func(q, k, v, causal=True)
     assert torch.equal(out, attention_reference(q, k, v, causal=True)[0])
+
+
+def test_cpu_fallback_takes_the_new_masks(monkeypatch):
+    """Documents, Tq != Tk and a padded head dim on the PyTorch path are the reference's."""
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    q, k, v = torch.randn(2, 12, 4, 24), torch.randn(2, 12, 2, 24), torch.randn(2, 12, 2, 24)
+    ids = doc_ids_of([[5, 7], [1, 11]])
+    assert torch.equal(flash_attn_func(q, k, v, doc_ids=ids), attention_reference(q, k, v, doc_ids=ids)[0])
+    assert torch.equal(flash_attn_func(q[:, 8:], k, v), attention_reference(q[:, 8:], k, v)[0])
 
 
 def test_bad_inputs_are_named():
@@ -107,6 +262,18 @@ def test_bad_inputs_are_named():
         flash_attn_func(q, q, q, window_size=5)
     with pytest.raises(ValueError, match="batch, seqlen"):
         flash_attn_func(q[0], q[0], q[0])
+    for d in (12, 264, 4):
+        x = torch.randn(1, 8, 2, d)
+        with pytest.raises(ValueError, match=f"head dim {d} .*multiple of 8 from 8 to 256"):
+            flash_attn_func(x, x, x)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    for bad in (ids[:, :7], ids.float(), ids[0], ids.bool(), [0] * 8):
+        with pytest.raises(ValueError, match="doc_ids must be"):
+            flash_attn_func(q, q, q, doc_ids=bad)
+        with pytest.raises(ValueError, match="doc_ids must be"):
+            attention_reference(q, q, q, doc_ids=bad)
+    with pytest.raises(ValueError, match="seqlen_q == seqlen_k"):
+        flash_attn_func(q[:, :4], q, q, doc_ids=ids[:, :4])
 
 
 # --------------------------------------------------------------------------- GPU
