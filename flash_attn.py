@@ -252,7 +252,8 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, off
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "T_pad", "LEFT", "RIGHT", "DOC_STRIDE", "SEQ_BUCKET"])  # GROUP == 1: no group loop
+# GROUP is specialized (GROUP == 1: no group loop)
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_pad", "LEFT", "RIGHT", "DOC_STRIDE", "SEQ_BUCKET"])
 def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, Docs, softmax_scale,
                      stride_b, stride_t, stride_h,
                      Tq, Tk, T_pad, H_KV, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,

@@ -131,21 +131,34 @@ def test_interpreter_doc_mask(causal, window, dtype, tol):
 
 @cpu_only
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's row max over the nan document
-def test_interpreter_skips_other_documents():
-    """Tiles of other documents are never loaded: nan in the second document (tile-aligned at 64)
-    stays out of the first's output and gradients, as it would not if those tiles were only masked
+@pytest.mark.parametrize("nan_doc", [0, 1])
+def test_interpreter_skips_other_documents(nan_doc):
+    """Tiles of other documents are never loaded: nan in one of two documents (tile-aligned at 64)
+    stays out of the other's output and gradients, as it would not if those tiles were only masked
     (0 * nan = nan in P V)."""
     torch.manual_seed(3)
     q, k, v = torch.randn(1, 128, 2, 16), torch.randn(1, 128, 1, 16), torch.randn(1, 128, 1, 16)
+    bad, good = (slice(0, 64), slice(64, 128))[::1 - 2 * nan_doc]
     for x in (q, k, v):
-        x[:, 64:] = float("nan")
+        x[:, bad] = float("nan")
     q, k, v = leaves(q, k, v)
     dout = torch.randn_like(q)
-    ids = doc_ids_of([[64, 64]])
-    out, lse, dq, dk, dv = run(flash_attn_func, q, k, v, dout, causal=False, doc_ids=ids)
-    ref = run(attention_reference, *leaves(q[:, :64], k[:, :64], v[:, :64], dtype=torch.float64), dout[:, :64].double(),
-              causal=False)
-    compare((out[:, :64], lse[..., :64], dq[:, :64], dk[:, :64], dv[:, :64]), ref, 1e-4)
+    out, lse, dq, dk, dv = run(flash_attn_func, q, k, v, dout, causal=False, doc_ids=doc_ids_of([[64, 64]]))
+    ref = run(attention_reference, *leaves(q[:, good], k[:, good], v[:, good], dtype=torch.float64),
+              dout[:, good].double(), causal=False)
+    compare((out[:, good], lse[..., good], dq[:, good], dk[:, good], dv[:, good]), ref, 1e-4)
+
+
+@cpu_only
+@pytest.mark.parametrize("window", [None, (20, 0)])
+def test_interpreter_kv_cache_prefill(window):
+    """The last n queries against all keys (a KV cache's prefill, n = 1: a decode step) are the
+    last n rows of the full causal forward."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 100, 2, 32), torch.randn(1, 100, 1, 32), torch.randn(1, 100, 1, 32)
+    full = flash_attn_func(q, k, v, causal=True, window_size=window)
+    for n in (1, 37):
+        assert rel_err(flash_attn_func(q[:, -n:], k, v, causal=True, window_size=window), full[:, -n:]) < 1e-5
 
 
 def naive_attention(q, k, v, causal, window):
@@ -300,6 +313,47 @@ GPU_CASES = [
 def test_gpu_matches_reference(case, dtype, tol):
     torch.manual_seed(zlib.crc32(repr(case).encode()))
     check_against_reference(*case, dtype=dtype, device="cuda", tol=tol)
+
+
+# seqlen_q != seqlen_k and odd head dims on the portable kernels (head dim 128 would be Hopper's with Tq == Tk)
+GPU_QK_CASES = [
+    (2, 300, 1000, 8, 2, 128, True, None),
+    (1, 1000, 300, 4, 4, 64, True, None),
+    (3, 1, 777, 4, 1, 128, True, None),
+    (2, 500, 1200, 4, 2, 128, False, (100, 50)),
+    (1, 600, 600, 4, 2, 40, True, None),
+    (1, 600, 600, 4, 2, 200, True, (128, 0)),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_QK_CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}/{}-D{}-causal{}-win{}".format(*c))
+def test_gpu_seqlen_q_ne_k_and_head_dims(case, dtype, tol):
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
+    B, Tq, Tk, Hq, Hkv, D, causal, window = case
+    check_against_reference(B, Tq, Hq, Hkv, D, causal, window, dtype=dtype, device="cuda", tol=tol, Tk=Tk)
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, (200, 30))])
+def test_gpu_doc_mask(head_dim, causal, window):
+    """Random document lengths (some 1) in bf16: the reference and each document alone."""
+    gen = torch.Generator().manual_seed(head_dim)
+    lengths = []
+    for _ in range(2):
+        row, left = [], 1500
+        while left:
+            n = min(left, 1 if torch.rand((), generator=gen) < 0.2 else int(torch.randint(2, 400, (), generator=gen)))
+            row.append(n)
+            left -= n
+        lengths.append(row)
+    (q, k, v, dout), results = check_against_reference(2, 1500, 4, 2, head_dim, causal, window, dtype=torch.bfloat16,
+                                                       device="cuda", tol=2e-2, doc_ids=doc_ids_of(lengths).cuda())
+    alone = per_document(attention_reference, *leaves(q, k, v, dtype=torch.float64), dout.double(), lengths,
+                         causal=causal, window_size=window)
+    compare(results, alone, 2e-2)
 
 
 @cuda_only
