@@ -569,8 +569,8 @@ def _doc_range(doc_ids):
     B, T = doc_ids.shape
     idx = torch.arange(T, device=doc_ids.device).expand(B, T)
     change = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T-1): token t+1 starts a document
-    first = torch.cat([torch.ones_like(change[:, :1]), change], 1)
-    last = torch.cat([change, torch.ones_like(change[:, :1])], 1)
+    edge = torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device)
+    first, last = torch.cat([edge, change], 1), torch.cat([change, edge], 1)
     start = torch.where(first, idx, 0).cummax(1).values
     end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)
     return torch.stack([start, end]).to(torch.int32).contiguous()

@@ -232,6 +232,7 @@ def test_doc_range():
     assert flash_attn._doc_range(ids).dtype == torch.int32
     assert starts.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6, [0, 1, 2, 3, 4, 5]]
     assert ends.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 2, 3, 4, 5, 6]]
+    assert flash_attn._doc_range(ids[:, :1].int()).tolist() == [[[0]] * 3, [[1]] * 3]
 
 
 DOC_LENGTHS = [[1, 1, 40, 1, 70, 37], [150], [20, 80, 1, 1, 48]]  # length 1; 20..100 spans tile boundaries
