@@ -42,6 +42,8 @@ warpgroups, the five backward matmuls in one kernel). These kernels stay the por
 every other GPU, head dim and dtype, and the interpreter on CPUs. FLASH_ATTN_HOPPER=0 keeps
 them on Hopper too.
 """
+import functools
+import hashlib
 import json
 import math
 import os
@@ -391,6 +393,13 @@ def _tuned_path():
     return os.path.join(triton.knobs.cache.dir, "flash_attn_tuned.json")
 
 
+@functools.lru_cache(maxsize=None)
+def _source_hash():
+    """Of this file: an edited kernel or tile list is tuned afresh."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def _tuned():
     global _TUNED
     if _TUNED is None:
@@ -426,7 +435,7 @@ def _remember(key, config):
 
 def _launch(which, T, heads, descs, *args, **meta):
     """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
-    (keys). Autotuned on a GPU (once per GPU, Triton version, kernel source and key: _tuned); a fixed
+    (keys). Autotuned on a GPU (once per GPU, Triton version, source of this file and key: _tuned); a fixed
     tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
     kernel, autotuned = KERNELS[which]
     rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
@@ -436,7 +445,7 @@ def _launch(which, T, heads, descs, *args, **meta):
     elif tile is None:
         space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
         x = descs[0].base
-        key = (f"{torch.cuda.get_device_name(x.device)}|triton {triton.__version__}|{kernel.cache_key}|{which}|"
+        key = (f"{torch.cuda.get_device_name(x.device)}|triton {triton.__version__}|{_source_hash()}|{which}|"
                f"{x.dtype}|D{meta['HEAD_DIM']}|causal{meta['IS_CAUSAL']}|bucket{meta['SEQ_BUCKET']}")
         tile, variant = space[0] if not AUTOTUNE else _tuned().get(key, (None, None))
         if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
