@@ -316,12 +316,12 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, softmax_scal
 # pipelines the TMA loads num_stages deep; shared memory (228 KB per SM) and registers bound
 # the tiles (bench_attention.py --tiles times each; notes/ptxas_regs.py reports registers and
 # spills). The first tile that fits is the default when autotuning is off. dkdv also tries
-# ONE_LOOP (see _bwd_dkdv_kernel). The last tiles are small enough for float32 at head dim 256.
+# ONE_LOOP (see _bwd_dkdv_kernel). The last, 8-warp tiles are for float32 at large head dims (_fits).
 TILES = {
-    "fwd": [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    "fwd": [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)],
     "dkdv": [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 3),
-             (16, 32, 4, 2)],
-    "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (32, 32, 4, 2)],
+             (16, 32, 8, 2)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (32, 32, 8, 2)],
 }
 INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
 # which tiles stay on chip for the whole program and which stream through the pipeline
@@ -332,7 +332,7 @@ VARIANTS = {"fwd": [{}], "dkdv": [{"ONE_LOOP": False}, {"ONE_LOOP": True}], "dq"
 # every config of a float32 head-dim-256 backward took 361 s on an H200. So at most MAX_CONFIGS candidates
 # per kernel and key, MAX_CONFIGS_SLOW for the slowest compiles (float32: FMA dots; head dim >= 192), and
 # the choices are kept across processes (_tuned).
-MAX_CONFIGS, MAX_CONFIGS_SLOW = 6, 2
+MAX_CONFIGS, MAX_CONFIGS_SLOW = 4, 2
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
 HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
 _HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be or once it failed
@@ -341,11 +341,17 @@ _TUNED = None  # {key: (tile, variant)}: the autotuned choices, loaded from _tun
 
 
 def _fits(which, tile, head_dim, elem_bytes=2):
-    """Shared memory of the tiles (elem_bytes per element): resident ones once, streamed ones num_stages times."""
-    bm, bn, _, stages = tile
+    """Shared memory of the tiles (elem_bytes per element): resident ones once, streamed ones num_stages
+    times. float32 (elem_bytes 4) runs its dots on FMA units, with both operands in registers: there the
+    resident tiles and the float32 accumulators (dK and dV in dkdv) also get at most half of the 255
+    registers per thread (ptxas for sm_90a, head dim 256: the 4-warp 64x32 forward tile spills 10 KB
+    and compiles 5x longer than the 8-warp one)."""
+    bm, bn, warps, stages = tile
     resident, streamed = ON_CHIP[which]
     res_rows, stream_rows = (bm, bn) if which in ("fwd", "dq") else (bn, bm)
-    return elem_bytes * head_dim * (resident * res_rows + stages * streamed * stream_rows) <= 200 * 1024
+    smem = elem_bytes * head_dim * (resident * res_rows + stages * streamed * stream_rows)
+    regs = (resident + (2 if which == "dkdv" else 1)) * res_rows * head_dim / (32 * warps)
+    return smem <= 200 * 1024 and (elem_bytes == 2 or regs <= 128)
 
 
 def _space(which, head_dim, elem_bytes):
@@ -484,7 +490,9 @@ def _hopper(q):
     128, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported on first use (it compiles for the GPU only);
     any failure there (e.g. a Triton whose Gluon API differs) leaves the portable kernels (_hopper_failed)."""
     global _HOPPER_MODULE
-    if _HOPPER_MODULE is None and HOPPER and q.is_cuda and not INTERPRET:
+    if not HOPPER:
+        return None
+    if _HOPPER_MODULE is None and q.is_cuda and not INTERPRET:
         try:
             import flash_attn_hopper
             _HOPPER_MODULE = flash_attn_hopper
