@@ -34,13 +34,17 @@ CPUs and by the tests.
 
 Loads use TMA tensor descriptors (Hopper's bulk tensor copy engine; Triton falls back to
 ordinary loads on older GPUs) and Triton's software pipelining (num_stages). Tile sizes are
-autotuned per (head dim, causal, dtype, sequence-length bucket).
+autotuned per (head dim, causal, dtype, sequence-length bucket) among a few candidates that fit
+that head dim and dtype, once per GPU and Triton version (the choices are kept in Triton's cache
+directory). The kernels are torch.library custom ops (flash_attn::forward, flash_attn::backward),
+so torch.compile traces flash_attn_func without a graph break. Without Triton installed the module
+still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
 algorithm, masks and lse, scheduled as FlashAttention-3 does (a loader warp, two consumer
 warpgroups, the five backward matmuls in one kernel). These kernels stay the portable path:
 every other GPU, head dim and dtype, and the interpreter on CPUs. FLASH_ATTN_HOPPER=0 keeps
-them on Hopper too.
+them on Hopper too, and so does any failure of the Hopper path (one line on stderr).
 """
 import functools
 import hashlib
@@ -385,7 +389,8 @@ def _autotuned(kernel, which):
         return [_config(t, x) for t, x in _space(which, meta["HEAD_DIM"], _elem_bytes(meta))]
     # key: plus the dtypes of the tensor arguments, which Triton adds itself
     return triton.autotune([_config(t, x) for t in TILES[which] for x in VARIANTS[which]],
-                           key=["HEAD_DIM", "IS_CAUSAL", "SEQ_BUCKET"], prune_configs_by={"early_config_prune": prune})(kernel)
+                           key=["HEAD_DIM", "IS_CAUSAL", "SEQ_BUCKET"],
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 KERNELS = {"fwd": (_fwd_kernel, _autotuned(_fwd_kernel, "fwd")),

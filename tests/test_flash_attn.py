@@ -192,6 +192,7 @@ NO_TRITON = r"""
 import sys
 sys.modules["triton"] = None  # `import triton` raises ImportError, as without the package
 import torch
+torch.cuda.is_available = lambda: True  # as on a GPU machine: one line on stderr at import
 import flash_attn
 assert not flash_attn.HAVE_TRITON and not flash_attn.INTERPRET
 torch.manual_seed(0)
@@ -208,13 +209,15 @@ print("ok")
 
 
 def test_import_without_triton():
-    """flash_attn imports without Triton (even with TRITON_INTERPRET=1 set) and computes with the
-    reference; transformers, which looks for a package named flash_attn, still imports from the root."""
+    """flash_attn imports without Triton (even with TRITON_INTERPRET=1 set), says so once where a GPU is
+    seen, and computes with the reference; transformers, which looks for a package named flash_attn,
+    still imports from the root."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", NO_TRITON], cwd=root, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert run.stderr.count("flash_attn: Triton is not installed") == 1, run.stderr[-3000:]
 
 
 def fake_hopper_forward(q, k, v, causal, scale, left, right, T_pad):
