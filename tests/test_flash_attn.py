@@ -4,8 +4,10 @@ Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1
 CPU; fp16 and fp32, since bf16 is broken there); with one, the GPU tests run them in bf16/fp16
 and check that model.py trains with attn_impl="flash" like "sdpa".
 """
+import json
 import os
 import sys
+import types
 import zlib
 
 import pytest
@@ -289,6 +291,217 @@ def test_bad_inputs_are_named():
             attention_reference(q, q, q, doc_ids=bad)
     with pytest.raises(ValueError, match="seqlen_q == seqlen_k"):
         flash_attn_func(q[:, :4], q, q, doc_ids=ids[:, :4])
+
+
+# --------------------------------------------------------------------------- custom op, torch.compile
+def op_targets(gm):
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@cpu_only
+def test_compile_traces_the_custom_op():
+    """torch.compile(fullgraph=True) of forward + backward: flash_attn::forward in the forward graph,
+    flash_attn::backward in the backward graph (a graph break would raise under fullgraph; a plain
+    autograd.Function or a Python-level fallback would leave the ops out), same numbers as eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = {"fw": [], "bw": []}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def loss_fn(q, k, v):
+        out, lse = flash_attn_func(q, k, v, causal=True, window_size=(20, 0), return_lse=True)
+        return (out.float() ** 2).sum() + lse.sum().detach()
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 40, 4, 32, requires_grad=True)
+    k, v = (torch.randn(2, 40, 2, 32, requires_grad=True) for _ in range(2))
+    eager = loss_fn(q, k, v)
+    grads = torch.autograd.grad(eager, (q, k, v))
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(loss_fn, fullgraph=True,
+                                backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")))
+    compiled = compiled_fn(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled, (q, k, v))
+    assert "flash_attn.forward.default" in set().union(*map(op_targets, graphs["fw"]))
+    assert "flash_attn.backward.default" in set().union(*map(op_targets, graphs["bw"]))
+    assert torch.equal(compiled, eager)
+    assert all(torch.equal(a, b) for a, b in zip(compiled_grads, grads))
+
+
+@cpu_only
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: the fake functions agree with the kernels (shapes, dtypes, strides, with a
+    non-contiguous input), the schema holds, autograd is registered. Tq a multiple of 128: no lse
+    padding rows, which the kernels leave unwritten (only their values would differ)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 128, 16).transpose(1, 2).requires_grad_()  # (B, T, H, D), not contiguous
+    k, v = (torch.randn(1, 128, 2, 16, requires_grad=True) for _ in range(2))
+    args = (None, True, 0.25, 128, 0)
+    torch.library.opcheck(torch.ops.flash_attn.forward.default, (q, k, v, *args))
+    out, lse = torch.ops.flash_attn.forward(q, k, v, *args)
+    assert out.is_contiguous() and lse.shape == (1, 4, 128) and lse.dtype == torch.float32
+    torch.library.opcheck(torch.ops.flash_attn.backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *args))
+
+
+@cpu_only
+def test_compiled_model_with_flash_matches_eager():
+    """model.Transformer with attn_impl="flash" under torch.compile (inductor, as train.py --compile=True
+    runs it; fullgraph: no graph break anywhere) gives eager's loss and gradients."""
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32, attn_impl="flash")
+    model = Transformer(cfg)
+    x, y = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
+    results = []
+    for m in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        loss = m(x, y)[1]
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss, grads), (closs, cgrads) = results
+    assert abs(closs.item() - loss.item()) < 1e-5 * loss.item()
+    assert max(rel_err(a, b) for a, b in zip(cgrads, grads)) < 1e-4
+
+
+# --------------------------------------------------------------------------- robustness
+NO_TRITON = r"""
+import sys
+sys.modules["triton"] = None  # `import triton` raises ImportError, as without the package
+import torch
+torch.cuda.is_available = lambda: True  # as on a GPU machine: one line on stderr at import
+import flash_attn
+assert not flash_attn.HAVE_TRITON and not flash_attn.INTERPRET
+torch.manual_seed(0)
+q, k, v = torch.randn(1, 9, 4, 16), torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)
+out, lse = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(3, 0), return_lse=True)
+ref, ref_lse = flash_attn.attention_reference(q, k, v, causal=True, window_size=(3, 0))
+assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             vocab_size=32))
+print("ok")
+"""
+
+
+def test_import_without_triton():
+    """flash_attn imports without Triton (even with TRITON_INTERPRET=1 set), says so once where a GPU is
+    seen, and computes with the reference; transformers, which looks for a package named flash_attn,
+    still imports from the root."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", NO_TRITON], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert run.stderr.count("flash_attn: Triton is not installed") == 1, run.stderr[-3000:]
+
+
+def fake_hopper_forward(q, k, v, causal, scale, left, right, T_pad):
+    """A Hopper forward's output format: out and the log2-unit lse padded to T_pad with +inf."""
+    out, lse = attention_reference(q, k, v, causal, scale, (left, right))
+    lse2 = torch.full((*lse.shape[:2], T_pad), float("inf"))
+    lse2[..., :lse.shape[-1]] = lse * flash_attn.math.log2(flash_attn.math.e)
+    return out, lse2
+
+
+@cpu_only
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_hopper_failure_falls_back_once(monkeypatch, capsys, fails):
+    """An exception from the Hopper module's forward (or backward): the portable kernels take over for
+    that call and every later one, with exactly one line on stderr over two calls."""
+    calls = []
+
+    def broken(*args):
+        calls.append(fails)
+        raise AttributeError("module 'gluon' has no attribute 'warpgroup_mma'\n(more compiler output)")
+
+    fake = types.SimpleNamespace(supported=lambda q: True, forward=fake_hopper_forward, backward=broken)
+    setattr(fake, fails, broken)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 32, requires_grad=True) for _ in range(3))
+
+    def run():
+        out = flash_attn_func(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    monkeypatch.setattr(flash_attn, "HOPPER", True)
+    monkeypatch.setattr(flash_attn, "_HOPPER_MODULE", False)  # the portable kernels only
+    portable = run()
+    monkeypatch.setattr(flash_attn, "_HOPPER_MODULE", fake)
+    results = [run(), run()]
+    err = capsys.readouterr().err
+    assert calls == [fails] and flash_attn._HOPPER_MODULE is False
+    assert err.count("\n") == 1 and "flash_attn: the Hopper kernels failed (AttributeError: module" in err, err
+    for result in results:
+        if fails == "forward":  # all portable
+            assert all(torch.equal(a, b) for a, b in zip(result, portable))
+        else:  # the fake's forward, then the portable backward on its lse
+            assert all(rel_err(a, b) < 1e-4 for a, b in zip(result, portable))
+
+
+def test_hopper_import_failure_falls_back_once(monkeypatch, capsys):
+    """flash_attn_hopper that cannot be imported (a Triton without Gluon, a renamed symbol): one line on
+    stderr, the portable kernels, and no second attempt."""
+    monkeypatch.setattr(flash_attn, "_HOPPER_MODULE", None)
+    monkeypatch.setattr(flash_attn, "HOPPER", True)
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    monkeypatch.setitem(sys.modules, "flash_attn_hopper", None)  # its import raises ImportError
+    q = types.SimpleNamespace(is_cuda=True)
+    assert flash_attn._hopper(q) is None and flash_attn._hopper(q) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Hopper kernels failed (ModuleNotFoundError" in err, err
+
+
+# --------------------------------------------------------------------------- autotuning
+@pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+def test_autotune_space_is_bounded(head_dim, elem_bytes):
+    """Per kernel: a non-empty candidate list that fits (shared memory; registers for float32), at most 4
+    configs, at most 2 for float32 or head dims >= 192 (whose compiles are slowest: a float32 head-dim-256
+    backward once took 361 s on an H200); the autotuner's prune returns exactly it."""
+    slow = elem_bytes == 4 or head_dim >= 192
+    total = sum(len(flash_attn._space(which, head_dim, elem_bytes)) for which in ("fwd", "dkdv", "dq"))
+    assert total <= (4 if elem_bytes == 4 and head_dim == 256 else 12), total  # compiles on a first fwd+bwd
+    for which in ("fwd", "dkdv", "dq"):
+        space = flash_attn._space(which, head_dim, elem_bytes)
+        assert 1 <= len(space) <= (2 if slow else 4), (which, space)
+        assert all(flash_attn._fits(which, tile, head_dim, elem_bytes) for tile, _ in space), (which, space)
+        autotuner = flash_attn.KERNELS[which][1]
+        pruned = autotuner.early_config_prune(autotuner.configs, {}, HEAD_DIM=head_dim,
+                                              PRECISION="ieee" if elem_bytes == 4 else "tf32")
+        assert [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs)
+                for c in pruned] == [(t, {"BLOCK_M": t[0], "BLOCK_N": t[1], **x}) for t, x in space]
+
+
+@cpu_only
+def test_tuned_choice_is_reused_by_the_next_process(monkeypatch, tmp_path):
+    """The GPU's path of _launch, run in the interpreter: the first call autotunes and writes its choice
+    to the JSON file; a new process (fresh memory) launches that choice without tuning again."""
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    monkeypatch.setattr(flash_attn, "AUTOTUNE", True)
+    monkeypatch.setattr(flash_attn, "_TUNED", None)
+    monkeypatch.setattr(flash_attn, "_tuned_path", lambda: str(tmp_path / "tuned.json"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "TestGPU")
+    autotuner = flash_attn.KERNELS["fwd"][1]
+    runs = []
+    monkeypatch.setitem(autotuner.__dict__, "do_bench", lambda fn, quantiles: (fn(), [1.0] * 3)[1])  # no GPU timer
+    monkeypatch.setattr(autotuner, "cache", {})
+    monkeypatch.setattr(autotuner, "run", lambda *a, _run=autotuner.run, **kw: runs.append(1) or _run(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 1, 16), torch.randn(1, 20, 1, 16)
+    ref = attention_reference(q, k, v, causal=True)[0]
+    assert rel_err(flash_attn._forward(q, k, v, None, True, 0.25, 20, 0)[0], ref) < 1e-5 and len(runs) == 1
+    saved = json.loads((tmp_path / "tuned.json").read_text())
+    assert len(saved) == 1 and next(iter(saved)).startswith("TestGPU|triton ")
+    monkeypatch.setattr(flash_attn, "_TUNED", None)  # the next process
+    assert rel_err(flash_attn._forward(q, k, v, None, True, 0.25, 20, 0)[0], ref) < 1e-5 and len(runs) == 1
+    assert list(flash_attn._tuned().values())[0] in flash_attn._space("fwd", 16, 4)
 
 
 # --------------------------------------------------------------------------- GPU
