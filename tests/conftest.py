@@ -28,11 +28,11 @@ if not torch.cuda.is_available():
         try:
             interpreter._patch_lang_tensor(Tensor, interpreter._LangPatchScope())
             operator.index(Tensor())
+            return False
         except TypeError:
             return True
         except Exception:  # an interpreter laid out otherwise: left alone
             return False
-        return False
 
     if interpreter is not None and _interpreter_cannot_index():
         _patch_tensor = interpreter._patch_lang_tensor
