@@ -617,6 +617,7 @@ HOPPER_COMPILE = r"""
 import re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon import language as gl
 import flash_attn_hopper as fh
@@ -628,10 +629,11 @@ def compile(fn, sig, consts):
     for name in fn.arg_names:
         sig.setdefault(name, "constexpr" if name in consts else "i32")
     k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
+                       options=fh.COMPILE_OPTIONS)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
-    log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f.name, "-o", f.name + ".o"],
+    # the ptxas Triton itself runs for sm_90 (3.9 moved it from its CUDA 12 ptxas to its CUDA 13 one)
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", f.name + ".o"],
                          capture_output=True, text=True, check=True).stderr
     spill = re.search(r"(\d+) bytes spill stores", log).group(1)
     print(fn.__name__, "smem", k.metadata.shared, "spill", spill, "serialized" if "serialized" in log else "pipelined")
@@ -648,6 +650,18 @@ compile(fh._bwd_kernel, {"desc_q": desc("bf16", [bm, D]), "desc_k": desc("bf16",
                          "desc_delta": desc("fp32", [bm]), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"},
         dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=st))
 """
+
+
+def test_hopper_import_names_a_missing_gluon_feature(monkeypatch):
+    """A Triton whose Gluon lacks what flash_attn_hopper calls (here: no TMA load under either of
+    its names) fails the import with one line that says what, so flash_attn falls back."""
+    import importlib
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+    for name in ("async_load", "async_copy_global_to_shared"):
+        monkeypatch.delattr(tma, name, raising=False)
+    monkeypatch.delitem(sys.modules, "flash_attn_hopper", raising=False)
+    with pytest.raises(ImportError, match=r"^Triton \S+ lacks tma\.async_load; flash_attn_hopper is tested with"):
+        importlib.import_module("flash_attn_hopper")
 
 
 def test_hopper_kernels_compile_for_sm90():
