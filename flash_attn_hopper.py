@@ -238,7 +238,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stri
         mbarrier.init(v_full.index(s), count=1)
         mbarrier.init(k_empty.index(s), count=2)  # released by both warpgroups
         mbarrier.init(v_empty.index(s), count=2)
-    lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _block_range(m0, T, T, LEFT, RIGHT, None, 0, BLOCK_M, BLOCK_N, False)  # no documents
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
     consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,
                 b.to(gl.int64) * stride_ob + h * stride_oh, bh.to(gl.int64) * T_pad, m0, lo, mid_lo, mid_hi,
@@ -409,7 +409,7 @@ def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, 
         mbarrier.init(dq_full.index(i), count=2)
         mbarrier.init(dq_empty.index(i), count=1)  # released by the writer
     # the query rows that see these keys: the transpose of the forward's band (LEFT <-> RIGHT)
-    lo, mid_lo, mid_hi, hi = _block_range(n0, T, RIGHT, LEFT, BLOCK_N, BLOCK_M)
+    lo, mid_lo, mid_hi, hi = _block_range(n0, T, T, RIGHT, LEFT, None, 0, BLOCK_N, BLOCK_M, False)
     n_q = gl.cdiv(hi - lo, BLOCK_M)
     h0 = hk * GROUP  # grouped-query: the query heads h0 .. h0 + GROUP - 1 share this kv head
     consumer = (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full, q_empty,
