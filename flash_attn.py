@@ -1,7 +1,8 @@
 """FlashAttention in Triton: forward and backward kernels, (batch, seqlen, nheads, headdim) layout.
 
     from flash_attn import flash_attn_func
-    out = flash_attn_func(q, k, v, causal=True)   # q (B, T, Hq, D), k/v (B, T, Hkv, D)
+    out = flash_attn_func(q, k, v, causal=True)   # q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D)
+    out = flash_attn_func(q, k, v, doc_ids=ids)   # ids (B, T): attention within each document
 
 The algorithm (the book's section 2.4.2; FlashAttention, arXiv 2205.14135, algorithm 1;
 FlashAttention-2's work partitioning, arXiv 2307.08691). Attention is O = softmax(S) V with S = scale * Q K^T. The (T, T) matrix S
@@ -27,31 +28,62 @@ tile by tile, and with D = rowsum(dO * O) (a small preprocess kernel),
 Following FlashAttention-2, one kernel owns a key block and loops over query blocks (dK, dV
 accumulate in registers, no atomics) and a second owns a query block and loops over key
 blocks (dQ). For grouped-query attention the dK/dV program also loops over the query heads
-of its group, so repeated k/v are never materialised. Masks (causal, sliding window, ragged
-tails) split each loop into blocks that need a mask and blocks that don't; fully masked
+of its group, so repeated k/v are never materialised. Masks (causal, sliding window, documents,
+ragged tails) split each loop into blocks that need a mask and blocks that don't; fully masked
 blocks are skipped. attention_reference() at the end is the plain PyTorch version, used on
 CPUs and by the tests.
 
+Masks. With Tq queries and Tk keys they are aligned bottom-right, as in FlashAttention: query i
+sits at position i + Tk - Tq, so with a KV cache the last query is the last key (causal: it
+sees keys <= i + Tk - Tq; a query that sees no key gets out 0 and lse +inf). Documents (packed
+rows): doc_ids gives each token a document, a contiguous run of one id, and a query sees only
+keys of its own document: FlashAttention-2's variable-length batches (arXiv 2307.08691)
+without unpadding the row. Since documents are contiguous, query i sees the key range
+[start[i], end[i]) (_doc_range) cut by the causal/window band, and both ends grow with i, so
+a tile's first and last rows bound the keys the whole tile sees: tiles in other documents
+are skipped and the cost falls with the document length.
+
 Loads use TMA tensor descriptors (Hopper's bulk tensor copy engine; Triton falls back to
 ordinary loads on older GPUs) and Triton's software pipelining (num_stages). Tile sizes are
-autotuned per (head dim, causal, dtype, sequence-length bucket).
+autotuned per (head dim, causal, documents, dtype, sequence-length bucket) among a few candidates that fit
+that head dim and dtype, once per GPU and Triton version (the choices are kept in Triton's cache
+directory). The kernels are torch.library custom ops (flash_attn::forward, flash_attn::backward),
+so torch.compile traces flash_attn_func without a graph break. Without Triton installed the module
+still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
 algorithm, masks and lse, scheduled as FlashAttention-3 does (a loader warp, two consumer
 warpgroups, the five backward matmuls in one kernel). These kernels stay the portable path:
-every other GPU, head dim and dtype, and the interpreter on CPUs. FLASH_ATTN_HOPPER=0 keeps
-them on Hopper too.
+every other GPU, head dim and dtype, documents, Tq != Tk, and the interpreter on CPUs.
+FLASH_ATTN_HOPPER=0 keeps them on Hopper too, and so does any failure of the Hopper path (one
+line on stderr).
 """
+import functools
+import hashlib
+import json
 import math
 import os
+import sys
+import types
+from typing import Optional
 
 import torch
 
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    HAVE_TRITON = True  # the kernels exist; without Triton flash_attn_func is attention_reference
+except ImportError:
+    HAVE_TRITON = False
+    # a stand-in so that the kernel definitions below still parse: the decorators return the
+    # function unchanged and tl.constexpr is the identity; nothing below calls these kernels
+    triton = tl = types.SimpleNamespace(jit=lambda fn=None, **kw: fn or (lambda f: f), constexpr=lambda x: x)
 
-INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: kernels run on the CPU in numpy
+INTERPRET = HAVE_TRITON and bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: kernels run on the CPU in numpy
+if not HAVE_TRITON and torch.cuda.is_available():
+    print("flash_attn: Triton is not installed, so flash_attn_func runs attention_reference (PyTorch, (T, T) "
+          "scores in memory) on the GPU too; pip install triton for the kernels", file=sys.stderr)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_BLOCK = 128  # largest tile in any config; lse/delta buffers are padded to a multiple of it
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); a constexpr, so the kernels can read it
@@ -241,7 +273,8 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, off
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Tq", "Tk", "T_pad", "LEFT", "RIGHT", "DOC_STRIDE", "SEQ_BUCKET"])  # GROUP == 1: no group loop
+# GROUP is specialized (GROUP == 1: no group loop)
+@triton.jit(do_not_specialize=["Tq", "Tk", "T_pad", "LEFT", "RIGHT", "DOC_STRIDE", "SEQ_BUCKET"])
 def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, Docs, softmax_scale,
                      stride_b, stride_t, stride_h,
                      Tq, Tk, T_pad, H_KV, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
@@ -354,38 +387,55 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, Docs, softma
 # pipelines the TMA loads num_stages deep; shared memory (228 KB per SM) and registers bound
 # the tiles (bench_attention.py --tiles times each; notes/ptxas_regs.py reports registers and
 # spills). The first tile that fits is the default when autotuning is off. dkdv also tries
-# ONE_LOOP (see _bwd_dkdv_kernel).
+# ONE_LOOP (see _bwd_dkdv_kernel). The last, 8-warp tiles are for float32 at large head dims (_fits).
 TILES = {
-    "fwd": [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
-    "dkdv": [(32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (16, 64, 4, 3)],
-    "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)],
+    "fwd": [(64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)],
+    "dkdv": [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 3),
+             (16, 32, 8, 2)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (32, 32, 8, 2)],
 }
 INTERPRET_TILES = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}  # CPU: BLOCK_M != BLOCK_N
 # which tiles stay on chip for the whole program and which stream through the pipeline
 # (q: a BLOCK_M x D tile of Q or dO, kv: a BLOCK_N x D tile of K or V)
 ON_CHIP = {"fwd": (1, 2), "dkdv": (2, 2), "dq": (2, 2)}  # (resident, streamed) tile counts
 VARIANTS = {"fwd": [{}], "dkdv": [{"ONE_LOOP": False}, {"ONE_LOOP": True}], "dq": [{}]}  # constexprs also tuned
+# Autotuning compiles every candidate (seconds each on a GPU host) and times it on the first call of each key;
+# every config of a float32 head-dim-256 backward took 361 s on an H200. So at most MAX_CONFIGS candidates
+# per kernel and key, MAX_CONFIGS_SLOW for the slowest compiles (float32: FMA dots; head dim >= 192), and
+# the choices are kept across processes (_tuned).
+MAX_CONFIGS, MAX_CONFIGS_SLOW = 4, 2
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
 HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
-_HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be
+_HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be or once it failed
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
+_TUNED = None  # {key: (tile, variant)}: the autotuned choices, loaded from _tuned_path() on first use
 
 
-def _fits(which, tile, head_dim):
-    """Shared memory of the 16-bit tiles: resident ones once, streamed ones num_stages times."""
-    bm, bn, _, stages = tile
+def _fits(which, tile, head_dim, elem_bytes=2):
+    """Shared memory of the tiles (elem_bytes per element): resident ones once, streamed ones num_stages
+    times. float32 (elem_bytes 4) runs its dots on FMA units, with both operands in registers: there the
+    resident tiles and the float32 accumulators (dK and dV in dkdv) also get at most half of the 255
+    registers per thread (ptxas for sm_90a, head dim 256: the 4-warp 64x32 forward tile spills 10 KB
+    and compiles 5x longer than the 8-warp one)."""
+    bm, bn, warps, stages = tile
     resident, streamed = ON_CHIP[which]
     res_rows, stream_rows = (bm, bn) if which in ("fwd", "dq") else (bn, bm)
-    return 2 * head_dim * (resident * res_rows + stages * streamed * stream_rows) <= 200 * 1024
+    smem = elem_bytes * head_dim * (resident * res_rows + stages * streamed * stream_rows)
+    regs = (resident + (2 if which == "dkdv" else 1)) * res_rows * head_dim / (32 * warps)
+    return smem <= 200 * 1024 and (elem_bytes == 2 or regs <= 128)
 
 
-def _prune(which):
-    def prune(configs, named_args, **kwargs):
-        d = kwargs["HEAD_DIM"]
-        kept = [c for c in configs if _fits(which, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                                    c.num_stages), d)]
-        return kept or configs[-1:]
-    return prune
+def _space(which, head_dim, elem_bytes):
+    """The autotune candidates [(tile, variant)] of one kernel for a head dim and element size: TILES x
+    VARIANTS that fit, in TILES' order, at most MAX_CONFIGS (MAX_CONFIGS_SLOW); never empty. The first
+    is the default tile when autotuning is off."""
+    tiles = [t for t in TILES[which] if _fits(which, t, head_dim, elem_bytes)] or TILES[which][-1:]
+    cap = MAX_CONFIGS_SLOW if elem_bytes == 4 or head_dim >= 192 else MAX_CONFIGS
+    return [(t, x) for t in tiles for x in VARIANTS[which]][:cap]
+
+
+def _elem_bytes(meta):
+    return 4 if meta["PRECISION"] == "ieee" else 2  # _common: "ieee" exactly for float32
 
 
 def _set_blocks(nargs):
@@ -396,36 +446,95 @@ def _set_blocks(nargs):
             nargs[name].block_shape = [rows, d]
 
 
+def _config(tile, variant):
+    bm, bn, w, s = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **variant}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
+
+
 def _autotuned(kernel, which):
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **x}, num_warps=w, num_stages=s, pre_hook=_set_blocks)
-               for bm, bn, w, s in TILES[which] for x in VARIANTS[which]]
+    def prune(configs, named_args, **meta):  # the candidates for this call's head dim and dtype
+        return [_config(t, x) for t, x in _space(which, meta["HEAD_DIM"], _elem_bytes(meta))]
     # key: plus the dtypes of the tensor arguments, which Triton adds itself
-    return triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "SEQ_BUCKET"],
-                           prune_configs_by={"early_config_prune": _prune(which)})(kernel)
+    return triton.autotune([_config(t, x) for t in TILES[which] for x in VARIANTS[which]],
+                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "SEQ_BUCKET"],
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 KERNELS = {"fwd": (_fwd_kernel, _autotuned(_fwd_kernel, "fwd")),
            "dkdv": (_bwd_dkdv_kernel, _autotuned(_bwd_dkdv_kernel, "dkdv")),
-           "dq": (_bwd_dq_kernel, _autotuned(_bwd_dq_kernel, "dq"))}
+           "dq": (_bwd_dq_kernel, _autotuned(_bwd_dq_kernel, "dq"))} if HAVE_TRITON else {}
+
+
+def _tuned_path():
+    """Next to Triton's compiled kernels (TRITON_CACHE_DIR), so that emptying that cache retunes too.
+    (Triton's own autotune cache_results skips configs with a pre_hook, which ours need.)"""
+    return os.path.join(triton.knobs.cache.dir, "flash_attn_tuned.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash():
+    """Of this file: an edited kernel or tile list is tuned afresh."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _tuned():
+    global _TUNED
+    if _TUNED is None:
+        try:
+            with open(_tuned_path()) as f:
+                _TUNED = {key: (tuple(c[:4]), c[4]) for key, c in json.load(f).items()}
+        except (OSError, ValueError, TypeError, IndexError):  # none yet, or unreadable: tune again
+            _TUNED = {}
+    return _TUNED
+
+
+def _remember(key, config):
+    """Records the autotuner's choice, in this process and in the JSON file (merged with what other
+    processes wrote meanwhile; a failed write only costs a retune in the next process)."""
+    kw = dict(config.kwargs)
+    tile = (kw.pop("BLOCK_M"), kw.pop("BLOCK_N"), config.num_warps, config.num_stages)
+    _tuned()[key] = (tile, kw)
+    path = _tuned_path()
+    try:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = {}
+        saved[key] = [*tile, kw]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.{os.getpid()}", "w") as f:
+            json.dump(saved, f, indent=0)
+        os.replace(f"{path}.{os.getpid()}", path)
+    except OSError:
+        pass
 
 
 def _launch(which, T, heads, descs, *args, **meta):
     """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
-    (keys). Autotuned on a GPU; a fixed tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
+    (keys). Autotuned on a GPU (once per GPU, Triton version, source of this file and key: _tuned); a fixed
+    tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
     kernel, autotuned = KERNELS[which]
     rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
-    tile = FORCE_TILES.get(which)
-    if tile is None and AUTOTUNE and not INTERPRET:
-        autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)
-        return
-    if tile is None:
-        tile = INTERPRET_TILES[which] if INTERPRET else next(
-            (t for t in TILES[which] if _fits(which, t, meta["HEAD_DIM"])), TILES[which][-1])
+    tile, variant = FORCE_TILES.get(which), {}
+    if tile is None and INTERPRET:
+        tile = INTERPRET_TILES[which]
+    elif tile is None:
+        space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
+        x = descs[0].base
+        key = (f"{torch.cuda.get_device_name(x.device)}|triton {triton.__version__}|{_source_hash()}|{which}|"
+               f"{x.dtype}|D{meta['HEAD_DIM']}|causal{meta['IS_CAUSAL']}|bucket{meta['SEQ_BUCKET']}")
+        tile, variant = space[0] if not AUTOTUNE else _tuned().get(key, (None, None))
+        if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
+            autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)
+            _remember(key, autotuned.best_config)
+            return
     bm, bn, w, s = tile
     nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
     _set_blocks(nargs)
     grid = (triton.cdiv(T, bn if which == "dkdv" else bm), heads)
-    kernel[grid](*descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **meta)
+    kernel[grid](*descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **variant, **meta)
 
 
 # --------------------------------------------------------------------------- host side
@@ -450,18 +559,40 @@ def _common(q, causal, doc_range):
 
 def _hopper(q):
     """flash_attn_hopper (warp-specialized Gluon kernels) where it applies: a Hopper GPU, head dim
-    128, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported on first use (it compiles for the GPU only)."""
+    128, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported on first use (it compiles for the GPU only);
+    any failure there (e.g. a Triton whose Gluon API differs) leaves the portable kernels (_hopper_failed)."""
     global _HOPPER_MODULE
-    if not HOPPER or INTERPRET or not q.is_cuda:
+    if not HOPPER:
         return None
-    if _HOPPER_MODULE is None:
+    if _HOPPER_MODULE is None and q.is_cuda and not INTERPRET:
         try:
             import flash_attn_hopper
             _HOPPER_MODULE = flash_attn_hopper
-        except ImportError as e:  # a Triton without Gluon: the portable kernels still work
-            print(f"flash_attn: Hopper kernels unavailable ({e}); using the portable Triton kernels")
-            _HOPPER_MODULE = False
-    return _HOPPER_MODULE if _HOPPER_MODULE and _HOPPER_MODULE.supported(q) else None
+        except Exception as e:  # noqa: BLE001 (ImportError, AttributeError, ...)
+            _hopper_failed(e)
+    try:
+        return _HOPPER_MODULE if _HOPPER_MODULE and _HOPPER_MODULE.supported(q) else None
+    except Exception as e:  # noqa: BLE001
+        _hopper_failed(e)
+        return None
+
+
+def _hopper_failed(e):
+    """Any failure of the Hopper path (import, attribute, compile, launch): one line on stderr, then the
+    portable kernels for good (same inputs, same lse format, so a portable backward can follow a Hopper
+    forward). Out of memory is not a failure of the path: the caller gets it."""
+    global _HOPPER_MODULE
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        raise e
+    _HOPPER_MODULE = False
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    print(f"flash_attn: the Hopper kernels failed ({type(e).__name__}: {first}); using the portable Triton kernels "
+          "from now on", file=sys.stderr)
+
+
+def _lse_len(T):
+    """lse and delta rows per (batch, head): T padded to a multiple of MAX_BLOCK (tiles read past T)."""
+    return -(-T // MAX_BLOCK) * MAX_BLOCK
 
 
 def _forward(q, k, v, doc_range, causal, scale, left, right):
@@ -470,10 +601,13 @@ def _forward(q, k, v, doc_range, causal, scale, left, right):
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     group = H // k.shape[2]
-    T_pad = triton.cdiv(Tq, MAX_BLOCK) * MAX_BLOCK
+    T_pad = _lse_len(Tq)
     hopper = _hopper(q) if doc_range is None and Tq == Tk else None
     if hopper:
-        return hopper.forward(q, k, v, causal, scale, left, right, T_pad)
+        try:
+            return hopper.forward(q, k, v, causal, scale, left, right, T_pad)
+        except Exception as e:  # noqa: BLE001
+            _hopper_failed(e)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
     _launch("fwd", Tq, B * H, [_desc(q), _desc(k), _desc(v)],
@@ -491,7 +625,10 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
                                                  Tq, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
     hopper = _hopper(q) if doc_range is None and Tq == Tk else None
     if hopper:  # its lse has the same format, so either kernels' forward can come first
-        return hopper.backward(do, q, k, v, lse, delta, scale, left, right)
+        try:
+            return hopper.backward(do, q, k, v, lse, delta, scale, left, right)
+        except Exception as e:  # noqa: BLE001
+            _hopper_failed(e)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     band = _band_args(Tq, Tk, left, right, doc_range)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
@@ -505,22 +642,58 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, doc_range, causal, scale, left, right):
-        q, k, v = _prepare(q), _prepare(k), _prepare(v)
-        out, lse = _forward(q, k, v, doc_range, causal, scale, left, right)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (doc_range, causal, scale, left, right)
-        lse_e = lse[..., :q.shape[1]] / LOG2E.value  # natural-log lse, (B, H, Tq)
-        ctx.mark_non_differentiable(lse_e)
-        return out, lse_e
+# The kernels as a pair of torch.library custom ops, differentiable through register_autograd:
+# torch.compile keeps each call as one opaque node of its graph (no graph break; the fake functions
+# give it shapes) and AOTAutograd puts the backward op into the backward graph. The ops make their
+# inputs contiguous and 16-byte aligned themselves (_prepare), so every output is contiguous.
+@torch.library.custom_op("flash_attn::forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_range: Optional[torch.Tensor],
+                causal: bool, scale: float, left: int, right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse (B, Hq, _lse_len(Tq)) float32 in log2 units) = _forward."""
+    return _forward(_prepare(q), _prepare(k), _prepare(v), doc_range, causal, scale, left, right)
 
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(_prepare(do), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+
+@_forward_op.register_fake
+def _(q, k, v, doc_range, causal, scale, left, right):
+    B, T, H, D = q.shape
+    return q.new_empty(q.shape), q.new_empty(B, H, _lse_len(T), dtype=torch.float32)
+
+
+@torch.library.custom_op("flash_attn::backward", mutates_args=())
+def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, doc_range: Optional[torch.Tensor], causal: bool, scale: float, left: int,
+                 right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) = _backward; out and lse from _forward_op."""
+    do, q, k, v, out = (_prepare(x) for x in (do, q, k, v, out))  # do and out: one stride (_bwd_preprocess)
+    return _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, doc_range, causal, scale, left, right = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # a statistic: no gradient flows back through it
+    ctx.save_for_backward(q, k, v, out, lse, doc_range)
+    ctx.args = (causal, scale, left, right)
+
+
+def _backward_autograd(ctx, dout, _dlse):
+    q, k, v, out, lse, doc_range = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, doc_range, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def _attention(q, k, v, doc_range, causal, scale, left, right):
+    """The kernels, differentiable in q, k, v: (out, lse (B, Hq, Tq) float32, natural log, not differentiable)."""
+    out, lse = _forward_op(q, k, v, doc_range, causal, scale, left, right)
+    return out, lse[..., :q.shape[1]] / math.log2(math.e)
 
 
 # --------------------------------------------------------------------------- public API
@@ -557,8 +730,8 @@ def _doc_range(doc_ids):
     B, T = doc_ids.shape
     idx = torch.arange(T, device=doc_ids.device).expand(B, T)
     change = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T-1): token t+1 starts a document
-    first = torch.cat([torch.ones_like(change[:, :1]), change], 1)
-    last = torch.cat([change, torch.ones_like(change[:, :1])], 1)
+    edge = torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device)
+    first, last = torch.cat([edge, change], 1), torch.cat([change, edge], 1)
     start = torch.where(first, idx, 0).cummax(1).values
     end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)
     return torch.stack([start, end]).to(torch.int32).contiguous()
@@ -577,6 +750,8 @@ def _check(q, k, v, doc_ids=None):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
     if doc_ids is not None:
+        if not isinstance(doc_ids, torch.Tensor):
+            raise ValueError(f"doc_ids must be None or an integer (batch, seqlen) tensor; got {type(doc_ids).__name__}")
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"doc_ids needs seqlen_q == seqlen_k (one packed row); got {q.shape[1]} and "
                              f"{k.shape[1]}: pass doc_ids=None with a KV cache")
@@ -607,7 +782,7 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
                          "(or attn_impl='sdpa')")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     left, right = _window(causal, window_size, Tq, Tk)
-    if not (q.is_cuda or INTERPRET):
+    if not HAVE_TRITON or not (q.is_cuda or INTERPRET):
         out, lse = attention_reference(q, k, v, causal, scale, window_size, doc_ids)
     else:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -616,7 +791,7 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
         if width != D:  # zero columns change no score; autograd slices the gradients back to D
             q, k, v = (torch.nn.functional.pad(x, (0, width - D)) for x in (q, k, v))
         doc_range = None if doc_ids is None else _doc_range(doc_ids)
-        out, lse = _FlashAttention.apply(q, k, v, doc_range, bool(causal), float(scale), left, right)
+        out, lse = _attention(q, k, v, doc_range, bool(causal), float(scale), left, right)
         out = out[..., :D]
     return (out, lse) if return_lse else out
 

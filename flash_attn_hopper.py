@@ -28,7 +28,14 @@ with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects the portable kernels, whic
 
 Compiled only on a GPU; tests/test_flash_attn.py compiles both kernels for sm_90a on CPU
 machines (no GPU needed) and checks them against the reference on a GPU.
+
+Tested with Triton 3.6.0 to 3.9.0 (Gluon is experimental and its API moves between releases:
+the few renames are bridged below by feature checks). A Triton whose Gluon lacks what these
+kernels call fails the import with an ImportError that names what is missing, before any
+call, and flash_attn keeps its portable kernels.
 """
+import inspect
+
 import torch
 import triton
 from triton._C.libtriton import ir
@@ -41,11 +48,33 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import flash_attn
 
+TESTED_TRITON = "3.6.0 to 3.9.0"  # tests/test_flash_attn.py compiles the kernels with each release
+
+
+def _missing_features():
+    """What this Triton's Gluon lacks of what the kernels call: features, not version numbers, so
+    that a release past the tested ones is tried (flash_attn falls back if it then fails)."""
+    missing = []
+    if "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
+        missing.append("gl.warp_specialize([(function, args), ...], warps, regs)")  # 3.6's form
+    if not (hasattr(tma, "async_load") or hasattr(tma, "async_copy_global_to_shared")):
+        missing.append("tma.async_load")
+    return missing
+
+
+if _missing_features():  # before the first call: flash_attn then keeps its portable kernels
+    raise ImportError(f"Triton {triton.__version__} lacks {' and '.join(_missing_features())}; "
+                      f"flash_attn_hopper is tested with Triton {TESTED_TRITON}")
+
 HEAD_DIM = 128
 FWD_TILE = (128, 128, 2)  # (query rows, key rows, ring slots): two warpgroups of 64 query rows
 BWD_TILE = (64, 128, 2)   # (query rows, key rows, ring slots): two warpgroups of 64 keys
 COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64K registers
 LOADER_REGS = gl.constexpr(24)
+# 4 warps launched run warp_specialize's first partition (consumer warpgroup 0), which adds the
+# others' warps; FMA contraction stated, not left to the default (Triton 3.9 warns that 3.10
+# turns it off)
+COMPILE_OPTIONS = dict(num_warps=4, enable_fp_fusion=True)
 LOG2E = flash_attn.LOG2E
 
 # the portable kernels' mask helpers, compiled as Gluon (pure scalar / elementwise code)
@@ -62,12 +91,19 @@ def supported(q):
 
 
 @builtin
-def _tma_reduce_add(desc, offsets, src, _semantic=None):
+def _tma_reduce_add_36(desc, offsets, src, _semantic=None):
     """desc[offsets] += src (a shared-memory tile), an asynchronous TMA bulk reduction
-    (cp.reduce.async.bulk.tensor); tma.store_wait covers it like a TMA store. Gluon (Triton 3.6)
-    has the op but no Python wrapper."""
+    (cp.reduce.async.bulk.tensor); tma.store_wait covers it like a TMA store. Triton 3.6 and 3.7
+    have the op but no Python wrapper."""
     offsets = _semantic._convert_to_ir_values(offsets, require_i64=False)
     _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, offsets, src.handle)
+
+
+# Gluon's API moves between Triton releases; feature checks, not version numbers. Triton 3.8
+# renamed tma.async_copy_global_to_shared to async_load (3.9 keeps the old name only to raise)
+# and added async_atomic_add, the same reduction as _tma_reduce_add_36.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_36
 
 
 @triton.constexpr_function
@@ -85,18 +121,17 @@ def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, 
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     for w in gl.static_range(2):
         mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, [q_row + w * q_smem.shape[1], q_col], q_bars.index(w),
-                                        q_smem.index(w))
+        _tma_load(desc_q, [q_row + w * q_smem.shape[1], q_col], q_bars.index(w), q_smem.index(w))
     for i in range(n_blocks):
         s = i % STAGES
         released = ((i // STAGES) & 1) ^ 1  # parity of the slot's last release (a fresh barrier passes)
         row = kv_row + lo + i * BLOCK_N
         mbarrier.wait(k_empty.index(s), released)
         mbarrier.expect(k_full.index(s), desc_k.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_full.index(s), k_ring.index(s))
+        _tma_load(desc_k, [row, kv_col], k_full.index(s), k_ring.index(s))
         mbarrier.wait(v_empty.index(s), released)
         mbarrier.expect(v_full.index(s), desc_v.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_full.index(s), v_ring.index(s))
+        _tma_load(desc_v, [row, kv_col], v_full.index(s), v_ring.index(s))
 
 
 @gluon.jit
@@ -203,7 +238,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stri
         mbarrier.init(v_full.index(s), count=1)
         mbarrier.init(k_empty.index(s), count=2)  # released by both warpgroups
         mbarrier.init(v_empty.index(s), count=2)
-    lo, mid_lo, mid_hi, hi = _block_range(m0, T, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _block_range(m0, T, T, LEFT, RIGHT, None, 0, BLOCK_M, BLOCK_N, False)  # no documents
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
     consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,
                 b.to(gl.int64) * stride_ob + h * stride_oh, bh.to(gl.int64) * T_pad, m0, lo, mid_lo, mid_hi,
@@ -233,18 +268,18 @@ def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
     mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc_k, [kv_row, kv_col], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(desc_v, [kv_row, kv_col], kv_bar, v_smem)
+    _tma_load(desc_k, [kv_row, kv_col], kv_bar, k_smem)
+    _tma_load(desc_v, [kv_row, kv_col], kv_bar, v_smem)
     for j in range(GROUP * n_q):
         s = j % STAGES
         g, start_m = _bwd_step(j, n_q, lo, BLOCK_M)
         mbarrier.wait(q_empty.index(s), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(q_full.index(s), 2 * desc_q.block_type.nbytes + 2 * desc_lse.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc_q, [q_row + start_m, (h0 + g) * D], q_full.index(s), q_ring.index(s))
-        tma.async_copy_global_to_shared(desc_do, [q_row + start_m, (h0 + g) * D], q_full.index(s), do_ring.index(s))
+        _tma_load(desc_q, [q_row + start_m, (h0 + g) * D], q_full.index(s), q_ring.index(s))
+        _tma_load(desc_do, [q_row + start_m, (h0 + g) * D], q_full.index(s), do_ring.index(s))
         stat = (stat_base + g * T_pad + start_m).to(gl.int32)
-        tma.async_copy_global_to_shared(desc_lse, [stat], q_full.index(s), lse_ring.index(s))
-        tma.async_copy_global_to_shared(desc_delta, [stat], q_full.index(s), delta_ring.index(s))
+        _tma_load(desc_lse, [stat], q_full.index(s), lse_ring.index(s))
+        _tma_load(desc_delta, [stat], q_full.index(s), delta_ring.index(s))
 
 
 @gluon.jit
@@ -374,7 +409,7 @@ def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, 
         mbarrier.init(dq_full.index(i), count=2)
         mbarrier.init(dq_empty.index(i), count=1)  # released by the writer
     # the query rows that see these keys: the transpose of the forward's band (LEFT <-> RIGHT)
-    lo, mid_lo, mid_hi, hi = _block_range(n0, T, RIGHT, LEFT, BLOCK_N, BLOCK_M)
+    lo, mid_lo, mid_hi, hi = _block_range(n0, T, T, RIGHT, LEFT, None, 0, BLOCK_N, BLOCK_M, False)
     n_q = gl.cdiv(hi - lo, BLOCK_M)
     h0 = hk * GROUP  # grouped-query: the query heads h0 .. h0 + GROUP - 1 share this kv head
     consumer = (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full, q_empty,
@@ -412,7 +447,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad):
     _fwd_kernel[(triton.cdiv(T, bm), B * H)](
         _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
         T, T_pad, H, H // k.shape[2], left, right, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        num_warps=4)
+        **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -426,5 +461,5 @@ def backward(do, q, k, v, lse, delta, scale, left, right):
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), dk, dv, scale, dk.stride(0), dk.stride(1), dk.stride(2),
         T, lse.shape[-1], k.shape[2], H // k.shape[2], left, right, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        num_warps=4)
+        **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -157,5 +157,48 @@ for mode in ("False", "True"):
     print(f"checkpoint_async={mode}: training stall per save (s) by step: {stalls}")
 PY
 rm -rf $D
+;;
+first_call)
+# flash_attn's first forward+backward call (Triton compiles + autotuning), per dtype and head dim, each in a fresh
+# process with an empty Triton cache (TRITON_CACHE_DIR, which also holds flash_attn_tuned.json; target: under ~60 s
+# each; a case is stopped at 90 s); then the float32 head-dim-256 case again in a new process on its filled cache (tuned choices reused).
+# B=2, T=2048, 8 query / 4 kv heads, causal. bf16 at head dim 128 takes flash_attn_hopper on Hopper (also timed
+# with FLASH_ATTN_HOPPER=0). Head dim 96 needs the zero-padding of non-power-of-two dims; it reports an error before.
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+fc() {  # dtype head_dim cache_dir [VAR=value ...]; at most 90 s a case and 9 minutes in all
+  left=$((540 - SECONDS)); [ $left -lt 20 ] && { echo "first_call $1 D$2 ${*:4}: skipped (9 minutes used)"; return; }
+  TRITON_CACHE_DIR=$3 timeout $((left < 90 ? left : 90)) env "${@:4}" python3 - "$1" "$2" "${*:4}" <<'PY' 2>&1 | grep -E "^first_call" || echo "first_call $1 D$2 ${*:4}: no result (over $((left < 90 ? left : 90)) s, or a crash)"
+import sys, time
+import torch
+import flash_attn
+dtype, D, extra = getattr(torch, sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+name = f"first_call {sys.argv[1]} D{D} {extra}".strip()
+try:
+    q = torch.randn(2, 2048, 8, D, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2048, 4, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    times = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        flash_attn.flash_attn_func(q, k, v, causal=True).sum().backward()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    print(f"{name}: first fwd+bwd {times[0]:.1f} s, second {1e3 * times[1]:.1f} ms")
+except Exception as e:  # noqa: BLE001
+    print(f"{name}: failed {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+PY
+}
+C=$(mktemp -d)
+for dtype in float32 bfloat16; do
+  for d in 64 128 256 96; do
+    dir=$(mktemp -d); fc $dtype $d $dir
+    if [ $dtype = float32 ] && [ $d = 256 ]; then C=$dir; else rm -rf $dir; fi
+  done
+done
+dir=$(mktemp -d); fc bfloat16 128 $dir FLASH_ATTN_HOPPER=0; rm -rf $dir
+fc float32 256 $C WARM_CACHE=1  # a new process, the cache of the fresh float32 D256 run above
+rm -rf $C
 ;;
 esac

@@ -3,6 +3,7 @@
 
     python notes/ptxas_regs.py                      # every kernel x tile config, head dim 128, bf16
     python notes/ptxas_regs.py --head-dim 64 --which dkdv
+    python notes/ptxas_regs.py --docs 1             # the document-masking variants (HAS_DOCS)
 
 Prints one line per (kernel, constexpr variant, tile): registers per thread, spill stores/loads
 (bytes), shared memory from Triton's metadata, and whether the dots became wgmma.
@@ -36,6 +37,8 @@ def signature(fn, descs, bm, bn, d, dtype):
             sig[name] = f"*{dtype}"
         elif name in ("Lse", "Delta"):
             sig[name] = "*fp32"
+        elif name == "Docs":
+            sig[name] = "*i32"
         elif name == "softmax_scale":
             sig[name] = "fp32"
         else:
@@ -75,13 +78,16 @@ def main():
     p.add_argument("--which", default="fwd,dkdv,dq")
     p.add_argument("--causal", type=int, default=1)
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--docs", type=int, default=0)
     args = p.parse_args()
     for which in args.which.split(","):
         fn = flash_attn.KERNELS[which][0]
         for variant in flash_attn.VARIANTS[which]:
             for bm, bn, w, s in flash_attn.TILES[which]:
                 consts = dict(HEAD_DIM=args.head_dim, IS_CAUSAL=bool(args.causal), PRECISION="tf32",
-                              BLOCK_M=bm, BLOCK_N=bn, **variant)
+                              HAS_DOCS=bool(args.docs), BLOCK_M=bm, BLOCK_N=bn, **variant)
+                if not args.docs:
+                    consts["Docs"] = None  # no document pointer: the kernels never read it
                 if not flash_attn._fits(which, (bm, bn, w, s), args.head_dim):
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: does not fit (pruned)")
                     continue

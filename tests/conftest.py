@@ -1,6 +1,9 @@
+import operator
 import os
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +19,22 @@ if not torch.cuda.is_available():
         from triton.runtime import interpreter
     except ImportError:  # no triton: test_flash_attn skips itself
         interpreter = None
-    if interpreter is not None:  # Triton 3.6's interpreter int()s 1-element arrays (loop bounds): an error in numpy 2.4
+
+    def _interpreter_cannot_index():
+        """Triton 3.6's interpreter int()s 1-element arrays (loop bounds), an error from numpy 2.4 on
+        (3.7 squeezes them first): tried on a stand-in for tl.tensor, not read off version numbers."""
+        class Tensor:
+            handle = types.SimpleNamespace(data=np.ones(1, dtype=np.int32))
+        try:
+            interpreter._patch_lang_tensor(Tensor, interpreter._LangPatchScope())
+            operator.index(Tensor())
+            return False
+        except TypeError:
+            return True
+        except Exception:  # an interpreter laid out otherwise: left alone
+            return False
+
+    if interpreter is not None and _interpreter_cannot_index():
         _patch_tensor = interpreter._patch_lang_tensor
 
         def _patch_tensor_index(tensor, scope):

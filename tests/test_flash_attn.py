@@ -4,8 +4,10 @@ Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1
 CPU; fp16 and fp32, since bf16 is broken there); with one, the GPU tests run them in bf16/fp16
 and check that model.py trains with attn_impl="flash" like "sdpa".
 """
+import json
 import os
 import sys
+import types
 import zlib
 
 import pytest
@@ -23,23 +25,42 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / max(b.double().norm().item(), 1.0)).item()
 
 
-def check_against_reference(B, T, Hq, Hkv, D, causal, window, dtype, device, tol):
-    """Fresh random inputs; kernel vs the reference in float64 on the same (rounded) inputs."""
-    q = torch.randn(B, T, Hq, D, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, window_size=window)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-
-    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, T)
-    errs = {"out": rel_err(out, ref), "lse": rel_err(lse, ref_lse)}
-    errs.update({name: rel_err(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+def compare(results, refs, tol):
+    """(out, lse, dq, dk, dv) against the same from a float64 run: relative errors under tol, no nan,
+    and +inf lse (rows that see no key) exactly where the reference has it."""
+    assert not any(x.isnan().any() for x in (*results, *refs)), "nan"
+    lse, ref_lse = results[1], refs[1]
+    assert torch.equal(lse.isinf(), ref_lse.isinf()) and (lse[lse.isinf()] > 0).all(), "rows without keys differ"
+    finite = [x.masked_fill(x.isinf(), 0.0) for x in (*results, *refs)]
+    errs = {name: rel_err(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), finite[:5], finite[5:])}
     assert all(e < tol for e in errs.values()), f"errors over {tol}: {errs}"
+
+
+def run(fn, q, k, v, dout, **kw):
+    """(out, lse, dq, dk, dv) of fn = flash_attn_func or attention_reference."""
+    out, lse = fn(q, k, v, **kw, **({"return_lse": True} if fn is flash_attn_func else {}))
+    return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def leaves(*xs, dtype=None):
+    """Detached copies (in dtype) that require grad: inputs of a separate autograd graph."""
+    return [x.detach().to(dtype or x.dtype).requires_grad_() for x in xs]
+
+
+def check_against_reference(B, T, Hq, Hkv, D, causal, window, dtype, device, tol, Tk=None, doc_ids=None):
+    """Fresh random inputs; kernel vs the reference in float64 on the same (rounded) inputs.
+    Tk: the keys' length if not T (masks aligned bottom-right); doc_ids: (B, T) document ids."""
+    Tk = T if Tk is None else Tk
+    q = torch.randn(B, T, Hq, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Tk, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Tk, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    dout = torch.randn_like(q)
+    kw = dict(causal=causal, window_size=window, doc_ids=doc_ids)
+    results = run(flash_attn_func, q, k, v, dout, **kw)
+    refs = run(attention_reference, *leaves(q, k, v, dtype=torch.float64), dout.double(), **kw)
+    assert results[0].shape == q.shape and results[0].dtype == dtype and results[1].shape == (B, Hq, T)
+    compare(results, refs, tol)
+    return (q, k, v, dout), results
 
 
 # --------------------------------------------------------------------------- CPU (interpreter)
@@ -67,16 +88,94 @@ def test_interpreter_matches_reference(case, dtype, tol):
     check_against_reference(*case, dtype=dtype, device="cpu", tol=tol)
 
 
+# (B, Tq, Tk, Hq, Hkv, D, causal, window): a KV cache's prefill and one decode step (Tq < Tk),
+# and Tq > Tk, where the first queries see no key (out 0, lse +inf, zero gradients)
+QK_CASES = [
+    (1, 40, 150, 2, 1, 32, True, None),
+    (1, 1, 100, 2, 1, 32, True, None),
+    (2, 150, 60, 2, 2, 32, True, None),
+    (1, 100, 37, 2, 1, 32, False, (10, 3)),
+    (1, 33, 130, 4, 2, 64, False, None),
+    (1, 70, 130, 2, 1, 32, True, (20, 0)),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("case", QK_CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}/{}-D{}-causal{}-win{}".format(*c))
+def test_interpreter_seqlen_q_ne_k(case, dtype, tol):
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
+    B, Tq, Tk, Hq, Hkv, D, causal, window = case
+    check_against_reference(B, Tq, Hq, Hkv, D, causal, window, dtype=dtype, device="cpu", tol=tol, Tk=Tk)
+
+
+@cpu_only
+@pytest.mark.parametrize("head_dim", [8, 40, 72, 96])
+def test_interpreter_odd_head_dims(head_dim):
+    """Head dims that are no kernel width run zero-padded; scale 1/sqrt(real head dim)."""
+    torch.manual_seed(head_dim)
+    check_against_reference(2, 70, 2, 1, head_dim, True, None, dtype=torch.float32, device="cpu", tol=1e-4)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, (30, 9))])
+def test_interpreter_doc_mask(causal, window, dtype, tol):
+    """Documents of length 1, one spanning tile boundaries, a row that is one document, grouped
+    heads: the kernels against the float64 reference and against each document run alone."""
+    torch.manual_seed(2)
+    ids = doc_ids_of(DOC_LENGTHS)
+    (q, k, v, dout), results = check_against_reference(3, 150, 4, 2, 32, causal, window, dtype=dtype, device="cpu",
+                                                       tol=tol, doc_ids=ids)
+    alone = per_document(attention_reference, *leaves(q, k, v, dtype=torch.float64), dout.double(), DOC_LENGTHS,
+                         causal=causal, window_size=window)
+    compare(results, alone, tol)
+
+
+@cpu_only
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's row max over the nan document
+@pytest.mark.parametrize("nan_doc", [0, 1])
+def test_interpreter_skips_other_documents(nan_doc):
+    """Tiles of other documents are never loaded: nan in one of two documents (tile-aligned at 64)
+    stays out of the other's output and gradients, as it would not if those tiles were only masked
+    (0 * nan = nan in P V)."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 128, 2, 16), torch.randn(1, 128, 1, 16), torch.randn(1, 128, 1, 16)
+    bad, good = (slice(0, 64), slice(64, 128))[::1 - 2 * nan_doc]
+    for x in (q, k, v):
+        x[:, bad] = float("nan")
+    q, k, v = leaves(q, k, v)
+    dout = torch.randn_like(q)
+    out, lse, dq, dk, dv = run(flash_attn_func, q, k, v, dout, causal=False, doc_ids=doc_ids_of([[64, 64]]))
+    ref = run(attention_reference, *leaves(q[:, good], k[:, good], v[:, good], dtype=torch.float64),
+              dout[:, good].double(), causal=False)
+    compare((out[:, good], lse[..., good], dq[:, good], dk[:, good], dv[:, good]), ref, 1e-4)
+
+
+@cpu_only
+@pytest.mark.parametrize("window", [None, (20, 0)])
+def test_interpreter_kv_cache_prefill(window):
+    """The last n queries against all keys (a KV cache's prefill, n = 1: a decode step) are the
+    last n rows of the full causal forward."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 100, 2, 32), torch.randn(1, 100, 1, 32), torch.randn(1, 100, 1, 32)
+    full = flash_attn_func(q, k, v, causal=True, window_size=window)
+    for n in (1, 37):
+        assert rel_err(flash_attn_func(q[:, -n:], k, v, causal=True, window_size=window), full[:, -n:]) < 1e-5
+
+
 def naive_attention(q, k, v, causal, window):
-    """Row by row, float64: query i attends to keys j with i-left <= j <= i+right."""
+    """Row by row, float64: query i, at p = i + Tk - Tq, attends to keys j with p-left <= j <= p+right."""
     B, T, H, D = q.shape
+    Tk = k.shape[1]
     group = H // k.shape[2]
     left, right = window if window is not None else (-1, -1)
     out = torch.zeros(B, T, H, D, dtype=torch.float64)
     for i in range(T):
-        js = [j for j in range(T) if (left < 0 or j >= i - left)
-              and (j <= i if causal else (right < 0 or j <= i + right))]
-        for h in range(H):
+        p = i + Tk - T
+        js = [j for j in range(Tk) if (left < 0 or j >= p - left)
+              and (j <= p if causal else (right < 0 or j <= p + right))]
+        for h in range(H * bool(js)):  # no key: out stays 0
             s = torch.einsum("bd,bnd->bn", q[:, i, h].double(), k[:, js, h // group].double()) / D ** 0.5
             out[:, i, h] = torch.einsum("bn,bnd->bd", s.softmax(-1), v[:, js, h // group].double())
     return out
@@ -91,12 +190,85 @@ def test_reference_masks(causal, window):
     assert rel_err(out, naive_attention(q, k, v, causal, window)) < 1e-6
 
 
+@pytest.mark.parametrize("Tq,Tk,causal,window", [(7, 19, True, None), (19, 7, True, None), (19, 7, False, (3, 2)),
+                                                  (5, 19, False, (4, 1)), (19, 7, False, None)])
+def test_reference_seqlen_q_ne_k(Tq, Tk, causal, window):
+    """Bottom-right alignment against the row-by-row loop; rows that see no key: out 0, lse +inf,
+    zero gradients, and no nan anywhere."""
+    torch.manual_seed(0)
+    q, k, v = leaves(torch.randn(2, Tq, 4, 8), torch.randn(2, Tk, 2, 8), torch.randn(2, Tk, 2, 8))
+    out, lse = attention_reference(q, k, v, causal=causal, window_size=window)
+    assert rel_err(out, naive_attention(q, k, v, causal, window)) < 1e-6
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    empty = (out == 0).all(-1)  # (B, Tq, H)
+    assert torch.equal(empty.transpose(1, 2), lse.isinf()) and (lse[lse.isinf()] > 0).all()
+    right = 0 if causal else window[1] if window else float("inf")
+    assert empty.any() == (Tq - Tk > right)  # the first query is at position Tk - Tq
+    assert not any(x.isnan().any() for x in (dq, dk, dv)) and (dq[empty] == 0).all()
+
+
+def doc_ids_of(lengths):
+    """(B, T) int64 ids from each row's document lengths; ids repeat across non-adjacent runs
+    (a document is a run, so run 0 and run 2 of id 0 are still two documents)."""
+    return torch.stack([torch.cat([torch.full((n,), d % 2) for d, n in enumerate(row)]) for row in lengths])
+
+
+def per_document(fn, q, k, v, dout, doc_lengths, **kw):
+    """(out, lse, dq, dk, dv) with each document of each row run on its own and concatenated."""
+    results = [[] for _ in range(5)]
+    for b, row in enumerate(doc_lengths):
+        t = 0
+        for n in row:
+            piece = run(fn, *leaves(q[b:b + 1, t:t + n], k[b:b + 1, t:t + n], v[b:b + 1, t:t + n]),
+                        dout[b:b + 1, t:t + n], **kw)
+            for r, x in zip(results, piece):
+                r.append(x)
+            t += n
+    cat = [torch.cat(r, dim=2 if i == 1 else 1) for i, r in enumerate(results)]  # lse is (1, H, n)
+    return [x.reshape(len(doc_lengths), -1, *x.shape[2:]) if i != 1 else
+            x.reshape(x.shape[1], len(doc_lengths), -1).transpose(0, 1) for i, x in enumerate(cat)]
+
+
+def test_doc_range():
+    ids = torch.tensor([[7, 7, 3, 3, 3, 7], [1, 1, 1, 1, 1, 1], [0, 1, 2, 3, 4, 5]])
+    starts, ends = flash_attn._doc_range(ids)
+    assert flash_attn._doc_range(ids).dtype == torch.int32
+    assert starts.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6, [0, 1, 2, 3, 4, 5]]
+    assert ends.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 2, 3, 4, 5, 6]]
+    assert flash_attn._doc_range(ids[:, :1].int()).tolist() == [[[0]] * 3, [[1]] * 3]
+
+
+DOC_LENGTHS = [[1, 1, 40, 1, 70, 37], [150], [20, 80, 1, 1, 48]]  # length 1; 20..100 spans tile boundaries
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (False, (9, 4))])
+def test_reference_doc_mask_is_each_document_alone(causal, window):
+    """The reference's document mask (no interpreter): each document run on its own, float64."""
+    torch.manual_seed(1)
+    lengths = [[1, 3, 1, 10, 5], [20], [12, 8]]
+    q, k, v = leaves(torch.randn(3, 20, 4, 8).double(), torch.randn(3, 20, 2, 8).double(),
+                     torch.randn(3, 20, 2, 8).double())
+    dout = torch.randn_like(q)
+    kw = dict(causal=causal, window_size=window)
+    compare(run(attention_reference, q, k, v, dout, doc_ids=doc_ids_of(lengths), **kw),
+            per_document(attention_reference, q, k, v, dout, lengths, **kw), 1e-12)
+
+
 def test_cpu_fallback_is_the_reference(monkeypatch):
     """CPU tensors without the interpreter take the PyTorch path (model.py's "flash" on CPU)."""
     monkeypatch.setattr(flash_attn, "INTERPRET", False)
     q, k, v = torch.randn(1, 33, 4, 16), torch.randn(1, 33, 1, 16), torch.randn(1, 33, 1, 16)
     out = flash_attn_func(q, k, v, causal=True)
     assert torch.equal(out, attention_reference(q, k, v, causal=True)[0])
+
+
+def test_cpu_fallback_takes_the_new_masks(monkeypatch):
+    """Documents, Tq != Tk and a padded head dim on the PyTorch path are the reference's."""
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    q, k, v = torch.randn(2, 12, 4, 24), torch.randn(2, 12, 2, 24), torch.randn(2, 12, 2, 24)
+    ids = doc_ids_of([[5, 7], [1, 11]])
+    assert torch.equal(flash_attn_func(q, k, v, doc_ids=ids), attention_reference(q, k, v, doc_ids=ids)[0])
+    assert torch.equal(flash_attn_func(q[:, 8:], k, v), attention_reference(q[:, 8:], k, v)[0])
 
 
 def test_bad_inputs_are_named():
@@ -107,6 +279,229 @@ def test_bad_inputs_are_named():
         flash_attn_func(q, q, q, window_size=5)
     with pytest.raises(ValueError, match="batch, seqlen"):
         flash_attn_func(q[0], q[0], q[0])
+    for d in (12, 264, 4):
+        x = torch.randn(1, 8, 2, d)
+        with pytest.raises(ValueError, match=f"head dim {d} .*multiple of 8 from 8 to 256"):
+            flash_attn_func(x, x, x)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    for bad in (ids[:, :7], ids.float(), ids[0], ids.bool(), [0] * 8):
+        with pytest.raises(ValueError, match="doc_ids must be"):
+            flash_attn_func(q, q, q, doc_ids=bad)
+        with pytest.raises(ValueError, match="doc_ids must be"):
+            attention_reference(q, q, q, doc_ids=bad)
+    with pytest.raises(ValueError, match="seqlen_q == seqlen_k"):
+        flash_attn_func(q[:, :4], q, q, doc_ids=ids[:, :4])
+
+
+# --------------------------------------------------------------------------- custom op, torch.compile
+def op_targets(gm):
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@cpu_only
+def test_compile_traces_the_custom_op():
+    """torch.compile(fullgraph=True) of forward + backward: flash_attn::forward in the forward graph,
+    flash_attn::backward in the backward graph (a graph break would raise under fullgraph; a plain
+    autograd.Function or a Python-level fallback would leave the ops out), same numbers as eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = {"fw": [], "bw": []}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def loss_fn(q, k, v):
+        out, lse = flash_attn_func(q, k, v, causal=True, window_size=(20, 0), return_lse=True)
+        return (out.float() ** 2).sum() + lse.sum().detach()
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 40, 4, 32, requires_grad=True)
+    k, v = (torch.randn(2, 40, 2, 32, requires_grad=True) for _ in range(2))
+    eager = loss_fn(q, k, v)
+    grads = torch.autograd.grad(eager, (q, k, v))
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(loss_fn, fullgraph=True,
+                                backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")))
+    compiled = compiled_fn(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled, (q, k, v))
+    assert "flash_attn.forward.default" in set().union(*map(op_targets, graphs["fw"]))
+    assert "flash_attn.backward.default" in set().union(*map(op_targets, graphs["bw"]))
+    assert torch.equal(compiled, eager)
+    assert all(torch.equal(a, b) for a, b in zip(compiled_grads, grads))
+
+
+@cpu_only
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: the fake functions agree with the kernels (shapes, dtypes, strides, with a
+    non-contiguous input), the schema holds, autograd is registered. Tq a multiple of 128: no lse
+    padding rows, which the kernels leave unwritten (only their values would differ)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 128, 16).transpose(1, 2).requires_grad_()  # (B, T, H, D), not contiguous
+    k, v = (torch.randn(1, 128, 2, 16, requires_grad=True) for _ in range(2))
+    args = (None, True, 0.25, 128, 0)
+    torch.library.opcheck(torch.ops.flash_attn.forward.default, (q, k, v, *args))
+    out, lse = torch.ops.flash_attn.forward(q, k, v, *args)
+    assert out.is_contiguous() and lse.shape == (1, 4, 128) and lse.dtype == torch.float32
+    torch.library.opcheck(torch.ops.flash_attn.backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *args))
+
+
+@cpu_only
+def test_compiled_model_with_flash_matches_eager():
+    """model.Transformer with attn_impl="flash" under torch.compile (inductor, as train.py --compile=True
+    runs it; fullgraph: no graph break anywhere) gives eager's loss and gradients."""
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32, attn_impl="flash")
+    model = Transformer(cfg)
+    x, y = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
+    results = []
+    for m in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        loss = m(x, y)[1]
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss, grads), (closs, cgrads) = results
+    assert abs(closs.item() - loss.item()) < 1e-5 * loss.item()
+    assert max(rel_err(a, b) for a, b in zip(cgrads, grads)) < 1e-4
+
+
+# --------------------------------------------------------------------------- robustness
+NO_TRITON = r"""
+import sys
+sys.modules["triton"] = None  # `import triton` raises ImportError, as without the package
+import torch
+torch.cuda.is_available = lambda: True  # as on a GPU machine: one line on stderr at import
+import flash_attn
+assert not flash_attn.HAVE_TRITON and not flash_attn.INTERPRET
+torch.manual_seed(0)
+q, k, v = torch.randn(1, 9, 4, 16), torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)
+out, lse = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(3, 0), return_lse=True)
+ref, ref_lse = flash_attn.attention_reference(q, k, v, causal=True, window_size=(3, 0))
+assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             vocab_size=32))
+print("ok")
+"""
+
+
+def test_import_without_triton():
+    """flash_attn imports without Triton (even with TRITON_INTERPRET=1 set), says so once where a GPU is
+    seen, and computes with the reference; transformers, which looks for a package named flash_attn,
+    still imports from the root."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", NO_TRITON], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert run.stderr.count("flash_attn: Triton is not installed") == 1, run.stderr[-3000:]
+
+
+def fake_hopper_forward(q, k, v, causal, scale, left, right, T_pad):
+    """A Hopper forward's output format: out and the log2-unit lse padded to T_pad with +inf."""
+    out, lse = attention_reference(q, k, v, causal, scale, (left, right))
+    lse2 = torch.full((*lse.shape[:2], T_pad), float("inf"))
+    lse2[..., :lse.shape[-1]] = lse * flash_attn.math.log2(flash_attn.math.e)
+    return out, lse2
+
+
+@cpu_only
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_hopper_failure_falls_back_once(monkeypatch, capsys, fails):
+    """An exception from the Hopper module's forward (or backward): the portable kernels take over for
+    that call and every later one, with exactly one line on stderr over two calls."""
+    calls = []
+
+    def broken(*args):
+        calls.append(fails)
+        raise AttributeError("module 'gluon' has no attribute 'warpgroup_mma'\n(more compiler output)")
+
+    fake = types.SimpleNamespace(supported=lambda q: True, forward=fake_hopper_forward, backward=broken)
+    setattr(fake, fails, broken)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 32, requires_grad=True) for _ in range(3))
+
+    def run():
+        out = flash_attn_func(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    monkeypatch.setattr(flash_attn, "HOPPER", True)
+    monkeypatch.setattr(flash_attn, "_HOPPER_MODULE", False)  # the portable kernels only
+    portable = run()
+    monkeypatch.setattr(flash_attn, "_HOPPER_MODULE", fake)
+    results = [run(), run()]
+    err = capsys.readouterr().err
+    assert calls == [fails] and flash_attn._HOPPER_MODULE is False
+    assert err.count("\n") == 1 and "flash_attn: the Hopper kernels failed (AttributeError: module" in err, err
+    for result in results:
+        if fails == "forward":  # all portable
+            assert all(torch.equal(a, b) for a, b in zip(result, portable))
+        else:  # the fake's forward, then the portable backward on its lse
+            assert all(rel_err(a, b) < 1e-4 for a, b in zip(result, portable))
+
+
+def test_hopper_import_failure_falls_back_once(monkeypatch, capsys):
+    """flash_attn_hopper that cannot be imported (a Triton without Gluon, a renamed symbol): one line on
+    stderr, the portable kernels, and no second attempt."""
+    monkeypatch.setattr(flash_attn, "_HOPPER_MODULE", None)
+    monkeypatch.setattr(flash_attn, "HOPPER", True)
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    monkeypatch.setitem(sys.modules, "flash_attn_hopper", None)  # its import raises ImportError
+    q = types.SimpleNamespace(is_cuda=True)
+    assert flash_attn._hopper(q) is None and flash_attn._hopper(q) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Hopper kernels failed (ModuleNotFoundError" in err, err
+
+
+# --------------------------------------------------------------------------- autotuning
+@pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+def test_autotune_space_is_bounded(head_dim, elem_bytes):
+    """Per kernel: a non-empty candidate list that fits (shared memory; registers for float32), at most 4
+    configs, at most 2 for float32 or head dims >= 192 (whose compiles are slowest: a float32 head-dim-256
+    backward once took 361 s on an H200); the autotuner's prune returns exactly it."""
+    slow = elem_bytes == 4 or head_dim >= 192
+    total = sum(len(flash_attn._space(which, head_dim, elem_bytes)) for which in ("fwd", "dkdv", "dq"))
+    assert total <= (4 if elem_bytes == 4 and head_dim == 256 else 12), total  # compiles on a first fwd+bwd
+    for which in ("fwd", "dkdv", "dq"):
+        space = flash_attn._space(which, head_dim, elem_bytes)
+        assert 1 <= len(space) <= (2 if slow else 4), (which, space)
+        assert all(flash_attn._fits(which, tile, head_dim, elem_bytes) for tile, _ in space), (which, space)
+        autotuner = flash_attn.KERNELS[which][1]
+        pruned = autotuner.early_config_prune(autotuner.configs, {}, HEAD_DIM=head_dim,
+                                              PRECISION="ieee" if elem_bytes == 4 else "tf32")
+        assert [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs)
+                for c in pruned] == [(t, {"BLOCK_M": t[0], "BLOCK_N": t[1], **x}) for t, x in space]
+
+
+@cpu_only
+def test_tuned_choice_is_reused_by_the_next_process(monkeypatch, tmp_path):
+    """The GPU's path of _launch, run in the interpreter: the first call autotunes and writes its choice
+    to the JSON file; a new process (fresh memory) launches that choice without tuning again."""
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    monkeypatch.setattr(flash_attn, "AUTOTUNE", True)
+    monkeypatch.setattr(flash_attn, "_TUNED", None)
+    monkeypatch.setattr(flash_attn, "_tuned_path", lambda: str(tmp_path / "tuned.json"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "TestGPU")
+    autotuner = flash_attn.KERNELS["fwd"][1]
+    runs = []
+    monkeypatch.setitem(autotuner.__dict__, "do_bench", lambda fn, quantiles: (fn(), [1.0] * 3)[1])  # no GPU timer
+    monkeypatch.setattr(autotuner, "cache", {})
+    monkeypatch.setattr(autotuner, "run", lambda *a, _run=autotuner.run, **kw: runs.append(1) or _run(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 1, 16), torch.randn(1, 20, 1, 16)
+    ref = attention_reference(q, k, v, causal=True)[0]
+    assert rel_err(flash_attn._forward(q, k, v, None, True, 0.25, 20, 0)[0], ref) < 1e-5 and len(runs) == 1
+    saved = json.loads((tmp_path / "tuned.json").read_text())
+    assert len(saved) == 1 and next(iter(saved)).startswith("TestGPU|triton ")
+    monkeypatch.setattr(flash_attn, "_TUNED", None)  # the next process
+    assert rel_err(flash_attn._forward(q, k, v, None, True, 0.25, 20, 0)[0], ref) < 1e-5 and len(runs) == 1
+    assert list(flash_attn._tuned().values())[0] in flash_attn._space("fwd", 16, 4)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -133,6 +528,47 @@ GPU_CASES = [
 def test_gpu_matches_reference(case, dtype, tol):
     torch.manual_seed(zlib.crc32(repr(case).encode()))
     check_against_reference(*case, dtype=dtype, device="cuda", tol=tol)
+
+
+# seqlen_q != seqlen_k and odd head dims on the portable kernels (head dim 128 would be Hopper's with Tq == Tk)
+GPU_QK_CASES = [
+    (2, 300, 1000, 8, 2, 128, True, None),
+    (1, 1000, 300, 4, 4, 64, True, None),
+    (3, 1, 777, 4, 1, 128, True, None),
+    (2, 500, 1200, 4, 2, 128, False, (100, 50)),
+    (1, 600, 600, 4, 2, 40, True, None),
+    (1, 600, 600, 4, 2, 200, True, (128, 0)),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_QK_CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}/{}-D{}-causal{}-win{}".format(*c))
+def test_gpu_seqlen_q_ne_k_and_head_dims(case, dtype, tol):
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
+    B, Tq, Tk, Hq, Hkv, D, causal, window = case
+    check_against_reference(B, Tq, Hq, Hkv, D, causal, window, dtype=dtype, device="cuda", tol=tol, Tk=Tk)
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, (200, 30))])
+def test_gpu_doc_mask(head_dim, causal, window):
+    """Random document lengths (some 1) in bf16: the reference and each document alone."""
+    gen = torch.Generator().manual_seed(head_dim)
+    lengths = []
+    for _ in range(2):
+        row, left = [], 1500
+        while left:
+            n = min(left, 1 if torch.rand((), generator=gen) < 0.2 else int(torch.randint(2, 400, (), generator=gen)))
+            row.append(n)
+            left -= n
+        lengths.append(row)
+    (q, k, v, dout), results = check_against_reference(2, 1500, 4, 2, head_dim, causal, window, dtype=torch.bfloat16,
+                                                       device="cuda", tol=2e-2, doc_ids=doc_ids_of(lengths).cuda())
+    alone = per_document(attention_reference, *leaves(q, k, v, dtype=torch.float64), dout.double(), lengths,
+                         causal=causal, window_size=window)
+    compare(results, alone, 2e-2)
 
 
 @cuda_only
@@ -181,6 +617,7 @@ HOPPER_COMPILE = r"""
 import re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon import language as gl
 import flash_attn_hopper as fh
@@ -192,10 +629,11 @@ def compile(fn, sig, consts):
     for name in fn.arg_names:
         sig.setdefault(name, "constexpr" if name in consts else "i32")
     k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
+                       options=fh.COMPILE_OPTIONS)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
-    log = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f.name, "-o", f.name + ".o"],
+    # the ptxas Triton itself runs for sm_90 (3.9 moved it from its CUDA 12 ptxas to its CUDA 13 one)
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", f.name + ".o"],
                          capture_output=True, text=True, check=True).stderr
     spill = re.search(r"(\d+) bytes spill stores", log).group(1)
     print(fn.__name__, "smem", k.metadata.shared, "spill", spill, "serialized" if "serialized" in log else "pipelined")
@@ -212,6 +650,18 @@ compile(fh._bwd_kernel, {"desc_q": desc("bf16", [bm, D]), "desc_k": desc("bf16",
                          "desc_delta": desc("fp32", [bm]), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"},
         dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=st))
 """
+
+
+def test_hopper_import_names_a_missing_gluon_feature(monkeypatch):
+    """A Triton whose Gluon lacks what flash_attn_hopper calls (here: no TMA load under either of
+    its names) fails the import with one line that says what, so flash_attn falls back."""
+    import importlib
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+    for name in ("async_load", "async_copy_global_to_shared"):
+        monkeypatch.delattr(tma, name, raising=False)
+    monkeypatch.delitem(sys.modules, "flash_attn_hopper", raising=False)
+    with pytest.raises(ImportError, match=r"^Triton \S+ lacks tma\.async_load; flash_attn_hopper is tested with"):
+        importlib.import_module("flash_attn_hopper")
 
 
 def test_hopper_kernels_compile_for_sm90():
