@@ -18,10 +18,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:  # attn_impl "flash" (and "auto" on CUDA): imported here, not in forward, where torch.compile
-    import flash_attn  # would trace the import itself (an import it cannot run reads as no flash_attn)
-except ImportError:  # a flash_attn.py that needs Triton to import
-    flash_attn = None
+# attn_impl "flash" (and "auto" on CUDA); imported here, not inside forward, where torch.compile would
+# trace the import itself. It imports without Triton too (HAVE_TRITON False: its PyTorch reference)
+import flash_attn
 
 ATTN_IMPLS = ("auto", "flash", "sdpa", "math")  # ModelConfig.attn_impl; resolve_attn_impl reads "auto"
 CHECKPOINTING = ("none", "selective", "full")  # ModelConfig.activation_checkpointing
@@ -175,9 +174,9 @@ def resolve_attn_impl(impl, device):
     no Triton); "flash", "sdpa" and "math" are themselves. A checkpoint keeps "auto", not the choice."""
     if impl != "auto":
         return impl
-    if torch.device(device).type != "cuda" or flash_attn is None:
+    if torch.device(device).type != "cuda":
         return "sdpa"
-    return "flash" if getattr(flash_attn, "HAVE_TRITON", True) else "sdpa"
+    return "flash" if flash_attn.HAVE_TRITON else "sdpa"
 
 
 def causal_attention(q, k, v, impl, q_offset=0, docs=None):

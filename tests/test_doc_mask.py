@@ -103,3 +103,24 @@ def test_doc_mask_layouts_equal_one_process(single, layout):
     assert_same_run(str(out), str(single / "single"))
     ref, got = losses(str(single / "single"), "val_loss"), losses(str(out), "val_loss")
     assert ref.keys() == got.keys() and all(abs(ref[s] - got[s]) < 1e-5 * ref[s] for s in ref), (ref, got)
+
+
+def test_compiled_flash_with_doc_ids_matches_eager():
+    """train.py --compile=True --doc_mask=True with attn_impl="flash": the whole forward, document
+    masks included, traces with no graph break (fullgraph) and gives eager's loss and gradients."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                                    multiple_of=16, max_seq_len=32, attn_impl="flash"))
+    x = torch.from_numpy(doc_stream(2 * 24, np.random.default_rng(0), mean_len=5)).view(2, 24)
+    y, doc_ids = torch.roll(x, -1, 1), train.document_ids(x, EOT)
+    assert doc_ids.max() >= 2
+    results = []
+    for m in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        loss = m(x, y, doc_ids=doc_ids)[1]
+        loss.backward()
+        results.append((loss.item(), [p.grad for p in model.parameters()]))
+    (loss, grads), (closs, cgrads) = results
+    assert abs(closs - loss) < 1e-5 * loss
+    for a, b in zip(cgrads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

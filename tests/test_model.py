@@ -232,11 +232,11 @@ def test_auto_attention_resolves_by_device(monkeypatch):
     assert resolve_attn_impl("auto", "cpu") == resolve_attn_impl("auto", torch.device("cpu")) == "sdpa"
     assert [resolve_attn_impl(i, "cuda") for i in ("flash", "sdpa", "math")] == ["flash", "sdpa", "math"]
     flash_attn = pytest.importorskip("flash_attn")
-    monkeypatch.setattr(flash_attn, "HAVE_TRITON", True, raising=False)
+    monkeypatch.setattr(flash_attn, "HAVE_TRITON", True)
     assert resolve_attn_impl("auto", "cuda:0") == "flash"
     # the same inside torch.compile's trace, which is where a training step resolves it
     assert torch.compile(lambda x: resolve_attn_impl("auto", "cuda") == "flash" and x + 1, fullgraph=True)(torch.ones(1))
-    monkeypatch.setattr(flash_attn, "HAVE_TRITON", False, raising=False)
+    monkeypatch.setattr(flash_attn, "HAVE_TRITON", False)
     assert resolve_attn_impl("auto", "cuda") == "sdpa"
     # on the CPU an "auto" model computes as an "sdpa" one
     torch.manual_seed(0)
