@@ -51,7 +51,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     # "flash" (flash_attn.py's Triton kernels), "sdpa" (torch), "math" (reference); "auto": flash on CUDA
-    # when Triton is installed, else sdpa (resolve_attn_impl, decided by the device each call runs on)
+    # where it is the faster (packed documents, long sequences), else sdpa (resolve_attn_impl, per call)
     attn_impl: str = "auto"
     # what the backward recomputes instead of keeping (see recompute): "none"; "selective", the
     # norms, RoPE + attention core and SwiGLU's silu*mul (the matmul outputs are kept); "full", whole blocks
@@ -168,15 +168,22 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def resolve_attn_impl(impl, device):
-    """The attention that runs on device for ModelConfig.attn_impl: "auto" is flash_attn.py's Triton
-    kernel on CUDA when Triton is installed (flash_attn.HAVE_TRITON), torch's SDPA otherwise (CPU, or
-    no Triton); "flash", "sdpa" and "math" are themselves. A checkpoint keeps "auto", not the choice."""
+FLASH_MIN_SEQ = 8192  # "auto" takes flash_attn.py from this many keys on (README's attention table)
+
+
+def resolve_attn_impl(impl, device, seqlen=0, docs=False):
+    """The attention that runs on device for ModelConfig.attn_impl; "flash", "sdpa" and "math" are
+    themselves. "auto" takes flash_attn.py's Triton kernel on CUDA (with Triton installed,
+    flash_attn.HAVE_TRITON) where it is measured at least as fast as torch's SDPA (cuDNN) in the
+    compiled training step: packed documents (docs: SDPA needs a dense (T, T) mask, the kernel skips
+    the tiles between documents; README's training-step table) and seqlen >= FLASH_MIN_SEQ keys
+    (the kernel >= cuDNN there). Elsewhere SDPA: on the CPU, and at 1-2k tokens on a GPU, where the
+    kernel's step is 0.99x cuDNN's (issue #23). A checkpoint keeps "auto", not the choice."""
     if impl != "auto":
         return impl
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or not flash_attn.HAVE_TRITON:
         return "sdpa"
-    return "flash" if flash_attn.HAVE_TRITON else "sdpa"
+    return "flash" if docs or seqlen >= FLASH_MIN_SEQ else "sdpa"
 
 
 def causal_attention(q, k, v, impl, q_offset=0, docs=None):
@@ -184,7 +191,7 @@ def causal_attention(q, k, v, impl, q_offset=0, docs=None):
     Query t attends to keys 0..q_offset+t. Hkv divides Hq (grouped-query attention).
     docs: None, or packed rows' document mask (no cache, S = T) in the form document_mask made
     for this impl: attention is then also limited to the query's document."""
-    impl = resolve_attn_impl(impl, q.device)
+    impl = resolve_attn_impl(impl, q.device, k.shape[1], docs is not None)
     T = q.shape[1]
     # flash: training, and prefill with a filled cache (a chat's next turn): Tq = T < Tk = S, the
     # causal mask aligned bottom-right (query t at position q_offset + t). Decoding one token goes
@@ -379,7 +386,7 @@ class Transformer(nn.Module):
         where sequence parallelism holds T/tp of it (attention gathers the whole)."""
         if doc_ids is None:
             return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T], None
-        positions, docs = document_mask(doc_ids, resolve_attn_impl(self.config.attn_impl, doc_ids.device))
+        positions, docs = document_mask(doc_ids, resolve_attn_impl(self.config.attn_impl, doc_ids.device, T, docs=True))
         return self.rope_cos[positions], self.rope_sin[positions], docs
 
     def run(self, h, cos, sin, pieces, cache=None, start_pos=0, docs=None):

@@ -225,19 +225,24 @@ def test_flash_prefill_with_a_filled_cache_equals_full_forward(monkeypatch):
 
 
 def test_auto_attention_resolves_by_device(monkeypatch):
-    """attn_impl="auto" (the default) is sdpa on the CPU; on CUDA flash when flash_attn has its
-    Triton kernels, else sdpa. The config keeps "auto"."""
-    from model import resolve_attn_impl
+    """attn_impl="auto" (the default) is sdpa on the CPU; on CUDA with flash_attn's Triton kernels,
+    flash for packed documents and from FLASH_MIN_SEQ keys on (where it was measured faster), sdpa
+    below; without Triton sdpa. The config keeps "auto"."""
+    from model import FLASH_MIN_SEQ, resolve_attn_impl
     assert ModelConfig().attn_impl == "auto"
     assert resolve_attn_impl("auto", "cpu") == resolve_attn_impl("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_attn_impl("auto", "cpu", FLASH_MIN_SEQ, docs=True) == "sdpa"
     assert [resolve_attn_impl(i, "cuda") for i in ("flash", "sdpa", "math")] == ["flash", "sdpa", "math"]
     flash_attn = pytest.importorskip("flash_attn")
     monkeypatch.setattr(flash_attn, "HAVE_TRITON", True)
-    assert resolve_attn_impl("auto", "cuda:0") == "flash"
+    assert resolve_attn_impl("auto", "cuda:0", 2048) == "sdpa"
+    assert resolve_attn_impl("auto", "cuda:0", 2048, docs=True) == "flash"
+    assert resolve_attn_impl("auto", "cuda:0", FLASH_MIN_SEQ) == "flash"
     # the same inside torch.compile's trace, which is where a training step resolves it
-    assert torch.compile(lambda x: resolve_attn_impl("auto", "cuda") == "flash" and x + 1, fullgraph=True)(torch.ones(1))
+    assert torch.compile(lambda x: resolve_attn_impl("auto", "cuda", 64, True) == "flash" and x + 1,
+                         fullgraph=True)(torch.ones(1))
     monkeypatch.setattr(flash_attn, "HAVE_TRITON", False)
-    assert resolve_attn_impl("auto", "cuda") == "sdpa"
+    assert resolve_attn_impl("auto", "cuda", FLASH_MIN_SEQ, docs=True) == "sdpa"
     # on the CPU an "auto" model computes as an "sdpa" one
     torch.manual_seed(0)
     auto = randomize(Transformer(our_config("gqa", "auto"))).eval()
