@@ -28,17 +28,8 @@ def sdpa(backend):
     return f
 
 
-def portable(q, k, v, causal):
-    """flash_attn.py's portable kernels, also where flash_attn_hopper would run (head dim 128 on Hopper)."""
-    flash_attn.HOPPER = False
-    try:
-        return flash_attn_func(q, k, v, causal=causal)
-    finally:
-        flash_attn.HOPPER = True
-
-
 IMPLS = {"triton": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal),
-         "portable": portable,
+         "portable": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal),  # with HOPPER off
          "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
          "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
 
@@ -60,6 +51,7 @@ def bench_one(fn, q, k, v, causal):
 def time_tiles(q, k, v, causal, flops):
     """Each kernel's tile configs in turn (the others on their defaults): what the autotuner sees."""
     fn = IMPLS["portable"]
+    flash_attn.HOPPER = False
     for which, tiles in flash_attn.TILES.items():
         for tile in tiles:
             if not flash_attn._fits(which, tile, q.shape[-1]):
@@ -70,6 +62,7 @@ def time_tiles(q, k, v, causal, flops):
                   f"({flops / fwd * 1e-9:.0f} TFLOP/s), bwd {bwd:.3f} ms ({2.5 * flops / bwd * 1e-9:.0f} TFLOP/s)",
                   flush=True)
     flash_attn.FORCE_TILES = {}
+    flash_attn.HOPPER = True
 
 
 def main():
@@ -99,8 +92,12 @@ def main():
                     continue
                 tf = {}
                 for name, fn in IMPLS.items():
+                    # "portable": flash_attn.py's own kernels, also where flash_attn_hopper would run
+                    # (head dim 128 on Hopper); forward and backward each pick their kernels
+                    flash_attn.HOPPER = name != "portable"
                     fwd, bwd = bench_one(fn, q, k, v, causal)
                     tf[name] = (flops / fwd * 1e-9, 2.5 * flops / bwd * 1e-9)
+                flash_attn.HOPPER = True
                 rows.append((causal, D, T, tf))
                 t, fl, cu, po = tf["triton"], tf["sdpa-flash"], tf["sdpa-cudnn"], tf["portable"]
                 print(f"causal={causal:d} D={D:3d} T={T:5d}  triton {t[0]:4.0f}/{t[1]:4.0f}  "
