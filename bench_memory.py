@@ -93,8 +93,11 @@ def cpu_storages():
     out = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            st = obj.untyped_storage()
-            out[st.data_ptr()] = st.nbytes()
+            try:
+                st = obj.untyped_storage()
+                out[st.data_ptr()] = st.nbytes()
+            except RuntimeError:  # a fake tensor left by torch.compile's tracing: no memory behind it
+                continue
     return out
 
 
