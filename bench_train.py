@@ -114,6 +114,7 @@ IMPLS = {
     "ours_compile": lambda s, b, t: ours_step(s, b, t, True, "sdpa"),
     "ours_compile_flash": lambda s, b, t: ours_step(s, b, t, True, "flash"),
     "ours_compile_master": lambda s, b, t: ours_step(s, b, t, True, "sdpa", master=True),
+    "ours_compile_flash_master": lambda s, b, t: ours_step(s, b, t, True, "flash", master=True),
     "ours_compile_sdpa_flash": lambda s, b, t: ours_step(s, b, t, True, "sdpa", sdpa_first=SDPBackend.FLASH_ATTENTION),
     "ours_compile_docs": lambda s, b, t: ours_step(s, b, t, True, "sdpa", doc_mask=True),
     "ours_compile_flash_docs": lambda s, b, t: ours_step(s, b, t, True, "flash", doc_mask=True),
