@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._subclasses.fake_tensor import FakeTensor
 
 import parallel
 import zero
@@ -92,12 +93,10 @@ def cpu_storages():
     gc.collect()  # what only reference cycles keep is about to go
     out = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            try:
-                st = obj.untyped_storage()
-                out[st.data_ptr()] = st.nbytes()
-            except RuntimeError:  # a fake tensor left by torch.compile's tracing: no memory behind it
-                continue
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta \
+                and not isinstance(obj, FakeTensor):  # torch.compile's tracing leaves these: no memory behind them
+            st = obj.untyped_storage()
+            out[st.data_ptr()] = st.nbytes()
     return out
 
 

@@ -68,7 +68,7 @@ def slurm_job(tmp_path, args):
     (bin_dir / "scontrol").write_text(
         '#!/bin/bash\n'
         '[[ "$1 $2 $3" == "show hostnames sim[1-2]" ]] || { echo "scontrol: unexpected $*" >&2; exit 1; }\n'
-        'echo 127.0.0.1; echo 127.0.0.2\n')
+        'echo 127.0.0.1; sleep 0.5; echo 127.0.0.2\n')  # a reader that stops at line 1 gets SIGPIPE'd
     for f in ("srun", "scontrol"):
         os.chmod(bin_dir / f, 0o755)
     path = f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # fakes, then torchrun
