@@ -524,7 +524,7 @@ def _launch(which, T, heads, descs, *args, **meta):
         space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
         x = descs[0].base
         key = (f"{torch.cuda.get_device_name(x.device)}|triton {triton.__version__}|{_source_hash()}|{which}|"
-               f"{x.dtype}|D{meta['HEAD_DIM']}|causal{meta['IS_CAUSAL']}|bucket{meta['SEQ_BUCKET']}")
+               f"{x.dtype}|D{meta['HEAD_DIM']}|causal{meta['IS_CAUSAL']}|docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
         tile, variant = space[0] if not AUTOTUNE else _tuned().get(key, (None, None))
         if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
             autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)

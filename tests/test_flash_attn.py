@@ -502,6 +502,11 @@ def test_tuned_choice_is_reused_by_the_next_process(monkeypatch, tmp_path):
     monkeypatch.setattr(flash_attn, "_TUNED", None)  # the next process
     assert rel_err(flash_attn._forward(q, k, v, None, True, 0.25, 20, 0)[0], ref) < 1e-5 and len(runs) == 1
     assert list(flash_attn._tuned().values())[0] in flash_attn._space("fwd", 16, 4)
+    # documents are another kernel (HAS_DOCS): tuned and kept under their own key
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12])
+    out = flash_attn._forward(q, k, v, flash_attn._doc_range(doc_ids), True, 0.25, 20, 0)[0]
+    assert rel_err(out, attention_reference(q, k, v, causal=True, doc_ids=doc_ids)[0]) < 1e-5 and len(runs) == 2
+    assert len(json.loads((tmp_path / "tuned.json").read_text())) == 2
 
 
 # --------------------------------------------------------------------------- GPU
