@@ -39,7 +39,7 @@ sees keys <= i + Tk - Tq; a query that sees no key gets out 0 and lse +inf). Doc
 rows): doc_ids gives each token a document, a contiguous run of one id, and a query sees only
 keys of its own document: FlashAttention-2's variable-length batches (arXiv 2307.08691)
 without unpadding the row. Since documents are contiguous, query i sees the key range
-[start[i], end[i]) (_doc_range) cut by the causal/window band, and both ends grow with i, so
+[start[i], end[i]) (document_bounds) cut by the causal/window band, and both ends grow with i, so
 a tile's first and last rows bound the keys the whole tile sees: tiles in other documents
 are skipped and the cost falls with the document length.
 
@@ -116,7 +116,7 @@ def _in_doc(starts, ends, cols):
 
 @triton.jit
 def _row_docs(Doc, DOC_STRIDE, rows, T):
-    """(starts, ends) of the documents of these rows (doc_range, see _doc_range); rows >= T: empty."""
+    """(starts, ends) of the documents of these rows (doc_range, see document_bounds); rows >= T: empty."""
     return (tl.load(Doc + rows, mask=rows < T, other=0),
             tl.load(Doc + DOC_STRIDE + rows, mask=rows < T, other=0))
 
@@ -722,7 +722,7 @@ def _band_args(Tq, Tk, left, right, doc_range):
     return left - shift, right + shift, 0 if doc_range is None else doc_range[0].numel()
 
 
-def _doc_range(doc_ids):
+def document_bounds(doc_ids):
     """int32 (2, B, T): [0] the index of the first token of each token's document, [1] one past its
     last. A document is a maximal run of equal ids in a row (so ids may repeat in later runs).
     Query i sees key j only if start[i] <= j < end[i] (FlashAttention-2's variable-length batches,
@@ -790,7 +790,7 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
         width = next(d for d in HEAD_DIMS if d >= D)  # the kernel's head dim
         if width != D:  # zero columns change no score; autograd slices the gradients back to D
             q, k, v = (torch.nn.functional.pad(x, (0, width - D)) for x in (q, k, v))
-        doc_range = None if doc_ids is None else _doc_range(doc_ids)
+        doc_range = None if doc_ids is None else document_bounds(doc_ids)
         out, lse = _attention(q, k, v, doc_range, bool(causal), float(scale), left, right)
         out = out[..., :D]
     return (out, lse) if return_lse else out
@@ -815,7 +815,7 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=No
     j = torch.arange(Tk, device=q.device)[None, :]
     seen = (i - j <= left) & (j - i <= right)  # (Tq, Tk)
     if doc_ids is not None:
-        start, end = _doc_range(doc_ids)[:, :, None, :, None]  # (B, 1, T, 1) each
+        start, end = document_bounds(doc_ids)[:, :, None, :, None]  # (B, 1, T, 1) each
         seen = seen & (j >= start) & (j < end)  # (B, 1, T, T)
     empty = ~seen.any(-1, keepdim=True)  # rows that see no key: a finite logsumexp, then P = 0
     s = s.masked_fill(~seen, float("-inf")).masked_fill(empty, 0.0)

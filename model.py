@@ -298,20 +298,18 @@ class Block(nn.Module):
 
 
 def document_mask(doc_ids, impl):
-    """(positions, docs) of packed rows: doc_ids (B, T), each document a contiguous run of one id.
-    positions (B, T): each token's index within its document (RoPE restarts there). docs: the mask
-    in the form causal_attention takes for impl (resolved), made once per forward for all layers:
-    flash, doc_ids itself (the kernel skips the tiles between documents); sdpa and math, a
-    (B, 1, T, T) boolean, True where key j <= query i and both are in one document."""
+    """(positions, docs) of packed rows: doc_ids (B, T), a document being a run of one id
+    (flash_attn.document_bounds, the one definition). positions (B, T): each token's index within
+    its document (RoPE restarts there). docs: the mask in the form causal_attention takes for impl
+    (resolved), made once per forward for all layers: flash, doc_ids itself (the kernel skips the
+    tiles between documents); sdpa and math, a (B, 1, T, T) boolean, True where key j <= query i
+    and j is in i's document."""
     T = doc_ids.shape[1]
-    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # index of the document's first token
+    t = torch.arange(T, device=doc_ids.device)
+    start = flash_attn.document_bounds(doc_ids)[0].long()  # (B, T): the first token of each token's document
     if impl == "flash":
-        return t - first, doc_ids
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return t - first, ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+        return t - start, doc_ids
+    return t - start, ((t[None, None, :] >= start[:, :, None]) & (t[None, None, :] <= t[None, :, None]))[:, None]
 
 
 def cross_entropy(logits, targets):

@@ -229,13 +229,13 @@ def per_document(fn, q, k, v, dout, doc_lengths, **kw):
             x.reshape(x.shape[1], len(doc_lengths), -1).transpose(0, 1) for i, x in enumerate(cat)]
 
 
-def test_doc_range():
+def testdocument_bounds():
     ids = torch.tensor([[7, 7, 3, 3, 3, 7], [1, 1, 1, 1, 1, 1], [0, 1, 2, 3, 4, 5]])
-    starts, ends = flash_attn._doc_range(ids)
-    assert flash_attn._doc_range(ids).dtype == torch.int32
+    starts, ends = flash_attn.document_bounds(ids)
+    assert flash_attn.document_bounds(ids).dtype == torch.int32
     assert starts.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6, [0, 1, 2, 3, 4, 5]]
     assert ends.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 2, 3, 4, 5, 6]]
-    assert flash_attn._doc_range(ids[:, :1].int()).tolist() == [[[0]] * 3, [[1]] * 3]
+    assert flash_attn.document_bounds(ids[:, :1].int()).tolist() == [[[0]] * 3, [[1]] * 3]
 
 
 DOC_LENGTHS = [[1, 1, 40, 1, 70, 37], [150], [20, 80, 1, 1, 48]]  # length 1; 20..100 spans tile boundaries
@@ -504,7 +504,7 @@ def test_tuned_choice_is_reused_by_the_next_process(monkeypatch, tmp_path):
     assert list(flash_attn._tuned().values())[0] in flash_attn._space("fwd", 16, 4)
     # documents are another kernel (HAS_DOCS): tuned and kept under their own key
     doc_ids = torch.tensor([[0] * 8 + [1] * 12])
-    out = flash_attn._forward(q, k, v, flash_attn._doc_range(doc_ids), True, 0.25, 20, 0)[0]
+    out = flash_attn._forward(q, k, v, flash_attn.document_bounds(doc_ids), True, 0.25, 20, 0)[0]
     assert rel_err(out, attention_reference(q, k, v, causal=True, doc_ids=doc_ids)[0]) < 1e-5 and len(runs) == 2
     assert len(json.loads((tmp_path / "tuned.json").read_text())) == 2
 
