@@ -177,8 +177,8 @@ def resolve_attn_impl(impl, device, seqlen=0, docs=False):
     flash_attn.HAVE_TRITON) where it is measured at least as fast as torch's SDPA (cuDNN) in the
     compiled training step: packed documents (docs: SDPA needs a dense (T, T) mask, the kernel skips
     the tiles between documents; README's training-step table) and seqlen >= FLASH_MIN_SEQ keys
-    (the kernel >= cuDNN there). Elsewhere SDPA: on the CPU, and at 1-2k tokens on a GPU, where the
-    kernel's step is 0.99x cuDNN's (issue #23). A checkpoint keeps "auto", not the choice."""
+    (the kernel >= cuDNN there). Elsewhere SDPA: on the CPU, and at 1-2k tokens on a GPU, where
+    cuDNN's kernels are the faster. A checkpoint keeps "auto", not the choice."""
     if impl != "auto":
         return impl
     if torch.device(device).type != "cuda" or not flash_attn.HAVE_TRITON:
