@@ -84,7 +84,7 @@ class Config:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
-    attn_impl: str = "auto"  # auto (flash on CUDA with Triton, else sdpa) | flash | sdpa | math (model.ModelConfig)
+    attn_impl: str = "auto"  # auto | flash | sdpa | math (model.ModelConfig, resolve_attn_impl)
     activation_checkpointing: str = "none"  # none | selective | full: recompute in the backward instead of keeping
     # parallelism (parallel.py, zero.py)
     tp: int = 1
@@ -339,10 +339,8 @@ def get_micro_batches(cfg, tokens, step, split, mesh, device, eot=None):
     if device.type == "cuda":
         seqs = seqs.pin_memory().to(device, non_blocking=True)
     mb = cfg.micro_batch_size
-    if cfg.doc_mask:
-        return [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:], document_ids(seqs[i:i + mb, :-1], eot))
-                for i in range(0, per_rank, mb)]
-    return [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:]) for i in range(0, per_rank, mb)]
+    batches = [(seqs[i:i + mb, :-1], seqs[i:i + mb, 1:]) for i in range(0, per_rank, mb)]
+    return [(x, y, document_ids(x, eot)) for x, y in batches] if cfg.doc_mask else batches
 
 
 def document_ids(x, eot):
