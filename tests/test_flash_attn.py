@@ -88,6 +88,13 @@ def test_interpreter_matches_reference(case, dtype, tol):
     check_against_reference(*case, dtype=dtype, device="cpu", tol=tol)
 
 
+def check_qk_case(case, dtype, device, tol):
+    """A (B, Tq, Tk, Hq, Hkv, D, causal, window) case of QK_CASES / GPU_QK_CASES, seeded by the case."""
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
+    B, Tq, Tk, Hq, Hkv, D, causal, window = case
+    check_against_reference(B, Tq, Hq, Hkv, D, causal, window, dtype=dtype, device=device, tol=tol, Tk=Tk)
+
+
 # (B, Tq, Tk, Hq, Hkv, D, causal, window): a KV cache's prefill and one decode step (Tq < Tk),
 # and Tq > Tk, where the first queries see no key (out 0, lse +inf, zero gradients)
 QK_CASES = [
@@ -104,9 +111,7 @@ QK_CASES = [
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("case", QK_CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}/{}-D{}-causal{}-win{}".format(*c))
 def test_interpreter_seqlen_q_ne_k(case, dtype, tol):
-    torch.manual_seed(zlib.crc32(repr(case).encode()))
-    B, Tq, Tk, Hq, Hkv, D, causal, window = case
-    check_against_reference(B, Tq, Hq, Hkv, D, causal, window, dtype=dtype, device="cpu", tol=tol, Tk=Tk)
+    check_qk_case(case, dtype, "cpu", tol)
 
 
 @cpu_only
@@ -550,9 +555,7 @@ GPU_QK_CASES = [
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_QK_CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}/{}-D{}-causal{}-win{}".format(*c))
 def test_gpu_seqlen_q_ne_k_and_head_dims(case, dtype, tol):
-    torch.manual_seed(zlib.crc32(repr(case).encode()))
-    B, Tq, Tk, Hq, Hkv, D, causal, window = case
-    check_against_reference(B, Tq, Hq, Hkv, D, causal, window, dtype=dtype, device="cuda", tol=tol, Tk=Tk)
+    check_qk_case(case, dtype, "cuda", tol)
 
 
 @cuda_only
