@@ -472,10 +472,12 @@ def _tuned_path():
 
 
 @functools.lru_cache(maxsize=None)
-def _source_hash():
-    """Of this file: an edited kernel or tile list is tuned afresh."""
+def _tuned_prefix(device):
+    """The part of a tuned choice's key fixed per device and process: the GPU, the Triton version and a
+    hash of this file (an edited kernel or tile list is tuned afresh). Cached: _launch is on every call."""
     with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+        source = hashlib.sha256(f.read()).hexdigest()[:16]
+    return f"{torch.cuda.get_device_name(device)}|triton {triton.__version__}|{source}"
 
 
 def _tuned():
@@ -523,8 +525,8 @@ def _launch(which, T, heads, descs, *args, **meta):
     elif tile is None:
         space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
         x = descs[0].base
-        key = (f"{torch.cuda.get_device_name(x.device)}|triton {triton.__version__}|{_source_hash()}|{which}|"
-               f"{x.dtype}|D{meta['HEAD_DIM']}|causal{meta['IS_CAUSAL']}|docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
+        key = (f"{_tuned_prefix(x.device)}|{which}|{x.dtype}|D{meta['HEAD_DIM']}|causal{meta['IS_CAUSAL']}|"
+               f"docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
         tile, variant = space[0] if not AUTOTUNE else _tuned().get(key, (None, None))
         if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
             autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)

@@ -493,6 +493,7 @@ def test_tuned_choice_is_reused_by_the_next_process(monkeypatch, tmp_path):
     monkeypatch.setattr(flash_attn, "_TUNED", None)
     monkeypatch.setattr(flash_attn, "_tuned_path", lambda: str(tmp_path / "tuned.json"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "TestGPU")
+    flash_attn._tuned_prefix.cache_clear()  # computed once per device and process
     autotuner = flash_attn.KERNELS["fwd"][1]
     runs = []
     monkeypatch.setitem(autotuner.__dict__, "do_bench", lambda fn, quantiles: (fn(), [1.0] * 3)[1])  # no GPU timer
