@@ -3,6 +3,7 @@
     python bench_attention.py                                  # seqlen 1k-16k, head dims 64/128, causal and not
     python bench_attention.py --seqlens 2048,8192 --causal 1   # a subset
     python bench_attention.py --tiles --seqlens 8192 --head-dims 128 --causal 1   # time every tile config
+    python bench_attention.py --host                           # host (CPU) microseconds per call
 
 All four (this kernel, flash_attn.py's portable kernels, SDPA flash, SDPA cuDNN) run in the same process on the same inputs, (batch, seqlen, heads, headdim) bf16 with
 batch * seqlen = --tokens and heads * headdim = --dim. FLOPs: forward 4 * B * H * T^2 * D (two
@@ -10,6 +11,7 @@ matmuls), halved when causal; backward 2.5x forward (five matmuls instead of two
 medians of triton.testing.do_bench (CUDA events), after a warm-up that includes autotuning.
 """
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,37 @@ def time_tiles(q, k, v, causal, flops):
     flash_attn.HOPPER = True
 
 
+def host_us(fn, q, k, v, causal, backward, n=2000):
+    """Host time per call in microseconds: n calls on inputs so small that the GPU finishes each
+    before the host has issued the next, so the wall time is the host's (Python, checks, launches)."""
+    def call():
+        out = fn(q, k, v, causal)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), dout)
+    dout = torch.randn_like(fn(q, k, v, causal))
+    for _ in range(100):
+        call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def time_host(dtype):
+    """The per-call host cost of each implementation: at 1k tokens a forward is 40-100 us of GPU
+    work, so a host that needs longer leaves the GPU idle between calls."""
+    print("host us per call (batch 1, seqlen 128, 2 heads, causal): forward / forward + backward")
+    for D in (64, 128):
+        q, k, v = (torch.randn(1, 128, 2, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        for name, fn in IMPLS.items():
+            flash_attn.HOPPER = name != "portable"
+            fwd, both = (host_us(fn, q, k, v, True, backward) for backward in (False, True))
+            print(f"  head dim {D:3d}  {name:10s} {fwd:6.1f} / {both:6.1f}", flush=True)
+        flash_attn.HOPPER = True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
@@ -74,10 +107,13 @@ def main():
     p.add_argument("--dim", type=int, default=2048, help="heads * head dim")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--tiles", action="store_true", help="time each tile config of flash_attn.py instead")
+    p.add_argument("--host", action="store_true", help="host (CPU) microseconds per call instead")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"{args.dtype}, batch*seqlen={args.tokens}, heads*headdim={args.dim}")
+    if args.host:
+        return time_host(dtype)
 
     rows = []
     for causal in [bool(int(c)) for c in args.causal.split(",")]:

@@ -48,7 +48,8 @@ ordinary loads on older GPUs) and Triton's software pipelining (num_stages). Til
 autotuned per (head dim, causal, documents, dtype, sequence-length bucket) among a few candidates that fit
 that head dim and dtype, once per GPU and Triton version (the choices are kept in Triton's cache
 directory). The kernels are torch.library custom ops (flash_attn::forward, flash_attn::backward),
-so torch.compile traces flash_attn_func without a graph break. Without Triton installed the module
+so torch.compile traces flash_attn_func without a graph break; eager calls skip the ops' dispatch
+(_EagerAttention), and nothing on the launch path synchronizes, so CUDA graphs capture it. Without Triton installed the module
 still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
@@ -425,10 +426,12 @@ def _fits(which, tile, head_dim, elem_bytes=2):
     return smem <= 200 * 1024 and (elem_bytes == 2 or regs <= 128)
 
 
+@functools.lru_cache(maxsize=None)
 def _space(which, head_dim, elem_bytes):
     """The autotune candidates [(tile, variant)] of one kernel for a head dim and element size: TILES x
     VARIANTS that fit, in TILES' order, at most MAX_CONFIGS (MAX_CONFIGS_SLOW); never empty. The first
-    is the default tile when autotuning is off."""
+    is the default tile when autotuning is off. Cached (_launch asks on every call): TILES, VARIANTS
+    and the caps are read once per process."""
     tiles = [t for t in TILES[which] if _fits(which, t, head_dim, elem_bytes)] or TILES[which][-1:]
     cap = MAX_CONFIGS_SLOW if elem_bytes == 4 or head_dim >= 192 else MAX_CONFIGS
     return [(t, x) for t in tiles for x in VARIANTS[which]][:cap]
@@ -644,15 +647,24 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     return dq, dk, dv
 
 
+def _forward_impl(q, k, v, doc_range, causal, scale, left, right):
+    """_forward on contiguous, 16-byte aligned inputs (TMA), so every output is contiguous."""
+    return _forward(_prepare(q), _prepare(k), _prepare(v), doc_range, causal, scale, left, right)
+
+
+def _backward_impl(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
+    do, q, k, v, out = (_prepare(x) for x in (do, q, k, v, out))  # do and out: one stride (_bwd_preprocess)
+    return _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
+
+
 # The kernels as a pair of torch.library custom ops, differentiable through register_autograd:
 # torch.compile keeps each call as one opaque node of its graph (no graph break; the fake functions
-# give it shapes) and AOTAutograd puts the backward op into the backward graph. The ops make their
-# inputs contiguous and 16-byte aligned themselves (_prepare), so every output is contiguous.
+# give it shapes) and AOTAutograd puts the backward op into the backward graph.
 @torch.library.custom_op("flash_attn::forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_range: Optional[torch.Tensor],
                 causal: bool, scale: float, left: int, right: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse (B, Hq, _lse_len(Tq)) float32 in log2 units) = _forward."""
-    return _forward(_prepare(q), _prepare(k), _prepare(v), doc_range, causal, scale, left, right)
+    return _forward_impl(q, k, v, doc_range, causal, scale, left, right)
 
 
 @_forward_op.register_fake
@@ -666,8 +678,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  lse: torch.Tensor, doc_range: Optional[torch.Tensor], causal: bool, scale: float, left: int,
                  right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) = _backward; out and lse from _forward_op."""
-    do, q, k, v, out = (_prepare(x) for x in (do, q, k, v, out))  # do and out: one stride (_bwd_preprocess)
-    return _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
+    return _backward_impl(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
 
 
 @_backward_op.register_fake
@@ -683,19 +694,37 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (causal, scale, left, right)
 
 
-def _backward_autograd(ctx, dout, _dlse):
-    q, k, v, out, lse, doc_range = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, doc_range, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+def _gradients(backward):
+    """The autograd backward of (out, lse) = forward(q, k, v, ...): dq, dk, dv by backward()."""
+    def grads(ctx, dout, _dlse):
+        q, k, v, out, lse, doc_range = ctx.saved_tensors
+        return (*backward(dout, q, k, v, out, lse, doc_range, *ctx.args), None, None, None, None, None)
+    return grads
 
 
-_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+_forward_op.register_autograd(_gradients(_backward_op), setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Outside torch.compile: the same functions without the custom ops' dispatch, which costs
+    about 20 us of host time per forward (torch 2.13, on top of the ~6 us of an autograd.Function),
+    as much as the GPU needs for a whole 1k-token forward at head dim 64. (forward takes ctx: with a
+    separate setup_context, apply binds the arguments through inspect.signature, another ~15 us.)"""
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_gradients(_backward_impl))
 
 
 def _attention(q, k, v, doc_range, causal, scale, left, right):
-    """The kernels, differentiable in q, k, v: (out, lse (B, Hq, Tq) float32, natural log, not differentiable)."""
-    out, lse = _forward_op(q, k, v, doc_range, causal, scale, left, right)
-    return out, lse[..., :q.shape[1]] / math.log2(math.e)
+    """The kernels, differentiable in q, k, v: (out, lse (B, Hq, _lse_len(Tq)) float32 in log2 units,
+    not differentiable)."""
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, doc_range, causal, scale, left, right)
+    return _EagerAttention.apply(q, k, v, doc_range, causal, scale, left, right)
 
 
 # --------------------------------------------------------------------------- public API
@@ -794,7 +823,10 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
             q, k, v = (torch.nn.functional.pad(x, (0, width - D)) for x in (q, k, v))
         doc_range = None if doc_ids is None else document_bounds(doc_ids)
         out, lse = _attention(q, k, v, doc_range, bool(causal), float(scale), left, right)
-        out = out[..., :D]
+        if width != D:
+            out = out[..., :D]
+        if return_lse:  # log2 units and padded rows (one more kernel): only when asked for
+            lse = lse[..., :Tq] / math.log2(math.e)
     return (out, lse) if return_lse else out
 
 

@@ -34,6 +34,7 @@ the few renames are bridged below by feature checks). A Triton whose Gluon lacks
 kernels call fails the import with an ImportError that names what is missing, before any
 call, and flash_attn keeps its portable kernels.
 """
+import functools
 import inspect
 
 import torch
@@ -87,7 +88,12 @@ def supported(q):
     """Hopper GPU, head dim 128, 16-bit; lse small enough for the int32 coordinates of its 1D TMA."""
     B, T, H, D = q.shape
     return (q.is_cuda and D == HEAD_DIM and q.dtype in (torch.bfloat16, torch.float16)
-            and B * H * (T + 128) < 2 ** 31 and torch.cuda.get_device_capability(q.device)[0] == 9)
+            and B * H * (T + 128) < 2 ** 31 and _is_hopper(q.device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(index):
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 @builtin
@@ -425,17 +431,23 @@ def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, 
 
 
 # --------------------------------------------------------------------------- host side
+@functools.lru_cache(maxsize=None)
+def _layout(block, dtype):
+    """The shared-memory layout (swizzle) of a TMA block; cached: descriptors are built on every call."""
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+
+
 def _desc(x, rows, cols=None):
     """TMA descriptor over (B, T, H, D) seen as 2D (B*T, H*D), block (rows, cols or D)."""
     B, T, H, D = x.shape
-    block = [rows, cols or D]
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[x.dtype]
-    return TensorDescriptor(x, [B * T, H * D], [H * D, 1], block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+    block = (rows, cols or D)
+    return TensorDescriptor(x, [B * T, H * D], [H * D, 1], list(block), _layout(block, x.dtype))
 
 
 def _stat_desc(x, block):
     """1D TMA descriptor over a float32 (B, H, T_pad) statistic: lse or delta."""
-    return TensorDescriptor(x, [x.numel()], [1], [block], gl.NVMMASharedLayout.get_default_for([block], gl.float32))
+    return TensorDescriptor(x, [x.numel()], [1], [block], _layout((block,), x.dtype))
 
 
 def forward(q, k, v, causal, scale, left, right, T_pad):
