@@ -149,18 +149,42 @@ def _block_range(start, T_rows, T, BEFORE, AFTER, Doc, DOC_STRIDE,
     return lo, mid_lo, mid_hi, hi
 
 
+# --------------------------------------------------------------------------- tiles of one head
+@triton.jit
+def _tile(desc, row, head, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr):
+    """Rows row..row+ROWS-1 of one head as a (ROWS, HEAD_DIM) tile (_desc). A head dim DIM that is not
+    a power of two is padded here: the descriptor is 3D (H, B*T, DIM) and TMA fills columns DIM..
+    HEAD_DIM-1 with zeros, which change no dot product; no padded copy of q, k, v is ever made."""
+    if DIM < HEAD_DIM:  # (if/else: both returns of a constexpr if would be compiled)
+        tile = desc.load([head, row, 0]).reshape(ROWS, HEAD_DIM)
+    else:
+        tile = desc.load([row, head * HEAD_DIM])
+    return tile
+
+
+@triton.jit
+def _tile_mask(rows_ok, HEAD_DIM: tl.constexpr, DIM: tl.constexpr):
+    """Where a (rows, HEAD_DIM) tile is stored: rows that exist, and only the DIM real columns."""
+    if DIM < HEAD_DIM:
+        mask = rows_ok[:, None] & (tl.arange(0, HEAD_DIM) < DIM)[None, :]
+    else:
+        mask = rows_ok[:, None]
+    return mask
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, start, end,
+def _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_head, offs_m, start, end,
                T, LEFT, RIGHT, doc_start, doc_end, qk_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+               HEAD_DIM: tl.constexpr, DIM: tl.constexpr):
     """Online softmax over key blocks [start, end) for one query block (see the module docstring)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
+        k = _tile(desc_k, kv_row + start_n, kv_head, BLOCK_N, HEAD_DIM, DIM)  # (BLOCK_N, D)
         qk = tl.dot(q, k.T, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N); S_j = scale * qk
-        v = desc_v.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
+        v = _tile(desc_v, kv_row + start_n, kv_head, BLOCK_N, HEAD_DIM, DIM)  # (BLOCK_N, D)
         if MASKED:
             seen = _visible(offs_m, start_n + offs_n, T, LEFT, RIGHT)
             if HAS_DOCS:
@@ -192,14 +216,14 @@ def _query_block(H, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
                 stride_ob, stride_ot, stride_oh,
                 Tq, Tk, T_pad, H, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
-                HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     # q/k/v are seen as 2D (B*T, heads*D): a tile is BLOCK rows of one head's D columns.
     # Rows past Tq (Tk) read the next sequence (or zeros at the end): those keys are masked and
     # those query rows are never stored.
-    kv_row, kv_col = b * Tk, (h // GROUP) * HEAD_DIM
-    q = desc_q.load([b * Tq + m0, h * HEAD_DIM])  # (BLOCK_M, D), stays on chip
+    kv_row, kv_head = b * Tk, h // GROUP
+    q = _tile(desc_q, b * Tq + m0, h, BLOCK_M, HEAD_DIM, DIM)  # (BLOCK_M, D), stays on chip
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -211,12 +235,15 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
         Docs += b * Tq
         doc_start, doc_end = _row_docs(Docs, DOC_STRIDE, offs_m, Tq)
     lo, mid_lo, mid_hi, hi = _block_range(m0, Tq, Tk, LEFT, RIGHT, Docs, DOC_STRIDE, BLOCK_M, BLOCK_N, HAS_DOCS)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
-                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
-                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, False, HAS_DOCS, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
-                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_head, offs_m, lo, mid_lo,
+                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION,
+                               HEAD_DIM, DIM)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_head, offs_m, mid_lo, mid_hi,
+                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, False, HAS_DOCS, PRECISION,
+                               HEAD_DIM, DIM)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row, kv_head, offs_m, mid_hi, hi,
+                               Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION,
+                               HEAD_DIM, DIM)
 
     # epilogue: O = acc / l, lse = m + log2(l); rows that saw no key (padding rows, or queries
     # before the first key when Tq > Tk) get O = 0 and lse = +inf (so P = 0 there in backward)
@@ -227,13 +254,13 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
     tl.store(Lse + bh.to(tl.int64) * T_pad + offs_m, lse)
     Out += b.to(tl.int64) * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot  # scalar 64-bit base
     offs = tl.arange(0, BLOCK_M)[:, None] * stride_ot + tl.arange(0, HEAD_DIM)[None, :]  # 32-bit offsets
-    tl.store(Out + offs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=valid[:, None])
+    tl.store(Out + offs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=_tile_mask(valid, HEAD_DIM, DIM))
 
 
 # --------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["T", "T_pad"])
 def _bwd_preprocess(Out, dOut, Delta, stride_b, stride_t, stride_h, T, T_pad, H,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Delta = rowsum(dO * O) (float32), one value per query row; rows >= T get 0."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -241,23 +268,24 @@ def _bwd_preprocess(Out, dOut, Delta, stride_b, stride_t, stride_h, T, T_pad, H,
     offs_d = tl.arange(0, HEAD_DIM)
     offs = (b.to(tl.int64) * stride_b + h * stride_h
             + offs_m[:, None].to(tl.int64) * stride_t + offs_d[None, :])
-    mask = offs_m[:, None] < T
+    mask = _tile_mask(offs_m < T, HEAD_DIM, DIM)
     o = tl.load(Out + offs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(dOut + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * T_pad + offs_m, tl.sum(o * do, 1))
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, offs_n, start, end,
+def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_head, bh, offs_n, start, end,
                 T, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+                HEAD_DIM: tl.constexpr, DIM: tl.constexpr):
     """One key block against query blocks [start, end) of one query head; tiles are transposed
     (keys along rows) so that dK and dV come out as (BLOCK_N, D)."""
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = desc_q.load([q_row + start_m, q_col])  # (BLOCK_M, D)
-        do = desc_do.load([q_row + start_m, q_col])
+        q = _tile(desc_q, q_row + start_m, q_head, BLOCK_M, HEAD_DIM, DIM)  # (BLOCK_M, D)
+        do = _tile(desc_do, q_row + start_m, q_head, BLOCK_M, HEAD_DIM, DIM)
         lse = tl.load(Lse + bh * T_pad + offs_m)  # (BLOCK_M,), log2 units
         delta = tl.load(Delta + bh * T_pad + offs_m)
         s_t = tl.dot(k, q.T, input_precision=PRECISION) * qk_scale  # S^T: (BLOCK_N, BLOCK_M)
@@ -279,7 +307,7 @@ def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_col, bh, off
 def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, Docs, softmax_scale,
                      stride_b, stride_t, stride_h,
                      Tq, Tk, T_pad, H_KV, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
-                     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                      PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False):
     # grid: (key blocks, B * H_KV); causal: the first key blocks have the most work and start first
@@ -287,8 +315,8 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, Docs, 
     b, hk = bhk // H_KV, bhk % H_KV
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = desc_k.load([b * Tk + n0, hk * HEAD_DIM])  # (BLOCK_N, D), on chip for the whole loop
-    v = desc_v.load([b * Tk + n0, hk * HEAD_DIM])
+    k = _tile(desc_k, b * Tk + n0, hk, BLOCK_N, HEAD_DIM, DIM)  # (BLOCK_N, D), on chip for the whole loop
+    v = _tile(desc_v, b * Tk + n0, hk, BLOCK_N, HEAD_DIM, DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = softmax_scale * LOG2E
@@ -303,40 +331,41 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, Docs, 
         h = hk * GROUP + g
         bh = (b * H_KV * GROUP + h).to(tl.int64)
         if ONE_LOOP:  # mask every block: more arithmetic, but fewer live registers (no spills)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h, bh, offs_n,
                                  lo, hi, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
-                                 BLOCK_M, True, HAS_DOCS, PRECISION)
+                                 BLOCK_M, True, HAS_DOCS, PRECISION, HEAD_DIM, DIM)
         else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h, bh, offs_n,
                                  lo, mid_lo, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
-                                 BLOCK_M, True, HAS_DOCS, PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+                                 BLOCK_M, True, HAS_DOCS, PRECISION, HEAD_DIM, DIM)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h, bh, offs_n,
                                  mid_lo, mid_hi, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
-                                 BLOCK_M, False, HAS_DOCS, PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h * HEAD_DIM, bh, offs_n,
+                                 BLOCK_M, False, HAS_DOCS, PRECISION, HEAD_DIM, DIM)
+            dk, dv = _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b * Tq, h, bh, offs_n,
                                  mid_hi, hi, Tq, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
-                                 BLOCK_M, True, HAS_DOCS, PRECISION)
+                                 BLOCK_M, True, HAS_DOCS, PRECISION, HEAD_DIM, DIM)
     # a scalar 64-bit base, 32-bit offsets and a row mask (a 2D int64/mask epilogue costs ~30
     # registers across the whole loop and made the kernel spill)
     base = b.to(tl.int64) * stride_b + hk * stride_h + n0.to(tl.int64) * stride_t
     dK += base
     dV += base
     offs = tl.arange(0, BLOCK_N)[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
-    mask = (offs_n < Tk)[:, None]
+    mask = _tile_mask(offs_n < Tk, HEAD_DIM, DIM)
     tl.store(dK + offs, (dk * softmax_scale).to(dK.dtype.element_ty), mask=mask)  # dK = scale dS^T Q
     tl.store(dV + offs, dv.to(dV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, start, end,
+def _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_head, offs_m, start, end,
               T, LEFT, RIGHT, doc_start, doc_end, qk_scale,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+              HEAD_DIM: tl.constexpr, DIM: tl.constexpr):
     """One query block against key blocks [start, end)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = desc_k.load([kv_row + start_n, kv_col])  # (BLOCK_N, D)
-        v = desc_v.load([kv_row + start_n, kv_col])
+        k = _tile(desc_k, kv_row + start_n, kv_head, BLOCK_N, HEAD_DIM, DIM)  # (BLOCK_N, D)
+        v = _tile(desc_v, kv_row + start_n, kv_head, BLOCK_N, HEAD_DIM, DIM)
         s = tl.dot(q, k.T, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -354,32 +383,35 @@ def _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, sta
 def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, Docs, softmax_scale,
                    stride_b, stride_t, stride_h,
                    Tq, Tk, T_pad, H, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
-                   HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                    PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = desc_q.load([b * Tq + m0, h * HEAD_DIM])  # (BLOCK_M, D)
-    do = desc_do.load([b * Tq + m0, h * HEAD_DIM])
+    q = _tile(desc_q, b * Tq + m0, h, BLOCK_M, HEAD_DIM, DIM)  # (BLOCK_M, D)
+    do = _tile(desc_do, b * Tq + m0, h, BLOCK_M, HEAD_DIM, DIM)
     lse = tl.load(Lse + bh.to(tl.int64) * T_pad + offs_m)
     delta = tl.load(Delta + bh.to(tl.int64) * T_pad + offs_m)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = softmax_scale * LOG2E
-    kv_row, kv_col = b * Tk, (h // GROUP) * HEAD_DIM
+    kv_row, kv_head = b * Tk, h // GROUP
     doc_start, doc_end = 0, 0
     if HAS_DOCS:
         Docs += b * Tq
         doc_start, doc_end = _row_docs(Docs, DOC_STRIDE, offs_m, Tq)
     lo, mid_lo, mid_hi, hi = _block_range(m0, Tq, Tk, LEFT, RIGHT, Docs, DOC_STRIDE, BLOCK_M, BLOCK_N, HAS_DOCS)
-    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, lo, mid_lo,
-                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, mid_lo, mid_hi,
-                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, False, HAS_DOCS, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_col, offs_m, mid_hi, hi,
-                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_head, offs_m, lo, mid_lo,
+                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION,
+                   HEAD_DIM, DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_head, offs_m, mid_lo, mid_hi,
+                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, False, HAS_DOCS, PRECISION,
+                   HEAD_DIM, DIM)
+    dq = _dq_inner(dq, q, do, lse, delta, desc_k, desc_v, kv_row, kv_head, offs_m, mid_hi, hi,
+                   Tk, LEFT, RIGHT, doc_start, doc_end, qk_scale, BLOCK_N, True, HAS_DOCS, PRECISION,
+                   HEAD_DIM, DIM)
     dQ += b.to(tl.int64) * stride_b + h * stride_h + m0.to(tl.int64) * stride_t  # scalar base
     offs = tl.arange(0, BLOCK_M)[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=(offs_m < Tq)[:, None])
+    tl.store(dQ + offs, (dq * softmax_scale).to(dQ.dtype.element_ty), mask=_tile_mask(offs_m < Tq, HEAD_DIM, DIM))
 
 
 # --------------------------------------------------------------------------- tile configs
@@ -442,11 +474,11 @@ def _elem_bytes(meta):
 
 
 def _set_blocks(nargs):
-    """The descriptors' block shapes must match the tile the kernel is compiled for."""
+    """The descriptors' block shapes must match the tile the kernel is compiled for (_desc, _tile)."""
     d, bm, bn = nargs["HEAD_DIM"], nargs["BLOCK_M"], nargs["BLOCK_N"]
     for name, rows in (("desc_q", bm), ("desc_do", bm), ("desc_k", bn), ("desc_v", bn)):
         if name in nargs:
-            nargs[name].block_shape = [rows, d]
+            nargs[name].block_shape = [rows, d] if len(nargs[name].shape) == 2 else [1, rows, d]
 
 
 def _config(tile, variant):
@@ -459,7 +491,7 @@ def _autotuned(kernel, which):
         return [_config(t, x) for t, x in _space(which, meta["HEAD_DIM"], _elem_bytes(meta))]
     # key: plus the dtypes of the tensor arguments, which Triton adds itself
     return triton.autotune([_config(t, x) for t in TILES[which] for x in VARIANTS[which]],
-                           key=["HEAD_DIM", "IS_CAUSAL", "HAS_DOCS", "SEQ_BUCKET"],
+                           key=["HEAD_DIM", "DIM", "IS_CAUSAL", "HAS_DOCS", "SEQ_BUCKET"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -528,7 +560,7 @@ def _launch(which, T, heads, descs, *args, **meta):
     elif tile is None:
         space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
         x = descs[0].base
-        key = (f"{_tuned_prefix(x.device)}|{which}|{x.dtype}|D{meta['HEAD_DIM']}|causal{meta['IS_CAUSAL']}|"
+        key = (f"{_tuned_prefix(x.device)}|{which}|{x.dtype}|D{meta['DIM']}|causal{meta['IS_CAUSAL']}|"
                f"docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
         tile, variant = space[0] if not AUTOTUNE else _tuned().get(key, (None, None))
         if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
@@ -544,9 +576,19 @@ def _launch(which, T, heads, descs, *args, **meta):
 
 # --------------------------------------------------------------------------- host side
 def _desc(x):
-    """TMA descriptor over (B, T, H, D) seen as 2D (B*T, H*D); block shape set at launch."""
+    """TMA descriptor over (B, T, H, D) seen as 2D (B*T, H*D), or, for a head dim that is not a
+    power of two, as 3D (H, B*T, D) so that a tile's columns past D are out of bounds (zeros, _tile);
+    block shape set at launch. (Heads first: a (1, rows, width) block lands in shared memory as the
+    (rows, width) tile the dots read; (rows, 1, width) went through registers, ptxas_regs.py.)"""
     B, T, H, D = x.shape
+    if D != _width(D):
+        return TensorDescriptor(x, [H, B * T, D], [D, H * D, 1], [1, 16, _width(D)])
     return TensorDescriptor(x, [B * T, H * D], [H * D, 1], [16, D])
+
+
+def _width(D):
+    """The kernels' tile width for head dim D: the next of HEAD_DIMS."""
+    return next(d for d in HEAD_DIMS if d >= D)
 
 
 def _prepare(x):
@@ -557,7 +599,7 @@ def _prepare(x):
 
 def _common(q, causal, doc_range):
     B, T, H, D = q.shape
-    return dict(HEAD_DIM=D, IS_CAUSAL=causal, HAS_DOCS=doc_range is not None,
+    return dict(HEAD_DIM=_width(D), DIM=D, IS_CAUSAL=causal, HAS_DOCS=doc_range is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 SEQ_BUCKET=0 if T <= 1024 else 1 if T <= 4096 else 2)
 
@@ -627,7 +669,7 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     T_pad = lse.shape[-1]
     delta = torch.empty_like(lse)
     _bwd_preprocess[(T_pad // MAX_BLOCK, B * H)](out, do, delta, out.stride(0), out.stride(1), out.stride(2),
-                                                 Tq, T_pad, H, HEAD_DIM=D, BLOCK_M=MAX_BLOCK)
+                                                 Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK)
     hopper = _hopper(q) if doc_range is None and Tq == Tk else None
     if hopper:  # its lse has the same format, so either kernels' forward can come first
         try:
@@ -802,7 +844,7 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     unbounded; the book's band attention). doc_ids: None or an integer (B, T) tensor (Tq == Tk),
     a document being a run of one id; a query sees only keys of its own document (packed rows).
     A query that sees no key (Tq > Tk) gets out 0, lse +inf and zero gradients.
-    D: any multiple of 8 up to 256 (others are zero-padded to the next kernel width here).
+    D: any multiple of 8 up to 256 (tiles are zero-padded to the next power of two inside the kernels).
     Returns out (B, Tq, Hq, D), and with return_lse=True also lse (B, Hq, Tq) float32, the
     log-sum-exp of each row's scores. Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1);
     elsewhere the PyTorch reference."""
@@ -818,13 +860,8 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     else:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-        width = next(d for d in HEAD_DIMS if d >= D)  # the kernel's head dim
-        if width != D:  # zero columns change no score; autograd slices the gradients back to D
-            q, k, v = (torch.nn.functional.pad(x, (0, width - D)) for x in (q, k, v))
         doc_range = None if doc_ids is None else document_bounds(doc_ids)
         out, lse = _attention(q, k, v, doc_range, bool(causal), float(scale), left, right)
-        if width != D:
-            out = out[..., :D]
         if return_lse:  # log2 units and padded rows (one more kernel): only when asked for
             lse = lse[..., :Tq] / math.log2(math.e)
     return (out, lse) if return_lse else out

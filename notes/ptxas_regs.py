@@ -4,6 +4,7 @@
     python notes/ptxas_regs.py                      # every kernel x tile config, head dim 128, bf16
     python notes/ptxas_regs.py --head-dim 64 --which dkdv
     python notes/ptxas_regs.py --docs 1             # the document-masking variants (HAS_DOCS)
+    python notes/ptxas_regs.py --head-dim 96        # a head dim padded inside the kernels (3D descriptors)
 
 Prints one line per (kernel, constexpr variant, tile): registers per thread, spill stores/loads
 (bytes), shared memory from Triton's metadata, and whether the dots became wgmma.
@@ -26,13 +27,13 @@ import flash_attn  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def signature(fn, descs, bm, bn, d, dtype):
-    """Every runtime argument of fn typed; descriptors with their block shapes."""
+def signature(fn, descs, bm, bn, d, dtype, padded):
+    """Every runtime argument of fn typed; descriptors with their block shapes (flash_attn._desc)."""
     sig = {}
     for name in fn.arg_names:
         if name in descs:
             rows = bm if name in ("desc_q", "desc_do") else bn
-            sig[name] = f"tensordesc<{dtype}[{rows}, {d}]>"
+            sig[name] = f"tensordesc<{dtype}[1, {rows}, {d}]>" if padded else f"tensordesc<{dtype}[{rows}, {d}]>"
         elif name in ("Out", "dK", "dV", "dQ"):
             sig[name] = f"*{dtype}"
         elif name in ("Lse", "Delta"):
@@ -54,7 +55,7 @@ def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16"):
     for p in fn.params:  # constexpr parameters left at their defaults
         if p.is_constexpr and p.name not in consts:
             consts[p.name] = p.default
-    sig = signature(fn, descs, bm, bn, d, dtype)
+    sig = signature(fn, descs, bm, bn, d, dtype, consts["DIM"] != d)
     for k in consts:
         sig[k] = "constexpr"
     src = ASTSource(fn, sig, constexprs=consts)
@@ -80,19 +81,20 @@ def main():
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--docs", type=int, default=0)
     args = p.parse_args()
+    width = flash_attn._width(args.head_dim)
     for which in args.which.split(","):
         fn = flash_attn.KERNELS[which][0]
         for variant in flash_attn.VARIANTS[which]:
             for bm, bn, w, s in flash_attn.TILES[which]:
-                consts = dict(HEAD_DIM=args.head_dim, IS_CAUSAL=bool(args.causal), PRECISION="tf32",
+                consts = dict(HEAD_DIM=width, DIM=args.head_dim, IS_CAUSAL=bool(args.causal), PRECISION="tf32",
                               HAS_DOCS=bool(args.docs), BLOCK_M=bm, BLOCK_N=bn, **variant)
                 if not args.docs:
                     consts["Docs"] = None  # no document pointer: the kernels never read it
-                if not flash_attn._fits(which, (bm, bn, w, s), args.head_dim):
+                if not flash_attn._fits(which, (bm, bn, w, s), width):
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: does not fit (pruned)")
                     continue
                 try:
-                    regs, (st, ld), smem, wgmma = compile_one(fn, consts, bm, bn, args.head_dim, w, s, args.dtype)
+                    regs, (st, ld), smem, wgmma = compile_one(fn, consts, bm, bn, width, w, s, args.dtype)
                     print(f"{which:5s} {fn.__name__:24s} {variant} tile {(bm, bn, w, s)}: {regs} regs, "
                           f"spill st/ld {st}/{ld} B, smem {smem} B{'' if wgmma else ', NO wgmma'}",
                           flush=True)

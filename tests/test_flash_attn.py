@@ -743,6 +743,38 @@ compile(fh._bwd_kernel, {"desc_q": desc("bf16", [bm, D]), "desc_k": desc("bf16",
 """
 
 
+PADDED_COMPILE = r"""
+import sys
+sys.path.insert(0, "notes")
+import flash_attn, ptxas_regs
+for which in ("fwd", "dkdv", "dq"):
+    (bm, bn, w, s), variant = flash_attn._space(which, 128, 2)[0]
+    for dim in (128, 96):  # 96: the 3D descriptors of a padded head dim
+        consts = dict(HEAD_DIM=128, DIM=dim, IS_CAUSAL=True, PRECISION="tf32", HAS_DOCS=False, Docs=None,
+                      BLOCK_M=bm, BLOCK_N=bn, **variant)
+        regs, spills, smem, wgmma = ptxas_regs.compile_one(flash_attn.KERNELS[which][0], consts, bm, bn, 128, w, s)
+        print(which, dim, smem, int(wgmma))
+"""
+
+
+def test_padded_head_dim_kernels_compile_for_sm90():
+    """A head dim that is not a power of two (96, tiles of 128 columns) compiles for sm_90a without a
+    GPU, with wgmma and the same shared memory as head dim 128: the 3D descriptors' tiles land in
+    shared memory as the dots' operands (no detour through registers)."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", PADDED_COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.strip().splitlines()]
+    by_kernel = {}
+    for which, dim, smem, wgmma in lines:
+        assert wgmma == "1", (which, dim)
+        by_kernel.setdefault(which, set()).add(smem)
+    assert len(by_kernel) == 3 and all(len(v) == 1 for v in by_kernel.values()), lines
+
+
 def test_hopper_import_names_a_missing_gluon_feature(monkeypatch):
     """A Triton whose Gluon lacks what flash_attn_hopper calls (here: no TMA load under either of
     its names) fails the import with one line that says what, so flash_attn falls back."""
