@@ -4,9 +4,11 @@
     python bench_attention.py --seqlens 2048,8192 --causal 1   # a subset
     python bench_attention.py --tiles --seqlens 8192 --head-dims 128 --causal 1   # time every tile config
     python bench_attention.py --host                           # host (CPU) microseconds per call
+    python bench_attention.py --seqlens 4096 --head-dims 128 --dim 4096 --group 4   # 32 query / 8 kv heads
 
 All four (this kernel, flash_attn.py's portable kernels, SDPA flash, SDPA cuDNN) run in the same process on the same inputs, (batch, seqlen, heads, headdim) bf16 with
-batch * seqlen = --tokens and heads * headdim = --dim. FLOPs: forward 4 * B * H * T^2 * D (two
+batch * seqlen = --tokens and heads * headdim = --dim (--group query heads per kv head; SDPA gets k, v
+with each kv head repeated, made before the timing, as its cuDNN kernel takes no grouped heads). FLOPs: forward 4 * B * H * T^2 * D (two
 matmuls), halved when causal; backward 2.5x forward (five matmuls instead of two). Times are
 medians of triton.testing.do_bench (CUDA events), after a warm-up that includes autotuning.
 """
@@ -105,13 +107,14 @@ def main():
     p.add_argument("--causal", default="1,0", help="comma list of 1 (causal) and/or 0")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
     p.add_argument("--dim", type=int, default=2048, help="heads * head dim")
+    p.add_argument("--group", type=int, default=1, help="query heads per kv head (grouped-query attention)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--tiles", action="store_true", help="time each tile config of flash_attn.py instead")
     p.add_argument("--host", action="store_true", help="host (CPU) microseconds per call instead")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"{args.dtype}, batch*seqlen={args.tokens}, heads*headdim={args.dim}")
+          f"{args.dtype}, batch*seqlen={args.tokens}, heads*headdim={args.dim}, query heads per kv head={args.group}")
     if args.host:
         return time_host(dtype)
 
@@ -120,7 +123,12 @@ def main():
         for D in [int(d) for d in args.head_dims.split(",")]:
             for T in [int(t) for t in args.seqlens.split(",")]:
                 B, H = max(1, args.tokens // T), args.dim // D
-                q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+                if H % args.group:
+                    raise SystemExit(f"--group={args.group} does not divide the {H} query heads of head dim {D}")
+                q = torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True)
+                k, v = (torch.randn(B, T, H // args.group, D, device="cuda", dtype=dtype, requires_grad=True)
+                        for _ in range(2))
+                kx, vx = (x.detach().repeat_interleave(args.group, 2).requires_grad_() for x in (k, v))  # for SDPA
                 flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
                 if args.tiles:
                     print(f"causal={causal:d} D={D} T={T} B={B} H={H}")
@@ -131,7 +139,7 @@ def main():
                     # "portable": flash_attn.py's own kernels, also where flash_attn_hopper would run
                     # (head dim 128 on Hopper); forward and backward each pick their kernels
                     flash_attn.HOPPER = name != "portable"
-                    fwd, bwd = bench_one(fn, q, k, v, causal)
+                    fwd, bwd = bench_one(fn, q, *((kx, vx) if name.startswith("sdpa") else (k, v)), causal)
                     tf[name] = (flops / fwd * 1e-9, 2.5 * flops / bwd * 1e-9)
                 flash_attn.HOPPER = True
                 rows.append((causal, D, T, tf))
@@ -139,7 +147,7 @@ def main():
                 print(f"causal={causal:d} D={D:3d} T={T:5d}  triton {t[0]:4.0f}/{t[1]:4.0f}  "
                       f"(portable {po[0]:4.0f}/{po[1]:4.0f})  "
                       f"flash {fl[0]:4.0f}/{fl[1]:4.0f}  cudnn {cu[0]:4.0f}/{cu[1]:4.0f}", flush=True)
-                del q, k, v
+                del q, k, v, kx, vx
 
     if not rows:
         return

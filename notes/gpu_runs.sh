@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_tests|attn_kernel|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -39,6 +39,26 @@ attn_bench)
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
+;;
+attn_tests)
+# every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),
+# then the host's microseconds per call of each attention (bench_attention.py --host)
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+python3 -m pytest -q tests/test_flash_attn.py > $OUT/attn_tests.log 2>&1; tail -3 $OUT/attn_tests.log
+python3 bench_attention.py --host 2>&1 | tee $OUT/attn_host.log
+;;
+attn_kernel)
+# the attention kernel table (README "Attention kernel"): causal rows three times (the spread of the 1-2k rows),
+# then the non-causal 8k rows and grouped-query heads (32 query / 8 kv heads of 128 at 4k)
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+for i in 1 2 3; do
+  python3 bench_attention.py --causal=1 > $OUT/attn_causal_$i.log 2>&1; grep "^causal" $OUT/attn_causal_$i.log
+done
+python3 bench_attention.py --causal=0 --seqlens=8192 > $OUT/attn_full.log 2>&1; grep "^causal" $OUT/attn_full.log
+python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
+grep "^causal" $OUT/attn_gqa.log
 ;;
 doc_mask_loss)
 # train.py --doc_mask=True against False on real documents: 200 steps of a 85M model at 2k context, compiled,
