@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_tests|attn_kernel|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -59,6 +59,12 @@ done
 python3 bench_attention.py --causal=0 --seqlens=8192 > $OUT/attn_full.log 2>&1; grep "^causal" $OUT/attn_full.log
 python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
 grep "^causal" $OUT/attn_gqa.log
+;;
+hopper_variants)
+# forward variants of flash_attn_hopper (notes/hopper_variants.py): checked, then timed against SDPA cuDNN
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+python3 notes/hopper_variants.py 2>&1 | tee $OUT/hopper_variants.log | tail -22
 ;;
 doc_mask_loss)
 # train.py --doc_mask=True against False on real documents: 200 steps of a 85M model at 2k context, compiled,
