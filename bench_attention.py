@@ -6,11 +6,12 @@
     python bench_attention.py --host                           # host (CPU) microseconds per call
     python bench_attention.py --seqlens 4096 --head-dims 128 --dim 4096 --group 4   # 32 query / 8 kv heads
 
-All four (this kernel, flash_attn.py's portable kernels, SDPA flash, SDPA cuDNN) run in the same process on the same inputs, (batch, seqlen, heads, headdim) bf16 with
-batch * seqlen = --tokens and heads * headdim = --dim (--group query heads per kv head; SDPA gets k, v
-with each kv head repeated, made before the timing, as its cuDNN kernel takes no grouped heads). FLOPs: forward 4 * B * H * T^2 * D (two
-matmuls), halved when causal; backward 2.5x forward (five matmuls instead of two). Times are
-medians of triton.testing.do_bench (CUDA events), after a warm-up that includes autotuning.
+All four (this kernel, flash_attn.py's portable kernels, SDPA flash, SDPA cuDNN) run in the same process
+on the same inputs, (batch, seqlen, heads, headdim) bf16 with batch * seqlen = --tokens and heads *
+headdim = --dim (--group query heads per kv head; SDPA gets k, v with each kv head repeated, made before
+the timing, as its cuDNN kernel takes no grouped heads). FLOPs: forward 4 * B * H * T^2 * D (two
+matmuls), halved when causal; backward 2.5x forward (five matmuls instead of two). Times are medians of
+triton.testing.do_bench (CUDA events), after a warm-up that includes autotuning.
 """
 import argparse
 import time

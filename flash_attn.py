@@ -49,8 +49,8 @@ autotuned per (head dim, causal, documents, dtype, sequence-length bucket) among
 that head dim and dtype, once per GPU and Triton version (the choices are kept in Triton's cache
 directory). The kernels are torch.library custom ops (flash_attn::forward, flash_attn::backward),
 so torch.compile traces flash_attn_func without a graph break; eager calls skip the ops' dispatch
-(_EagerAttention), and nothing on the launch path synchronizes, so CUDA graphs capture it. Without Triton installed the module
-still imports and flash_attn_func is attention_reference (HAVE_TRITON).
+(_EagerAttention), and nothing on the launch path synchronizes, so CUDA graphs capture it. Without
+Triton installed the module still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
 algorithm, masks and lse, scheduled as FlashAttention-3 does (a loader warp, two consumer
@@ -219,7 +219,8 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
                 HEAD_DIM: tl.constexpr, DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
-    # q/k/v are seen as 2D (B*T, heads*D): a tile is BLOCK rows of one head's D columns.
+    # q/k/v are seen as 2D (B*T, heads*D) (3D for a padded head dim, _desc): a tile is BLOCK rows of
+    # one head's D columns.
     # Rows past Tq (Tk) read the next sequence (or zeros at the end): those keys are masked and
     # those query rows are never stored.
     kv_row, kv_head = b * Tk, h // GROUP

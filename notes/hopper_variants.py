@@ -84,7 +84,8 @@ def time_all():
                     warmup=50, rep=200, return_mode="median")
             rows.append((name, D, T, status, flops / ms * 1e-9, flops / cudnn * 1e-9))
             print(*rows[-1], flush=True)
-    print("\n| variant | head dim | seqlen | check | forward TFLOP/s | SDPA cuDNN | ratio |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| variant | head dim | seqlen | check | forward TFLOP/s | SDPA cuDNN | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, D, T, status, ours, cudnn in rows:
         print(f"| {name} | {D} | {T} | {status} | {ours:.0f} | {cudnn:.0f} | {ours / cudnn:.2f} |")
 
