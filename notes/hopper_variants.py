@@ -96,13 +96,13 @@ def compile_all():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    def desc(block, D):
+    def desc(block):
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
         return f"tensordesc<bf16[{', '.join(map(str, block))}],{layout!r}>"
 
     for name, D, (bm, bn, stages), specialized in VARIANTS:
         fn = SPECIALIZED if specialized else fh._fwd_kernel
-        sig = {"desc_q": desc([bm // 2, D], D), "desc_k": desc([bn, D], D), "desc_v": desc([bn, D], D),
+        sig = {"desc_q": desc([bm // 2, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
         consts = dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
         for arg in fn.arg_names:
