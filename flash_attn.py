@@ -549,6 +549,42 @@ def _remember(key, config):
         pass
 
 
+_COMPILED = {}  # _run's launch key -> (Triton CompiledKernel, its parameters after the positional ones)
+
+
+def _launch_key(arg):
+    """What Triton's JIT specializes a kernel on, for one argument, or finer: a tensor's dtype and
+    16-byte alignment; a TMA descriptor's base dtype and alignment, shape, strides, block and layout;
+    any other value exactly (with its type: True and 1 are different launches)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if hasattr(arg, "block_shape"):  # triton.tools' or Gluon's TensorDescriptor
+        return (arg.base.dtype, arg.base.data_ptr() % 16 == 0, tuple(arg.shape), tuple(arg.strides),
+                tuple(arg.block_shape), getattr(arg, "layout", None), arg.padding)
+    return type(arg), arg
+
+
+def _run(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) without Triton's per-launch binding: its JIT specializes every
+    argument and looks the compiled kernel up on each call, a large part of the host's time per
+    attention call. The compiled kernel that a launch key (_launch_key of every argument, the keyword
+    arguments) got on its first call is launched directly from then on (CompiledKernel[grid], all
+    arguments in signature order). Exact values in the key: every hit is a launch the JIT would
+    compile identically."""
+    key = (kernel, *map(_launch_key, args), *kwargs.items())
+    hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if compiled is not None:  # None under the interpreter: nothing to keep
+            if len(_COMPILED) > 4096:  # e.g. a KV cache's growing Tk: a new key per token
+                _COMPILED.clear()
+            params = kernel.params[len(args):]
+            _COMPILED[key] = compiled, [(p.name, p.default) for p in params]
+        return
+    compiled, params = hit
+    compiled[(*grid, 1, 1)[:3]](*args, *(kwargs.get(name, default) for name, default in params))
+
+
 def _launch(which, T, heads, descs, *args, **meta):
     """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
     (keys). Autotuned on a GPU (once per GPU, Triton version, source of this file and key: _tuned); a fixed
@@ -572,7 +608,7 @@ def _launch(which, T, heads, descs, *args, **meta):
     nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
     _set_blocks(nargs)
     grid = (triton.cdiv(T, bn if which == "dkdv" else bm), heads)
-    kernel[grid](*descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **variant, **meta)
+    _run(kernel, grid, *descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **variant, **meta)
 
 
 # --------------------------------------------------------------------------- host side
@@ -669,8 +705,8 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     Tk, H_kv = k.shape[1], k.shape[2]
     T_pad = lse.shape[-1]
     delta = torch.empty_like(lse)
-    _bwd_preprocess[(T_pad // MAX_BLOCK, B * H)](out, do, delta, out.stride(0), out.stride(1), out.stride(2),
-                                                 Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK)
+    _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, out.stride(0), out.stride(1), out.stride(2),
+         Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK)
     hopper = _hopper(q) if doc_range is None and Tq == Tk else None
     if hopper:  # its lse has the same format, so either kernels' forward can come first
         try:

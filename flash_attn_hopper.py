@@ -456,7 +456,8 @@ def forward(q, k, v, causal, scale, left, right, T_pad):
     bm, bn, stages = FWD_TILE
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(triton.cdiv(T, bm), B * H)](
+    flash_attn._run(
+        _fwd_kernel, (triton.cdiv(T, bm), B * H),
         _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
         T, T_pad, H, H // k.shape[2], left, right, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
         **COMPILE_OPTIONS)
@@ -469,7 +470,8 @@ def backward(do, q, k, v, lse, delta, scale, left, right):
     bm, bn, stages = BWD_TILE
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)  # sum of TMA reductions
-    _bwd_kernel[(triton.cdiv(T, bn), B * k.shape[2])](
+    flash_attn._run(
+        _bwd_kernel, (triton.cdiv(T, bn), B * k.shape[2]),
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), dk, dv, scale, dk.stride(0), dk.stride(1), dk.stride(2),
         T, lse.shape[-1], k.shape[2], H // k.shape[2], left, right, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,

@@ -71,7 +71,7 @@ def time_all():
     rows = []
     for name, D, tile, specialized in VARIANTS:
         status = check(name, D, tile, specialized)
-        for T in (2048, 8192, 16384):
+        for T in (1024, 2048, 4096, 8192, 16384):
             B, H = 16384 // T, 2048 // D
             q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             flops = 4 * B * H * T * T * D * 0.5

@@ -374,6 +374,42 @@ def test_eager_calls_skip_the_custom_op_dispatch():
     assert all(torch.equal(a, b) for a, b in zip(eager, op))
 
 
+def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
+    """_run: the first launch of a key goes through kernel[grid] (Triton's JIT: binding, compiling);
+    later ones launch the compiled kernel it returned, with every argument in signature order (the
+    keyword ones filled in, defaults too). Anything the JIT specializes on makes a new key: dtype,
+    16-byte alignment, a descriptor's block, an integer's value, True against 1."""
+    monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    jit_calls, direct = [], []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: direct.append((grid, args))
+
+    class Kernel:
+        params = [types.SimpleNamespace(name=n, default=d) for n, d in
+                  (("x", None), ("n", None), ("flag", None), ("BLOCK", None), ("EXTRA", 7))]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: jit_calls.append((grid, args, kw)) or Compiled()
+
+    kernel = Kernel()
+    x = torch.zeros(64)
+    run = lambda *args, **kw: flash_attn._run(kernel, (4, 2), *args, **kw)  # noqa: E731
+    run(x, 5, True, BLOCK=16, num_warps=4)
+    run(x, 5, True, BLOCK=16, num_warps=4)
+    assert len(jit_calls) == 1 and direct == [((4, 2, 1), (x, 5, True, 16, 7))]
+    for args, kw in [((x, 5, 1), {}), ((x, 6, True), {}), ((x.half(), 5, True), {}), ((x[1:], 5, True), {}),
+                     ((x, 5, True), {"num_warps": 8}), ((x, 5, True), {"BLOCK": 32})]:
+        run(*args, **{"BLOCK": 16, "num_warps": 4, **kw})
+    assert len(jit_calls) == 7 and len(direct) == 1
+    desc = lambda block: flash_attn.TensorDescriptor(x.view(8, 8), [8, 8], [8, 1], block)  # noqa: E731
+    run(desc([4, 8]), 5, True, BLOCK=16)
+    run(desc([4, 8]), 5, True, BLOCK=16)
+    run(desc([8, 8]), 5, True, BLOCK=16)
+    assert len(jit_calls) == 9 and len(direct) == 2
+
+
 @cpu_only
 def test_compiled_model_with_flash_matches_eager():
     """model.Transformer with attn_impl="flash" under torch.compile (inductor, as train.py --compile=True
