@@ -847,7 +847,7 @@ def document_bounds(doc_ids):
     return torch.stack([start, end]).to(torch.int32).contiguous()
 
 
-def _check(q, k, v, doc_ids=None):
+def _check(q, k, v, doc_ids=None, doc_bounds=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (batch, seqlen, nheads, headdim); got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -871,21 +871,33 @@ def _check(q, k, v, doc_ids=None):
                              f"document ids; got {doc_ids.dtype} {tuple(doc_ids.shape)}")
         if doc_ids.device != q.device:
             raise ValueError(f"doc_ids is on {doc_ids.device} but q on {q.device}; move it to q's device")
+    if doc_bounds is not None:
+        if doc_ids is not None:
+            raise ValueError("pass doc_ids or doc_bounds (= document_bounds(doc_ids)), not both")
+        B, T = q.shape[:2]
+        if not isinstance(doc_bounds, torch.Tensor) or doc_bounds.shape != (2, B, T) \
+                or doc_bounds.dtype != torch.int32 or doc_bounds.device != q.device or k.shape[1] != T:
+            raise ValueError(f"doc_bounds must be document_bounds(doc_ids): an int32 (2, {B}, {T}) tensor on "
+                             f"{q.device} with seqlen_q == seqlen_k; got "
+                             + (f"{doc_bounds.dtype} {tuple(doc_bounds.shape)} on {doc_bounds.device}, seqlen_k "
+                                f"{k.shape[1]}" if isinstance(doc_bounds, torch.Tensor) else type(doc_bounds).__name__))
 
 
-def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, return_lse=False, doc_ids=None):
+def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, return_lse=False, doc_ids=None,
+                    doc_bounds=None):
     """softmax(scale * q k^T + mask) v for q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), Hkv dividing Hq
     (query head h uses kv head h // (Hq // Hkv)). Masks are aligned bottom-right (FlashAttention's
     convention): query i sits at position p = i + Tk - Tq, so with a KV cache the last query is the
     last key. causal: query i sees keys <= p. window_size=(left, right): keys p-left..p+right (-1:
     unbounded; the book's band attention). doc_ids: None or an integer (B, T) tensor (Tq == Tk),
     a document being a run of one id; a query sees only keys of its own document (packed rows).
-    A query that sees no key (Tq > Tk) gets out 0, lse +inf and zero gradients.
+    doc_bounds: instead of doc_ids, document_bounds(doc_ids), made once for many calls (a model's
+    layers). A query that sees no key (Tq > Tk) gets out 0, lse +inf and zero gradients.
     D: any multiple of 8 up to 256 (tiles are zero-padded to the next power of two inside the kernels).
     Returns out (B, Tq, Hq, D), and with return_lse=True also lse (B, Hq, Tq) float32, the
     log-sum-exp of each row's scores. Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1);
     elsewhere the PyTorch reference."""
-    _check(q, k, v, doc_ids)
+    _check(q, k, v, doc_ids, doc_bounds)
     Tq, Tk, D = q.shape[1], k.shape[1], q.shape[3]
     if D % 8 or not 8 <= D <= 256:
         raise ValueError(f"head dim {D} is not supported: use a multiple of 8 from 8 to 256 "
@@ -893,11 +905,11 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     left, right = _window(causal, window_size, Tq, Tk)
     if not HAVE_TRITON or not (q.is_cuda or INTERPRET):
-        out, lse = attention_reference(q, k, v, causal, scale, window_size, doc_ids)
+        out, lse = attention_reference(q, k, v, causal, scale, window_size, doc_ids, doc_bounds)
     else:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-        doc_range = None if doc_ids is None else document_bounds(doc_ids)
+        doc_range = document_bounds(doc_ids) if doc_ids is not None else doc_bounds
         out, lse = _attention(q, k, v, doc_range, bool(causal), float(scale), left, right)
         if return_lse:  # log2 units and padded rows (one more kernel): only when asked for
             lse = lse[..., :Tq] / math.log2(math.e)
@@ -905,11 +917,11 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
 
 
 # --------------------------------------------------------------------------- reference
-def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None):
+def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=None, doc_ids=None, doc_bounds=None):
     """Plain PyTorch attention with the same arguments and masks (flash_attn_func); materialises
     the (Tq, Tk) scores. Computes in float32 (float64 inputs stay float64). Returns (out, lse);
     a row that sees no key has out 0 and lse +inf, and gets zero gradients."""
-    _check(q, k, v, doc_ids)
+    _check(q, k, v, doc_ids, doc_bounds)
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     group = H // k.shape[2]
@@ -922,8 +934,9 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=No
     i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)  # bottom-right aligned positions
     j = torch.arange(Tk, device=q.device)[None, :]
     seen = (i - j <= left) & (j - i <= right)  # (Tq, Tk)
-    if doc_ids is not None:
-        start, end = document_bounds(doc_ids)[:, :, None, :, None]  # (B, 1, T, 1) each
+    if doc_ids is not None or doc_bounds is not None:
+        bounds = document_bounds(doc_ids) if doc_ids is not None else doc_bounds
+        start, end = bounds[:, :, None, :, None]  # (B, 1, T, 1) each
         seen = seen & (j >= start) & (j < end)  # (B, 1, T, T)
     empty = ~seen.any(-1, keepdim=True)  # rows that see no key: a finite logsumexp, then P = 0
     s = s.masked_fill(~seen, float("-inf")).masked_fill(empty, 0.0)

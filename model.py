@@ -198,7 +198,7 @@ def causal_attention(q, k, v, impl, q_offset=0, docs=None):
     # to SDPA, as for attn_impl="sdpa": one query row would leave the kernel's 64-128-row query
     # tiles nearly empty, for the cost of padding and copying the cache each step
     if impl == "flash" and (q_offset == 0 or T > 1):
-        return flash_attn.flash_attn_func(q, k, v, causal=True, doc_ids=docs)
+        return flash_attn.flash_attn_func(q, k, v, causal=True, doc_bounds=docs)
     group = q.shape[2] // k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     S = k.shape[2]
@@ -301,14 +301,15 @@ def document_mask(doc_ids, impl):
     """(positions, docs) of packed rows: doc_ids (B, T), a document being a run of one id
     (flash_attn.document_bounds, the one definition). positions (B, T): each token's index within
     its document (RoPE restarts there). docs: the mask in the form causal_attention takes for impl
-    (resolved), made once per forward for all layers: flash, doc_ids itself (the kernel skips the
-    tiles between documents); sdpa and math, a (B, 1, T, T) boolean, True where key j <= query i
+    (resolved), made once per forward for all layers: flash, flash_attn.document_bounds(doc_ids) (the
+    kernel skips the tiles between documents); sdpa and math, a (B, 1, T, T) boolean, True where key j <= query i
     and j is in i's document."""
     T = doc_ids.shape[1]
     t = torch.arange(T, device=doc_ids.device)
-    start = flash_attn.document_bounds(doc_ids)[0].long()  # (B, T): the first token of each token's document
+    bounds = flash_attn.document_bounds(doc_ids)  # (2, B, T) int32: each token's document [start, end)
+    start = bounds[0].long()
     if impl == "flash":
-        return t - start, doc_ids
+        return t - start, bounds
     return t - start, ((t[None, None, :] >= start[:, :, None]) & (t[None, None, :] <= t[None, :, None]))[:, None]
 
 

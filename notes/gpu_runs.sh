@@ -47,6 +47,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 -m pytest -q tests/test_flash_attn.py > $OUT/attn_tests.log 2>&1; tail -3 $OUT/attn_tests.log
 python3 bench_attention.py --host 2>&1 | tee $OUT/attn_host.log
+python3 notes/host_profile.py --calls 1000 --top 14 > $OUT/host_profile.log 2>&1; grep "===\|alone" $OUT/host_profile.log
 ;;
 attn_kernel)
 # the attention kernel table (README "Attention kernel"): causal rows three times (the spread of the 1-2k rows),

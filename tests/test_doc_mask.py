@@ -38,11 +38,15 @@ def write_docs(data_dir, name="docs", seed=0):
 
 # --------------------------------------------------------------------------- a packed row == its documents
 @pytest.mark.parametrize("impl", ["math", "sdpa", "flash"])
-def test_packed_row_equals_each_document_alone(impl):
+def test_packed_row_equals_each_document_alone(impl, monkeypatch):
     """train.get_micro_batches' doc ids for a row of four documents (one of length 1, the last cut by
     the row's end): the summed token losses and their gradients equal those of each document run
     alone from position 0. The EOT belongs to the document it ends (its target, the next token,
-    is still trained, from inside that document)."""
+    is still trained, from inside that document). The document bounds are computed once per forward,
+    not once per layer."""
+    import flash_attn
+    bounds_calls, bounds = [], flash_attn.document_bounds
+    monkeypatch.setattr(flash_attn, "document_bounds", lambda ids: bounds_calls.append(1) or bounds(ids))
     lengths = [6, 1, 9]  # then a document the row cuts: T = 20 tokens, 21 with the last target
     rng = np.random.default_rng(3)
     tokens = np.concatenate([np.append(rng.integers(0, EOT, size=n - 1), EOT) for n in lengths]
@@ -57,6 +61,7 @@ def test_packed_row_equals_each_document_alone(impl):
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
                                     multiple_of=16, max_seq_len=32, attn_impl=impl))
     packed_loss = model(x, y, doc_ids=doc_ids)[1] * 20  # the mean over 20 targets, as a sum
+    assert len(bounds_calls) == 1  # two layers
     packed_loss.backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

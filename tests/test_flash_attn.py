@@ -135,6 +135,12 @@ def test_interpreter_doc_mask(causal, window, dtype, tol):
     alone = per_document(attention_reference, *leaves(q, k, v, dtype=torch.float64), dout.double(), DOC_LENGTHS,
                          causal=causal, window_size=window)
     compare(results, alone, tol)
+    # the same documents given as document_bounds (made once for all of a model's layers): the same results
+    bounds = flash_attn.document_bounds(ids)
+    for fn in (flash_attn_func, attention_reference):
+        kw = dict(causal=causal, window_size=window)
+        by_ids, by_bounds = (run(fn, q, k, v, dout, **kw, **docs) for docs in ({"doc_ids": ids}, {"doc_bounds": bounds}))
+        assert all(torch.equal(a, b) for a, b in zip(by_ids, by_bounds))
 
 
 @cpu_only
@@ -296,6 +302,14 @@ def test_bad_inputs_are_named():
             attention_reference(q, q, q, doc_ids=bad)
     with pytest.raises(ValueError, match="seqlen_q == seqlen_k"):
         flash_attn_func(q[:, :4], q, q, doc_ids=ids[:, :4])
+    bounds = flash_attn.document_bounds(ids)
+    with pytest.raises(ValueError, match="not both"):
+        flash_attn_func(q, q, q, doc_ids=ids, doc_bounds=bounds)
+    for bad in (bounds.long(), bounds[:, :, :7], bounds[0], ids):
+        with pytest.raises(ValueError, match=r"doc_bounds must be document_bounds\(doc_ids\): an int32 \(2, 1, 8\)"):
+            flash_attn_func(q, q, q, doc_bounds=bad)
+        with pytest.raises(ValueError, match="doc_bounds must be"):
+            attention_reference(q, q, q, doc_bounds=bad)
 
 
 # --------------------------------------------------------------------------- custom op, torch.compile
