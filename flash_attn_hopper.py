@@ -120,17 +120,24 @@ def _mma_layout(N):
 
 # --------------------------------------------------------------------------- forward
 @gluon.jit
-def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
-                q_row, q_col, kv_row, kv_col, lo, n_blocks):
-    """Loader warp: Q's two halves once, then K_i, V_i into slot i % STAGES of their rings."""
-    STAGES: gl.constexpr = k_ring.shape[0]
-    BLOCK_N: gl.constexpr = k_ring.shape[1]
+def _fwd_load_q(desc_q, q_smem, q_bars, q_row, q_col):
+    """Q's two halves (one per consumer warpgroup), each completing its q_bars barrier."""
     for w in gl.static_range(2):
         mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
         _tma_load(desc_q, [q_row + w * q_smem.shape[1], q_col], q_bars.index(w), q_smem.index(w))
+
+
+@gluon.jit
+def _fwd_load_kv(desc_k, desc_v, k_ring, v_ring, k_full, v_full, k_empty, v_empty, kv_row, kv_col, lo, n_blocks,
+                 it0):
+    """K_i, V_i of one query tile into slot (it0 + i) % STAGES of their rings: it0 counts the key
+    blocks of the program's earlier tiles, so the rings' slots and phases run on across tiles."""
+    STAGES: gl.constexpr = k_ring.shape[0]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
     for i in range(n_blocks):
-        s = i % STAGES
-        released = ((i // STAGES) & 1) ^ 1  # parity of the slot's last release (a fresh barrier passes)
+        c = it0 + i
+        s = c % STAGES
+        released = ((c // STAGES) & 1) ^ 1  # parity of the slot's last release (a fresh barrier passes)
         row = kv_row + lo + i * BLOCK_N
         mbarrier.wait(k_empty.index(s), released)
         mbarrier.expect(k_full.index(s), desc_k.block_type.nbytes)
@@ -138,6 +145,14 @@ def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, 
         mbarrier.wait(v_empty.index(s), released)
         mbarrier.expect(v_full.index(s), desc_v.block_type.nbytes)
         _tma_load(desc_v, [row, kv_col], v_full.index(s), v_ring.index(s))
+
+
+@gluon.jit
+def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
+                q_row, q_col, kv_row, kv_col, lo, n_blocks):
+    """Loader warp: Q's two halves once, then K_i, V_i into slot i % STAGES of their rings."""
+    _fwd_load_q(desc_q, q_smem, q_bars, q_row, q_col)
+    _fwd_load_kv(desc_k, desc_v, k_ring, v_ring, k_full, v_full, k_empty, v_empty, kv_row, kv_col, lo, n_blocks, 0)
 
 
 @gluon.jit
@@ -154,19 +169,21 @@ def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
 
 
 @gluon.jit
-def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
-                   Out, Lse, softmax_scale, stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks,
-                   T, LEFT, RIGHT):
-    """Consumer warpgroup wg: query rows m0 + 64 wg ... + 63 against every key block."""
-    ROWS: gl.constexpr = q_smem.shape[1]
+def _fwd_tile(q, q_full, q_phase, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, Out, Lse,
+              softmax_scale, stride_ot, out_base, lse_base, r0, lo, mid_lo, mid_hi, n_blocks, T, LEFT, RIGHT, it0,
+              RELEASE_Q: gl.constexpr):
+    """One consumer warpgroup's query rows r0 ... r0 + 63 (q, in shared memory once q_full passes
+    q_phase) against the key blocks lo, lo + BLOCK_N, ... (n_blocks, ring slots from it0 on, as
+    _fwd_load_kv), then O and lse stored. RELEASE_Q: arrive on q_empty once the last S = Q K^T is
+    done, so that the loader may refill Q's buffer (persistent programs)."""
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D: gl.constexpr = k_ring.shape[2]
+    ROWS: gl.constexpr = q.shape[0]
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)  # S: (rows, keys)
     o_layout: gl.constexpr = _mma_layout(D)  # O: (rows, D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P from registers
-    dtype: gl.constexpr = q_smem.dtype
-    r0 = m0 + wg * ROWS
+    dtype: gl.constexpr = q.dtype
     rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     qk_scale = softmax_scale * LOG2E  # exp(x) = exp2(x * log2(e))
@@ -174,22 +191,23 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    q = q_smem.index(wg)
-    mbarrier.wait(q_bars.index(wg), 0)
+    mbarrier.wait(q_full, q_phase)
 
-    mbarrier.wait(k_full.index(0), 0)
-    qk = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
-    mbarrier.arrive(k_empty.index(0), count=1)
+    first = it0 % STAGES
+    mbarrier.wait(k_full.index(first), (it0 // STAGES) & 1)
+    qk = warpgroup_mma(q, k_ring.index(first).permute((1, 0)), s_zero, use_acc=False)
+    mbarrier.arrive(k_empty.index(first), count=1)
     p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, lo + cols, (lo < mid_lo) | (lo >= mid_hi),
                                          T, LEFT, RIGHT, qk_scale)
     p = gl.convert_layout(p.to(dtype), p_layout)  # P_0 in registers, the A operand of P V
     for i in range(1, n_blocks):
         start_n = lo + i * BLOCK_N
-        s = i % STAGES
-        prev = (i - 1) % STAGES
-        mbarrier.wait(k_full.index(s), (i // STAGES) & 1)
+        c = it0 + i
+        s = c % STAGES
+        prev = (c - 1) % STAGES
+        mbarrier.wait(k_full.index(s), (c // STAGES) & 1)
         s_tok = warpgroup_mma(q, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_full.index(prev), ((i - 1) // STAGES) & 1)
+        mbarrier.wait(v_full.index(prev), ((c - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
         qk = warpgroup_mma_wait(1, deps=[s_tok])  # S_i is ready, P_{i-1} V_{i-1} still computing
         mbarrier.arrive(k_empty.index(s), count=1)
@@ -199,8 +217,11 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p = gl.convert_layout(p_new.to(dtype), p_layout)
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_full.index(last), ((n_blocks - 1) // STAGES) & 1)
+    if RELEASE_Q:
+        mbarrier.arrive(q_empty, count=1)
+    c = it0 + n_blocks - 1
+    last = c % STAGES
+    mbarrier.wait(v_full.index(last), (c // STAGES) & 1)
     acc = warpgroup_mma(p, v_ring.index(last), acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -214,6 +235,16 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
     gl.store(Out + out_base + r0.to(gl.int64) * stride_ot + offs, out.to(dtype),
              mask=gl.expand_dims(r0 + rows_o < T, 1))
+
+
+@gluon.jit
+def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
+                   Out, Lse, softmax_scale, stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks,
+                   T, LEFT, RIGHT):
+    """Consumer warpgroup wg: query rows m0 + 64 wg ... + 63 against every key block."""
+    _fwd_tile(q_smem.index(wg), q_bars.index(wg), 0, q_bars.index(wg), k_ring, v_ring, k_full, v_full, k_empty,
+              v_empty, Out, Lse, softmax_scale, stride_ot, out_base, lse_base, m0 + wg * q_smem.shape[1], lo, mid_lo,
+              mid_hi, n_blocks, T, LEFT, RIGHT, 0, False)
 
 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
