@@ -852,3 +852,20 @@ def test_hopper_kernels_compile_for_sm90():
         smem, pipelined = int(lines[name][1]), lines[name][4]
         assert smem <= 227 * 1024 and pipelined == "pipelined", (name, lines[name])
     assert int(lines["_fwd_kernel"][3]) == 0, lines["_fwd_kernel"]
+
+
+def test_hopper_forward_variants_compile_for_sm90():
+    """notes/hopper_variants.py --compile-only: every forward variant the next GPU run measures (the
+    persistent kernel built from flash_attn_hopper's per-tile functions among them) compiles for
+    sm_90a, fits in shared memory, spills nothing and keeps its wgmma pipelined."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "notes/hopper_variants.py", "--compile-only"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 11 and any(line.startswith("persistent ") for line in lines), lines
+    for line in lines:
+        smem = int(line.split("smem ")[1].split()[0])
+        assert smem <= 227 * 1024 and "spill stores 0 B, pipelined" in line, line
