@@ -62,10 +62,10 @@ python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 
 grep "^causal" $OUT/attn_gqa.log
 ;;
 hopper_variants)
-# forward variants of flash_attn_hopper (notes/hopper_variants.py): checked, then timed against SDPA cuDNN
+# forward variants of flash_attn_hopper (notes/hopper_variants.py, persistent ones last): checked, then timed against SDPA cuDNN
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
-python3 notes/hopper_variants.py 2>&1 | tee $OUT/hopper_variants.log | tail -22
+python3 notes/hopper_variants.py 2>&1 | tee $OUT/hopper_variants.log | grep "^|"
 ;;
 doc_mask_loss)
 # train.py --doc_mask=True against False on real documents: 200 steps of a 85M model at 2k context, compiled,
