@@ -495,10 +495,11 @@ def forward(q, k, v, causal, scale, left, right, T_pad):
     return out, lse
 
 
-def backward(do, q, k, v, lse, delta, scale, left, right):
-    """dq, dk, dv from this module's forward's lse and flash_attn's delta = rowsum(dO * O)."""
+def backward(do, q, k, v, lse, delta, scale, left, right, tile=BWD_TILE):
+    """dq, dk, dv from this module's forward's lse and flash_attn's delta = rowsum(dO * O). tile:
+    (query rows, key rows, ring slots); another than BWD_TILE only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
-    bm, bn, stages = BWD_TILE
+    bm, bn, stages = tile
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)  # sum of TMA reductions
     flash_attn._run(

@@ -188,6 +188,73 @@ def check(name, D, tile, kind):
     return "ok"
 
 
+# --------------------------------------------------------------------------- backward at head dim 64
+# flash_attn_hopper's backward kernel at D=64 (it compiles there: no spills, wgmma pipelined). Each
+# consumer computes dQ_i for half the head dim from a 32-column slice of K in shared memory, which
+# cuts K's 128-byte swizzle atom at D=64 (64-byte rows of the slice): the check says whether wgmma
+# reads such a slice correctly.
+BWD_VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES))
+    ("bwd kept", 128, fh.BWD_TILE),
+    ("bwd d64", 64, (64, 128, 2)),
+    ("bwd d64 3 slots", 64, (64, 128, 3)),
+    ("bwd d64 4 slots", 64, (64, 128, 4)),
+]
+
+
+def backward(do, q, k, v, out, lse, causal, tile):
+    """dq, dk, dv by flash_attn_hopper.backward with a variant's tile (delta by flash_attn's preprocess)."""
+    B, T, H, D = q.shape
+    left, right = flash_attn._window(causal, None, T, T)
+    delta = torch.empty_like(lse)
+    flash_attn._run(flash_attn._bwd_preprocess, (lse.shape[-1] // flash_attn.MAX_BLOCK, B * H), out, do, delta,
+                    out.stride(0), out.stride(1), out.stride(2), T, lse.shape[-1], H, HEAD_DIM=D, DIM=D,
+                    BLOCK_M=flash_attn.MAX_BLOCK)
+    return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile)
+
+
+def check_bwd(D, tile):
+    """As check, for the gradients (forward by the kept kernel at D, checked above)."""
+    for causal in (True, False):
+        q = torch.randn(3, 1000, 16, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(3, 1000, 8, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        do = torch.randn_like(q)
+        out, lse = forward(q, k, v, causal, (128, 128, 2), "kept")
+        grads = backward(do, q, k, v, out, lse, causal, tile)
+        leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        ref = flash_attn.attention_reference(*leaves, causal=causal)[0]
+        for name, got, want in zip("qkv", grads, torch.autograd.grad(ref, leaves, do.double())):
+            err = ((got.double() - want).norm() / want.norm()).item()
+            if not err < 2e-2:
+                return f"WRONG (causal={causal}: d{name} {err:.2e})"
+    return "ok"
+
+
+def time_bwd():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    for name, D, tile in BWD_VARIANTS:
+        status = check_bwd(D, tile)
+        for T in (1024, 2048, 4096, 8192, 16384):
+            B, H = 16384 // T, 2048 // D
+            q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            flops = 2.5 * 4 * B * H * T * T * D * 0.5
+            out, lse = forward(q, k, v, True, (128, 128, 2), "kept")
+            ms = triton.testing.do_bench(lambda: backward(do, q, k, v, out, lse, True, tile), warmup=50, rep=200,
+                                         return_mode="median")
+            qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            cudnn = triton.testing.do_bench(
+                lambda: torch.autograd.grad(ref, (qt, kt, vt), do.transpose(1, 2), retain_graph=True),
+                warmup=50, rep=200, return_mode="median")
+            rows.append((name, D, T, status, flops / ms * 1e-9, flops / cudnn * 1e-9))
+            print(*rows[-1], flush=True)
+    print("\n| backward variant | head dim | seqlen | check | backward TFLOP/s | SDPA cuDNN | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, D, T, status, ours, cudnn in rows:
+        print(f"| {name} | {D} | {T} | {status} | {ours:.0f} | {cudnn:.0f} | {ours / cudnn:.2f} |")
+
+
 def time_all():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
@@ -216,38 +283,48 @@ def time_all():
 def compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    def desc(block):
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-        return f"tensordesc<bf16[{', '.join(map(str, block))}],{layout!r}>"
+    def desc(block, dtype="bf16"):
+        layout = gl.NVMMASharedLayout.get_default_for(block, {"bf16": gl.bfloat16, "fp32": gl.float32}[dtype])
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
 
-    for name, D, (bm, bn, stages), kind in VARIANTS:
-        fn = {"kept": fh._fwd_kernel, "specialized": SPECIALIZED, "persistent": _persistent_fwd_kernel}[kind]
-        sig = {"desc_q": desc([bm // 2, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
-               "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
-        consts = dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
+    def compile_one(name, D, tile, fn, sig, consts):
         for arg in fn.arg_names:
             sig.setdefault(arg, "constexpr" if arg in consts else "i32")
         try:
             k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                options=fh.COMPILE_OPTIONS)
         except Exception as e:  # noqa: BLE001
-            print(f"{name:14s} D={D:3d} tile {(bm, bn, stages)}: FAILED {type(e).__name__}: {str(e)[-300:]}")
-            continue
+            print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-300:]}")
+            return
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(k.asm["ptx"])
         log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
                              capture_output=True, text=True).stderr
         os.unlink(f.name)
         spill = re.search(r"(\d+) bytes spill stores", log)
-        print(f"{name:14s} D={D:3d} tile {(bm, bn, stages)}: smem {k.metadata.shared} B, spill stores "
+        print(f"{name:14s} D={D:3d} tile {tile}: smem {k.metadata.shared} B, spill stores "
               f"{spill.group(1) if spill else '?'} B, {'wgmma serialized' if 'serialized' in log else 'pipelined'}")
+
+    for name, D, (bm, bn, stages), kind in VARIANTS:
+        fn = {"kept": fh._fwd_kernel, "specialized": SPECIALIZED, "persistent": _persistent_fwd_kernel}[kind]
+        sig = {"desc_q": desc([bm // 2, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
+               "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
+        compile_one(name, D, (bm, bn, stages), fn, sig, dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
+    for name, D, (bm, bn, stages) in BWD_VARIANTS:
+        sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]), "desc_do": desc([bm, D]),
+               "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
+               "desc_delta": desc([bm], "fp32"), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
+        compile_one(name, D, (bm, bn, stages), fh._bwd_kernel, sig, dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compile-only", action="store_true", help="compile for sm_90a here, no GPU needed")
     args = p.parse_args()
-    compile_all() if args.compile_only else time_all()
+    if args.compile_only:
+        compile_all()
+    else:
+        time_bwd()  # first: the forward variants end with the persistent ones, which could hang
+        time_all()
