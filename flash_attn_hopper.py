@@ -247,20 +247,13 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
               mid_hi, n_blocks, T, LEFT, RIGHT, 0, False)
 
 
-@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
-def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
-                T, T_pad, H, GROUP, LEFT, RIGHT,
-                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first
-    pid_m = gl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    bh = gl.program_id(1)
-    b, h = bh // H, bh % H
-    m0 = pid_m * BLOCK_M
+@gluon.jit
+def _fwd_buffers(desc_q, desc_k, desc_v, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The forward's shared memory: Q (one half per warpgroup), the K and V rings, and their
+    barriers, initialized."""
     dtype: gl.constexpr = desc_q.dtype
     D: gl.constexpr = desc_k.block_type.shape[1]
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, D], desc_q.layout)  # one half per warpgroup
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, D], desc_q.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -275,6 +268,23 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stri
         mbarrier.init(v_full.index(s), count=1)
         mbarrier.init(k_empty.index(s), count=2)  # released by both warpgroups
         mbarrier.init(v_empty.index(s), count=2)
+    return q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty
+
+
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
+def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
+                T, T_pad, H, GROUP, LEFT, RIGHT,
+                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first
+    pid_m = gl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    bh = gl.program_id(1)
+    b, h = bh // H, bh % H
+    m0 = pid_m * BLOCK_M
+    D: gl.constexpr = desc_k.block_type.shape[1]
+    q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty = _fwd_buffers(desc_q, desc_k, desc_v, BLOCK_M,
+                                                                                    BLOCK_N, STAGES)
     lo, mid_lo, mid_hi, hi = _block_range(m0, T, T, LEFT, RIGHT, None, 0, BLOCK_M, BLOCK_N, False)  # no documents
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
     consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,

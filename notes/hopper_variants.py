@@ -126,25 +126,11 @@ def _persistent_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stri
                            STAGES: gl.constexpr):
     # the kept kernel's arguments (forward() passes both the same) plus n_m query blocks and n_tiles = n_m * B * H;
     # stride_ob, stride_ot, stride_oh and T_pad go unused (_persistent_warpgroup)
-    dtype: gl.constexpr = desc_q.dtype
-    D: gl.constexpr = desc_k.block_type.shape[1]
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, D], desc_q.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty = fh._fwd_buffers(desc_q, desc_k, desc_v,
+                                                                                       BLOCK_M, BLOCK_N, STAGES)
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q's buffers free again
     for w in gl.static_range(2):
-        mbarrier.init(q_bars.index(w), count=1)
         mbarrier.init(q_empty.index(w), count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_full.index(s), count=1)
-        mbarrier.init(v_full.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)  # released by both warpgroups
-        mbarrier.init(v_empty.index(s), count=2)
     consumer = (q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale,
                 T, H, LEFT, RIGHT, n_tiles, IS_CAUSAL)
     loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
