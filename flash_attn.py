@@ -570,16 +570,18 @@ def _run(kernel, grid, *args, **kwargs):
     attention call. The compiled kernel that a launch key (_launch_key of every argument, the keyword
     arguments) got on its first call is launched directly from then on (CompiledKernel[grid], all
     arguments in signature order). Exact values in the key: every hit is a launch the JIT would
-    compile identically."""
-    key = (kernel, *map(_launch_key, args), *kwargs.items())
+    compile identically. The current device is part of the key (a compiled kernel is loaded per
+    device); under the interpreter (kernels without Triton's device caches) nothing is kept."""
+    if not hasattr(kernel, "device_caches"):
+        return kernel[grid](*args, **kwargs)
+    key = (kernel, torch.cuda.current_device(), *map(_launch_key, args), *kwargs.items())
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)
-        if compiled is not None:  # None under the interpreter: nothing to keep
-            if len(_COMPILED) > 4096:  # e.g. a KV cache's growing Tk: a new key per token
-                _COMPILED.clear()
-            params = kernel.params[len(args):]
-            _COMPILED[key] = compiled, [(p.name, p.default) for p in params]
+        if len(_COMPILED) > 4096:  # e.g. a KV cache's growing Tk: a new key per token
+            _COMPILED.clear()
+        params = kernel.params[len(args):]
+        _COMPILED[key] = compiled, [(p.name, p.default) for p in params]
         return
     compiled, params = hit
     compiled[(*grid, 1, 1)[:3]](*args, *(kwargs.get(name, default) for name, default in params))

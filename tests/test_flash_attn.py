@@ -392,8 +392,10 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     """_run: the first launch of a key goes through kernel[grid] (Triton's JIT: binding, compiling);
     later ones launch the compiled kernel it returned, with every argument in signature order (the
     keyword ones filled in, defaults too). Anything the JIT specializes on makes a new key: dtype,
-    16-byte alignment, a descriptor's block, an integer's value, True against 1."""
+    16-byte alignment, a descriptor's block, an integer's value, True against 1; and the device."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    device = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
     jit_calls, direct = [], []
 
     class Compiled:
@@ -401,6 +403,7 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
             return lambda *args: direct.append((grid, args))
 
     class Kernel:
+        device_caches = {}  # a JITFunction's (the interpreter's kernels have none: no caching there)
         params = [types.SimpleNamespace(name=n, default=d) for n, d in
                   (("x", None), ("n", None), ("flag", None), ("BLOCK", None), ("EXTRA", 7))]
 
@@ -422,6 +425,9 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     run(desc([4, 8]), 5, True, BLOCK=16)
     run(desc([8, 8]), 5, True, BLOCK=16)
     assert len(jit_calls) == 9 and len(direct) == 2
+    device[0] = 1
+    run(desc([8, 8]), 5, True, BLOCK=16)
+    assert len(jit_calls) == 10 and len(direct) == 2
 
 
 @cpu_only
