@@ -171,11 +171,15 @@ def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
 @gluon.jit
 def _fwd_tile(q, q_full, q_phase, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, Out, Lse,
               softmax_scale, stride_ot, out_base, lse_base, r0, lo, mid_lo, mid_hi, n_blocks, T, LEFT, RIGHT, it0,
-              RELEASE_Q: gl.constexpr):
+              RELEASE_Q: gl.constexpr, turn_wait=None, turn_arrive=None, turn0=0, turn_first=0,
+              PINGPONG: gl.constexpr = False):
     """One consumer warpgroup's query rows r0 ... r0 + 63 (q, in shared memory once q_full passes
     q_phase) against the key blocks lo, lo + BLOCK_N, ... (n_blocks, ring slots from it0 on, as
     _fwd_load_kv), then O and lse stored. RELEASE_Q: arrive on q_empty once the last S = Q K^T is
-    done, so that the loader may refill Q's buffer (persistent programs)."""
+    done, so that the loader may refill Q's buffer (persistent programs). PINGPONG (FlashAttention-3's
+    ping-pong schedule, measured in notes/hopper_variants.py): the two warpgroups take turns to issue
+    each step's two matmuls (wait on turn_wait, then arrive on turn_arrive; turn0 earlier turns, and
+    turn_first 1 for the warpgroup that goes first), so one's softmax runs while the other's matmuls do."""
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D: gl.constexpr = k_ring.shape[2]
@@ -206,9 +210,13 @@ def _fwd_tile(q, q_full, q_phase, q_empty, k_ring, v_ring, k_full, v_full, k_emp
         s = c % STAGES
         prev = (c - 1) % STAGES
         mbarrier.wait(k_full.index(s), (c // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn_wait, ((turn0 + i - 1) & 1) ^ turn_first)
         s_tok = warpgroup_mma(q, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_full.index(prev), ((c - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_arrive, count=1)
         qk = warpgroup_mma_wait(1, deps=[s_tok])  # S_i is ready, P_{i-1} V_{i-1} still computing
         mbarrier.arrive(k_empty.index(s), count=1)
         p_new, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, start_n + cols,

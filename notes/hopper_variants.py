@@ -29,7 +29,7 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier  # noqa: E402
 
-VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES), kernel: kept / specialized / persistent)
+VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES), kernel: kept / specialized / persistent / pingpong)
     ("kept", 128, (128, 128, 2), "kept"),
     ("specialized", 128, (128, 128, 2), "specialized"),
     ("3 slots", 128, (128, 128, 3), "kept"),
@@ -42,6 +42,8 @@ VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES), kernel: kept / spec
     ("d64 persistent", 64, (128, 128, 2), "persistent"),
     ("128x64 3 slots", 128, (128, 64, 3), "kept"),  # the persistent kernel's lighter tile, both ways
     ("persistent 128x64 3 slots", 128, (128, 64, 3), "persistent"),
+    ("persistent ping-pong", 128, (128, 128, 2), "pingpong"),  # FlashAttention-3's schedule (_fwd_tile)
+    ("d64 persistent ping-pong", 64, (128, 128, 2), "pingpong"),
 ]
 SPECIALIZED = gluon.jit(fh._fwd_kernel.fn)  # the same kernel, compiled per T and window bounds
 
@@ -90,8 +92,9 @@ def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q
 
 
 @gluon.jit
-def _persistent_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, Out, Lse,
-                          softmax_scale, T, H, LEFT, RIGHT, n_tiles, IS_CAUSAL: gl.constexpr):
+def _persistent_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, turn, Out,
+                          Lse, softmax_scale, T, H, LEFT, RIGHT, n_tiles, IS_CAUSAL: gl.constexpr,
+                          PINGPONG: gl.constexpr):
     """Few values live across the tile loop (the consumers have no register to spare): Out is
     contiguous (B, T, H, D) and lse (B, H, T_pad), so strides and T_pad follow from T, H, D."""
     ROWS: gl.constexpr = q_smem.shape[1]
@@ -114,7 +117,9 @@ def _persistent_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v
         fh._fwd_tile(q_smem.index(wg), q_bars.index(wg), j & 1, q_empty.index(wg), k_ring, v_ring, k_full, v_full,
                      k_empty, v_empty, Out, Lse, softmax_scale, stride_ot, (b * T).to(gl.int64) * (H * D) + h * D,
                      bh.to(gl.int64) * (gl.cdiv(T, MAX_BLOCK) * MAX_BLOCK), m0 + wg * ROWS, lo, mid_lo, mid_hi,
-                     n_blocks, T, LEFT, RIGHT, it, True)
+                     n_blocks, T, LEFT, RIGHT, it, True,
+                     # ping-pong: warpgroup 0 goes first; n_blocks - 1 turns per tile, so it - j before this one
+                     turn.index(wg), turn.index(1 - wg), it - j, 1 - wg, PINGPONG)
         it += n_blocks
         j += 1
 
@@ -123,16 +128,18 @@ def _persistent_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v
 def _persistent_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                            T, T_pad, H, GROUP, LEFT, RIGHT, n_m, n_tiles,
                            IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr):
+                           STAGES: gl.constexpr, PINGPONG: gl.constexpr = False):
     # the kept kernel's arguments (forward() passes both the same) plus n_m query blocks and n_tiles = n_m * B * H;
     # stride_ob, stride_ot, stride_oh and T_pad go unused (_persistent_warpgroup)
     q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty = fh._fwd_buffers(desc_q, desc_k, desc_v,
                                                                                        BLOCK_M, BLOCK_N, STAGES)
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # Q's buffers free again
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong: whose turn
     for w in gl.static_range(2):
         mbarrier.init(q_empty.index(w), count=1)
-    consumer = (q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale,
-                T, H, LEFT, RIGHT, n_tiles, IS_CAUSAL)
+        mbarrier.init(turn.index(w), count=1)
+    consumer = (q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, turn, Out, Lse,
+                softmax_scale, T, H, LEFT, RIGHT, n_tiles, IS_CAUSAL, PINGPONG)
     loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
               T, H, GROUP, LEFT, RIGHT, n_m, n_tiles, IS_CAUSAL)
     gl.warp_specialize([(_persistent_warpgroup, (0, ) + consumer), (_persistent_warpgroup, (1, ) + consumer),
@@ -149,10 +156,10 @@ def forward(q, k, v, causal, tile, kind):
     args = (fh._desc(q, bm // 2), fh._desc(k, bn), fh._desc(v, bn), out, lse, D ** -0.5,
             out.stride(0), out.stride(1), out.stride(2), T, lse.shape[-1], H, H // k.shape[2], left, right)
     meta = dict(IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, **fh.COMPILE_OPTIONS)
-    if kind == "persistent":
+    if kind in ("persistent", "pingpong"):
         n_m = triton.cdiv(T, bm)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        _persistent_fwd_kernel[(min(sms, n_m * B * H), )](*args, n_m, n_m * B * H, **meta)
+        _persistent_fwd_kernel[(min(sms, n_m * B * H), )](*args, n_m, n_m * B * H, PINGPONG=kind == "pingpong", **meta)
     else:
         kernel = SPECIALIZED if kind == "specialized" else fh._fwd_kernel
         kernel[(triton.cdiv(T, bm), B * H)](*args, **meta)
@@ -294,10 +301,13 @@ def compile_all():
               f"{spill.group(1) if spill else '?'} B, {'wgmma serialized' if 'serialized' in log else 'pipelined'}")
 
     for name, D, (bm, bn, stages), kind in VARIANTS:
-        fn = {"kept": fh._fwd_kernel, "specialized": SPECIALIZED, "persistent": _persistent_fwd_kernel}[kind]
+        fn = {"kept": fh._fwd_kernel, "specialized": SPECIALIZED}.get(kind, _persistent_fwd_kernel)
         sig = {"desc_q": desc([bm // 2, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
-        compile_one(name, D, (bm, bn, stages), fn, sig, dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
+        consts = dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
+        if fn is _persistent_fwd_kernel:
+            consts["PINGPONG"] = kind == "pingpong"
+        compile_one(name, D, (bm, bn, stages), fn, sig, consts)
     for name, D, (bm, bn, stages) in BWD_VARIANTS:
         sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]), "desc_do": desc([bm, D]),
                "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),

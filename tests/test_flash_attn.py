@@ -871,7 +871,7 @@ def test_hopper_forward_variants_compile_for_sm90():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 15 and any(line.startswith("persistent ") for line in lines), lines
+    assert len(lines) == 17 and any(line.startswith("persistent ping-pong") for line in lines), lines
     for line in lines:  # (the shipped backward, "bwd kept", spills ~100 B: test_hopper_kernels_compile_for_sm90)
         smem = int(line.split("smem ")[1].split()[0])
         assert smem <= 227 * 1024 and line.endswith("pipelined"), line
