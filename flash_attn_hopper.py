@@ -4,8 +4,8 @@ flash_attn.py calls these for CUDA tensors of compute capability 9.x, head dim 1
 dtypes; everything else (and the CPU interpreter) takes its portable Triton kernels. Same
 layout, masks, grouped-query heads and log2-unit lse as those kernels, so the algorithm is the
 one in flash_attn.py's docstring. What differs is how the work is scheduled on an SM. At head
-dim 128 on an H200 the portable kernels reach 0.74-0.82x (forward) and 0.71-0.84x (backward) of
-cuDNN, these 0.94-1.08x from 4k tokens on (README, Benchmarks).
+dim 128 on an H200 the portable kernels reach 0.76-0.83x (forward) and 0.68-0.74x (backward) of
+cuDNN from 4k tokens on, these 0.96-1.06x (README, Benchmarks).
 
 Each program runs three kinds of warps at once (gl.warp_specialize), talking through mbarriers:
   - a loader warp issues TMA copies into rings of shared-memory slots: it waits until a slot
