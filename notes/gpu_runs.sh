@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|next|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -60,6 +60,16 @@ done
 python3 bench_attention.py --causal=0 --seqlens=8192 > $OUT/attn_full.log 2>&1; grep "^causal" $OUT/attn_full.log
 python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
 grep "^causal" $OUT/attn_gqa.log
+;;
+next)
+# the next GPU session's first call (~7 minutes): flash_attn.py's GPU tests on default tiles (the Hopper code
+# changed after the last GPU run, PTX-identical on CPU), then the kernel variants (persistent, ping-pong,
+# head-dim-64 backward; notes/flash_attn_bench.md)
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+FLASH_ATTN_AUTOTUNE=0 timeout 200 python3 -m pytest -q tests/test_flash_attn.py -k "gpu or hopper or model_trains or launch" > $OUT/attn_tests.log 2>&1
+tail -3 $OUT/attn_tests.log; grep -i "hopper kernels failed" $OUT/attn_tests.log | head -2
+timeout 380 python3 notes/hopper_variants.py 2>&1 | tee $OUT/hopper_variants.log | tail -45
 ;;
 hopper_variants)
 # forward variants of flash_attn_hopper (notes/hopper_variants.py, persistent ones last): checked, then timed against SDPA cuDNN
