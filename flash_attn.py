@@ -49,7 +49,8 @@ autotuned per (head dim, causal, documents, dtype, sequence-length bucket) among
 that head dim and dtype, once per GPU and Triton version (the choices are kept in Triton's cache
 directory). The kernels are torch.library custom ops (flash_attn::forward, flash_attn::backward),
 so torch.compile traces flash_attn_func without a graph break; eager calls skip the ops' dispatch
-(_EagerAttention), and nothing on the launch path synchronizes, so CUDA graphs capture it. Without
+(_EagerAttention), a kernel's later launches of a shape skip Triton's argument binding (_run), and
+nothing on the launch path synchronizes, so CUDA graphs capture it. Without
 Triton installed the module still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
