@@ -70,14 +70,10 @@ def time_tiles(q, k, v, causal, flops):
     flash_attn.HOPPER = True
 
 
-def host_us(fn, q, k, v, causal, backward, n=2000):
-    """Host time per call in microseconds: n calls on inputs so small that the GPU finishes each
-    before the host has issued the next, so the wall time is the host's (Python, checks, launches)."""
-    def call():
-        out = fn(q, k, v, causal)
-        if backward:
-            torch.autograd.grad(out, (q, k, v), dout)
-    dout = torch.randn_like(fn(q, k, v, causal))
+def per_call_us(call, n=2000):
+    """Wall microseconds per call() over n calls after a warm-up; on inputs so small that the GPU
+    finishes each call before the host has issued the next, that is the host's time (Python, checks,
+    launches). Also notes/host_profile.py's."""
     for _ in range(100):
         call()
     torch.cuda.synchronize()
@@ -86,6 +82,14 @@ def host_us(fn, q, k, v, causal, backward, n=2000):
         call()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e6
+
+
+def host_us(fn, q, k, v, causal, backward):
+    """Host time per call of fn (per_call_us), forward or forward + autograd.grad."""
+    dout = torch.randn_like(fn(q, k, v, causal))
+    if backward:
+        return per_call_us(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout))
+    return per_call_us(lambda: fn(q, k, v, causal))
 
 
 def time_host(dtype):

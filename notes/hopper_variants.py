@@ -242,10 +242,7 @@ def time_bwd():
                 warmup=50, rep=200, return_mode="median")
             rows.append((name, D, T, status, flops / ms * 1e-9, flops / cudnn * 1e-9))
             print(*rows[-1], flush=True)
-    print("\n| backward variant | head dim | seqlen | check | backward TFLOP/s | SDPA cuDNN | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, D, T, status, ours, cudnn in rows:
-        print(f"| {name} | {D} | {T} | {status} | {ours:.0f} | {cudnn:.0f} | {ours / cudnn:.2f} |")
+    print_table("backward", rows)
 
 
 def time_all():
@@ -267,7 +264,12 @@ def time_all():
                     warmup=50, rep=200, return_mode="median")
             rows.append((name, D, T, status, flops / ms * 1e-9, flops / cudnn * 1e-9))
             print(*rows[-1], flush=True)
-    print("\n| variant | head dim | seqlen | check | forward TFLOP/s | SDPA cuDNN | ratio |")
+    print_table("forward", rows)
+
+
+def print_table(direction, rows):
+    """rows: (variant, head dim, seqlen, check, our TFLOP/s, SDPA cuDNN's) as a markdown table."""
+    print(f"\n| {direction} variant | head dim | seqlen | check | TFLOP/s | SDPA cuDNN | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, D, T, status, ours, cudnn in rows:
         print(f"| {name} | {D} | {T} | {status} | {ours:.0f} | {cudnn:.0f} | {ours / cudnn:.2f} |")

@@ -9,23 +9,12 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import flash_attn  # noqa: E402
-
-
-def per_call_us(fn, n):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+from bench_attention import per_call_us  # noqa: E402
 
 
 def main():
@@ -40,7 +29,8 @@ def main():
         both = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)  # noqa: E731
         for name, fn in (("forward", fwd), ("forward+backward", both)):
             us = per_call_us(fn, a.calls)
-            print(f"\n=== head dim {D} {name}: {us:.1f} us per call (hopper module: {flash_attn._hopper(q) is not None})")
+            hopper = flash_attn._hopper(q) is not None
+            print(f"\n=== head dim {D} {name}: {us:.1f} us per call (hopper module: {hopper})")
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(a.calls // 4):
@@ -51,7 +41,8 @@ def main():
     # the pieces
     from triton.tools.tensor_descriptor import TensorDescriptor
     x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
-    print(f"TensorDescriptor(...) alone: {per_call_us(lambda: TensorDescriptor(x, [128, 256], [256, 1], [16, 128]), a.calls):.2f} us")
+    desc_us = per_call_us(lambda: TensorDescriptor(x, [128, 256], [256, 1], [16, 128]), a.calls)
+    print(f"TensorDescriptor(...) alone: {desc_us:.2f} us")
     print(f"torch.empty alone: {per_call_us(lambda: torch.empty(128, 256, device='cuda'), a.calls):.2f} us")
 
 
