@@ -301,9 +301,9 @@ def document_mask(doc_ids, impl):
     """(positions, docs) of packed rows: doc_ids (B, T), a document being a run of one id
     (flash_attn.document_bounds, the one definition). positions (B, T): each token's index within
     its document (RoPE restarts there). docs: the mask in the form causal_attention takes for impl
-    (resolved), made once per forward for all layers: flash, flash_attn.document_bounds(doc_ids) (the
-    kernel skips the tiles between documents); sdpa and math, a (B, 1, T, T) boolean, True where key j <= query i
-    and j is in i's document."""
+    (resolved), made once per forward for all layers: flash, flash_attn.document_bounds(doc_ids)
+    (the kernel skips the tiles between documents); sdpa and math, a (B, 1, T, T) boolean, True
+    where key j <= query i and j is in i's document."""
     T = doc_ids.shape[1]
     t = torch.arange(T, device=doc_ids.device)
     bounds = flash_attn.document_bounds(doc_ids)  # (2, B, T) int32: each token's document [start, end)

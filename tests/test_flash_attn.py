@@ -139,7 +139,8 @@ def test_interpreter_doc_mask(causal, window, dtype, tol):
     bounds = flash_attn.document_bounds(ids)
     for fn in (flash_attn_func, attention_reference):
         kw = dict(causal=causal, window_size=window)
-        by_ids, by_bounds = (run(fn, q, k, v, dout, **kw, **docs) for docs in ({"doc_ids": ids}, {"doc_bounds": bounds}))
+        by_ids, by_bounds = (run(fn, q, k, v, dout, **kw, **docs)
+                             for docs in ({"doc_ids": ids}, {"doc_bounds": bounds}))
         assert all(torch.equal(a, b) for a, b in zip(by_ids, by_bounds))
 
 
