@@ -53,10 +53,11 @@ so torch.compile traces flash_attn_func without a graph break; eager calls skip 
 nothing on the launch path synchronizes, so CUDA graphs capture it. Without
 Triton installed the module still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
-On a Hopper GPU at head dim 128 (bf16/fp16), flash_attn_hopper.py runs instead: the same
-algorithm, masks and lse, scheduled as FlashAttention-3 does (a loader warp, two consumer
-warpgroups, the five backward matmuls in one kernel). These kernels stay the portable path:
-every other GPU, head dim and dtype, documents, Tq != Tk, and the interpreter on CPUs.
+On a Hopper GPU (bf16/fp16), flash_attn_hopper.py runs instead at head dim 128, and for the
+backward at head dim 64: the same algorithm, masks and lse, scheduled as FlashAttention-3 does
+(a loader warp, consumer warpgroups, the five backward matmuls in one kernel). These kernels
+stay the portable path: every other GPU, head dim and dtype, documents, Tq != Tk, and the
+interpreter on CPUs.
 FLASH_ATTN_HOPPER=0 keeps them on Hopper too, and so does any failure of the Hopper path (one
 line on stderr).
 """
@@ -644,9 +645,9 @@ def _common(q, causal, doc_range):
                 SEQ_BUCKET=0 if T <= 1024 else 1 if T <= 4096 else 2)
 
 
-def _hopper(q):
-    """flash_attn_hopper (warp-specialized Gluon kernels) where it applies: a Hopper GPU, head dim
-    128, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported on first use (it compiles for the GPU only);
+def _hopper(q, direction):
+    """flash_attn_hopper (warp-specialized Gluon kernels) where it applies to direction ("forward",
+    "backward"): a Hopper GPU, its head dims, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported on first use (it compiles for the GPU only);
     any failure there (e.g. a Triton whose Gluon API differs) leaves the portable kernels (_hopper_failed)."""
     global _HOPPER_MODULE
     if not HOPPER:
@@ -658,7 +659,7 @@ def _hopper(q):
         except Exception as e:  # noqa: BLE001 (ImportError, AttributeError, ...)
             _hopper_failed(e)
     try:
-        return _HOPPER_MODULE if _HOPPER_MODULE and _HOPPER_MODULE.supported(q) else None
+        return _HOPPER_MODULE if _HOPPER_MODULE and _HOPPER_MODULE.supported(q, direction) else None
     except Exception as e:  # noqa: BLE001
         _hopper_failed(e)
         return None
@@ -689,7 +690,7 @@ def _forward(q, k, v, doc_range, causal, scale, left, right):
     Tk = k.shape[1]
     group = H // k.shape[2]
     T_pad = _lse_len(Tq)
-    hopper = _hopper(q) if doc_range is None and Tq == Tk else None
+    hopper = _hopper(q, "forward") if doc_range is None and Tq == Tk else None
     if hopper:
         try:
             return hopper.forward(q, k, v, causal, scale, left, right, T_pad)
@@ -710,7 +711,7 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     delta = torch.empty_like(lse)
     _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, out.stride(0), out.stride(1), out.stride(2),
          Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK)
-    hopper = _hopper(q) if doc_range is None and Tq == Tk else None
+    hopper = _hopper(q, "backward") if doc_range is None and Tq == Tk else None
     if hopper:  # its lse has the same format, so either kernels' forward can come first
         try:
             return hopper.backward(do, q, k, v, lse, delta, scale, left, right)

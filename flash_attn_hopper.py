@@ -67,10 +67,16 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
     raise ImportError(f"Triton {triton.__version__} lacks {' and '.join(_missing_features())}; "
                       f"flash_attn_hopper is tested with Triton {TESTED_TRITON}")
 
-HEAD_DIM = 128
-FWD_TILE = (128, 128, 2)  # (query rows, key rows, ring slots): two warpgroups of 64 query rows
-BWD_TILE = (64, 128, 2)   # (query rows, key rows, ring slots): two warpgroups of 64 keys
+# (query rows, key rows, ring slots) per head dim. Forward: BLOCK_M // 64 consumer warpgroups of 64
+# query rows (head dim 64: three, FlashAttention-3's tile); backward: two warpgroups of 64 keys
+FWD_TILES = {64: (192, 128, 2), 128: (128, 128, 2)}
+BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
+# the shortest sequence where these kernels run, where the portable ones are faster below (H200, causal,
+# 16k tokens per batch, TFLOP/s portable / these): head dim 64 forward 2k 338 / 300, 4k 360 / 355,
+# 8k 421 / 432, 16k 408 / 461; backward 1k 261 / 228, 2k 299 / 295, 4k 330 / 346
+MIN_SEQLEN = {("forward", 64): 8192, ("backward", 64): 2048}
 COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64K registers
+COMPUTE_REGS_3 = gl.constexpr(160)  # three consumer warpgroups: 3 x 128 x 160 + 128 x 24 <= 64K
 LOADER_REGS = gl.constexpr(24)
 # 4 warps launched run warp_specialize's first partition (consumer warpgroup 0), which adds the
 # others' warps; FMA contraction stated, not left to the default (Triton 3.9 warns that 3.10
@@ -80,14 +86,16 @@ LOG2E = flash_attn.LOG2E
 
 # the portable kernels' mask helpers, compiled as Gluon (pure scalar / elementwise code)
 _block_range = gluon.jit(flash_attn._block_range.fn)
-_visible = gluon.jit(flash_attn._visible.fn)
 _band = gluon.jit(flash_attn._band.fn)
 
 
-def supported(q):
-    """Hopper GPU, head dim 128, 16-bit; lse small enough for the int32 coordinates of its 1D TMA."""
+def supported(q, direction):
+    """Hopper GPU, a head dim with tiles for direction ("forward" or "backward") and a sequence
+    that long, 16-bit; lse small enough for the int32 coordinates of its 1D TMA."""
     B, T, H, D = q.shape
-    return (q.is_cuda and D == HEAD_DIM and q.dtype in (torch.bfloat16, torch.float16)
+    tiles = FWD_TILES if direction == "forward" else BWD_TILES
+    return (q.is_cuda and D in tiles and T >= MIN_SEQLEN.get((direction, D), 0)
+            and q.dtype in (torch.bfloat16, torch.float16)
             and B * H * (T + 128) < 2 ** 31 and _is_hopper(q.device.index))
 
 
@@ -120,24 +128,19 @@ def _mma_layout(N):
 
 # --------------------------------------------------------------------------- forward
 @gluon.jit
-def _fwd_load_q(desc_q, q_smem, q_bars, q_row, q_col):
-    """Q's two halves (one per consumer warpgroup), each completing its q_bars barrier."""
-    for w in gl.static_range(2):
-        mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
-        _tma_load(desc_q, [q_row + w * q_smem.shape[1], q_col], q_bars.index(w), q_smem.index(w))
-
-
-@gluon.jit
-def _fwd_load_kv(desc_k, desc_v, k_ring, v_ring, k_full, v_full, k_empty, v_empty, kv_row, kv_col, lo, n_blocks,
-                 it0):
-    """K_i, V_i of one query tile into slot (it0 + i) % STAGES of their rings: it0 counts the key
-    blocks of the program's earlier tiles, so the rings' slots and phases run on across tiles."""
+def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
+                q_row, q_col, kv_row, kv_col, lo, n_blocks):
+    """Loader warp: each consumer's 64 query rows once (completing its q_bars barrier), then K_i,
+    V_i into slot i % STAGES of their rings, each once the slot is released."""
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
+    W: gl.constexpr = q_smem.shape[0]
+    for w in gl.static_range(W):
+        mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
+        _tma_load(desc_q, [q_row + w * q_smem.shape[1], q_col], q_bars.index(w), q_smem.index(w))
     for i in range(n_blocks):
-        c = it0 + i
-        s = c % STAGES
-        released = ((c // STAGES) & 1) ^ 1  # parity of the slot's last release (a fresh barrier passes)
+        s = i % STAGES
+        released = ((i // STAGES) & 1) ^ 1  # parity of the slot's last release (a fresh barrier passes)
         row = kv_row + lo + i * BLOCK_N
         mbarrier.wait(k_empty.index(s), released)
         mbarrier.expect(k_full.index(s), desc_k.block_type.nbytes)
@@ -148,19 +151,14 @@ def _fwd_load_kv(desc_k, desc_v, k_ring, v_ring, k_full, v_full, k_empty, v_empt
 
 
 @gluon.jit
-def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
-                q_row, q_col, kv_row, kv_col, lo, n_blocks):
-    """Loader warp: Q's two halves once, then K_i, V_i into slot i % STAGES of their rings."""
-    _fwd_load_q(desc_q, q_smem, q_bars, q_row, q_col)
-    _fwd_load_kv(desc_k, desc_v, k_ring, v_ring, k_full, v_full, k_empty, v_empty, kv_row, kv_col, lo, n_blocks, 0)
-
-
-@gluon.jit
 def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
     """One key block of the online softmax (flash_attn.py's docstring): P (float32), the factor
     that rescales the old sums, and the new m, l."""
-    if masked:
-        qk = gl.where(_visible(rows, cols, T, LEFT, RIGHT), qk, float("-inf"))
+    if masked:  # flash_attn._visible as per-row bounds: row r sees c in [r - LEFT, min(r + RIGHT + 1, T)),
+        # two compares per element (_visible's three compares of differences spilled ~970 B at 192 x 128)
+        c = gl.expand_dims(cols, 0)
+        qk = gl.where((c >= gl.expand_dims(rows - LEFT, 1)) & (c < gl.expand_dims(gl.minimum(rows + RIGHT + 1, T), 1)),
+                      qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     m_new = gl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: subtract 0, not -inf
     p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
@@ -169,25 +167,20 @@ def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
 
 
 @gluon.jit
-def _fwd_tile(q, q_full, q_phase, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, Out, Lse,
-              softmax_scale, stride_ot, out_base, lse_base, r0, lo, mid_lo, mid_hi, n_blocks, T, LEFT, RIGHT, it0,
-              RELEASE_Q: gl.constexpr, turn_wait=None, turn_arrive=None, turn0=0, turn_first=0,
-              PINGPONG: gl.constexpr = False):
-    """One consumer warpgroup's query rows r0 ... r0 + 63 (q, in shared memory once q_full passes
-    q_phase) against the key blocks lo, lo + BLOCK_N, ... (n_blocks, ring slots from it0 on, as
-    _fwd_load_kv), then O and lse stored. RELEASE_Q: arrive on q_empty once the last S = Q K^T is
-    done, so that the loader may refill Q's buffer (persistent programs). PINGPONG (FlashAttention-3's
-    ping-pong schedule, measured in notes/hopper_variants.py): the two warpgroups take turns to issue
-    each step's two matmuls (wait on turn_wait, then arrive on turn_arrive; turn0 earlier turns, and
-    turn_first 1 for the warpgroup that goes first), so one's softmax runs while the other's matmuls do."""
+def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale,
+                   stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks, T, T_pad, LEFT, RIGHT):
+    """Consumer warpgroup wg: query rows r0 = m0 + 64 wg ... r0 + 63 against the key blocks lo,
+    lo + BLOCK_N, ... (n_blocks of them, in ring slot i % STAGES), then O and lse stored."""
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D: gl.constexpr = k_ring.shape[2]
-    ROWS: gl.constexpr = q.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[1]
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)  # S: (rows, keys)
     o_layout: gl.constexpr = _mma_layout(D)  # O: (rows, D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P from registers
-    dtype: gl.constexpr = q.dtype
+    dtype: gl.constexpr = q_smem.dtype
+    q = q_smem.index(wg)
+    r0 = m0 + wg * ROWS
     rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     qk_scale = softmax_scale * LOG2E  # exp(x) = exp2(x * log2(e))
@@ -195,28 +188,22 @@ def _fwd_tile(q, q_full, q_phase, q_empty, k_ring, v_ring, k_full, v_full, k_emp
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_full, q_phase)
+    mbarrier.wait(q_bars.index(wg), 0)
 
-    first = it0 % STAGES
-    mbarrier.wait(k_full.index(first), (it0 // STAGES) & 1)
-    qk = warpgroup_mma(q, k_ring.index(first).permute((1, 0)), s_zero, use_acc=False)
-    mbarrier.arrive(k_empty.index(first), count=1)
+    mbarrier.wait(k_full.index(0), 0)
+    qk = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
+    mbarrier.arrive(k_empty.index(0), count=1)
     p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, lo + cols, (lo < mid_lo) | (lo >= mid_hi),
                                          T, LEFT, RIGHT, qk_scale)
     p = gl.convert_layout(p.to(dtype), p_layout)  # P_0 in registers, the A operand of P V
     for i in range(1, n_blocks):
         start_n = lo + i * BLOCK_N
-        c = it0 + i
-        s = c % STAGES
-        prev = (c - 1) % STAGES
-        mbarrier.wait(k_full.index(s), (c // STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(turn_wait, ((turn0 + i - 1) & 1) ^ turn_first)
+        s = i % STAGES
+        prev = (i - 1) % STAGES
+        mbarrier.wait(k_full.index(s), (i // STAGES) & 1)
         s_tok = warpgroup_mma(q, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_full.index(prev), ((c - 1) // STAGES) & 1)
+        mbarrier.wait(v_full.index(prev), ((i - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn_arrive, count=1)
         qk = warpgroup_mma_wait(1, deps=[s_tok])  # S_i is ready, P_{i-1} V_{i-1} still computing
         mbarrier.arrive(k_empty.index(s), count=1)
         p_new, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, start_n + cols,
@@ -225,18 +212,16 @@ def _fwd_tile(q, q_full, q_phase, q_empty, k_ring, v_ring, k_full, v_full, k_emp
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p = gl.convert_layout(p_new.to(dtype), p_layout)
-    if RELEASE_Q:
-        mbarrier.arrive(q_empty, count=1)
-    c = it0 + n_blocks - 1
-    last = c % STAGES
-    mbarrier.wait(v_full.index(last), (c // STAGES) & 1)
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_full.index(last), ((n_blocks - 1) // STAGES) & 1)
     acc = warpgroup_mma(p, v_ring.index(last), acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
-    # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there)
+    # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there). A tile
+    # of 192 rows can reach past T_pad (a multiple of 128): the next head's lse, not stored
     valid = rows < T
     l_i = gl.where(valid, l_i, 1.0)
-    gl.store(Lse + lse_base + rows, gl.where(valid, m_i + gl.log2(l_i), float("inf")))
+    gl.store(Lse + lse_base + rows, gl.where(valid, m_i + gl.log2(l_i), float("inf")), mask=rows < T_pad)
     rows_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
     cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     offs = gl.expand_dims(rows_o * stride_ot, 1) + gl.expand_dims(cols_o, 0)  # 32-bit, from a 64-bit base
@@ -245,63 +230,50 @@ def _fwd_tile(q, q_full, q_phase, q_empty, k_ring, v_ring, k_full, v_full, k_emp
              mask=gl.expand_dims(r0 + rows_o < T, 1))
 
 
-@gluon.jit
-def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
-                   Out, Lse, softmax_scale, stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks,
-                   T, LEFT, RIGHT):
-    """Consumer warpgroup wg: query rows m0 + 64 wg ... + 63 against every key block."""
-    _fwd_tile(q_smem.index(wg), q_bars.index(wg), 0, q_bars.index(wg), k_ring, v_ring, k_full, v_full, k_empty,
-              v_empty, Out, Lse, softmax_scale, stride_ot, out_base, lse_base, m0 + wg * q_smem.shape[1], lo, mid_lo,
-              mid_hi, n_blocks, T, LEFT, RIGHT, 0, False)
-
-
-@gluon.jit
-def _fwd_buffers(desc_q, desc_k, desc_v, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The forward's shared memory: Q (one half per warpgroup), the K and V rings, and their
-    barriers, initialized."""
-    dtype: gl.constexpr = desc_q.dtype
-    D: gl.constexpr = desc_k.block_type.shape[1]
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, D], desc_q.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for w in gl.static_range(2):
-        mbarrier.init(q_bars.index(w), count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_full.index(s), count=1)
-        mbarrier.init(v_full.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)  # released by both warpgroups
-        mbarrier.init(v_empty.index(s), count=2)
-    return q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty
-
-
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                 T, T_pad, H, GROUP, LEFT, RIGHT,
                 IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first
+    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first.
+    # BLOCK_M // 64 consumer warpgroups (2 or 3), each on its own 64 query rows
     pid_m = gl.program_id(0)
     if IS_CAUSAL:
         pid_m = gl.num_programs(0) - 1 - pid_m
     bh = gl.program_id(1)
     b, h = bh // H, bh % H
     m0 = pid_m * BLOCK_M
+    dtype: gl.constexpr = desc_q.dtype
     D: gl.constexpr = desc_k.block_type.shape[1]
-    q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty = _fwd_buffers(desc_q, desc_k, desc_v, BLOCK_M,
-                                                                                    BLOCK_N, STAGES)
+    W: gl.constexpr = BLOCK_M // 64
+    q_smem = gl.allocate_shared_memory(dtype, [W, 64, D], desc_q.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [W, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(W):
+        mbarrier.init(q_bars.index(w), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(s), count=1)
+        mbarrier.init(v_full.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=W)  # released by every warpgroup
+        mbarrier.init(v_empty.index(s), count=W)
     lo, mid_lo, mid_hi, hi = _block_range(m0, T, T, LEFT, RIGHT, None, 0, BLOCK_M, BLOCK_N, False)  # no documents
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
     consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,
                 b.to(gl.int64) * stride_ob + h * stride_oh, bh.to(gl.int64) * T_pad, m0, lo, mid_lo, mid_hi,
-                n_blocks, T, LEFT, RIGHT)
+                n_blocks, T, T_pad, LEFT, RIGHT)
     loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
               b * T + m0, h * D, b * T, (h // GROUP) * D, lo, n_blocks)
-    gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
-                        (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])
+    if W == 3:
+        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
+                            (_fwd_warpgroup, (2, ) + consumer), (_fwd_loader, loader)],
+                           [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
+    else:
+        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
+                            (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
 
 # --------------------------------------------------------------------------- backward
@@ -499,25 +471,26 @@ def _stat_desc(x, block):
     return TensorDescriptor(x, [x.numel()], [1], [block], _layout((block,), x.dtype))
 
 
-def forward(q, k, v, causal, scale, left, right, T_pad):
-    """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward."""
+def forward(q, k, v, causal, scale, left, right, T_pad, tile=None):
+    """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
+    ring slots); another than FWD_TILES' only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
-    bm, bn, stages = FWD_TILE
+    bm, bn, stages = tile or FWD_TILES[D]
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
     flash_attn._run(
         _fwd_kernel, (triton.cdiv(T, bm), B * H),
-        _desc(q, bm // 2), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
+        _desc(q, 64), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
         T, T_pad, H, H // k.shape[2], left, right, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
         **COMPILE_OPTIONS)
     return out, lse
 
 
-def backward(do, q, k, v, lse, delta, scale, left, right, tile=BWD_TILE):
-    """dq, dk, dv from this module's forward's lse and flash_attn's delta = rowsum(dO * O). tile:
-    (query rows, key rows, ring slots); another than BWD_TILE only in notes/hopper_variants.py."""
+def backward(do, q, k, v, lse, delta, scale, left, right, tile=None):
+    """dq, dk, dv from either forward's lse and flash_attn's delta = rowsum(dO * O). tile: (query
+    rows, key rows, ring slots); another than BWD_TILES' only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
-    bm, bn, stages = tile
+    bm, bn, stages = tile or BWD_TILES[D]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)  # sum of TMA reductions
     flash_attn._run(

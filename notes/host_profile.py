@@ -29,8 +29,8 @@ def main():
         both = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)  # noqa: E731
         for name, fn in (("forward", fwd), ("forward+backward", both)):
             us = per_call_us(fn, a.calls)
-            hopper = flash_attn._hopper(q) is not None
-            print(f"\n=== head dim {D} {name}: {us:.1f} us per call (hopper module: {hopper})")
+            hopper = [d for d in ("forward", "backward") if flash_attn._hopper(q, d)]
+            print(f"\n=== head dim {D} {name}: {us:.1f} us per call (hopper kernels: {', '.join(hopper) or 'none'})")
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(a.calls // 4):

@@ -503,7 +503,7 @@ def test_hopper_failure_falls_back_once(monkeypatch, capsys, fails):
         calls.append(fails)
         raise AttributeError("module 'gluon' has no attribute 'warpgroup_mma'\n(more compiler output)")
 
-    fake = types.SimpleNamespace(supported=lambda q: True, forward=fake_hopper_forward, backward=broken)
+    fake = types.SimpleNamespace(supported=lambda q, direction: True, forward=fake_hopper_forward, backward=broken)
     setattr(fake, fails, broken)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 70, 2, 32, requires_grad=True) for _ in range(3))
@@ -535,7 +535,7 @@ def test_hopper_import_failure_falls_back_once(monkeypatch, capsys):
     monkeypatch.setattr(flash_attn, "INTERPRET", False)
     monkeypatch.setitem(sys.modules, "flash_attn_hopper", None)  # its import raises ImportError
     q = types.SimpleNamespace(is_cuda=True)
-    assert flash_attn._hopper(q) is None and flash_attn._hopper(q) is None
+    assert flash_attn._hopper(q, "forward") is None and flash_attn._hopper(q, "backward") is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Hopper kernels failed (ModuleNotFoundError" in err, err
 
@@ -602,11 +602,16 @@ GPU_CASES = [
     (2, 513, 4, 4, 32, True, None),
     (1, 300, 2, 1, 256, True, None),
     (3, 1, 2, 2, 64, True, None),
-    # head dim 128 takes flash_attn_hopper on a Hopper GPU: its own tiles, so its own ragged cases
+    # head dim 128, and 64's backward from 2k tokens, take flash_attn_hopper on a Hopper GPU: its own
+    # tiles, so its own ragged cases
     (2, 300, 4, 4, 128, False, None),  # keys past T in the last key tile are the next sequence's
     (2, 1500, 4, 1, 128, True, (256, 0)),
     (3, 1, 2, 2, 128, True, None),
     (1, 4100, 2, 2, 128, True, None),
+    (2, 2100, 4, 1, 64, True, (256, 0)),
+    (1, 4100, 4, 2, 64, True, None),
+    (1, 8200, 4, 2, 64, True, (2000, 0)),  # and 64's forward from 8k (tiles of 192 query rows)
+    (1, 8300, 2, 2, 64, False, None),
 ]
 
 
@@ -721,13 +726,19 @@ def test_gpu_compiled_reduce_overhead_model_matches_eager():
 
 @cuda_only
 def test_hopper_kernels_are_used_on_hopper():
-    """On an sm_90 GPU, head dim 128 in bf16/fp16 goes to flash_attn_hopper (so the GPU cases
-    above test it); other head dims and float32 keep the portable kernels."""
+    """On an sm_90 GPU, head dim 128 in bf16/fp16 goes to flash_attn_hopper both ways, head dim 64
+    from 2k tokens (backward) and 8k (forward), so the GPU cases above test them; other head dims
+    and float32 keep the portable kernels."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a Hopper GPU")
-    q = torch.empty(1, 8, 2, 128, device="cuda", dtype=torch.bfloat16)
-    assert flash_attn._hopper(q) is not None
-    assert flash_attn._hopper(q.float()) is None and flash_attn._hopper(q[..., :64]) is None
+    q = torch.empty(1, 2048, 2, 128, device="cuda", dtype=torch.bfloat16)
+    for direction in ("forward", "backward"):
+        assert flash_attn._hopper(q, direction) is not None and flash_attn._hopper(q[:, :8], direction) is not None
+        assert flash_attn._hopper(q.float(), direction) is None and flash_attn._hopper(q[..., :32], direction) is None
+    assert flash_attn._hopper(q[..., :64], "backward") is not None and flash_attn._hopper(q[..., :64], "forward") is None
+    assert flash_attn._hopper(q[:, :2047, :, :64], "backward") is None  # the portable kernels are faster there
+    q = torch.empty(1, 8192, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert flash_attn._hopper(q, "forward") is not None and flash_attn._hopper(q[:, :8191], "forward") is None
 
 
 @cuda_only
@@ -773,9 +784,9 @@ import flash_attn_hopper as fh
 def desc(dtype, block):
     return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{gl.NVMMASharedLayout.get_default_for(block, getattr(gl, {'bf16': 'bfloat16', 'fp32': 'float32'}[dtype]))!r}>"
 
-def compile(fn, sig, consts):
-    for name in fn.arg_names:
-        sig.setdefault(name, "constexpr" if name in consts else "i32")
+def compile(name, fn, sig, consts):
+    for arg in fn.arg_names:
+        sig.setdefault(arg, "constexpr" if arg in consts else "i32")
     k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=fh.COMPILE_OPTIONS)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -784,19 +795,20 @@ def compile(fn, sig, consts):
     log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", f.name + ".o"],
                          capture_output=True, text=True, check=True).stderr
     spill = re.search(r"(\d+) bytes spill stores", log).group(1)
-    print(fn.__name__, "smem", k.metadata.shared, "spill", spill, "serialized" if "serialized" in log else "pipelined")
+    print(name, "smem", k.metadata.shared, "spill", spill, "serialized" if "serialized" in log else "pipelined")
 
-D = fh.HEAD_DIM
-bm, bn, st = fh.FWD_TILE
-compile(fh._fwd_kernel, {"desc_q": desc("bf16", [bm // 2, D]), "desc_k": desc("bf16", [bn, D]),
-                         "desc_v": desc("bf16", [bn, D]), "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"},
-        dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=st))
-bm, bn, st = fh.BWD_TILE
-compile(fh._bwd_kernel, {"desc_q": desc("bf16", [bm, D]), "desc_k": desc("bf16", [bn, D]),
-                         "desc_v": desc("bf16", [bn, D]), "desc_do": desc("bf16", [bm, D]),
-                         "desc_dq": desc("fp32", [bm, D // 2]), "desc_lse": desc("fp32", [bm]),
-                         "desc_delta": desc("fp32", [bm]), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"},
-        dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=st))
+for D, (bm, bn, st) in fh.FWD_TILES.items():
+    compile(f"fwd{D}", fh._fwd_kernel, {"desc_q": desc("bf16", [64, D]), "desc_k": desc("bf16", [bn, D]),
+                                        "desc_v": desc("bf16", [bn, D]), "Out": "*bf16", "Lse": "*fp32",
+                                        "softmax_scale": "fp32"},
+            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=st))
+for D, (bm, bn, st) in fh.BWD_TILES.items():
+    compile(f"bwd{D}", fh._bwd_kernel, {"desc_q": desc("bf16", [bm, D]), "desc_k": desc("bf16", [bn, D]),
+                                        "desc_v": desc("bf16", [bn, D]), "desc_do": desc("bf16", [bm, D]),
+                                        "desc_dq": desc("fp32", [bm, D // 2]), "desc_lse": desc("fp32", [bm]),
+                                        "desc_delta": desc("fp32", [bm]), "dK": "*bf16", "dV": "*bf16",
+                                        "softmax_scale": "fp32"},
+            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=st))
 """
 
 
@@ -855,16 +867,16 @@ def test_hopper_kernels_compile_for_sm90():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = dict((line.split()[0], line.split()[1:]) for line in run.stdout.strip().splitlines())
-    for name in ("_fwd_kernel", "_bwd_kernel"):
-        smem, pipelined = int(lines[name][1]), lines[name][4]
-        assert smem <= 227 * 1024 and pipelined == "pipelined", (name, lines[name])
-    assert int(lines["_fwd_kernel"][3]) == 0, lines["_fwd_kernel"]
+    assert sorted(lines) == ["bwd128", "bwd64", "fwd128", "fwd64"], lines
+    for name, (_, smem, _, spill, pipelined) in lines.items():
+        assert int(smem) <= 227 * 1024 and pipelined == "pipelined", (name, lines[name])
+        assert int(spill) == 0 or name == "bwd128", (name, lines[name])  # bwd128: ~100 B, measured harmless
 
 
-def test_hopper_forward_variants_compile_for_sm90():
-    """notes/hopper_variants.py --compile-only: every variant the next GPU run measures (the persistent
-    forward built from flash_attn_hopper's per-tile functions, the backward at head dim 64) compiles
-    for sm_90a, fits in shared memory, spills nothing and keeps its wgmma pipelined."""
+def test_hopper_variants_compile_for_sm90():
+    """notes/hopper_variants.py --compile-only: every tile the GPU run measures (three forward
+    warpgroups at head dim 64 among them) compiles for sm_90a, fits in shared memory and keeps its
+    wgmma pipelined; nothing spills but the shipped head-dim-128 backward (~100 B)."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -872,8 +884,8 @@ def test_hopper_forward_variants_compile_for_sm90():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 17 and any(line.startswith("persistent ping-pong") for line in lines), lines
-    for line in lines:  # (the shipped backward, "bwd kept", spills ~100 B: test_hopper_kernels_compile_for_sm90)
+    assert len(lines) == 7 and any(line.startswith("d64 192x64 ") for line in lines), lines
+    for line in lines:
         smem = int(line.split("smem ")[1].split()[0])
         assert smem <= 227 * 1024 and line.endswith("pipelined"), line
-        assert line.startswith("bwd kept") or "spill stores 0 B," in line, line
+        assert line.startswith("bwd 128") or "spill stores 0 B," in line, line
