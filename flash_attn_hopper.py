@@ -1,18 +1,19 @@
-"""FlashAttention-3 (arXiv 2407.08608) on Hopper (sm_90), head dim 128: warp-specialized Gluon kernels.
+"""FlashAttention-3 (arXiv 2407.08608) on Hopper (sm_90), head dims 128 and 64: warp-specialized Gluon kernels.
 
-flash_attn.py calls these for CUDA tensors of compute capability 9.x, head dim 128 and 16-bit
-dtypes; everything else (and the CPU interpreter) takes its portable Triton kernels. Same
-layout, masks, grouped-query heads and log2-unit lse as those kernels, so the algorithm is the
-one in flash_attn.py's docstring. What differs is how the work is scheduled on an SM. At head
-dim 128 on an H200 the portable kernels reach 0.76-0.83x (forward) and 0.68-0.74x (backward) of
-cuDNN from 4k tokens on, these 0.96-1.06x (README, Benchmarks).
+flash_attn.py calls these for CUDA tensors of compute capability 9.x and 16-bit dtypes at head dim
+128, and at head dim 64 from the sequence lengths in MIN_SEQLEN; everything else (and the CPU
+interpreter) takes its portable Triton kernels. Same layout, masks, grouped-query heads and
+log2-unit lse as those kernels, so the algorithm is the one in flash_attn.py's docstring. What
+differs is how the work is scheduled on an SM. On an H200 the portable kernels reach 0.70-0.81x
+(forward) and 0.68-0.73x (backward) of cuDNN at head dim 128 from 4k tokens on, these 0.97-1.06x
+and 0.97-1.01x (README, Benchmarks).
 
 Each program runs three kinds of warps at once (gl.warp_specialize), talking through mbarriers:
   - a loader warp issues TMA copies into rings of shared-memory slots: it waits until a slot
-    is "empty" (both consumers arrived), then the copy's completion marks it "full";
-  - two consumer warpgroups (4 warps each, 240 registers per thread, taken from the loader
-    by setmaxnreg) do the wgmma matmuls and the softmax, each on its own 64 rows, so one
-    warpgroup's exp2s run while the other's matmuls occupy the tensor cores;
+    is "empty" (every consumer arrived), then the copy's completion marks it "full";
+  - consumer warpgroups (4 warps each; two with 240 registers per thread or three with 160,
+    taken from the loader by setmaxnreg) do the wgmma matmuls and the softmax, each on its own
+    64 rows, so one warpgroup's exp2s run while another's matmuls occupy the tensor cores;
   - backward only: a writer warp adds each dQ tile into global memory by a TMA bulk reduction.
 Forward consumers also overlap within a warpgroup: block i's S = Q K^T and block i-1's
 O += P V are issued together, and the softmax of block i runs while P V still computes.
@@ -26,7 +27,7 @@ loads in the consumers cost 15% (the loads sit in front of every exp2). The redu
 whatever order the programs reach them, so dQ is not bitwise reproducible from run to run (as
 with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects the portable kernels, which add no atomics.
 
-Compiled only on a GPU; tests/test_flash_attn.py compiles both kernels for sm_90a on CPU
+Compiled only on a GPU; tests/test_flash_attn.py compiles the kernels for sm_90a on CPU
 machines (no GPU needed) and checks them against the reference on a GPU.
 
 Tested with Triton 3.6.0 to 3.9.0 (Gluon is experimental and its API moves between releases:

@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|next|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -61,10 +61,10 @@ python3 bench_attention.py --causal=0 --seqlens=8192 > $OUT/attn_full.log 2>&1; 
 python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
 grep "^causal" $OUT/attn_gqa.log
 ;;
-next)
-# the next GPU session's first call (~8 minutes): flash_attn.py's GPU tests on default tiles (the
-# Hopper backward now runs head dim 64 too), the forward variants (three warpgroups at head dim 64),
-# then the README's attention table (bench_attention.py, causal and full, and the grouped-query row)
+attn_all)
+# one call for the attention kernels (~6 minutes): flash_attn.py's GPU tests on default tiles, the
+# Hopper forward variants (notes/hopper_variants.py), then the README's attention table
+# (bench_attention.py, causal and full, and the grouped-query row)
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 FLASH_ATTN_AUTOTUNE=0 timeout 170 python3 -m pytest -q tests/test_flash_attn.py -k "(gpu or hopper or model_trains) and not compile" > $OUT/attn_tests.log 2>&1
