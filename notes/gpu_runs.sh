@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|triton390|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -197,6 +197,26 @@ for mode in ("False", "True"):
     print(f"checkpoint_async={mode}: training stall per save (s) by step: {stalls}")
 PY
 rm -rf $D
+;;
+triton390)
+# flash_attn.py's GPU tests under Triton 3.9.0 (the device image has 3.6.0): a stripped copy of the wheel (no AMD
+# libraries, no CUDA-12 ptxas, no debug info: 283 MB, 55 MB as .tar.xz), carried as .gpudata/triton390.tar.xz
+# (run with carry=[".gpudata/triton390.tar.xz"]). Made on the CPU machine from `pip install --target DIR triton==3.9.0`:
+#   cp -a DIR/triton DIR/triton-3.9.0.dist-info t39min/ && cd t39min/triton && rm -rf backends/amd/lib \
+#     backends/amd/include instrumentation include plugins FileCheck _C/libproton.so backends/nvidia/lib/cupti* \
+#     backends/nvidia/lib/gsan.ll backends/nvidia/bin/{ptxas,nvdisasm,cuobjdump} && strip --strip-debug _C/libtriton.so
+#   tar -cf - t39min | xz -9 -T2 > .gpudata/triton390.tar.xz
+# (the AMD backend's Python files stay: Triton's entry points name it; for sm_90, 3.9 runs ptxas-blackwell)
+# torch.compile cases are left out: torch 2.11's inductor is built for its own Triton.
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+python3 -c "import tarfile; tarfile.open('.gpudata/triton390.tar.xz').extractall('/tmp')"
+export PYTHONPATH=/tmp/t39min TRITON_CACHE_DIR=/tmp/triton390_cache
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, triton.__file__)"
+FLASH_ATTN_AUTOTUNE=0 timeout 200 python3 -m pytest -q tests/test_flash_attn.py \
+  -k "(gpu or hopper or model_trains or launch) and not compile and not reduce_overhead" > $OUT/attn_tests_t39.log 2>&1
+tail -3 $OUT/attn_tests_t39.log; grep -i "hopper kernels failed\|^FAILED" $OUT/attn_tests_t39.log | head -5
+timeout 100 python3 bench_attention.py --seqlens=4096 --causal=1 2>&1 | grep "^causal"
 ;;
 first_call)
 # flash_attn's first forward+backward call (Triton compiles + autotuning), per dtype and head dim, each in a fresh
