@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import flash_attn  # noqa: E402
@@ -63,7 +64,7 @@ def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16"):
     k = triton.compile(src, target=TARGET, options=opts)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
-    ptxas = triton.knobs.nvidia.ptxas.path
+    ptxas = get_ptxas(90).path  # the ptxas Triton runs for sm_90 (3.9: its CUDA 13 one)
     log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
                          capture_output=True, text=True).stderr
     os.unlink(f.name)
