@@ -35,10 +35,11 @@ rm -rf $OUT/*/ckpt_*
 ;;
 attn_bench)
 # issue #20: the compiled step with attn_impl flash against sdpa (cuDNN), next to transformers + compile, and
-# document masking (random documents of mean length 512, bench_train.DOC_MEAN) with each attention
+# document masking (random documents of mean length 512, bench_train.DOC_MEAN) with each attention;
+# SHAPES=134m (or 1b) runs one shape
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
-python3 bench_train.py --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
+python3 bench_train.py --shapes=${SHAPES:-134m,1b} --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),
