@@ -235,12 +235,21 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                 T, T_pad, H, GROUP, LEFT, RIGHT,
                 IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first.
-    # BLOCK_M // 64 consumer warpgroups (2 or 3), each on its own 64 query rows
+    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first. The programs
+    # start in grid order, so the query blocks of one head run side by side (and can share its K, V in L2)
     pid_m = gl.program_id(0)
     if IS_CAUSAL:
         pid_m = gl.num_programs(0) - 1 - pid_m
-    bh = gl.program_id(1)
+    _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T, T_pad, H,
+                 GROUP, LEFT, RIGHT, pid_m, gl.program_id(1), BLOCK_M, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
+                 T, T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (2 or 3), each on its
+    own 64 query rows, and the loader warp."""
     b, h = bh // H, bh % H
     m0 = pid_m * BLOCK_M
     dtype: gl.constexpr = desc_q.dtype

@@ -4,8 +4,9 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
     python notes/hopper_variants.py [--only forward|backward]  # GPU: correctness, then TFLOP/s against SDPA cuDNN
     python notes/hopper_variants.py --compile-only             # CPU: Triton's sm_90a compile and ptxas -v
 
-A variant is a tile (BLOCK_M, BLOCK_N, STAGES) of the shipped kernels at a head dim: the forward runs
-BLOCK_M // 64 consumer warpgroups (2 or 3), the backward two. Measured (notes/flash_attn_bench.md): a
+A variant is a tile (BLOCK_M, BLOCK_N, STAGES) of the shipped kernels at a head dim (the forward runs
+BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two), and for the forward an order in which the
+tiles start (ORDERS; the shipped programs, flash_attn_hopper._fwd_program, on a 1D grid). Measured (notes/flash_attn_bench.md): a
 third or fourth ring slot is within the noise both ways; at head dim 64 the forward's 192 x 128 tile
 (FlashAttention-3's, three warpgroups) beats the portable kernels from 8k tokens and the backward from
 2k, so both ship from there. Persistent programs and the ping-pong schedule lost (0.6-0.9x of the
@@ -25,30 +26,72 @@ import triton  # noqa: E402
 
 import flash_attn  # noqa: E402
 import flash_attn_hopper as fh  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
-VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES))
-    ("kept", 128, fh.FWD_TILES[128]),
-    ("kept d64", 64, fh.FWD_TILES[64]),  # three consumer warpgroups
-    ("d64 128x128", 64, (128, 128, 2)),
-    ("d64 192x64", 64, (192, 64, 2)),
-    ("d64 192x128 3 slots", 64, (192, 128, 3)),
+VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES), tile order: None = the kept grid, or ORDERS' key)
+    ("kept", 128, fh.FWD_TILES[128], None),
+    ("order: heads in 16 MB groups", 128, fh.FWD_TILES[128], "l2"),
+    ("order: longest first, all heads", 128, fh.FWD_TILES[128], "lpt"),
+    ("kept d64", 64, fh.FWD_TILES[64], None),  # three consumer warpgroups
+    ("d64 order: heads in 16 MB groups", 64, fh.FWD_TILES[64], "l2"),
+    ("d64 128x128", 64, (128, 128, 2), None),
+    ("d64 192x64", 64, (192, 64, 2), None),
 ]
 
 
-def forward(q, k, v, causal, tile):
-    """flash_attn_hopper.forward with a variant's tile: out, lse (log2 units)."""
+# --------------------------------------------------------------------------- tile order
+# The kept grid (query blocks, B * H) starts programs head by head: the query blocks of one head run
+# side by side and share its K, V in L2, but when causal the last head's longest tiles start last,
+# and SMs idle while they finish (at 1k tokens a tile has 1-8 key blocks, ~70 per SM in all). Groups of
+# HEADS heads, each group longest tiles first across its heads, trade that tail against L2 reuse.
+ORDERS = {"l2": lambda B, T, H, D: max(1, (16 << 20) // (4 * T * D)),  # heads whose K, V fill 16 MB
+          "lpt": lambda B, T, H, D: B * H}  # one group: every head's longest tile first
+
+
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
+def _ordered_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
+                        T, T_pad, H, GROUP, LEFT, RIGHT, HEADS,
+                        IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr):
+    """flash_attn_hopper._fwd_kernel's programs over a 1D grid of n_m * B * H tiles: heads in groups
+    of HEADS, one group after another; within a group, query block by query block (longest first
+    when causal), every head of the group at each. HEADS = 1 is the kept order."""
+    n_m = gl.cdiv(T, BLOCK_M)
+    pid = gl.program_id(0)
+    first = pid // (HEADS * n_m) * HEADS  # the group's first head
+    size = gl.minimum(HEADS, gl.num_programs(0) // n_m - first)  # the last group can be smaller
+    r = pid - first * n_m
+    pid_m = r // size
+    if IS_CAUSAL:
+        pid_m = n_m - 1 - pid_m
+    fh._fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T, T_pad, H,
+                    GROUP, LEFT, RIGHT, pid_m, first + r % size, BLOCK_M, BLOCK_N, STAGES)
+
+
+def forward(q, k, v, causal, tile, order=None):
+    """flash_attn_hopper.forward with a variant's tile and tile order: out, lse (log2 units)."""
     B, T, H, D = q.shape
     left, right = flash_attn._window(causal, None, T, T)
-    return fh.forward(q, k, v, causal, D ** -0.5, left, right, flash_attn._lse_len(T), tile=tile)
+    if order is None:
+        return fh.forward(q, k, v, causal, D ** -0.5, left, right, flash_attn._lse_len(T), tile=tile)
+    bm, bn, stages = tile
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, flash_attn._lse_len(T), device=q.device, dtype=torch.float32)
+    _ordered_fwd_kernel[(triton.cdiv(T, bm) * B * H, )](
+        fh._desc(q, 64), fh._desc(k, bn), fh._desc(v, bn), out, lse, D ** -0.5, out.stride(0), out.stride(1),
+        out.stride(2), T, lse.shape[-1], H, H // k.shape[2], left, right, ORDERS[order](B, T, H, D),
+        IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, **fh.COMPILE_OPTIONS)
+    return out, lse
 
 
-def check(D, tile):
-    """Fresh random ragged inputs (grouped heads, a partial last tile) against the float64 reference."""
+def check(D, tile, order=None):
+    """Fresh random ragged inputs (grouped heads, a partial last tile; 48 heads, so a smaller last
+    group of heads) against the float64 reference."""
     for causal in (True, False):
         q = torch.randn(3, 1000, 16, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(3, 1000, 8, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        out, lse = forward(q, k, v, causal, tile)
+        out, lse = forward(q, k, v, causal, tile, order)
         ref, ref_lse = flash_attn.attention_reference(q.double(), k.double(), v.double(), causal=causal)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         lse_err = ((lse[..., :1000] / 1.4426950408889634 - ref_lse).abs().max()).item()
@@ -116,13 +159,13 @@ def time_all():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     rows = []
-    for name, D, tile in VARIANTS:
-        status = check(D, tile)
+    for name, D, tile, order in VARIANTS:
+        status = check(D, tile, order)
         for T in (1024, 2048, 4096, 8192, 16384):
             B, H = 16384 // T, 2048 // D
             q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             flops = 4 * B * H * T * T * D * 0.5
-            ms = triton.testing.do_bench(lambda: forward(q, k, v, True, tile), warmup=50, rep=200,
+            ms = triton.testing.do_bench(lambda: forward(q, k, v, True, tile, order), warmup=50, rep=200,
                                          return_mode="median")
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -169,10 +212,10 @@ def compile_all():
         print(f"{name:14s} D={D:3d} tile {tile}: smem {k.metadata.shared} B, spill stores "
               f"{spill.group(1) if spill else '?'} B, {'wgmma serialized' if 'serialized' in log else 'pipelined'}")
 
-    for name, D, (bm, bn, stages) in VARIANTS:
+    for name, D, (bm, bn, stages), order in VARIANTS:
         sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
-        compile_one(name, D, (bm, bn, stages), fh._fwd_kernel, sig,
+        compile_one(name, D, (bm, bn, stages), fh._fwd_kernel if order is None else _ordered_fwd_kernel, sig,
                     dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
     for name, D, (bm, bn, stages) in BWD_VARIANTS:
         sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]), "desc_do": desc([bm, D]),
