@@ -5,12 +5,13 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
     python notes/hopper_variants.py --compile-only             # CPU: Triton's sm_90a compile and ptxas -v
 
 A variant is a tile (BLOCK_M, BLOCK_N, STAGES) of the shipped kernels at a head dim (the forward runs
-BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two), and for the forward an order in which the
-tiles start (ORDERS; the shipped programs, flash_attn_hopper._fwd_program, on a 1D grid). Measured (notes/flash_attn_bench.md): a
-third or fourth ring slot is within the noise both ways; at head dim 64 the forward's 192 x 128 tile
-(FlashAttention-3's, three warpgroups) beats the portable kernels from 8k tokens and the backward from
-2k, so both ship from there. Persistent programs and the ping-pong schedule lost (0.6-0.9x of the
-kept forward) and were removed after commit 8f667f9.
+BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two), and for the forward an order in which
+the tiles start (ORDERS: the shipped programs, flash_attn_hopper._fwd_program, on a 1D grid).
+
+Measured (notes/flash_attn_bench.md): a third or fourth ring slot is within the noise both ways; at
+head dim 64 the forward's 192 x 128 tile (FlashAttention-3's, three warpgroups) beats the portable
+kernels from 8k tokens and the backward from 2k, so both ship from there. Persistent programs and the
+ping-pong schedule lost (0.6-0.9x of the kept forward) and were removed after commit 8f667f9.
 """
 import argparse
 import os
