@@ -168,22 +168,25 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-FLASH_MIN_SEQ = 8192  # "auto" takes flash_attn.py from this many keys on (README's attention table)
+# "auto" takes flash_attn.py from this many keys on at these head dims: where its forward and backward
+# together are at least cuDNN's (README's attention table; head dim 64 stays 2-4% slower there)
+FLASH_MIN_SEQ = 8192
+FLASH_LONG_HEAD_DIMS = (128,)
 
 
-def resolve_attn_impl(impl, device, seqlen=0, docs=False):
+def resolve_attn_impl(impl, device, seqlen=0, docs=False, head_dim=128):
     """The attention that runs on device for ModelConfig.attn_impl; "flash", "sdpa" and "math" are
     themselves. "auto" takes flash_attn.py's Triton kernel on CUDA (with Triton installed,
     flash_attn.HAVE_TRITON) where it is measured at least as fast as torch's SDPA (cuDNN) in the
     compiled training step: packed documents (docs: SDPA needs a dense (T, T) mask, the kernel skips
-    the tiles between documents; README's training-step table) and seqlen >= FLASH_MIN_SEQ keys
-    (the kernel >= cuDNN there). Elsewhere SDPA: on the CPU, and at 1-2k tokens on a GPU, where
-    cuDNN's kernels are the faster. A checkpoint keeps "auto", not the choice."""
+    the tiles between documents; README's training-step table) and seqlen >= FLASH_MIN_SEQ keys at
+    FLASH_LONG_HEAD_DIMS. Elsewhere SDPA: on the CPU, and at 1-4k tokens on a GPU, where cuDNN's
+    kernels are the faster. A checkpoint keeps "auto", not the choice."""
     if impl != "auto":
         return impl
     if torch.device(device).type != "cuda" or not flash_attn.HAVE_TRITON:
         return "sdpa"
-    return "flash" if docs or seqlen >= FLASH_MIN_SEQ else "sdpa"
+    return "flash" if docs or (seqlen >= FLASH_MIN_SEQ and head_dim in FLASH_LONG_HEAD_DIMS) else "sdpa"
 
 
 def causal_attention(q, k, v, impl, q_offset=0, docs=None):
@@ -191,7 +194,7 @@ def causal_attention(q, k, v, impl, q_offset=0, docs=None):
     Query t attends to keys 0..q_offset+t. Hkv divides Hq (grouped-query attention).
     docs: None, or packed rows' document mask (no cache, S = T) in the form document_mask made
     for this impl: attention is then also limited to the query's document."""
-    impl = resolve_attn_impl(impl, q.device, k.shape[1], docs is not None)
+    impl = resolve_attn_impl(impl, q.device, k.shape[1], docs is not None, q.shape[-1])
     T = q.shape[1]
     # flash: training, and prefill with a filled cache (a chat's next turn): Tq = T < Tk = S, the
     # causal mask aligned bottom-right (query t at position q_offset + t). Decoding one token goes

@@ -184,7 +184,7 @@ def layer_activation_bytes(mc, b, s, tp, sp, p, a, ckpt, cuda=True):
     if ckpt == "selective":
         return 2 * p * b * s_n * h + linear_in + a * b * s * (hq + 2 * hkv) + 3 * a * b * s * f + casts
     norms = 2 * ((4 + p) * b * s_n * h + 4 * b * s_n)
-    impl = resolve_attn_impl(mc.attn_impl, "cuda" if cuda else "cpu", s)  # "auto": what it runs as there
+    impl = resolve_attn_impl(mc.attn_impl, "cuda" if cuda else "cpu", s, head_dim=mc.head_dim)  # "auto": as run there
     if impl == "math":
         qkv = 3 * a * b * s * hq
         core = (a + (4 if cuda and a < 4 else 0)) * b * heads * s * s + s * s

@@ -226,8 +226,8 @@ def test_flash_prefill_with_a_filled_cache_equals_full_forward(monkeypatch):
 
 def test_auto_attention_resolves_by_device(monkeypatch):
     """attn_impl="auto" (the default) is sdpa on the CPU; on CUDA with flash_attn's Triton kernels,
-    flash for packed documents and from FLASH_MIN_SEQ keys on (where it was measured faster), sdpa
-    below; without Triton sdpa. The config keeps "auto"."""
+    flash for packed documents and from FLASH_MIN_SEQ keys on at head dim 128 (where it was measured
+    at least as fast), sdpa elsewhere; without Triton sdpa. The config keeps "auto"."""
     from model import FLASH_MIN_SEQ, resolve_attn_impl
     assert ModelConfig().attn_impl == "auto"
     assert resolve_attn_impl("auto", "cpu") == resolve_attn_impl("auto", torch.device("cpu")) == "sdpa"
@@ -238,6 +238,8 @@ def test_auto_attention_resolves_by_device(monkeypatch):
     assert resolve_attn_impl("auto", "cuda:0", 2048) == "sdpa"
     assert resolve_attn_impl("auto", "cuda:0", 2048, docs=True) == "flash"
     assert resolve_attn_impl("auto", "cuda:0", FLASH_MIN_SEQ) == "flash"
+    assert resolve_attn_impl("auto", "cuda:0", FLASH_MIN_SEQ, head_dim=64) == "sdpa"  # cuDNN's backward is faster
+    assert resolve_attn_impl("auto", "cuda:0", 2048, docs=True, head_dim=64) == "flash"
     # the same inside torch.compile's trace, which is where a training step resolves it
     assert torch.compile(lambda x: resolve_attn_impl("auto", "cuda", 64, True) == "flash" and x + 1,
                          fullgraph=True)(torch.ones(1))
