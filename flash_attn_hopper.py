@@ -414,10 +414,21 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
 def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
                 stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # grid (key blocks, B * H_KV) as in flash_attn._bwd_dkdv_kernel
-    bhk = gl.program_id(1)
+    # grid (key blocks, B * H_KV) as in flash_attn._bwd_dkdv_kernel; causal: the first key blocks,
+    # which the most query blocks see, start first within each head
+    _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale, stride_b,
+                 stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, gl.program_id(0), gl.program_id(1),
+                 BLOCK_M, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
+                 stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys, the loader warp
+    and the dQ writer warp."""
     b, hk = bhk // H_KV, bhk % H_KV
-    n0 = gl.program_id(0) * BLOCK_N
+    n0 = pid_n * BLOCK_N
     dtype: gl.constexpr = desc_q.dtype
     D: gl.constexpr = desc_q.block_type.shape[1]
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, D], desc_k.layout)

@@ -55,19 +55,25 @@ def _ordered_fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_
                         T, T_pad, H, GROUP, LEFT, RIGHT, HEADS,
                         IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         STAGES: gl.constexpr):
-    """flash_attn_hopper._fwd_kernel's programs over a 1D grid of n_m * B * H tiles: heads in groups
-    of HEADS, one group after another; within a group, query block by query block (longest first
-    when causal), every head of the group at each. HEADS = 1 is the kept order."""
+    """flash_attn_hopper._fwd_kernel's programs in _ordered_tile's order, longest query blocks first
+    when causal. HEADS = 1 is the kept order."""
     n_m = gl.cdiv(T, BLOCK_M)
-    pid = gl.program_id(0)
-    first = pid // (HEADS * n_m) * HEADS  # the group's first head
-    size = gl.minimum(HEADS, gl.num_programs(0) // n_m - first)  # the last group can be smaller
-    r = pid - first * n_m
-    pid_m = r // size
+    pid_m, bh = _ordered_tile(n_m, HEADS)
     if IS_CAUSAL:
         pid_m = n_m - 1 - pid_m
     fh._fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T, T_pad, H,
-                    GROUP, LEFT, RIGHT, pid_m, first + r % size, BLOCK_M, BLOCK_N, STAGES)
+                    GROUP, LEFT, RIGHT, pid_m, bh, BLOCK_M, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _ordered_tile(n_blocks, HEADS):
+    """(block, head) of this program of a 1D grid of n_blocks * heads: heads in groups of HEADS, one
+    group after another; within a group, block by block, every head of the group at each."""
+    pid = gl.program_id(0)
+    first = pid // (HEADS * n_blocks) * HEADS  # the group's first head
+    size = gl.minimum(HEADS, gl.num_programs(0) // n_blocks - first)  # the last group can be smaller
+    r = pid - first * n_blocks
+    return r // size, first + r % size
 
 
 def forward(q, k, v, causal, tile, order=None):
@@ -102,28 +108,58 @@ def check(D, tile, order=None):
 
 
 # --------------------------------------------------------------------------- backward
-BWD_VARIANTS = [("bwd 128", 128, fh.BWD_TILES[128]), ("bwd 64", 64, fh.BWD_TILES[64])]  # (name, head dim, tile)
+BWD_VARIANTS = [  # (name, head dim, tile, tile order as in VARIANTS)
+    ("bwd 128", 128, fh.BWD_TILES[128], None),
+    ("bwd 128 order: heads in 16 MB groups", 128, fh.BWD_TILES[128], "l2"),
+    ("bwd 128 order: longest first, all heads", 128, fh.BWD_TILES[128], "lpt"),
+    ("bwd 64", 64, fh.BWD_TILES[64], None),
+    ("bwd 64 order: heads in 16 MB groups", 64, fh.BWD_TILES[64], "l2"),
+]
 
 
-def backward(do, q, k, v, out, lse, causal, tile):
-    """dq, dk, dv by flash_attn_hopper.backward with a variant's tile (delta by flash_attn's preprocess)."""
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
+def _ordered_bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
+                        stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """flash_attn_hopper._bwd_kernel's programs in _ordered_tile's order (when causal the first key
+    blocks, which the most query blocks see, are the longest: they come first, as in the kept grid)."""
+    pid_n, bhk = _ordered_tile(gl.cdiv(T, BLOCK_N), HEADS)
+    fh._bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale, stride_b,
+                    stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M, BLOCK_N, STAGES)
+
+
+def backward(do, q, k, v, out, lse, causal, tile, order=None):
+    """dq, dk, dv by flash_attn_hopper.backward with a variant's tile and tile order (delta by
+    flash_attn's preprocess)."""
     B, T, H, D = q.shape
     left, right = flash_attn._window(causal, None, T, T)
     delta = torch.empty_like(lse)
     flash_attn._run(flash_attn._bwd_preprocess, (lse.shape[-1] // flash_attn.MAX_BLOCK, B * H), out, do, delta,
                     out.stride(0), out.stride(1), out.stride(2), T, lse.shape[-1], H, HEAD_DIM=D, DIM=D,
                     BLOCK_M=flash_attn.MAX_BLOCK)
-    return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile)
+    if order is None:
+        return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile)
+    bm, bn, stages = tile
+    H_kv = k.shape[2]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)
+    # a kv head's programs share its query heads' Q and dO: GROUP times a head's bytes
+    _ordered_bwd_kernel[(triton.cdiv(T, bn) * B * H_kv, )](
+        fh._desc(q, bm), fh._desc(k, bn), fh._desc(v, bn), fh._desc(do, bm), fh._desc(dq, bm, D // 2),
+        fh._stat_desc(lse, bm), fh._stat_desc(delta, bm), dk, dv, D ** -0.5, dk.stride(0), dk.stride(1),
+        dk.stride(2), T, lse.shape[-1], H_kv, H // H_kv, left, right, ORDERS[order](B, T, H_kv, D * (H // H_kv)),
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, **fh.COMPILE_OPTIONS)
+    return dq.to(q.dtype), dk, dv
 
 
-def check_bwd(D, tile):
+def check_bwd(D, tile, order=None):
     """As check, for the gradients (forward by the kept kernel at D, checked above)."""
     for causal in (True, False):
         q = torch.randn(3, 1000, 16, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(3, 1000, 8, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         do = torch.randn_like(q)
         out, lse = forward(q, k, v, causal, (128, 128, 2))
-        grads = backward(do, q, k, v, out, lse, causal, tile)
+        grads = backward(do, q, k, v, out, lse, causal, tile, order)
         leaves = [x.double().requires_grad_() for x in (q, k, v)]
         ref = flash_attn.attention_reference(*leaves, causal=causal)[0]
         for name, got, want in zip("qkv", grads, torch.autograd.grad(ref, leaves, do.double())):
@@ -136,14 +172,14 @@ def check_bwd(D, tile):
 def time_bwd():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
-    for name, D, tile in BWD_VARIANTS:
-        status = check_bwd(D, tile)
+    for name, D, tile, order in BWD_VARIANTS:
+        status = check_bwd(D, tile, order)
         for T in (1024, 2048, 4096, 8192, 16384):
             B, H = 16384 // T, 2048 // D
             q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
             flops = 2.5 * 4 * B * H * T * T * D * 0.5
             out, lse = forward(q, k, v, True, (128, 128, 2))
-            ms = triton.testing.do_bench(lambda: backward(do, q, k, v, out, lse, True, tile), warmup=50, rep=200,
+            ms = triton.testing.do_bench(lambda: backward(do, q, k, v, out, lse, True, tile, order), warmup=50, rep=200,
                                          return_mode="median")
             qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -218,11 +254,12 @@ def compile_all():
                "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
         compile_one(name, D, (bm, bn, stages), fh._fwd_kernel if order is None else _ordered_fwd_kernel, sig,
                     dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
-    for name, D, (bm, bn, stages) in BWD_VARIANTS:
+    for name, D, (bm, bn, stages), order in BWD_VARIANTS:
         sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]), "desc_do": desc([bm, D]),
                "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
                "desc_delta": desc([bm], "fp32"), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
-        compile_one(name, D, (bm, bn, stages), fh._bwd_kernel, sig, dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
+        compile_one(name, D, (bm, bn, stages), fh._bwd_kernel if order is None else _ordered_bwd_kernel, sig,
+                    dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
 
 
 if __name__ == "__main__":

@@ -885,9 +885,10 @@ def test_hopper_variants_compile_for_sm90():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 9 and any(line.startswith("order: longest first") for line in lines), lines
+    assert len(lines) == 12 and any(line.startswith("bwd 128 order: longest first") for line in lines), lines
     for line in lines:
         smem = int(line.split("smem ")[1].split()[0])
         assert smem <= 227 * 1024 and line.endswith("pipelined"), line
-        # experiments: up to 256 B (Triton 3.9 spills 144 B in the ordered head-dim-64 forward); 1 KB is a broken tile
-        assert int(line.split("spill stores ")[1].split()[0]) <= 256, line
+        # experiments: up to 320 B (the ordered head-dim-128 backward: 264 B; Triton 3.9's ordered head-dim-64
+        # forward: 144 B); a 1 KB spill is a tile that does not fit
+        assert int(line.split("spill stores ")[1].split()[0]) <= 320, line
