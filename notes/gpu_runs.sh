@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|triton390|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|attn_table|triton390|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -63,16 +63,22 @@ python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 
 grep "^causal" $OUT/attn_gqa.log
 ;;
 attn_all)
-# one call for the attention kernels (~6 minutes): flash_attn.py's GPU tests on default tiles, the
-# Hopper forward variants (notes/hopper_variants.py), then the README's attention table
-# (bench_attention.py, causal and full, and the grouped-query row)
+# one call for the attention kernels (~7 minutes): flash_attn.py's GPU tests on default tiles, then the
+# Hopper variants, backward and forward (notes/hopper_variants.py: tiles and tile orders); attn_table after
+# a change that wins
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
-FLASH_ATTN_AUTOTUNE=0 timeout 170 python3 -m pytest -q tests/test_flash_attn.py -k "(gpu or hopper or model_trains) and not compile" > $OUT/attn_tests.log 2>&1
+FLASH_ATTN_AUTOTUNE=0 timeout 190 python3 -m pytest -q tests/test_flash_attn.py -k "(gpu or hopper or model_trains) and not compile" > $OUT/attn_tests.log 2>&1
 tail -3 $OUT/attn_tests.log; grep -i "hopper kernels failed" $OUT/attn_tests.log | head -2
-timeout 120 python3 notes/hopper_variants.py --only forward 2>&1 | tee $OUT/hopper_variants.log | grep "^|"
-timeout 200 python3 bench_attention.py > $OUT/attn_bench.log 2>&1; grep "^causal\|^|" $OUT/attn_bench.log
-timeout 60 python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
+timeout 330 python3 notes/hopper_variants.py 2>&1 | tee $OUT/hopper_variants.log | grep "^|"
+;;
+attn_table)
+# README's attention table: bench_attention.py (causal and full, head dims 64 and 128, 1k-16k), then the
+# grouped-query row (~4 minutes)
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+timeout 300 python3 bench_attention.py > $OUT/attn_bench.log 2>&1; grep "^causal\|^|" $OUT/attn_bench.log
+timeout 90 python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
 grep "^causal\|^|" $OUT/attn_gqa.log
 ;;
 hopper_variants)
