@@ -72,8 +72,8 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
 # query rows (head dim 64: three, FlashAttention-3's tile); backward: two warpgroups of 64 keys
 FWD_TILES = {64: (192, 128, 2), 128: (128, 128, 2)}
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
-# the shortest sequence where these kernels run, where the portable ones are faster below (H200, causal,
-# 16k tokens per batch, TFLOP/s portable / these): head dim 64 forward 2k 338 / 300, 4k 360 / 355,
+# the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
+# tokens per batch, TFLOP/s portable / these): head dim 64 forward 2k 338 / 300, 4k 360 / 355,
 # 8k 421 / 432, 16k 408 / 461; backward 1k 261 / 228, 2k 299 / 295, 4k 330 / 346
 MIN_SEQLEN = {("forward", 64): 8192, ("backward", 64): 2048}
 COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64K registers
