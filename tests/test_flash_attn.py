@@ -867,17 +867,23 @@ def test_hopper_kernels_compile_for_sm90():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = dict((line.split()[0], line.split()[1:]) for line in run.stdout.strip().splitlines())
-    assert sorted(lines) == ["bwd128", "bwd64", "fwd128", "fwd64"], lines
+    assert sorted(lines) == sorted(SHIPPED_SPILLS), lines
     for name, (_, smem, _, spill, pipelined) in lines.items():
         assert int(smem) <= 227 * 1024 and pipelined == "pipelined", (name, lines[name])
-        # at most a few registers' worth (bwd128 ~100 B, fwd64 16 B under Triton 3.8), as measured on the GPU
-        assert int(spill) <= 128, (name, lines[name])
+        assert int(spill) <= SHIPPED_SPILLS[name], (name, lines[name])
+
+
+# the most bytes of spill stores per thread that each kernel compiles to under Triton 3.6-3.9 (the largest
+# of the four releases); more is a change that costs registers
+SHIPPED_SPILLS = {"fwd128": 0, "fwd64": 16, "bwd64": 0, "bwd128": 104}  # fwd64: 16 B under 3.8 only
+VARIANT_SPILLS = {"kept d64": 16, "d64 order: heads in 16 MB groups": 144, "bwd 128": 104,
+                  "bwd 128 order: heads in 16 MB groups": 264, "bwd 128 order: longest first, all heads": 264}
 
 
 def test_hopper_variants_compile_for_sm90():
     """notes/hopper_variants.py --compile-only: every variant the GPU run measures (tiles, and tile
-    orders built on flash_attn_hopper._fwd_program) compiles for sm_90a, fits in shared memory and
-    keeps its wgmma pipelined, and spills little."""
+    orders built on flash_attn_hopper's programs) compiles for sm_90a, fits in shared memory, keeps
+    its wgmma pipelined, and spills no more than VARIANT_SPILLS says (0 where it says nothing)."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -889,6 +895,5 @@ def test_hopper_variants_compile_for_sm90():
     for line in lines:
         smem = int(line.split("smem ")[1].split()[0])
         assert smem <= 227 * 1024 and line.endswith("pipelined"), line
-        # experiments: up to 320 B (the ordered head-dim-128 backward: 264 B; Triton 3.9's ordered head-dim-64
-        # forward: 144 B); a 1 KB spill is a tile that does not fit
-        assert int(line.split("spill stores ")[1].split()[0]) <= 320, line
+        spill = int(line.split("spill stores ")[1].split()[0])
+        assert spill <= VARIANT_SPILLS.get(line.split(" D=")[0].strip(), 0), line
