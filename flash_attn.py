@@ -647,8 +647,9 @@ def _common(q, causal, doc_range):
 
 def _hopper(q, direction):
     """flash_attn_hopper (warp-specialized Gluon kernels) where it applies to direction ("forward",
-    "backward"): a Hopper GPU, its head dims, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported on first use (it compiles for the GPU only);
-    any failure there (e.g. a Triton whose Gluon API differs) leaves the portable kernels (_hopper_failed)."""
+    "backward"): a Hopper GPU, its head dims and lengths, bf16/fp16, FLASH_ATTN_HOPPER not 0. Imported
+    on first use (it compiles for the GPU only); any failure there (e.g. a Triton whose Gluon API
+    differs) leaves the portable kernels (_hopper_failed)."""
     global _HOPPER_MODULE
     if not HOPPER:
         return None
@@ -852,6 +853,8 @@ def document_bounds(doc_ids):
 
 
 def _check(q, k, v, doc_ids=None, doc_bounds=None):
+    """Named errors for bad inputs; returns the documents' bounds (document_bounds of doc_ids, or
+    doc_bounds as given), or None without documents."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (batch, seqlen, nheads, headdim); got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -885,6 +888,7 @@ def _check(q, k, v, doc_ids=None, doc_bounds=None):
                              f"{q.device} with seqlen_q == seqlen_k; got "
                              + (f"{doc_bounds.dtype} {tuple(doc_bounds.shape)} on {doc_bounds.device}, seqlen_k "
                                 f"{k.shape[1]}" if isinstance(doc_bounds, torch.Tensor) else type(doc_bounds).__name__))
+    return document_bounds(doc_ids) if doc_ids is not None else doc_bounds
 
 
 def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, return_lse=False, doc_ids=None,
@@ -901,7 +905,7 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     Returns out (B, Tq, Hq, D), and with return_lse=True also lse (B, Hq, Tq) float32, the
     log-sum-exp of each row's scores. Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1);
     elsewhere the PyTorch reference."""
-    _check(q, k, v, doc_ids, doc_bounds)
+    doc_range = _check(q, k, v, doc_ids, doc_bounds)
     Tq, Tk, D = q.shape[1], k.shape[1], q.shape[3]
     if D % 8 or not 8 <= D <= 256:
         raise ValueError(f"head dim {D} is not supported: use a multiple of 8 from 8 to 256 "
@@ -909,11 +913,10 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     left, right = _window(causal, window_size, Tq, Tk)
     if not HAVE_TRITON or not (q.is_cuda or INTERPRET):
-        out, lse = attention_reference(q, k, v, causal, scale, window_size, doc_ids, doc_bounds)
+        out, lse = attention_reference(q, k, v, causal, scale, window_size, doc_bounds=doc_range)
     else:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-        doc_range = document_bounds(doc_ids) if doc_ids is not None else doc_bounds
         out, lse = _attention(q, k, v, doc_range, bool(causal), float(scale), left, right)
         if return_lse:  # log2 units and padded rows (one more kernel): only when asked for
             lse = lse[..., :Tq] / math.log2(math.e)
@@ -925,7 +928,7 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=No
     """Plain PyTorch attention with the same arguments and masks (flash_attn_func); materialises
     the (Tq, Tk) scores. Computes in float32 (float64 inputs stay float64). Returns (out, lse);
     a row that sees no key has out 0 and lse +inf, and gets zero gradients."""
-    _check(q, k, v, doc_ids, doc_bounds)
+    bounds = _check(q, k, v, doc_ids, doc_bounds)
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     group = H // k.shape[2]
@@ -938,8 +941,7 @@ def attention_reference(q, k, v, causal=True, softmax_scale=None, window_size=No
     i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)  # bottom-right aligned positions
     j = torch.arange(Tk, device=q.device)[None, :]
     seen = (i - j <= left) & (j - i <= right)  # (Tq, Tk)
-    if doc_ids is not None or doc_bounds is not None:
-        bounds = document_bounds(doc_ids) if doc_ids is not None else doc_bounds
+    if bounds is not None:
         start, end = bounds[:, :, None, :, None]  # (B, 1, T, 1) each
         seen = seen & (j >= start) & (j < end)  # (B, 1, T, T)
     empty = ~seen.any(-1, keepdim=True)  # rows that see no key: a finite logsumexp, then P = 0
