@@ -4,8 +4,8 @@ flash_attn.py calls these for CUDA tensors of compute capability 9.x and 16-bit 
 128, and at head dim 64 from the sequence lengths in MIN_SEQLEN; everything else (and the CPU
 interpreter) takes its portable Triton kernels. Same layout, masks, grouped-query heads and
 log2-unit lse as those kernels, so the algorithm is the one in flash_attn.py's docstring. What
-differs is how the work is scheduled on an SM. On an H200 the portable kernels reach 0.70-0.81x
-(forward) and 0.68-0.73x (backward) of cuDNN at head dim 128 from 4k tokens on, these 0.97-1.06x
+differs is how the work is scheduled on an SM. On an H200 the portable kernels reach 0.72-0.83x
+(forward) and 0.67-0.74x (backward) of cuDNN at head dim 128 from 4k tokens on, these 0.96-1.07x
 and 0.97-1.01x (README, Benchmarks).
 
 Each program runs three kinds of warps at once (gl.warp_specialize), talking through mbarriers:
@@ -76,6 +76,13 @@ BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 # tokens per batch, TFLOP/s portable / these): head dim 64 forward 2k 338 / 300, 4k 360 / 355,
 # 8k 421 / 432, 16k 408 / 461; backward 1k 261 / 228, 2k 299 / 295, 4k 330 / 346
 MIN_SEQLEN = {("forward", 64): 8192, ("backward", 64): 2048}
+# the order in which the forward's tiles start: heads in groups whose K and V fill this many bytes (the
+# H200's L2 holds 50 MB), within a group the longest query blocks of all its heads first. Head by head
+# (flash_attn.py's grid order) the last head's longest causal tiles start last while SMs idle; all heads
+# at once stream every head's K, V through L2. H200, head dim 128, causal, TFLOP/s head by head / these
+# groups (interleaved runs): 2k 432 / 442, 4k 499 / 522, 8k 562 / 569, 16k 607 / 598; 8 and 32 MB are
+# within 2% of 16; all heads at once 0.70-0.97x (notes/flash_attn_bench.md)
+L2_GROUP_BYTES = 16 << 20
 COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64K registers
 COMPUTE_REGS_3 = gl.constexpr(160)  # three consumer warpgroups: 3 x 128 x 160 + 128 x 24 <= 64K
 LOADER_REGS = gl.constexpr(24)
@@ -231,17 +238,29 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
              mask=gl.expand_dims(r0 + rows_o < T, 1))
 
 
-@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
-                T, T_pad, H, GROUP, LEFT, RIGHT,
+                T, T_pad, H, GROUP, LEFT, RIGHT, HEADS,
                 IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # grid (query blocks, B * H) as in flash_attn._fwd_kernel; causal: longest rows first. The programs
-    # start in grid order, so the query blocks of one head run side by side (and can share its K, V in L2)
-    pid_m = gl.program_id(0)
+    # a 1D grid of (query blocks) x (B * H) programs in _tile_order (HEADS heads at a time, L2_GROUP_BYTES);
+    # causal: the longest rows first
+    n_m = gl.cdiv(T, BLOCK_M)
+    pid_m, bh = _tile_order(n_m, HEADS)
     if IS_CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
+        pid_m = n_m - 1 - pid_m
     _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T, T_pad, H,
-                 GROUP, LEFT, RIGHT, pid_m, gl.program_id(1), BLOCK_M, BLOCK_N, STAGES)
+                 GROUP, LEFT, RIGHT, pid_m, bh, BLOCK_M, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _tile_order(n_blocks, HEADS):
+    """(block, head) of this program of a 1D grid of n_blocks x heads: the heads in groups of HEADS, one
+    group after another; within a group block by block, every head of the group at each block."""
+    pid = gl.program_id(0)
+    first = pid // (HEADS * n_blocks) * HEADS  # the group's first head
+    size = gl.minimum(HEADS, gl.num_programs(0) // n_blocks - first)  # the last group can be smaller
+    r = pid - first * n_blocks
+    return r // size, first + r % size
 
 
 @gluon.jit
@@ -492,17 +511,19 @@ def _stat_desc(x, block):
     return TensorDescriptor(x, [x.numel()], [1], [block], _layout((block,), x.dtype))
 
 
-def forward(q, k, v, causal, scale, left, right, T_pad, tile=None):
+def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
-    ring slots); another than FWD_TILES' only in notes/hopper_variants.py."""
+    ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
     bm, bn, stages = tile or FWD_TILES[D]
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
+    group = H // k.shape[2]
+    heads = group * max(1, l2_bytes // (4 * T * D))  # the query heads whose K, V (2 x 2 x T x D bytes) fit
     flash_attn._run(
-        _fwd_kernel, (triton.cdiv(T, bm), B * H),
+        _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
-        T, T_pad, H, H // k.shape[2], left, right, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        T, T_pad, H, group, left, right, heads, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
         **COMPILE_OPTIONS)
     return out, lse
 
