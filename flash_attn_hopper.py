@@ -519,7 +519,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
     group = H // k.shape[2]
-    heads = group * max(1, l2_bytes // (4 * T * D))  # the query heads whose K, V (2 x 2 x T x D bytes) fit
+    heads = min(B * H, group * max(1, l2_bytes // (4 * T * D)))  # the query heads whose K, V (2 x 2 x T x D B) fit
     flash_attn._run(
         _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
