@@ -73,8 +73,9 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
 FWD_TILES = {64: (192, 128, 2), 128: (128, 128, 2)}
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
-# tokens per batch, TFLOP/s portable / these): head dim 64 forward 2k 338 / 300, 4k 360 / 355,
-# 8k 421 / 432, 16k 408 / 461; backward 1k 261 / 228, 2k 299 / 295, 4k 330 / 346
+# tokens per batch, TFLOP/s portable / these, one run of 2026-12-01 before the tile order below): head
+# dim 64 forward 2k 338 / 300, 4k 360 / 355, 8k 421 / 432, 16k 408 / 461; backward 1k 261 / 228,
+# 2k 299 / 295, 4k 330 / 346. Runs differ by up to 10%: the 4k forward is a tie, not yet settled
 MIN_SEQLEN = {("forward", 64): 8192, ("backward", 64): 2048}
 # the order in which the forward's tiles start: heads in groups whose K and V fill this many bytes (the
 # H200's L2 holds 50 MB), within a group the longest query blocks of all its heads first. Head by head

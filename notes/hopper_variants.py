@@ -42,13 +42,26 @@ VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES), l2_bytes: the tile 
     ("order: all heads, longest first", 128, fh.FWD_TILES[128], 1 << 40),
     ("kept d64", 64, fh.FWD_TILES[64], fh.L2_GROUP_BYTES),  # three consumer warpgroups
     ("d64 order: head by head", 64, fh.FWD_TILES[64], 0),
+    ("d64 portable", 64, None, None),  # flash_attn.py's own kernels (autotuned): below MIN_SEQLEN they run
 ]
 
 
+def portable(fn, *args):
+    """fn (flash_attn._forward or _backward) on flash_attn.py's portable kernels."""
+    flash_attn.HOPPER = False
+    try:
+        return fn(*args)
+    finally:
+        flash_attn.HOPPER = True
+
+
 def forward(q, k, v, causal, tile, l2_bytes=fh.L2_GROUP_BYTES):
-    """flash_attn_hopper.forward with a variant's tile and tile order: out, lse (log2 units)."""
+    """flash_attn_hopper.forward with a variant's tile and tile order (tile None: the portable
+    kernels): out, lse (log2 units)."""
     T, D = q.shape[1], q.shape[3]
     left, right = flash_attn._window(causal, None, T, T)
+    if tile is None:
+        return portable(flash_attn._forward, q, k, v, None, causal, D ** -0.5, left, right)
     return fh.forward(q, k, v, causal, D ** -0.5, left, right, flash_attn._lse_len(T), tile=tile, l2_bytes=l2_bytes)
 
 
@@ -73,6 +86,7 @@ BWD_VARIANTS = [  # (name, head dim, tile, l2_bytes: None = the shipped grid, el
     ("bwd 128 order: heads in 16 MB groups", 128, fh.BWD_TILES[128], 16 << 20),
     ("bwd 64", 64, fh.BWD_TILES[64], None),
     ("bwd 64 order: heads in 16 MB groups", 64, fh.BWD_TILES[64], 16 << 20),
+    ("bwd 64 portable", 64, None, None),  # as "d64 portable"
 ]
 
 
@@ -89,9 +103,11 @@ def _ordered_bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc
 
 def backward(do, q, k, v, out, lse, causal, tile, l2_bytes=None):
     """dq, dk, dv by flash_attn_hopper.backward with a variant's tile and tile order (delta by
-    flash_attn's preprocess)."""
+    flash_attn's preprocess; tile None: the portable kernels)."""
     B, T, H, D = q.shape
     left, right = flash_attn._window(causal, None, T, T)
+    if tile is None:
+        return portable(flash_attn._backward, do, q, k, v, out, lse, None, causal, D ** -0.5, left, right)
     delta = torch.empty_like(lse)
     flash_attn._run(flash_attn._bwd_preprocess, (lse.shape[-1] // flash_attn.MAX_BLOCK, B * H), out, do, delta,
                     out.stride(0), out.stride(1), out.stride(2), T, lse.shape[-1], H, HEAD_DIM=D, DIM=D,
@@ -212,13 +228,17 @@ def compile_all():
 
     tiles = {}  # the forward's orders are an argument (l2_bytes) of one compiled kernel per tile
     for name, D, tile, _ in VARIANTS:
-        tiles.setdefault((D, tile), name)
+        if tile is not None:  # not the portable kernels
+            tiles.setdefault((D, tile), name)
     for (D, (bm, bn, stages)), name in tiles.items():
         sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
         compile_one(name, D, (bm, bn, stages), fh._fwd_kernel, sig, dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn,
                                                                            STAGES=stages))
-    for name, D, (bm, bn, stages), l2_bytes in BWD_VARIANTS:
+    for name, D, tile, l2_bytes in BWD_VARIANTS:
+        if tile is None:
+            continue
+        bm, bn, stages = tile
         sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]), "desc_do": desc([bm, D]),
                "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
                "desc_delta": desc([bm], "fp32"), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
