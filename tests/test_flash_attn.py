@@ -903,9 +903,10 @@ VARIANT_SPILLS = {"kept d64": 144, "bwd 128": 104, "bwd 128 order: heads in 16 M
 
 
 def test_hopper_variants_compile_for_sm90():
-    """notes/hopper_variants.py --compile-only: every variant the GPU run measures (tiles, and tile
-    orders built on flash_attn_hopper's programs) compiles for sm_90a, fits in shared memory, keeps
-    its wgmma pipelined, and spills no more than VARIANT_SPILLS says (0 where it says nothing)."""
+    """notes/hopper_variants.py --compile-only: every Gluon kernel the GPU run measures (the forward once
+    per tile, its tile orders being an argument; the backward per tile and order) compiles for sm_90a,
+    fits in shared memory, keeps its wgmma pipelined, and spills no more than VARIANT_SPILLS says (0
+    where it says nothing)."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
