@@ -268,7 +268,7 @@ def _tile_order(n_blocks, HEADS):
 def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                  T, T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (2 or 3), each on its
+    """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (1, 2 or 3), each on its
     own 64 query rows, and the loader warp."""
     b, h = bh // H, bh % H
     m0 = pid_m * BLOCK_M
@@ -301,6 +301,8 @@ def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, str
         gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
                             (_fwd_warpgroup, (2, ) + consumer), (_fwd_loader, loader)],
                            [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
+    elif W == 1:  # a small program, several per SM (notes/hopper_variants.py)
+        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_loader, loader)], [1], [LOADER_REGS])
     else:
         gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
                             (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])

@@ -42,6 +42,13 @@ VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES), l2_bytes: the tile 
     ("order: all heads, longest first", 128, fh.FWD_TILES[128], 1 << 40),
     ("kept d64", 64, fh.FWD_TILES[64], fh.L2_GROUP_BYTES),  # three consumer warpgroups
     ("d64 order: head by head", 64, fh.FWD_TILES[64], 0),
+    # one consumer warpgroup, registers capped at launch (a 4th tile entry, ptxas's maxnreg), so that several
+    # programs share an SM and one's Q load and epilogue overlap another's matmuls (the portable kernels'
+    # 64-row tiles run several per SM too, and match or beat the kernels above at 1-2k)
+    ("one warpgroup 64x64, 2 per SM", 128, (64, 64, 2, 168), fh.L2_GROUP_BYTES),  # 2 x (168 x 160 regs, 80 KB)
+    ("one warpgroup 64x64 3 slots, 2 per SM", 128, (64, 64, 3, 168), fh.L2_GROUP_BYTES),  # 2 x 112 KB
+    ("d64 one warpgroup 64x128, 3 per SM", 64, (64, 128, 2, 136), fh.L2_GROUP_BYTES),  # 3 x (136 x 160, 72 KB)
+    ("d64 one warpgroup 64x64, 4 per SM", 64, (64, 64, 2, 96), fh.L2_GROUP_BYTES),  # 4 x (96 x 160, 40 KB)
     ("d64 portable", 64, None, None),  # flash_attn.py's own kernels (autotuned): below MIN_SEQLEN they run
 ]
 
@@ -62,6 +69,16 @@ def forward(q, k, v, causal, tile, l2_bytes=fh.L2_GROUP_BYTES):
     left, right = flash_attn._window(causal, None, T, T)
     if tile is None:
         return portable(flash_attn._forward, q, k, v, None, causal, D ** -0.5, left, right)
+    if len(tile) == 4:  # registers capped: fh.forward's launch with maxnreg
+        B, H, (bm, bn, stages, maxnreg) = q.shape[0], q.shape[2], tile
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, flash_attn._lse_len(T), device=q.device, dtype=torch.float32)
+        group = H // k.shape[2]
+        flash_attn._run(fh._fwd_kernel, (triton.cdiv(T, bm) * B * H, ), fh._desc(q, 64), fh._desc(k, bn),
+                        fh._desc(v, bn), out, lse, D ** -0.5, out.stride(0), out.stride(1), out.stride(2), T,
+                        lse.shape[-1], H, group, left, right, min(B * H, group * max(1, l2_bytes // (4 * T * D))),
+                        IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, maxnreg=maxnreg, **fh.COMPILE_OPTIONS)
+        return out, lse
     return fh.forward(q, k, v, causal, D ** -0.5, left, right, flash_attn._lse_len(T), tile=tile, l2_bytes=l2_bytes)
 
 
@@ -211,9 +228,10 @@ def compile_all():
     def compile_one(name, D, tile, fn, sig, consts):
         for arg in fn.arg_names:
             sig.setdefault(arg, "constexpr" if arg in consts else "i32")
+        options = dict(fh.COMPILE_OPTIONS, **({"maxnreg": tile[3]} if len(tile) == 4 else {}))
         try:
             k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                               options=fh.COMPILE_OPTIONS)
+                               options=options)
         except Exception as e:  # noqa: BLE001
             print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-300:]}")
             return
@@ -223,18 +241,19 @@ def compile_all():
                              capture_output=True, text=True).stderr
         os.unlink(f.name)
         spill = re.search(r"(\d+) bytes spill stores", log)
-        print(f"{name:14s} D={D:3d} tile {tile}: smem {k.metadata.shared} B, spill stores "
+        regs = re.search(r"Used (\d+) registers", log)  # per thread at launch: bounds the programs per SM
+        print(f"{name:14s} D={D:3d} tile {tile}: {regs.group(1) if regs else '?'} registers, smem {k.metadata.shared} B, spill stores "
               f"{spill.group(1) if spill else '?'} B, {'wgmma serialized' if 'serialized' in log else 'pipelined'}")
 
     tiles = {}  # the forward's orders are an argument (l2_bytes) of one compiled kernel per tile
     for name, D, tile, _ in VARIANTS:
         if tile is not None:  # not the portable kernels
             tiles.setdefault((D, tile), name)
-    for (D, (bm, bn, stages)), name in tiles.items():
+    for (D, tile), name in tiles.items():
+        bm, bn, stages = tile[:3]
         sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
-        compile_one(name, D, (bm, bn, stages), fh._fwd_kernel, sig, dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn,
-                                                                           STAGES=stages))
+        compile_one(name, D, tile, fh._fwd_kernel, sig, dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
     for name, D, tile, l2_bytes in BWD_VARIANTS:
         if tile is None:
             continue
