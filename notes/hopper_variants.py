@@ -4,18 +4,20 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
     python notes/hopper_variants.py [--only forward|backward]  # GPU: correctness, then TFLOP/s against SDPA cuDNN
     python notes/hopper_variants.py --compile-only             # CPU: Triton's sm_90a compile and ptxas -v
 
-A variant is a tile (BLOCK_M, BLOCK_N, STAGES) of the shipped kernels at a head dim (the forward runs
-BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in which the tiles start:
-for the forward flash_attn_hopper.forward's l2_bytes (heads in groups whose K and V fill that many
-bytes), for the backward the same order on its programs (_ordered_bwd_kernel). The variants of a
-shape are timed interleaved, round after round, with SDPA cuDNN among them (median_ms).
+A variant is a tile (BLOCK_M, BLOCK_N, STAGES[, registers per thread]) of the shipped kernels at a head
+dim (the forward runs BLOCK_M // 64 consumer warpgroups, 1 to 3; the backward two) and an order in which
+the tiles start: for the forward flash_attn_hopper.forward's l2_bytes (heads in groups whose K and V
+fill that many bytes), for the backward the same order on its programs (_ordered_bwd_kernel); or the
+portable kernels of flash_attn.py (tile None). The variants of a shape are timed interleaved, round
+after round, with SDPA cuDNN among them (median_ms).
 
 Measured (notes/flash_attn_bench.md): a third or fourth ring slot is within the noise both ways; at
 head dim 64 the forward's 192 x 128 tile (FlashAttention-3's, three warpgroups) beats 128 x 128 and
 192 x 64, and the portable kernels from 8k tokens (the backward from 2k), so both ship from there.
 Persistent programs and the ping-pong schedule lost (0.6-0.9x of the kept forward) and were removed
 after commit 8f667f9; that persistent kernel walked all heads longest first, an order that costs 3-30%
-by itself ("order: all heads, longest first").
+by itself. Heads in 16 MB groups beat head by head by 2-5% at 2-4k and ship; 8 and 32 MB groups were
+within 2% of 16 (removed from the list after that run).
 """
 import argparse
 import os
@@ -34,12 +36,9 @@ import flash_attn_hopper as fh  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
-VARIANTS = [  # (name, head dim, (BLOCK_M, BLOCK_N, STAGES), l2_bytes: the tile order, flash_attn_hopper.forward's)
+VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopper.forward's)
     ("kept", 128, fh.FWD_TILES[128], fh.L2_GROUP_BYTES),
     ("order: head by head", 128, fh.FWD_TILES[128], 0),
-    ("order: heads in 8 MB groups", 128, fh.FWD_TILES[128], 8 << 20),
-    ("order: heads in 32 MB groups", 128, fh.FWD_TILES[128], 32 << 20),
-    ("order: all heads, longest first", 128, fh.FWD_TILES[128], 1 << 40),
     ("kept d64", 64, fh.FWD_TILES[64], fh.L2_GROUP_BYTES),  # three consumer warpgroups
     ("d64 order: head by head", 64, fh.FWD_TILES[64], 0),
     # one consumer warpgroup, registers capped at launch (a 4th tile entry, ptxas's maxnreg), so that several
