@@ -3,7 +3,9 @@
 A checkpoint is a folder out_dir/ckpt_<step>/ of torch.save files plus manifest.json
 (each file's size and sha256). It is written as a hidden temporary folder, every file
 fsynced, then renamed into place: rename is atomic, so a kill -9 at any moment leaves
-either the old set of checkpoints or the new one, never a half-written newest one.
+either the old set of checkpoints or the new one, never a half-written newest one. A checkpoint
+being deleted (the oldest, past keep_checkpoints) is renamed out of the listing first, so none
+is ever listed half-deleted either.
 
 Files (save_training / load_training, for train.py): model.pt (the full, single-process
 state dict and the model config: any layout loads it), optimizer.pt (AdamW's moments keyed
@@ -93,20 +95,44 @@ def commit(out_dir, step, keep_last=3):
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if os.path.exists(final):  # same step saved again (e.g. preempted right after a save)
-        shutil.rmtree(final)
+    replaced = _retire(final) if os.path.exists(final) else None  # same step saved again (e.g. preempted)
     os.rename(tmp, final)
     _fsync_dir(out_dir)
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
     for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_retire(old), ignore_errors=True)
     return final
 
 
+def _retire(path):
+    """Rename a checkpoint out of the listing before deleting it (rmtree removes file after file: a
+    kill -9 in the middle would otherwise leave a listed checkpoint with files missing). The new name
+    is a temporary folder's, which clean_temp handles."""
+    retired = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}.retired")
+    if os.path.exists(retired):  # left by an earlier crash
+        shutil.rmtree(retired)
+    os.rename(path, retired)
+    return retired
+
+
 def clean_temp(out_dir):
-    """Remove temporary folders left by saves that a crash interrupted (call on rank 0 at start)."""
+    """Remove temporary folders left by saves and deletions that a crash interrupted (call on rank 0
+    at start). A retired checkpoint whose step has no checkpoint (a kill between commit's two renames)
+    is renamed back if it is still whole."""
     for n in os.listdir(out_dir):
+        path = os.path.join(out_dir, n)
+        if n.startswith(".tmp_" + PREFIX) and n.endswith(".retired"):
+            final = os.path.join(out_dir, n[len(".tmp_"):-len(".retired")])
+            try:
+                if not os.path.exists(final):
+                    verify(path, check_hash=False)  # rmtree removes whole files: missing ones show it began
+                    os.rename(path, final)
+                    continue
+            except CheckpointError:
+                pass
         if n.startswith(".tmp_" + PREFIX):
-            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def discard(out_dir, step):

@@ -60,6 +60,64 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(data):
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
 
 
+class Killed(BaseException):
+    """Stands for a kill -9 in the middle of commit (nothing after it runs)."""
+
+
+def save_fake(out, step, keep_last=2):
+    checkpoint.write_files(checkpoint.temp_dir(out, step), {"model.pt": {"step": step}, "optimizer.pt": {"x": step}})
+    return checkpoint.commit(out, step, keep_last)
+
+
+def test_kill_while_pruning_never_lists_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """commit deletes the checkpoints past keep_last file by file; a kill in the middle (here: after
+    model.pt) must not leave a listed checkpoint with files missing (CI once saw exactly that in the
+    random kill -9 test above), and the next start (clean_temp) removes the remains."""
+    out = tmp_path / "out"
+    for step in (4, 8):
+        save_fake(out, step)
+
+    def rmtree_killed(path, ignore_errors=False):  # model.pt gone, the manifest still there
+        os.remove(os.path.join(path, "model.pt"))
+        raise Killed
+
+    real_rmtree = checkpoint.shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree_killed)
+    with pytest.raises(Killed):
+        save_fake(out, 12)  # prunes step 4
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    listed = checkpoint.list_checkpoints(out)
+    assert [os.path.basename(p) for p in listed] == ["ckpt_00000008", "ckpt_00000012"]
+    for path in listed:
+        checkpoint.verify(path)
+    checkpoint.clean_temp(out)  # the half-deleted step 4 is not whole: removed, not restored
+    assert sorted(os.listdir(out)) == ["ckpt_00000008", "ckpt_00000012"]
+
+
+def test_kill_between_the_renames_of_a_resave_keeps_the_step(tmp_path, monkeypatch):
+    """Saving a step again (preempted right after its save) retires the old folder, then renames the
+    new one into place. A kill between the two renames leaves neither listed; the next start puts
+    the retired (whole) one back, so the step's checkpoint is not lost."""
+    out = tmp_path / "out"
+    save_fake(out, 4, keep_last=1)
+    real_rename = os.rename
+
+    def rename_killed(src, dst):
+        if os.path.basename(src).startswith(".tmp_") and not src.endswith(".retired") and \
+                not os.path.basename(dst).startswith(".tmp_"):
+            raise Killed  # the new folder's rename into place
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename_killed)
+    with pytest.raises(Killed):
+        save_fake(out, 4, keep_last=1)
+    monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+    assert checkpoint.list_checkpoints(out) == []
+    checkpoint.clean_temp(out)
+    assert sorted(os.listdir(out)) == ["ckpt_00000004"]
+    assert checkpoint.latest(out) == os.path.join(out, "ckpt_00000004")
+
+
 def test_sigterm_under_torchrun_saves_and_resumes(data):
     out = data / "out"
     proc = popen_train(tiny_args(data, max_iters=100000, lr_decay_iters=100000), nproc=2)
