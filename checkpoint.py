@@ -121,18 +121,23 @@ def clean_temp(out_dir):
     at start). A retired checkpoint whose step has no checkpoint (a kill between commit's two renames)
     is renamed back if it is still whole."""
     for n in os.listdir(out_dir):
-        path = os.path.join(out_dir, n)
-        if n.startswith(".tmp_" + PREFIX) and n.endswith(".retired"):
-            final = os.path.join(out_dir, n[len(".tmp_"):-len(".retired")])
-            try:
-                if not os.path.exists(final):
-                    verify(path, check_hash=False)  # rmtree removes whole files: missing ones show it began
-                    os.rename(path, final)
-                    continue
-            except CheckpointError:
-                pass
-        if n.startswith(".tmp_" + PREFIX):
+        if not n.startswith(".tmp_" + PREFIX):
+            continue
+        path, final = os.path.join(out_dir, n), os.path.join(out_dir, n[len(".tmp_"):-len(".retired")])
+        if n.endswith(".retired") and not os.path.exists(final) and _whole(path):
+            os.rename(path, final)
+        else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _whole(path):
+    """Every file of the manifest there, at its size (rmtree removes whole files: a missing one shows
+    that a deletion began)."""
+    try:
+        verify(path, check_hash=False)
+        return True
+    except CheckpointError:
+        return False
 
 
 def discard(out_dir, step):

@@ -516,9 +516,11 @@ def _stat_desc(x, block):
 
 def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
-    ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
+    ring slots[, registers per thread, capped at launch]) and l2_bytes: others than FWD_TILES' and
+    L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
-    bm, bn, stages = tile or FWD_TILES[D]
+    bm, bn, stages, *maxnreg = tile or FWD_TILES[D]
+    options = dict(COMPILE_OPTIONS, maxnreg=maxnreg[0]) if maxnreg else COMPILE_OPTIONS
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
     group = H // k.shape[2]
@@ -527,7 +529,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
         _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
         T, T_pad, H, group, left, right, heads, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        **COMPILE_OPTIONS)
+        **options)
     return out, lse
 
 

@@ -65,22 +65,12 @@ def portable(fn, *args):
 
 
 def forward(q, k, v, causal, tile, l2_bytes=fh.L2_GROUP_BYTES):
-    """flash_attn_hopper.forward with a variant's tile and tile order (tile None: the portable
-    kernels): out, lse (log2 units)."""
+    """flash_attn_hopper.forward with a variant's tile (a 4th entry caps the registers) and tile order
+    (tile None: the portable kernels): out, lse (log2 units)."""
     T, D = q.shape[1], q.shape[3]
     left, right = flash_attn._window(causal, None, T, T)
     if tile is None:
         return portable(flash_attn._forward, q, k, v, None, causal, D ** -0.5, left, right)
-    if len(tile) == 4:  # registers capped: fh.forward's launch with maxnreg
-        B, H, (bm, bn, stages, maxnreg) = q.shape[0], q.shape[2], tile
-        out = torch.empty_like(q)
-        lse = torch.empty(B, H, flash_attn._lse_len(T), device=q.device, dtype=torch.float32)
-        group = H // k.shape[2]
-        flash_attn._run(fh._fwd_kernel, (triton.cdiv(T, bm) * B * H, ), fh._desc(q, 64), fh._desc(k, bn),
-                        fh._desc(v, bn), out, lse, D ** -0.5, out.stride(0), out.stride(1), out.stride(2), T,
-                        lse.shape[-1], H, group, left, right, min(B * H, group * max(1, l2_bytes // (4 * T * D))),
-                        IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, maxnreg=maxnreg, **fh.COMPILE_OPTIONS)
-        return out, lse
     return fh.forward(q, k, v, causal, D ** -0.5, left, right, flash_attn._lse_len(T), tile=tile, l2_bytes=l2_bytes)
 
 
