@@ -73,16 +73,17 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
 FWD_TILES = {64: (192, 128, 2), 128: (128, 128, 2)}
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
-# tokens per batch, TFLOP/s portable / these, one run of 2026-12-01 before the tile order below): head
-# dim 64 forward 2k 338 / 300, 4k 360 / 355, 8k 421 / 432, 16k 408 / 461; backward 1k 261 / 228,
-# 2k 299 / 295, 4k 330 / 346. Runs differ by up to 10%: the 4k forward is a tie, not yet settled
+# tokens per batch, TFLOP/s portable / these, interleaved runs of 2026-12-02): head dim 64 forward
+# 1k 275 / 200, 2k 337 / 308, 4k 378 / 366 (another run 374 / 377: a tie), 8k 405 / 443, 16k 421 / 472;
+# backward 1k 265 / 228, 2k 292 / 302, 4k 324 / 356, 8k 339 / 390
 MIN_SEQLEN = {("forward", 64): 8192, ("backward", 64): 2048}
-# the order in which the forward's tiles start: heads in groups whose K and V fill this many bytes (the
-# H200's L2 holds 50 MB), within a group the longest query blocks of all its heads first. Head by head
-# (flash_attn.py's grid order) the last head's longest causal tiles start last while SMs idle; all heads
-# at once stream every head's K, V through L2. H200, head dim 128, causal, TFLOP/s head by head / these
-# groups (interleaved runs): 2k 432 / 442, 4k 499 / 522, 8k 562 / 569, 16k 607 / 598; 8 and 32 MB are
-# within 2% of 16; all heads at once 0.70-0.97x (notes/flash_attn_bench.md)
+# the order in which the programs start (_tile_order): heads in groups whose streamed tiles (the forward's
+# K and V, the backward's Q and dO) fill this many bytes of the H200's 50 MB L2, within a group the
+# longest blocks of all its heads first. Head by head (flash_attn.py's grid order) the last head's longest
+# causal tiles start last while SMs idle; all heads at once stream every head's tiles through L2. H200,
+# head dim 128, causal, TFLOP/s head by head / these groups (interleaved runs, notes/flash_attn_bench.md):
+# forward 2k 432 / 442, 4k 499 / 522, 8k 562 / 569, 16k 607 / 598 (8 and 32 MB within 2% of 16; all heads
+# at once 0.70-0.97x); backward 2k 375 / 377, 4k 433 / 448, 8k 486 / 494, 16k 524 / 521
 L2_GROUP_BYTES = 16 << 20
 COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64K registers
 COMPUTE_REGS_3 = gl.constexpr(160)  # three consumer warpgroups: 3 x 128 x 160 + 128 x 24 <= 64K
@@ -268,7 +269,7 @@ def _tile_order(n_blocks, HEADS):
 def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                  T, T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (1, 2 or 3), each on its
+    """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (2 or 3), each on its
     own 64 query rows, and the loader warp."""
     b, h = bh // H, bh % H
     m0 = pid_m * BLOCK_M
@@ -301,8 +302,6 @@ def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, str
         gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
                             (_fwd_warpgroup, (2, ) + consumer), (_fwd_loader, loader)],
                            [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
-    elif W == 1:  # a small program, several per SM (notes/hopper_variants.py)
-        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_loader, loader)], [1], [LOADER_REGS])
     else:
         gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
                             (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])
@@ -432,15 +431,15 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     gl.store(dV + base + offs, dv.to(dtype), mask=mask)
 
 
-@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT"])
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
-                stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT,
+                stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # grid (key blocks, B * H_KV) as in flash_attn._bwd_dkdv_kernel; causal: the first key blocks,
-    # which the most query blocks see, start first within each head
+    # a 1D grid of (key blocks) x (B * H_KV) programs in _tile_order (HEADS kv heads at a time); causal:
+    # the first key blocks, which the most query blocks see, are the longest and start first
+    pid_n, bhk = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
     _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale, stride_b,
-                 stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, gl.program_id(0), gl.program_id(1),
-                 BLOCK_M, BLOCK_N, STAGES)
+                 stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -516,11 +515,9 @@ def _stat_desc(x, block):
 
 def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
-    ring slots[, registers per thread, capped at launch]) and l2_bytes: others than FWD_TILES' and
-    L2_GROUP_BYTES only in notes/hopper_variants.py."""
+    ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
-    bm, bn, stages, *maxnreg = tile or FWD_TILES[D]
-    options = dict(COMPILE_OPTIONS, maxnreg=maxnreg[0]) if maxnreg else COMPILE_OPTIONS
+    bm, bn, stages = tile or FWD_TILES[D]
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
     group = H // k.shape[2]
@@ -529,21 +526,24 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
         _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
         T, T_pad, H, group, left, right, heads, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        **options)
+        **COMPILE_OPTIONS)
     return out, lse
 
 
-def backward(do, q, k, v, lse, delta, scale, left, right, tile=None):
+def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
     """dq, dk, dv from either forward's lse and flash_attn's delta = rowsum(dO * O). tile: (query
-    rows, key rows, ring slots); another than BWD_TILES' only in notes/hopper_variants.py."""
+    rows, key rows, ring slots) and l2_bytes: others than BWD_TILES' and L2_GROUP_BYTES only in
+    notes/hopper_variants.py."""
     B, T, H, D = q.shape
+    H_kv = k.shape[2]
     bm, bn, stages = tile or BWD_TILES[D]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)  # sum of TMA reductions
+    heads = min(B * H_kv, max(1, l2_bytes // (4 * T * D * (H // H_kv))))  # kv heads whose Q, dO streams fit
     flash_attn._run(
-        _bwd_kernel, (triton.cdiv(T, bn), B * k.shape[2]),
+        _bwd_kernel, (triton.cdiv(T, bn) * B * H_kv, ),
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), dk, dv, scale, dk.stride(0), dk.stride(1), dk.stride(2),
-        T, lse.shape[-1], k.shape[2], H // k.shape[2], left, right, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        T, lse.shape[-1], H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
         **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

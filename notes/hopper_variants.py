@@ -4,20 +4,21 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
     python notes/hopper_variants.py [--only forward|backward]  # GPU: correctness, then TFLOP/s against SDPA cuDNN
     python notes/hopper_variants.py --compile-only             # CPU: Triton's sm_90a compile and ptxas -v
 
-A variant is a tile (BLOCK_M, BLOCK_N, STAGES[, registers per thread]) of the shipped kernels at a head
-dim (the forward runs BLOCK_M // 64 consumer warpgroups, 1 to 3; the backward two) and an order in which
-the tiles start: for the forward flash_attn_hopper.forward's l2_bytes (heads in groups whose K and V
-fill that many bytes), for the backward the same order on its programs (_ordered_bwd_kernel); or the
-portable kernels of flash_attn.py (tile None). The variants of a shape are timed interleaved, round
-after round, with SDPA cuDNN among them (median_ms).
+A variant is a tile (BLOCK_M, BLOCK_N, STAGES) of the shipped kernels at a head dim (the forward runs
+BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in which the programs start
+(flash_attn_hopper's l2_bytes: heads in groups whose streamed tiles fill that many bytes, 0 for head by
+head); or the portable kernels of flash_attn.py (tile None). The variants of a shape are timed
+interleaved, round after round, with SDPA cuDNN among them (median_ms).
 
 Measured (notes/flash_attn_bench.md): a third or fourth ring slot is within the noise both ways; at
 head dim 64 the forward's 192 x 128 tile (FlashAttention-3's, three warpgroups) beats 128 x 128 and
 192 x 64, and the portable kernels from 8k tokens (the backward from 2k), so both ship from there.
 Persistent programs and the ping-pong schedule lost (0.6-0.9x of the kept forward) and were removed
 after commit 8f667f9; that persistent kernel walked all heads longest first, an order that costs 3-30%
-by itself. Heads in 16 MB groups beat head by head by 2-5% at 2-4k and ship; 8 and 32 MB groups were
-within 2% of 16 (removed from the list after that run).
+by itself. Heads in 16 MB groups beat head by head by 2-5% at 2-4k (forward) and 1-3% (backward), and
+ship; 8 and 32 MB groups were within 2% of 16. Forwards of one consumer warpgroup with registers capped
+(maxnreg) so that 2-4 programs share an SM lost at every length, in one run 0.56-0.70x of cuDNN at head
+dim 128 (kept tiles 0.82-1.06x) and 0.50-0.89x at 64 (0.61-1.09x); removed after commit bd806b1.
 """
 import argparse
 import os
@@ -33,7 +34,6 @@ import triton  # noqa: E402
 
 import flash_attn  # noqa: E402
 import flash_attn_hopper as fh  # noqa: E402
-from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
 VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopper.forward's)
@@ -43,16 +43,6 @@ VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopp
     ("d64 order: head by head", 64, fh.FWD_TILES[64], 0),
     ("d64 portable", 64, None, None),  # flash_attn.py's own kernels (autotuned): below MIN_SEQLEN they run
 ]
-# One consumer warpgroup, registers capped at launch (a 4th tile entry, ptxas's maxnreg), so that several
-# programs share an SM and one's Q load and epilogue overlap another's matmuls (the portable kernels'
-# 64-row tiles run several per SM too, and match or beat the kernels above at 1-2k). Not yet run on a
-# GPU: timed after VARIANTS (a hang ends the run at its timeout without losing VARIANTS' table), against
-# the shipped tiles again
-SMALL_PROGRAMS = [VARIANTS[0], VARIANTS[2], VARIANTS[4],
-                  ("one warpgroup 64x64, 2 per SM", 128, (64, 64, 2, 168), fh.L2_GROUP_BYTES),  # 168 x 160 regs, 80 KB
-                  ("one warpgroup 64x64 3 slots, 2 per SM", 128, (64, 64, 3, 168), fh.L2_GROUP_BYTES),  # 112 KB
-                  ("d64 one warpgroup 64x128, 3 per SM", 64, (64, 128, 2, 136), fh.L2_GROUP_BYTES),  # 136 x 160, 72 KB
-                  ("d64 one warpgroup 64x64, 4 per SM", 64, (64, 64, 2, 96), fh.L2_GROUP_BYTES)]  # 96 x 160, 40 KB
 
 
 def portable(fn, *args):
@@ -65,7 +55,7 @@ def portable(fn, *args):
 
 
 def forward(q, k, v, causal, tile, l2_bytes=fh.L2_GROUP_BYTES):
-    """flash_attn_hopper.forward with a variant's tile (a 4th entry caps the registers) and tile order
+    """flash_attn_hopper.forward with a variant's tile and tile order
     (tile None: the portable kernels): out, lse (log2 units)."""
     T, D = q.shape[1], q.shape[3]
     left, right = flash_attn._window(causal, None, T, T)
@@ -90,24 +80,13 @@ def check(D, tile, l2_bytes):
 
 
 # --------------------------------------------------------------------------- backward
-BWD_VARIANTS = [  # (name, head dim, tile, l2_bytes: None = the shipped grid, else the tile order as in VARIANTS)
-    ("bwd 128", 128, fh.BWD_TILES[128], None),
-    ("bwd 128 order: heads in 16 MB groups", 128, fh.BWD_TILES[128], 16 << 20),
-    ("bwd 64", 64, fh.BWD_TILES[64], None),
-    ("bwd 64 order: heads in 16 MB groups", 64, fh.BWD_TILES[64], 16 << 20),
+BWD_VARIANTS = [  # (name, head dim, tile, l2_bytes) as VARIANTS, flash_attn_hopper.backward's order
+    ("bwd 128", 128, fh.BWD_TILES[128], fh.L2_GROUP_BYTES),
+    ("bwd 128 order: head by head", 128, fh.BWD_TILES[128], 0),
+    ("bwd 64", 64, fh.BWD_TILES[64], fh.L2_GROUP_BYTES),
+    ("bwd 64 order: head by head", 64, fh.BWD_TILES[64], 0),
     ("bwd 64 portable", 64, None, None),  # as "d64 portable"
 ]
-
-
-@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
-def _ordered_bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
-                        stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """flash_attn_hopper._bwd_kernel's programs in the forward's _tile_order (when causal the first key
-    blocks, which the most query blocks see, are the longest: they come first, as in the shipped grid)."""
-    pid_n, bhk = fh._tile_order(gl.cdiv(T, BLOCK_N), HEADS)
-    fh._bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale, stride_b,
-                    stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M, BLOCK_N, STAGES)
 
 
 def backward(do, q, k, v, out, lse, causal, tile, l2_bytes=None):
@@ -121,19 +100,7 @@ def backward(do, q, k, v, out, lse, causal, tile, l2_bytes=None):
     flash_attn._run(flash_attn._bwd_preprocess, (lse.shape[-1] // flash_attn.MAX_BLOCK, B * H), out, do, delta,
                     out.stride(0), out.stride(1), out.stride(2), T, lse.shape[-1], H, HEAD_DIM=D, DIM=D,
                     BLOCK_M=flash_attn.MAX_BLOCK)
-    if l2_bytes is None:
-        return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile)
-    bm, bn, stages = tile
-    H_kv = k.shape[2]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)
-    heads = max(1, l2_bytes // (4 * T * D * (H // H_kv)))  # a kv head's programs read its query heads' Q and dO
-    _ordered_bwd_kernel[(triton.cdiv(T, bn) * B * H_kv, )](
-        fh._desc(q, bm), fh._desc(k, bn), fh._desc(v, bn), fh._desc(do, bm), fh._desc(dq, bm, D // 2),
-        fh._stat_desc(lse, bm), fh._stat_desc(delta, bm), dk, dv, D ** -0.5, dk.stride(0), dk.stride(1),
-        dk.stride(2), T, lse.shape[-1], H_kv, H // H_kv, left, right, heads,
-        BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, **fh.COMPILE_OPTIONS)
-    return dq.to(q.dtype), dk, dv
+    return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile, l2_bytes=l2_bytes)
 
 
 def check_bwd(D, tile, l2_bytes):
@@ -220,10 +187,9 @@ def compile_all():
     def compile_one(name, D, tile, fn, sig, consts):
         for arg in fn.arg_names:
             sig.setdefault(arg, "constexpr" if arg in consts else "i32")
-        options = dict(fh.COMPILE_OPTIONS, **({"maxnreg": tile[3]} if len(tile) == 4 else {}))
         try:
             k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                               options=options)
+                               options=fh.COMPILE_OPTIONS)
         except Exception as e:  # noqa: BLE001
             print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-300:]}")
             return
@@ -238,25 +204,22 @@ def compile_all():
               f"smem {k.metadata.shared} B, spill stores {spill.group(1) if spill else '?'} B, "
               f"{'wgmma serialized' if 'serialized' in log else 'pipelined'}")
 
-    tiles = {}  # the forward's orders are an argument (l2_bytes) of one compiled kernel per tile
-    for name, D, tile, _ in VARIANTS + SMALL_PROGRAMS:
-        if tile is not None:  # not the portable kernels
-            tiles.setdefault((D, tile), name)
-    for (D, tile), name in tiles.items():
-        bm, bn, stages = tile[:3]
-        sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
-               "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
-        compile_one(name, D, tile, fh._fwd_kernel, sig, dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
-    for name, D, tile, l2_bytes in BWD_VARIANTS:
-        if tile is None:
-            continue
-        bm, bn, stages = tile
-        sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]), "desc_do": desc([bm, D]),
-               "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
-               "desc_delta": desc([bm], "fp32"), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
-        compile_one(name, D, (bm, bn, stages), fh._bwd_kernel if l2_bytes is None else _ordered_bwd_kernel, sig,
-                    dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
-
+    for direction, variants in (("forward", VARIANTS), ("backward", BWD_VARIANTS)):
+        tiles = {}  # the orders are an argument (l2_bytes) of one compiled kernel per tile
+        for name, D, tile, _ in variants:
+            if tile is not None:  # not the portable kernels
+                tiles.setdefault((D, tile), name)
+        for (D, (bm, bn, stages)), name in tiles.items():
+            if direction == "forward":
+                sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
+                       "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
+                compile_one(name, D, (bm, bn, stages), fh._fwd_kernel, sig,
+                            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
+            else:
+                sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
+                       "desc_do": desc([bm, D]), "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
+                       "desc_delta": desc([bm], "fp32"), "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
+                compile_one(name, D, (bm, bn, stages), fh._bwd_kernel, sig, dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,4 +235,3 @@ if __name__ == "__main__":
             time_direction("backward", BWD_VARIANTS, check_bwd, args.rounds)
         if args.only != "backward":
             time_direction("forward", VARIANTS, check, args.rounds)
-            time_direction("forward", SMALL_PROGRAMS, check, args.rounds)
