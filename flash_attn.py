@@ -440,6 +440,9 @@ VARIANTS = {"fwd": [{}], "dkdv": [{"ONE_LOOP": False}, {"ONE_LOOP": True}], "dq"
 # per kernel and key, MAX_CONFIGS_SLOW for the slowest compiles (float32: FMA dots; head dim >= 192), and
 # the choices are kept across processes (_tuned).
 MAX_CONFIGS, MAX_CONFIGS_SLOW = 4, 2
+# every launch states FMA contraction (a*b+c in one rounding) rather than taking Triton's default, which
+# 3.9 warns about and 3.10 turns off
+FP_FUSION = {"enable_fp_fusion": True}
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
 HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
 _HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be or once it failed
@@ -573,7 +576,9 @@ def _run(kernel, grid, *args, **kwargs):
     arguments) got on its first call is launched directly from then on (CompiledKernel[grid], all
     arguments in signature order). Exact values in the key: every hit is a launch the JIT would
     compile identically. The current device is part of the key (a compiled kernel is loaded per
-    device); under the interpreter (kernels without Triton's device caches) nothing is kept."""
+    device); under the interpreter (kernels without Triton's device caches) nothing is kept. Every
+    launch gets FP_FUSION."""
+    kwargs = {**FP_FUSION, **kwargs}
     if not hasattr(kernel, "device_caches"):
         return kernel[grid](*args, **kwargs)
     key = (kernel, torch.cuda.current_device(), *map(_launch_key, args), *kwargs.items())
@@ -605,7 +610,7 @@ def _launch(which, T, heads, descs, *args, **meta):
                f"docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
         tile, variant = space[0] if not AUTOTUNE else _tuned().get(key, (None, None))
         if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
-            autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta)
+            autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta, **FP_FUSION)
             _remember(key, autotuned.best_config)
             return
     bm, bn, w, s = tile

@@ -5,8 +5,8 @@ flash_attn.py calls these for CUDA tensors of compute capability 9.x and 16-bit 
 interpreter) takes its portable Triton kernels. Same layout, masks, grouped-query heads and
 log2-unit lse as those kernels, so the algorithm is the one in flash_attn.py's docstring. What
 differs is how the work is scheduled on an SM. On an H200 the portable kernels reach 0.72-0.83x
-(forward) and 0.67-0.74x (backward) of cuDNN at head dim 128 from 4k tokens on, these 0.96-1.07x
-and 0.97-1.01x (README, Benchmarks).
+(forward) and 0.68-0.76x (backward) of cuDNN at head dim 128 from 4k tokens on, these 0.96-1.06x
+and 0.95-1.02x (README, Benchmarks).
 
 Each program runs three kinds of warps at once (gl.warp_specialize), talking through mbarriers:
   - a loader warp issues TMA copies into rings of shared-memory slots: it waits until a slot
@@ -89,9 +89,8 @@ COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x
 COMPUTE_REGS_3 = gl.constexpr(160)  # three consumer warpgroups: 3 x 128 x 160 + 128 x 24 <= 64K
 LOADER_REGS = gl.constexpr(24)
 # 4 warps launched run warp_specialize's first partition (consumer warpgroup 0), which adds the
-# others' warps; FMA contraction stated, not left to the default (Triton 3.9 warns that 3.10
-# turns it off)
-COMPILE_OPTIONS = dict(num_warps=4, enable_fp_fusion=True)
+# others' warps; FMA contraction as in flash_attn's launches
+COMPILE_OPTIONS = dict(num_warps=4, **flash_attn.FP_FUSION)
 LOG2E = flash_attn.LOG2E
 
 # the portable kernels' mask helpers, compiled as Gluon (pure scalar / elementwise code)

@@ -169,7 +169,7 @@ def apply_rope(x, cos, sin):
 
 
 # "auto" takes flash_attn.py from this many keys on at these head dims: where its forward and backward
-# together are at least cuDNN's (README's attention table; head dim 64 stays 2-4% slower there)
+# together are at least cuDNN's (README's attention table; head dim 64 stays 1-4% slower there)
 FLASH_MIN_SEQ = 8192
 FLASH_LONG_HEAD_DIMS = (128,)
 

@@ -60,7 +60,7 @@ def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16"):
     for k in consts:
         sig[k] = "constexpr"
     src = ASTSource(fn, sig, constexprs=consts)
-    opts = {"num_warps": warps, "num_stages": stages}
+    opts = {"num_warps": warps, "num_stages": stages, **flash_attn.FP_FUSION}  # as flash_attn launches
     k = triton.compile(src, target=TARGET, options=opts)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
