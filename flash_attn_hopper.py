@@ -275,6 +275,7 @@ def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, str
     dtype: gl.constexpr = desc_q.dtype
     D: gl.constexpr = desc_k.block_type.shape[1]
     W: gl.constexpr = BLOCK_M // 64
+    gl.static_assert(BLOCK_M == 128 or BLOCK_M == 192, "two or three consumer warpgroups of 64 query rows")
     q_smem = gl.allocate_shared_memory(dtype, [W, 64, D], desc_q.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
