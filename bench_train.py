@@ -2,6 +2,7 @@
 
     python bench_train.py                      # both shapes, every implementation
     python bench_train.py --shapes=134m --steps=30 --impls=ours_compile,hf_compile
+    python bench_train.py --shapes=134m --impls=ours_compile,ours_compile_flash --profile=15  # + kernel times
 
 Each implementation runs the same shapes in one process, one after the other: float32
 master weights, bf16 autocast, fused torch AdamW, random tokens (never zeros). "ours" is
@@ -126,7 +127,17 @@ RATIOS = [("flash / sdpa, --compile=True", "ours_compile_flash", "ours_compile")
           ("doc_mask=True / False, sdpa", "ours_compile_docs", "ours_compile")]
 
 
-def bench(impl, shape_name, steps, warmup):
+def kernel_table(step, x, y, rows):
+    """The `rows` GPU kernels that took the most time in one step (torch.profiler), as a table: where
+    two implementations' steps differ."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(x, y)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows)
+
+
+def bench(impl, shape_name, steps, warmup, profile_rows=0):
     shape, batch, seq = SHAPES[shape_name]
     torch.manual_seed(0)
     model, step = IMPLS[impl](shape, batch, seq)
@@ -147,6 +158,8 @@ def bench(impl, shape_name, steps, warmup):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    if profile_rows:  # after the timed steps: compiled, tuned
+        print(f"{shape_name} {impl}: one step's GPU kernels\n{kernel_table(step, x, y, profile_rows)}")
     del model, step
     gc.collect()
     torch.cuda.empty_cache()
@@ -161,6 +174,8 @@ def main():
                                       "ours_compile_docs,ours_compile_flash_docs")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, print each implementation's ROWS costliest GPU kernels of one step")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     rate, datasheet = measured_matmul_rate(), train.peak_flops(torch.cuda.get_device_name()) or math.nan
@@ -170,7 +185,7 @@ def main():
     for shape_name in args.shapes.split(","):
         for impl in args.impls.split(","):
             try:
-                tok_s, fpt, peak = bench(impl, shape_name, args.steps, args.warmup)
+                tok_s, fpt, peak = bench(impl, shape_name, args.steps, args.warmup, args.profile)
             except Exception as e:  # one failing implementation must not hide the others' numbers
                 print(f"{shape_name} {impl}: failed: {type(e).__name__}: {e}")
                 continue
