@@ -123,11 +123,13 @@ def clean_temp(out_dir):
     for n in os.listdir(out_dir):
         if not n.startswith(".tmp_" + PREFIX):
             continue
-        path, final = os.path.join(out_dir, n), os.path.join(out_dir, n[len(".tmp_"):-len(".retired")])
-        if n.endswith(".retired") and not os.path.exists(final) and _whole(path):
-            os.rename(path, final)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+        path = os.path.join(out_dir, n)
+        if n.endswith(".retired"):
+            final = os.path.join(out_dir, n[len(".tmp_"):-len(".retired")])
+            if not os.path.exists(final) and _whole(path):
+                os.rename(path, final)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _whole(path):

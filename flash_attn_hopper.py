@@ -513,6 +513,12 @@ def _stat_desc(x, block):
     return TensorDescriptor(x, [x.numel()], [1], [block], _layout((block,), x.dtype))
 
 
+def _heads_at_a_time(l2_bytes, unit_bytes, heads, unit=1):
+    """_tile_order's HEADS: as many units of `unit` heads as have their streamed tiles (unit_bytes each)
+    fit in l2_bytes; at least one unit, at most all heads."""
+    return min(heads, unit * max(1, l2_bytes // unit_bytes))
+
+
 def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
     ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
@@ -521,7 +527,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
     group = H // k.shape[2]
-    heads = min(B * H, group * max(1, l2_bytes // (4 * T * D)))  # the query heads whose K, V (2 x 2 x T x D B) fit
+    heads = _heads_at_a_time(l2_bytes, 4 * T * D, B * H, group)  # a kv head's K, V: 2 x 2 x T x D bytes
     flash_attn._run(
         _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
@@ -539,7 +545,7 @@ def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2
     bm, bn, stages = tile or BWD_TILES[D]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)  # sum of TMA reductions
-    heads = min(B * H_kv, max(1, l2_bytes // (4 * T * D * (H // H_kv))))  # kv heads whose Q, dO streams fit
+    heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv)  # a kv head's query heads' Q, dO
     flash_attn._run(
         _bwd_kernel, (triton.cdiv(T, bn) * B * H_kv, ),
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),

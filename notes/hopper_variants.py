@@ -4,6 +4,9 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
     python notes/hopper_variants.py [--only forward|backward]  # GPU: correctness, then TFLOP/s against SDPA cuDNN
     python notes/hopper_variants.py --compile-only             # CPU: Triton's sm_90a compile and ptxas -v
 
+tests/test_flash_attn.py's test_hopper_kernels_compile_for_sm90 runs --compile-only: the shipped tiles are
+the first variants ("kept", "kept d64", "bwd 128", "bwd 64").
+
 A variant is a tile (BLOCK_M, BLOCK_N, STAGES) of the shipped kernels at a head dim (the forward runs
 BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in which the programs start
 (flash_attn_hopper's l2_bytes: heads in groups whose streamed tiles fill that many bytes, 0 for head by
