@@ -127,6 +127,8 @@ def _tma_reduce_add_36(desc, offsets, src, _semantic=None):
 # and added async_atomic_add, the same reduction as _tma_reduce_add_36.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_reduce_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add_36
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+_thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.7 renamed it
 
 
 @triton.constexpr_function
@@ -177,9 +179,11 @@ def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
 
 @gluon.jit
 def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale,
-                   stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks, T, T_pad, LEFT, RIGHT):
+                   stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks, T, T_pad, LEFT, RIGHT, desc_o,
+                   o_row, o_col, TMA_STORE: gl.constexpr):
     """Consumer warpgroup wg: query rows r0 = m0 + 64 wg ... r0 + 63 against the key blocks lo,
-    lo + BLOCK_N, ... (n_blocks of them, in ring slot i % STAGES), then O and lse stored."""
+    lo + BLOCK_N, ... (n_blocks of them, in ring slot i % STAGES), then O and lse stored (TMA_STORE:
+    O through Q's buffer by a TMA store where the 64 rows are this sequence's)."""
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D: gl.constexpr = k_ring.shape[2]
@@ -235,39 +239,52 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
     cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     offs = gl.expand_dims(rows_o * stride_ot, 1) + gl.expand_dims(cols_o, 0)  # 32-bit, from a 64-bit base
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    gl.store(Out + out_base + r0.to(gl.int64) * stride_ot + offs, out.to(dtype),
-             mask=gl.expand_dims(r0 + rows_o < T, 1))
+    if TMA_STORE and r0 + ROWS <= T:  # Q's last reader, S = Q K^T, is done
+        q.store(out.to(dtype))
+        fence_async_shared()
+        _thread_barrier()
+        _tma_store(desc_o, [o_row + r0, o_col], q)
+        tma.store_wait(pendings=0)
+    else:
+        gl.store(Out + out_base + r0.to(gl.int64) * stride_ot + offs, out.to(dtype),
+                 mask=gl.expand_dims(r0 + rows_o < T, 1))
 
 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
-def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
+def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                 T, T_pad, H, GROUP, LEFT, RIGHT, HEADS,
-                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                TMA_STORE: gl.constexpr):
     # a 1D grid of (query blocks) x (B * H) programs in _tile_order (HEADS heads at a time, L2_GROUP_BYTES);
     # causal: the longest rows first
     n_m = gl.cdiv(T, BLOCK_M)
     pid_m, bh = _tile_order(n_m, HEADS)
     if IS_CAUSAL:
         pid_m = n_m - 1 - pid_m
-    _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T, T_pad, H,
-                 GROUP, LEFT, RIGHT, pid_m, bh, BLOCK_M, BLOCK_N, STAGES)
+    _fwd_program(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T,
+                 T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh, BLOCK_M, BLOCK_N, STAGES, TMA_STORE)
 
 
 @gluon.jit
 def _tile_order(n_blocks, HEADS):
     """(block, head) of this program of a 1D grid of n_blocks x heads: the heads in groups of HEADS, one
     group after another; within a group block by block, every head of the group at each block."""
-    pid = gl.program_id(0)
-    first = pid // (HEADS * n_blocks) * HEADS  # the group's first head
-    size = gl.minimum(HEADS, gl.num_programs(0) // n_blocks - first)  # the last group can be smaller
-    r = pid - first * n_blocks
+    return _tile_at(gl.program_id(0), gl.num_programs(0), n_blocks, HEADS)
+
+
+@gluon.jit
+def _tile_at(t, n_tiles, n_blocks, HEADS):
+    """_tile_order's (block, head) of tile t of n_tiles = n_blocks x heads."""
+    first = t // (HEADS * n_blocks) * HEADS  # the group's first head
+    size = gl.minimum(HEADS, n_tiles // n_blocks - first)  # the last group can be smaller
+    r = t - first * n_blocks
     return r // size, first + r % size
 
 
 @gluon.jit
-def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
+def _fwd_program(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                  T, T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
     """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (2 or 3), each on its
     own 64 query rows, and the loader warp."""
     b, h = bh // H, bh % H
@@ -295,7 +312,7 @@ def _fwd_program(desc_q, desc_k, desc_v, Out, Lse, softmax_scale, stride_ob, str
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
     consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,
                 b.to(gl.int64) * stride_ob + h * stride_oh, bh.to(gl.int64) * T_pad, m0, lo, mid_lo, mid_hi,
-                n_blocks, T, T_pad, LEFT, RIGHT)
+                n_blocks, T, T_pad, LEFT, RIGHT, desc_o, b * T, h * D, TMA_STORE)
     loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
               b * T + m0, h * D, b * T, (h // GROUP) * D, lo, n_blocks)
     if W == 3:
@@ -361,9 +378,11 @@ def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROU
 @gluon.jit
 def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
                    q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
-                   n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT):
+                   n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col,
+                   TMA_STORE: gl.constexpr):
     """Consumer warpgroup wg: keys n0 + 64 wg ... + 63 against every query block (tiles are
-    transposed, keys along rows, so dK and dV come out as (keys, D))."""
+    transposed, keys along rows, so dK and dV come out as (keys, D); TMA_STORE: through K's and V's
+    buffers by TMA stores where the 64 keys are this sequence's)."""
     STAGES: gl.constexpr = q_ring.shape[0]
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
@@ -422,30 +441,43 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
         fence_async_shared()
         mbarrier.arrive(dq_full.index(buf), count=1)
     r0 = n0 + wg * KEYS
-    rows = gl.arange(0, KEYS, layout=gl.SliceLayout(1, kv_layout))
-    cols_d = gl.arange(0, D, layout=gl.SliceLayout(0, kv_layout))
-    offs = gl.expand_dims(rows * stride_t, 1) + gl.expand_dims(cols_d, 0)  # 32-bit, from a 64-bit base
-    base = kv_base + r0.to(gl.int64) * stride_t
-    mask = gl.expand_dims(r0 + rows < T, 1)
-    gl.store(dK + base + offs, dk.to(dtype), mask=mask)
-    gl.store(dV + base + offs, dv.to(dtype), mask=mask)
+    if TMA_STORE:
+        mbarrier.arrive(kv_done, count=1)  # both warpgroups' last dQ matmuls, which read all of K, are done
+    if TMA_STORE and r0 + KEYS <= T:
+        v_w.store(dv.to(dtype))
+        mbarrier.wait(kv_done, 0)
+        k_w.store(dk.to(dtype))
+        fence_async_shared()
+        _thread_barrier()
+        _tma_store(desc_dv, [kv_row + r0, kv_col], v_w)
+        _tma_store(desc_dk, [kv_row + r0, kv_col], k_w)
+        tma.store_wait(pendings=0)
+    else:
+        rows = gl.arange(0, KEYS, layout=gl.SliceLayout(1, kv_layout))
+        cols_d = gl.arange(0, D, layout=gl.SliceLayout(0, kv_layout))
+        offs = gl.expand_dims(rows * stride_t, 1) + gl.expand_dims(cols_d, 0)  # 32-bit, from a 64-bit base
+        base = kv_base + r0.to(gl.int64) * stride_t
+        mask = gl.expand_dims(r0 + rows < T, 1)
+        gl.store(dK + base + offs, dk.to(dtype), mask=mask)
+        gl.store(dV + base + offs, dv.to(dtype), mask=mask)
 
 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
-def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
-                stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
+                softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
     # a 1D grid of (key blocks) x (B * H_KV) programs in _tile_order (HEADS kv heads at a time); causal:
     # the first key blocks, which the most query blocks see, are the longest and start first
     pid_n, bhk = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
-    _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale, stride_b,
-                 stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M, BLOCK_N, STAGES)
+    _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
+                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M,
+                 BLOCK_N, STAGES, TMA_STORE)
 
 
 @gluon.jit
-def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, dK, dV, softmax_scale,
-                 stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
+                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
     """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys, the loader warp
     and the dQ writer warp."""
     b, hk = bhk // H_KV, bhk % H_KV
@@ -462,6 +494,7 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
     dq_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M, D // 2], desc_dq.layout)  # [2 buffer + wg]
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -469,6 +502,7 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
+    mbarrier.init(kv_done, count=2)
     for s in gl.static_range(STAGES):
         mbarrier.init(q_full.index(s), count=1)
         mbarrier.init(q_empty.index(s), count=2)  # released by both warpgroups
@@ -483,7 +517,8 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     h0 = hk * GROUP  # grouped-query: the query heads h0 .. h0 + GROUP - 1 share this kv head
     consumer = (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full, q_empty,
                 ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t,
-                b.to(gl.int64) * stride_b + hk * stride_h, n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT)
+                b.to(gl.int64) * stride_b + hk * stride_h, n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT,
+                desc_dk, desc_dv, kv_done, b * T, hk * D, TMA_STORE)
     loader = (desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v_smem, q_ring, do_ring, lse_ring,
               delta_ring, kv_bar, q_full, q_empty, b * T + n0, hk * D, b * T, h0, GROUP, lo, n_q,
               (b * H_KV * GROUP + h0) * T_pad, T_pad)
@@ -519,7 +554,7 @@ def _heads_at_a_time(l2_bytes, unit_bytes, heads, unit=1):
     return min(heads, unit * max(1, l2_bytes // unit_bytes))
 
 
-def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
+def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES, tma_store=False):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
     ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
@@ -530,13 +565,13 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
     heads = _heads_at_a_time(l2_bytes, 4 * T * D, B * H, group)  # a kv head's K, V: 2 x 2 x T x D bytes
     flash_attn._run(
         _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
-        _desc(q, 64), _desc(k, bn), _desc(v, bn), out, lse, scale, out.stride(0), out.stride(1), out.stride(2),
-        T, T_pad, H, group, left, right, heads, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        **COMPILE_OPTIONS)
+        _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, scale, out.stride(0), out.stride(1),
+        out.stride(2), T, T_pad, H, group, left, right, heads, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
+        STAGES=stages, TMA_STORE=tma_store, **COMPILE_OPTIONS)
     return out, lse
 
 
-def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
+def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES, tma_store=False):
     """dq, dk, dv from either forward's lse and flash_attn's delta = rowsum(dO * O). tile: (query
     rows, key rows, ring slots) and l2_bytes: others than BWD_TILES' and L2_GROUP_BYTES only in
     notes/hopper_variants.py."""
@@ -549,7 +584,7 @@ def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2
     flash_attn._run(
         _bwd_kernel, (triton.cdiv(T, bn) * B * H_kv, ),
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
-        _stat_desc(lse, bm), _stat_desc(delta, bm), dk, dv, scale, dk.stride(0), dk.stride(1), dk.stride(2),
-        T, lse.shape[-1], H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        **COMPILE_OPTIONS)
+        _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
+        dk.stride(1), dk.stride(2), T, lse.shape[-1], H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
+        STAGES=stages, TMA_STORE=tma_store, **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

@@ -879,21 +879,21 @@ SHIPPED_SPILLS = {"kept": 0, "kept d64": 144, "bwd 128": 264, "bwd 64": 0}
 
 
 def test_hopper_kernels_compile_for_sm90():
-    """flash_attn_hopper's kernels, shipped tiles and any other tile notes/hopper_variants.py measures
-    (its --compile-only: once per tile and direction, the tile orders being an argument), compile for
-    sm_90a without a GPU (Triton + its bundled ptxas), fit in shared memory, keep their wgmma pipelined
-    (ptxas serializes wgmma when registers run out) and spill no more than SHIPPED_SPILLS says (0 for
-    a tile not shipped). In a subprocess: the interpreter mode of this file cannot compile Gluon."""
+    """flash_attn_hopper's shipped kernels (notes/hopper_variants.py --compile-only with their names: once
+    per tile and direction, the tile orders being an argument) compile for sm_90a without a GPU (Triton +
+    its bundled ptxas), fit in shared memory, keep their wgmma pipelined (ptxas serializes wgmma when
+    registers run out) and spill no more than SHIPPED_SPILLS says. In a subprocess: the interpreter
+    mode of this file cannot compile Gluon."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "notes/hopper_variants.py", "--compile-only"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "notes/hopper_variants.py", "--compile-only", *SHIPPED_SPILLS], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "FAILED" not in run.stdout, (run.stdout[-3000:], run.stderr[-3000:])
     lines = {line.split(" D=")[0].strip(): line for line in run.stdout.strip().splitlines()}
-    assert set(SHIPPED_SPILLS) <= set(lines), lines
+    assert set(lines) == set(SHIPPED_SPILLS), lines
     for name, line in lines.items():
         smem = int(line.split("smem ")[1].split()[0])
         assert smem <= 227 * 1024 and line.endswith("pipelined"), line
         spill = int(line.split("spill stores ")[1].split()[0])
-        assert spill <= SHIPPED_SPILLS.get(name, 0), line
+        assert spill <= SHIPPED_SPILLS[name], line
