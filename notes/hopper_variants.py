@@ -504,12 +504,15 @@ if __name__ == "__main__":
                    help="compile for sm_90a here, no GPU needed: the variants named (default all)")
     p.add_argument("--only", choices=["forward", "backward"], help="time one direction's variants")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, the variants interleaved in each")
+    p.add_argument("--names", nargs="+", metavar="NAME", help="time only these variants (a hang stops just them)")
     args = p.parse_args()
     if args.compile_only is not None:
         compile_all(args.compile_only)
     else:
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-        if args.only != "forward":
-            time_direction("backward", BWD_VARIANTS, check_bwd, args.rounds)
-        if args.only != "backward":
-            time_direction("forward", VARIANTS, check, args.rounds)
+        def chosen(variants):
+            return [v for v in variants if not args.names or v[0] in args.names]
+        if args.only != "forward" and chosen(BWD_VARIANTS):
+            time_direction("backward", chosen(BWD_VARIANTS), check_bwd, args.rounds)
+        if args.only != "backward" and chosen(VARIANTS):
+            time_direction("forward", chosen(VARIANTS), check, args.rounds)
