@@ -16,7 +16,9 @@ Each program runs three kinds of warps at once (gl.warp_specialize), talking thr
     64 rows, so one warpgroup's exp2s run while another's matmuls occupy the tensor cores;
   - backward only: a writer warp adds each dQ tile into global memory by a TMA bulk reduction.
 Forward consumers also overlap within a warpgroup: block i's S = Q K^T and block i-1's
-O += P V are issued together, and the softmax of block i runs while P V still computes.
+O += P V are issued together, and the softmax of block i runs while P V still computes. Results
+leave through shared memory by TMA stores (O through Q's buffer; dK, dV through K's and V's), as
+FlashAttention-3's epilogue does.
 
 Backward (one program per 128 keys, FlashAttention-2's partitioning, all five matmuls once):
 each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
@@ -73,9 +75,9 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
 FWD_TILES = {64: (192, 128, 2), 128: (128, 128, 2)}
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
-# tokens per batch, TFLOP/s portable / these, interleaved runs of 2026-12-02): head dim 64 forward
-# 1k 275 / 200, 2k 337 / 308, 4k 378 / 366 (another run 374 / 377: a tie), 8k 405 / 443, 16k 421 / 472;
-# backward 1k 265 / 228, 2k 292 / 302, 4k 324 / 356, 8k 339 / 390
+# tokens per batch, TFLOP/s portable / these, one interleaved run of 2026-12-02 with the TMA-store
+# epilogues): head dim 64 forward 1k 275 / 208, 2k 334 / 320, 4k 380 / 376, 8k 415 / 445, 16k 432 / 483;
+# backward 1k 254 / 238, 2k 299 / 305, 4k 321 / 351, 8k 340 / 383, 16k 346 / 400
 MIN_SEQLEN = {("forward", 64): 8192, ("backward", 64): 2048}
 # the order in which the programs start (_tile_order): heads in groups whose streamed tiles (the forward's
 # K and V, the backward's Q and dO) fill this many bytes of the H200's 50 MB L2, within a group the
@@ -180,10 +182,10 @@ def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
 @gluon.jit
 def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale,
                    stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks, T, T_pad, LEFT, RIGHT, desc_o,
-                   o_row, o_col, TMA_STORE: gl.constexpr):
+                   o_row, o_col):
     """Consumer warpgroup wg: query rows r0 = m0 + 64 wg ... r0 + 63 against the key blocks lo,
-    lo + BLOCK_N, ... (n_blocks of them, in ring slot i % STAGES), then O and lse stored (TMA_STORE:
-    O through Q's buffer by a TMA store where the 64 rows are this sequence's)."""
+    lo + BLOCK_N, ... (n_blocks of them, in ring slot i % STAGES), then O and lse stored (O through
+    Q's buffer by a TMA store where the 64 rows are this sequence's)."""
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D: gl.constexpr = k_ring.shape[2]
@@ -239,7 +241,10 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
     cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     offs = gl.expand_dims(rows_o * stride_ot, 1) + gl.expand_dims(cols_o, 0)  # 32-bit, from a 64-bit base
     out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    if TMA_STORE and r0 + ROWS <= T:  # Q's last reader, S = Q K^T, is done
+    # FlashAttention-3's epilogue: O into shared memory, one bulk copy out (stores from the wgmma layout,
+    # 4-byte pieces, cost up to 10% of the forward at 1k tokens: notes/flash_attn_bench.md). The 2D
+    # descriptor would write rows past T into the next sequence's: those tiles store as before
+    if r0 + ROWS <= T:  # Q's last reader, S = Q K^T, is done
         q.store(out.to(dtype))
         fence_async_shared()
         _thread_barrier()
@@ -253,8 +258,7 @@ def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                 T, T_pad, H, GROUP, LEFT, RIGHT, HEADS,
-                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                TMA_STORE: gl.constexpr):
+                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     # a 1D grid of (query blocks) x (B * H) programs in _tile_order (HEADS heads at a time, L2_GROUP_BYTES);
     # causal: the longest rows first
     n_m = gl.cdiv(T, BLOCK_M)
@@ -262,7 +266,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_
     if IS_CAUSAL:
         pid_m = n_m - 1 - pid_m
     _fwd_program(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T,
-                 T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh, BLOCK_M, BLOCK_N, STAGES, TMA_STORE)
+                 T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh, BLOCK_M, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -284,7 +288,7 @@ def _tile_at(t, n_tiles, n_blocks, HEADS):
 @gluon.jit
 def _fwd_program(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
                  T, T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (2 or 3), each on its
     own 64 query rows, and the loader warp."""
     b, h = bh // H, bh % H
@@ -312,7 +316,7 @@ def _fwd_program(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride
     n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
     consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,
                 b.to(gl.int64) * stride_ob + h * stride_oh, bh.to(gl.int64) * T_pad, m0, lo, mid_lo, mid_hi,
-                n_blocks, T, T_pad, LEFT, RIGHT, desc_o, b * T, h * D, TMA_STORE)
+                n_blocks, T, T_pad, LEFT, RIGHT, desc_o, b * T, h * D)
     loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
               b * T + m0, h * D, b * T, (h // GROUP) * D, lo, n_blocks)
     if W == 3:
@@ -378,11 +382,10 @@ def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROU
 @gluon.jit
 def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
                    q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
-                   n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col,
-                   TMA_STORE: gl.constexpr):
+                   n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col):
     """Consumer warpgroup wg: keys n0 + 64 wg ... + 63 against every query block (tiles are
-    transposed, keys along rows, so dK and dV come out as (keys, D); TMA_STORE: through K's and V's
-    buffers by TMA stores where the 64 keys are this sequence's)."""
+    transposed, keys along rows, so dK and dV come out as (keys, D), through K's and V's buffers by
+    TMA stores where the 64 keys are this sequence's, as the forward's O)."""
     STAGES: gl.constexpr = q_ring.shape[0]
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
@@ -441,11 +444,10 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
         fence_async_shared()
         mbarrier.arrive(dq_full.index(buf), count=1)
     r0 = n0 + wg * KEYS
-    if TMA_STORE:
-        mbarrier.arrive(kv_done, count=1)  # both warpgroups' last dQ matmuls, which read all of K, are done
-    if TMA_STORE and r0 + KEYS <= T:
-        v_w.store(dv.to(dtype))
-        mbarrier.wait(kv_done, 0)
+    mbarrier.arrive(kv_done, count=1)
+    if r0 + KEYS <= T:  # (the backward is 1-10% faster so at head dim 128: notes/flash_attn_bench.md)
+        v_w.store(dv.to(dtype))  # only this warpgroup read these rows of V
+        mbarrier.wait(kv_done, 0)  # both warpgroups' last dQ matmuls, which read every row of K, are done
         k_w.store(dk.to(dtype))
         fence_async_shared()
         _thread_barrier()
@@ -465,19 +467,19 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     # a 1D grid of (key blocks) x (B * H_KV) programs in _tile_order (HEADS kv heads at a time); causal:
     # the first key blocks, which the most query blocks see, are the longest and start first
     pid_n, bhk = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
     _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M,
-                 BLOCK_N, STAGES, TMA_STORE)
+                 BLOCK_N, STAGES)
 
 
 @gluon.jit
 def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys, the loader warp
     and the dQ writer warp."""
     b, hk = bhk // H_KV, bhk % H_KV
@@ -518,7 +520,7 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     consumer = (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full, q_empty,
                 ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t,
                 b.to(gl.int64) * stride_b + hk * stride_h, n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT,
-                desc_dk, desc_dv, kv_done, b * T, hk * D, TMA_STORE)
+                desc_dk, desc_dv, kv_done, b * T, hk * D)
     loader = (desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v_smem, q_ring, do_ring, lse_ring,
               delta_ring, kv_bar, q_full, q_empty, b * T + n0, hk * D, b * T, h0, GROUP, lo, n_q,
               (b * H_KV * GROUP + h0) * T_pad, T_pad)
@@ -554,7 +556,7 @@ def _heads_at_a_time(l2_bytes, unit_bytes, heads, unit=1):
     return min(heads, unit * max(1, l2_bytes // unit_bytes))
 
 
-def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES, tma_store=False):
+def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
     ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
@@ -567,11 +569,11 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
         _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, scale, out.stride(0), out.stride(1),
         out.stride(2), T, T_pad, H, group, left, right, heads, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, TMA_STORE=tma_store, **COMPILE_OPTIONS)
+        STAGES=stages, **COMPILE_OPTIONS)
     return out, lse
 
 
-def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES, tma_store=False):
+def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
     """dq, dk, dv from either forward's lse and flash_attn's delta = rowsum(dO * O). tile: (query
     rows, key rows, ring slots) and l2_bytes: others than BWD_TILES' and L2_GROUP_BYTES only in
     notes/hopper_variants.py."""
@@ -586,5 +588,5 @@ def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
         dk.stride(1), dk.stride(2), T, lse.shape[-1], H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, TMA_STORE=tma_store, **COMPILE_OPTIONS)
+        STAGES=stages, **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

@@ -22,6 +22,11 @@ by itself. Heads in 16 MB groups beat head by head by 2-5% at 2-4k (forward) and
 ship; 8 and 32 MB groups were within 2% of 16. Forwards of one consumer warpgroup with registers capped
 (maxnreg) so that 2-4 programs share an SM lost at every length, in one run 0.56-0.70x of cuDNN at head
 dim 128 (kept tiles 0.82-1.06x) and 0.50-0.89x at 64 (0.61-1.09x); removed after commit bd806b1.
+Storing O (forward) and dK, dV (backward) by TMA from shared memory, FlashAttention-3's epilogue, beat
+plain stores by up to 10% (most at 1-2k) and ships. A persistent forward with a fixed stride over the
+tiles lost even in the kept order (0.85-0.90x of cuDNN with the TMA store); with FlashAttention-3's
+atomic tile counter (_persistent_fwd_kernel) it beat the kept forward at every length: 0.98-1.11x of
+cuDNN at head dim 128, and at head dim 64 the portable kernels below 8k with a 128 x 128 tile.
 """
 import argparse
 import os
@@ -42,19 +47,13 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,  # noqa: E402
                                                              warpgroup_mma, warpgroup_mma_wait)
 
-_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # renamed in Triton 3.8
-
 VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopper.forward's)
     ("kept", 128, fh.FWD_TILES[128], fh.L2_GROUP_BYTES),
-    ("tma store", 128, fh.FWD_TILES[128] + ("tma store", ), fh.L2_GROUP_BYTES),  # O out by TMA (TMA_STORE)
     ("kept d64", 64, fh.FWD_TILES[64], fh.L2_GROUP_BYTES),  # three consumer warpgroups
-    ("d64 tma store", 64, fh.FWD_TILES[64] + ("tma store", ), fh.L2_GROUP_BYTES),
-    ("d64 128x128 tma store", 64, (128, 128, 2, "tma store"), fh.L2_GROUP_BYTES),
+    ("d64 128x128", 64, (128, 128, 2), fh.L2_GROUP_BYTES),
     ("d64 portable", 64, None, None),  # flash_attn.py's own kernels (autotuned): below MIN_SEQLEN they run
-    # persistent programs walking the kept order (_persistent_fwd_kernel); last: a hang ends the run here
-    ("persistent", 128, fh.FWD_TILES[128] + ("persistent", ), fh.L2_GROUP_BYTES),
-    ("d64 persistent 128x128", 64, (128, 128, 2, "persistent"), fh.L2_GROUP_BYTES),
-    ("d64 persistent", 64, fh.FWD_TILES[64] + ("persistent", ), fh.L2_GROUP_BYTES),
+    # persistent programs taking tiles of the kept order from a counter (_persistent_fwd_kernel); last: a
+    # hang ends the run here
     ("dynamic", 128, fh.FWD_TILES[128] + ("dynamic", ), fh.L2_GROUP_BYTES),
     ("d64 dynamic 128x128", 64, (128, 128, 2, "dynamic"), fh.L2_GROUP_BYTES),
     ("d64 dynamic", 64, fh.FWD_TILES[64] + ("dynamic", ), fh.L2_GROUP_BYTES),
@@ -62,13 +61,14 @@ VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopp
 
 
 # --------------------------------------------------------------------------- persistent forward
-# min(#SMs, #tiles) programs; program p runs tiles p, p + #programs, ... of _tile_order's sequence
-# (heads in L2-sized groups, longest query blocks first), so the programs in flight at any time share
-# one group's K and V as the kept grid's do. The loader refills a consumer's Q buffer as soon as that
-# consumer's last S = Q K^T of a tile is done, and the K/V rings run on across tiles: the next tile's
-# loads overlap this tile's last P V and epilogue, the fixed cost per tile that short sequences (at
-# most 8 key blocks per tile at 1k) do not hide. The persistent kernel of commit 8f667f9 walked all
-# heads of the last query block first, an order that costs 3-30% by itself (notes/flash_attn_bench.md).
+# min(#SMs, #tiles) programs. Program p starts with tile p of _tile_order's sequence (heads in L2-sized
+# groups, longest query blocks first) and then takes the next tile of that sequence from an atomic
+# counter (FlashAttention-3's scheduler, arXiv 2407.08608), as the hardware starts the kept grid's
+# programs: the tiles in flight stay together and share one group's K and V. (A fixed stride, tiles p,
+# p + #programs, ..., let the programs drift apart: 0.85-0.90x of cuDNN.) The loader refills a
+# consumer's Q buffer as soon as that consumer's last S = Q K^T of a tile is done, and the K/V rings
+# run on across tiles: the next tile's loads overlap this tile's last P V and epilogue, the fixed cost
+# per tile that short sequences (at most 8 key blocks per tile at 1k) do not hide otherwise.
 @gluon.jit
 def _persistent_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT, IS_CAUSAL: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -83,7 +83,7 @@ def _persistent_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT, IS_CAUSAL: gl.co
 
 @gluon.jit
 def _publish_tile(tile_smem, tile_full, tile_empty, j, t):
-    """Loader: tile t is the program's j-th (DYNAMIC); two slots, each free once every consumer read it."""
+    """Loader: tile t is the program's j-th; two slots, each free once every consumer has read it."""
     s = j % 2
     mbarrier.wait(tile_empty.index(s), ((j // 2) & 1) ^ 1)
     tile_smem.index(s).store(gl.full([1], t, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
@@ -103,9 +103,9 @@ def _read_tile(tile_smem, tile_full, tile_empty, j):
 @gluon.jit
 def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty,
                        v_empty, tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m,
-                       n_tiles, IS_CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
-    """DYNAMIC: each next tile from an atomic counter (FlashAttention-3's scheduler), handed to the
-    consumers through shared memory; else tiles pid, pid + #programs, ..."""
+                       n_tiles, IS_CAUSAL: gl.constexpr):
+    """The first tile is the program's id; each next one comes from the counter and goes to the
+    consumers through shared memory (_publish_tile), n_tiles or more meaning the end."""
     W: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     STAGES: gl.constexpr = k_ring.shape[0]
@@ -115,8 +115,7 @@ def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q
     j = 0  # tiles done
     t = gl.program_id(0)
     while t < n_tiles:
-        if DYNAMIC:
-            _publish_tile(tile_smem, tile_full, tile_empty, j, t)
+        _publish_tile(tile_smem, tile_full, tile_empty, j, t)
         b, h, bh, m0, lo, mid_lo, mid_hi, n_blocks = _persistent_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT,
                                                                       IS_CAUSAL, W * ROWS, BLOCK_N)
         for w in gl.static_range(W):  # consumer w is done with the last tile's Q
@@ -136,24 +135,20 @@ def _persistent_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q
             fh._tma_load(desc_v, [row, (h // GROUP) * D], v_full.index(s), v_ring.index(s))
         it += n_blocks
         j += 1
-        if DYNAMIC:
-            t = gl.num_programs(0) + gl.atomic_add(Counter, 1)
-        else:
-            t += gl.num_programs(0)
-    if DYNAMIC:
-        _publish_tile(tile_smem, tile_full, tile_empty, j, t)  # the end
+        t = gl.num_programs(0) + gl.atomic_add(Counter, 1)
+    _publish_tile(tile_smem, tile_full, tile_empty, j, t)  # the end
 
 
 @gluon.jit
 def _persistent_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, o_smem,
                           desc_o, tile_smem, tile_full, tile_empty, Out, Lse, softmax_scale, T, T_pad, H, LEFT, RIGHT,
-                          HEADS, n_m, n_tiles, IS_CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
+                          HEADS, n_m, n_tiles, IS_CAUSAL: gl.constexpr):
     """flash_attn_hopper._fwd_warpgroup per tile, its ring slots counted on from earlier tiles. Out is
     contiguous (B, T, H, D): few values live across the tile loop. O goes out through shared memory
     by an asynchronous TMA store (FlashAttention-3's epilogue), so the consumer starts the next tile
     without waiting for its global stores; a tile reaching past T stores with plain stores (the 2D
-    descriptor would write those rows into the next sequence's). Without the TMA store (this session's
-    first run): 0.69-0.89x of cuDNN, 8-26% below this."""
+    descriptor would write those rows into the next sequence's). Unlike the kept kernel it cannot put O
+    in Q's buffer, which the loader is refilling: o_smem, one (64, D) tile per consumer."""
     W: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     STAGES: gl.constexpr = k_ring.shape[0]
@@ -167,10 +162,7 @@ def _persistent_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v
     qk_scale = softmax_scale * fh.LOG2E
     it = 0
     j = 0
-    if DYNAMIC:
-        t = _read_tile(tile_smem, tile_full, tile_empty, 0)
-    else:
-        t = gl.program_id(0)
+    t = _read_tile(tile_smem, tile_full, tile_empty, 0)
     while t < n_tiles:
         b, h, bh, m0, lo, mid_lo, mid_hi, n_blocks = _persistent_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT,
                                                                       IS_CAUSAL, W * ROWS, BLOCK_N)
@@ -230,23 +222,20 @@ def _persistent_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v
             o_smem.index(wg).store(out.to(dtype))
             fence_async_shared()
             fh._thread_barrier()
-            _tma_store(desc_o, [b * T + r0, h * D], o_smem.index(wg))
+            fh._tma_store(desc_o, [b * T + r0, h * D], o_smem.index(wg))
         else:
             base = (b * T + r0).to(gl.int64) * (H * D) + h * D
             gl.store(Out + base + offs, out.to(dtype), mask=gl.expand_dims(r0 + rows_o < T, 1))
         it += n_blocks
         j += 1
-        if DYNAMIC:
-            t = _read_tile(tile_smem, tile_full, tile_empty, j)
-        else:
-            t += gl.num_programs(0)
+        t = _read_tile(tile_smem, tile_full, tile_empty, j)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS", "n_m", "n_tiles"])
 def _persistent_fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale, T, T_pad, H, GROUP, LEFT,
                            RIGHT, HEADS, n_m, n_tiles, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     D: gl.constexpr = desc_k.block_type.shape[1]
     W: gl.constexpr = BLOCK_M // 64
@@ -276,10 +265,9 @@ def _persistent_fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, so
         mbarrier.init(v_empty.index(s), count=W)
     consumer = (q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, o_smem, desc_o, tile_smem,
                 tile_full, tile_empty, Out, Lse, softmax_scale, T, T_pad, H, LEFT, RIGHT, HEADS, n_m, n_tiles,
-                IS_CAUSAL, DYNAMIC)
+                IS_CAUSAL)
     loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
-              tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles, IS_CAUSAL,
-              DYNAMIC)
+              tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles, IS_CAUSAL)
     if W == 3:
         gl.warp_specialize([(_persistent_warpgroup, (0, ) + consumer), (_persistent_warpgroup, (1, ) + consumer),
                             (_persistent_warpgroup, (2, ) + consumer), (_persistent_loader, loader)],
@@ -300,11 +288,10 @@ def persistent_forward(q, k, v, causal, tile, l2_bytes):
     heads = fh._heads_at_a_time(l2_bytes, 4 * T * D, B * H, group)
     n_m = triton.cdiv(T, bm)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    counter = torch.zeros(1, device=q.device, dtype=torch.int32)  # DYNAMIC: tiles handed out after the first
+    counter = torch.zeros(1, device=q.device, dtype=torch.int32)  # tiles handed out after each program's first
     flash_attn._run(_persistent_fwd_kernel, (min(sms, n_m * B * H), ), fh._desc(q, 64), fh._desc(k, bn),
                     fh._desc(v, bn), fh._desc(out, 64), out, lse, counter, D ** -0.5, T, lse.shape[-1], H, group,
-                    left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DYNAMIC=kind == "dynamic",
-                    **fh.COMPILE_OPTIONS)
+                    left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, **fh.COMPILE_OPTIONS)
     return out, lse
 
 
@@ -324,10 +311,9 @@ def forward(q, k, v, causal, tile, l2_bytes=fh.L2_GROUP_BYTES):
     left, right = flash_attn._window(causal, None, T, T)
     if tile is None:
         return portable(flash_attn._forward, q, k, v, None, causal, D ** -0.5, left, right)
-    if tile[3:] in (("persistent", ), ("dynamic", )):
+    if tile[3:] == ("dynamic", ):
         return persistent_forward(q, k, v, causal, tile, l2_bytes)
-    return fh.forward(q, k, v, causal, D ** -0.5, left, right, flash_attn._lse_len(T), tile=tile[:3], l2_bytes=l2_bytes,
-                      tma_store=tile[3:] == ("tma store", ))
+    return fh.forward(q, k, v, causal, D ** -0.5, left, right, flash_attn._lse_len(T), tile=tile, l2_bytes=l2_bytes)
 
 
 def check(D, tile, l2_bytes):
@@ -348,9 +334,7 @@ def check(D, tile, l2_bytes):
 # --------------------------------------------------------------------------- backward
 BWD_VARIANTS = [  # (name, head dim, tile, l2_bytes) as VARIANTS, flash_attn_hopper.backward's order
     ("bwd 128", 128, fh.BWD_TILES[128], fh.L2_GROUP_BYTES),
-    ("bwd 128 tma store", 128, fh.BWD_TILES[128] + ("tma store", ), fh.L2_GROUP_BYTES),  # dK, dV out by TMA
     ("bwd 64", 64, fh.BWD_TILES[64], fh.L2_GROUP_BYTES),
-    ("bwd 64 tma store", 64, fh.BWD_TILES[64] + ("tma store", ), fh.L2_GROUP_BYTES),
     ("bwd 64 portable", 64, None, None),  # as "d64 portable"
 ]
 
@@ -366,8 +350,7 @@ def backward(do, q, k, v, out, lse, causal, tile, l2_bytes=None):
     flash_attn._run(flash_attn._bwd_preprocess, (lse.shape[-1] // flash_attn.MAX_BLOCK, B * H), out, do, delta,
                     out.stride(0), out.stride(1), out.stride(2), T, lse.shape[-1], H, HEAD_DIM=D, DIM=D,
                     BLOCK_M=flash_attn.MAX_BLOCK)
-    return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile[:3], l2_bytes=l2_bytes,
-                       tma_store=tile[3:] == ("tma store", ))
+    return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile, l2_bytes=l2_bytes)
 
 
 def check_bwd(D, tile, l2_bytes):
@@ -481,13 +464,10 @@ def compile_all(names):
             if direction == "forward":
                 sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                        "desc_o": desc([64, D]), "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
-                persistent = kind in (["persistent"], ["dynamic"])
+                persistent = kind == ["dynamic"]
                 consts = dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
                 if persistent:
-                    consts["DYNAMIC"] = kind == ["dynamic"]
                     sig["Counter"] = "*i32"
-                else:
-                    consts["TMA_STORE"] = kind == ["tma store"]
                 compile_one(name, D, (bm, bn, stages, *kind), _persistent_fwd_kernel if persistent else fh._fwd_kernel,
                             sig, consts)
             else:
@@ -496,7 +476,7 @@ def compile_all(names):
                        "desc_delta": desc([bm], "fp32"), "desc_dk": desc([64, D]), "desc_dv": desc([64, D]),
                        "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
                 compile_one(name, D, (bm, bn, stages, *kind), fh._bwd_kernel, sig,
-                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, TMA_STORE=kind == ["tma store"]))
+                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
