@@ -291,7 +291,8 @@ def persistent_forward(q, k, v, causal, tile, l2_bytes):
     counter = torch.zeros(1, device=q.device, dtype=torch.int32)  # tiles handed out after each program's first
     flash_attn._run(_persistent_fwd_kernel, (min(sms, n_m * B * H), ), fh._desc(q, 64), fh._desc(k, bn),
                     fh._desc(v, bn), fh._desc(out, 64), out, lse, counter, D ** -0.5, T, lse.shape[-1], H, group,
-                    left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, **fh.COMPILE_OPTIONS)
+                    left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+                    **fh.COMPILE_OPTIONS)
     return out, lse
 
 
