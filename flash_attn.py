@@ -54,7 +54,7 @@ nothing on the launch path synchronizes, so CUDA graphs capture it. Without
 Triton installed the module still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU (bf16/fp16), flash_attn_hopper.py runs instead at head dim 128, and at head dim
-64 on long sequences (flash_attn_hopper.MIN_SEQLEN): the same algorithm, masks and lse,
+64 from the lengths in flash_attn_hopper.MIN_SEQLEN: the same algorithm, masks and lse,
 scheduled as FlashAttention-3 does (a loader warp, consumer warpgroups, the five backward
 matmuls in one kernel). These kernels stay the portable path: every other GPU, head dim and
 dtype, shorter sequences, documents, Tq != Tk, and the interpreter on CPUs.

@@ -4,9 +4,7 @@ flash_attn.py calls these for CUDA tensors of compute capability 9.x and 16-bit 
 128, and at head dim 64 from the sequence lengths in MIN_SEQLEN; everything else (and the CPU
 interpreter) takes its portable Triton kernels. Same layout, masks, grouped-query heads and
 log2-unit lse as those kernels, so the algorithm is the one in flash_attn.py's docstring. What
-differs is how the work is scheduled on an SM. On an H200 the portable kernels reach 0.72-0.83x
-(forward) and 0.68-0.76x (backward) of cuDNN at head dim 128 from 4k tokens on, these 0.96-1.06x
-and 0.95-1.02x (README, Benchmarks).
+differs is how the work is scheduled on an SM (README, Benchmarks: the speeds against cuDNN).
 
 Each program runs three kinds of warps at once (gl.warp_specialize), talking through mbarriers:
   - a loader warp issues TMA copies into rings of shared-memory slots: it waits until a slot
@@ -17,8 +15,11 @@ Each program runs three kinds of warps at once (gl.warp_specialize), talking thr
   - backward only: a writer warp adds each dQ tile into global memory by a TMA bulk reduction.
 Forward consumers also overlap within a warpgroup: block i's S = Q K^T and block i-1's
 O += P V are issued together, and the softmax of block i runs while P V still computes. Results
-leave through shared memory by TMA stores (O through Q's buffer; dK, dV through K's and V's), as
-FlashAttention-3's epilogue does.
+leave through shared memory by TMA stores (O through a buffer of its own; dK, dV through K's and
+V's), as FlashAttention-3's epilogue does.
+
+Forward: persistent programs, one per SM, each taking query tiles (128 or 192 rows of one head) from
+an atomic counter in a fixed order, so the next tile's loads overlap this one's epilogue.
 
 Backward (one program per 128 keys, FlashAttention-2's partitioning, all five matmuls once):
 each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
@@ -71,14 +72,17 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
                       f"flash_attn_hopper is tested with Triton {TESTED_TRITON}")
 
 # (query rows, key rows, ring slots) per head dim. Forward: BLOCK_M // 64 consumer warpgroups of 64
-# query rows (head dim 64: three, FlashAttention-3's tile); backward: two warpgroups of 64 keys
-FWD_TILES = {64: (192, 128, 2), 128: (128, 128, 2)}
+# query rows; at head dim 64 from FWD_LONG_SEQLEN tokens three (FlashAttention-3's tile. H200, causal,
+# TFLOP/s 192 x 128 / 128 x 128: 1k 223 / 289, 4k 388 / 404, 8k 458 / 436, 16k 491 / 450);
+# backward: two warpgroups of 64 keys
+FWD_TILES = {64: (128, 128, 2), 128: (128, 128, 2)}
+FWD_TILES_LONG = {64: (192, 128, 2)}
+FWD_LONG_SEQLEN = 8192
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
-# tokens per batch, TFLOP/s portable / these, one interleaved run of 2026-12-02 with the TMA-store
-# epilogues): head dim 64 forward 1k 275 / 208, 2k 334 / 320, 4k 380 / 376, 8k 415 / 445, 16k 432 / 483;
-# backward 1k 254 / 238, 2k 299 / 305, 4k 321 / 351, 8k 340 / 383, 16k 346 / 400
-MIN_SEQLEN = {("forward", 64): 8192, ("backward", 64): 2048}
+# tokens per batch, TFLOP/s portable / these, notes/flash_attn_bench.md 2026-12-02): head dim 64
+# forward 1k 274 / 289, 2k 333 / 362; backward 1k 254 / 238, 2k 299 / 305, 4k 321 / 351
+MIN_SEQLEN = {("forward", 64): 1024, ("backward", 64): 2048}
 # the order in which the programs start (_tile_order): heads in groups whose streamed tiles (the forward's
 # K and V, the backward's Q and dO) fill this many bytes of the H200's 50 MB L2, within a group the
 # longest blocks of all its heads first. Head by head (flash_attn.py's grid order) the last head's longest
@@ -140,27 +144,83 @@ def _mma_layout(N):
 
 
 # --------------------------------------------------------------------------- forward
+# Persistent programs, min(#SMs, #tiles) of them: program p starts with tile p of _tile_at's sequence
+# (heads in L2-sized groups, longest query blocks first) and then takes the next tile of that sequence
+# from an atomic counter (FlashAttention-3's scheduler, arXiv 2407.08608), as the hardware would start
+# the programs of a grid: the tiles in flight stay together and share one group's K and V. (A fixed
+# stride, tiles p, p + #programs, ..., let the programs drift apart: 0.85-0.90x of cuDNN; one program
+# per tile paid each tile's fill and drain: notes/flash_attn_bench.md.) The loader refills a consumer's
+# Q buffer as soon as that consumer's last S = Q K^T of a tile is done, and the K/V rings run on across
+# tiles, so the next tile's loads overlap this tile's last P V and epilogue.
 @gluon.jit
-def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
-                q_row, q_col, kv_row, kv_col, lo, n_blocks):
-    """Loader warp: each consumer's 64 query rows once (completing its q_bars barrier), then K_i,
-    V_i into slot i % STAGES of their rings, each once the slot is released."""
+def _fwd_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT, IS_CAUSAL: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile t's batch, head, (batch, head) index, first query row and key blocks (lo, mid_lo, mid_hi, count)."""
+    m, bh = _tile_at(t, n_tiles, n_m, HEADS)
+    if IS_CAUSAL:  # the longest rows first
+        m = n_m - 1 - m
+    m0 = m * BLOCK_M
+    lo, mid_lo, mid_hi, hi = _block_range(m0, T, T, LEFT, RIGHT, None, 0, BLOCK_M, BLOCK_N, False)  # no documents
+    return bh // H, bh % H, bh, m0, lo, mid_lo, mid_hi, gl.cdiv(hi - lo, BLOCK_N)  # >= 1 block: row m0 sees key m0
+
+
+@gluon.jit
+def _publish_tile(tile_smem, tile_full, tile_empty, j, t):
+    """Loader: t is the program's j-th tile; two slots, each free again once every consumer has read it."""
+    s = j % 2
+    mbarrier.wait(tile_empty.index(s), ((j // 2) & 1) ^ 1)
+    tile_smem.index(s).store(gl.full([1], t, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
+    mbarrier.arrive(tile_full.index(s), count=1)
+
+
+@gluon.jit
+def _read_tile(tile_smem, tile_full, tile_empty, j):
+    """Consumer: the program's j-th tile, as the loader published it."""
+    s = j % 2
+    mbarrier.wait(tile_full.index(s), (j // 2) & 1)
+    t = gl.max(tile_smem.index(s).load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
+    mbarrier.arrive(tile_empty.index(s), count=1)
+    return t
+
+
+@gluon.jit
+def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
+                tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles,
+                IS_CAUSAL: gl.constexpr):
+    """Loader warp, per tile: the tile's number to the consumers (_publish_tile; n_tiles or more is the
+    end), each consumer's 64 query rows once its Q buffer is free, then K_i, V_i into slot c % STAGES of
+    their rings (c counts the program's key blocks over all its tiles), each once the slot is released."""
+    W: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[1]
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
-    W: gl.constexpr = q_smem.shape[0]
-    for w in gl.static_range(W):
-        mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
-        _tma_load(desc_q, [q_row + w * q_smem.shape[1], q_col], q_bars.index(w), q_smem.index(w))
-    for i in range(n_blocks):
-        s = i % STAGES
-        released = ((i // STAGES) & 1) ^ 1  # parity of the slot's last release (a fresh barrier passes)
-        row = kv_row + lo + i * BLOCK_N
-        mbarrier.wait(k_empty.index(s), released)
-        mbarrier.expect(k_full.index(s), desc_k.block_type.nbytes)
-        _tma_load(desc_k, [row, kv_col], k_full.index(s), k_ring.index(s))
-        mbarrier.wait(v_empty.index(s), released)
-        mbarrier.expect(v_full.index(s), desc_v.block_type.nbytes)
-        _tma_load(desc_v, [row, kv_col], v_full.index(s), v_ring.index(s))
+    D: gl.constexpr = k_ring.shape[2]
+    it = 0  # key blocks of the earlier tiles
+    j = 0  # tiles done
+    t = gl.program_id(0)
+    while t < n_tiles:
+        _publish_tile(tile_smem, tile_full, tile_empty, j, t)
+        b, h, bh, m0, lo, mid_lo, mid_hi, n_blocks = _fwd_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT, IS_CAUSAL,
+                                                               W * ROWS, BLOCK_N)
+        for w in gl.static_range(W):
+            mbarrier.wait(q_empty.index(w), (j & 1) ^ 1)  # parity of the last release (a fresh barrier passes)
+            mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
+            _tma_load(desc_q, [b * T + m0 + w * ROWS, h * D], q_bars.index(w), q_smem.index(w))
+        for i in range(n_blocks):
+            c = it + i
+            s = c % STAGES
+            released = ((c // STAGES) & 1) ^ 1
+            row = b * T + lo + i * BLOCK_N
+            mbarrier.wait(k_empty.index(s), released)
+            mbarrier.expect(k_full.index(s), desc_k.block_type.nbytes)
+            _tma_load(desc_k, [row, (h // GROUP) * D], k_full.index(s), k_ring.index(s))
+            mbarrier.wait(v_empty.index(s), released)
+            mbarrier.expect(v_full.index(s), desc_v.block_type.nbytes)
+            _tma_load(desc_v, [row, (h // GROUP) * D], v_full.index(s), v_ring.index(s))
+        it += n_blocks
+        j += 1
+        t = gl.num_programs(0) + gl.atomic_add(Counter, 1)  # the first num_programs tiles went at launch
+    _publish_tile(tile_smem, tile_full, tile_empty, j, t)  # the end
 
 
 @gluon.jit
@@ -180,93 +240,148 @@ def _online_softmax(qk, m_i, l_i, rows, cols, masked, T, LEFT, RIGHT, qk_scale):
 
 
 @gluon.jit
-def _fwd_warpgroup(wg, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale,
-                   stride_ot, out_base, lse_base, m0, lo, mid_lo, mid_hi, n_blocks, T, T_pad, LEFT, RIGHT, desc_o,
-                   o_row, o_col):
-    """Consumer warpgroup wg: query rows r0 = m0 + 64 wg ... r0 + 63 against the key blocks lo,
-    lo + BLOCK_N, ... (n_blocks of them, in ring slot i % STAGES), then O and lse stored (O through
-    Q's buffer by a TMA store where the 64 rows are this sequence's)."""
+def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, o_smem, desc_o,
+                   tile_smem, tile_full, tile_empty, Out, Lse, softmax_scale, T, T_pad, H, LEFT, RIGHT, HEADS, n_m,
+                   n_tiles, IS_CAUSAL: gl.constexpr):
+    """Consumer warpgroup wg, per tile: query rows r0 = m0 + 64 wg ... r0 + 63 against the tile's key
+    blocks, then O and lse stored. Out is contiguous (B, T, H, D)."""
+    W: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[1]
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
     D: gl.constexpr = k_ring.shape[2]
-    ROWS: gl.constexpr = q_smem.shape[1]
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)  # S: (rows, keys)
     o_layout: gl.constexpr = _mma_layout(D)  # O: (rows, D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P from registers
     dtype: gl.constexpr = q_smem.dtype
     q = q_smem.index(wg)
-    r0 = m0 + wg * ROWS
-    rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     qk_scale = softmax_scale * LOG2E  # exp(x) = exp2(x * log2(e))
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bars.index(wg), 0)
+    it = 0  # key blocks of the earlier tiles: ring slot and phase of block i are those of it + i
+    j = 0
+    t = _read_tile(tile_smem, tile_full, tile_empty, 0)
+    while t < n_tiles:
+        b, h, bh, m0, lo, mid_lo, mid_hi, n_blocks = _fwd_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT, IS_CAUSAL,
+                                                               W * ROWS, BLOCK_N)
+        r0 = m0 + wg * ROWS
+        rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bars.index(wg), j & 1)
 
-    mbarrier.wait(k_full.index(0), 0)
-    qk = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False)
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, lo + cols, (lo < mid_lo) | (lo >= mid_hi),
-                                         T, LEFT, RIGHT, qk_scale)
-    p = gl.convert_layout(p.to(dtype), p_layout)  # P_0 in registers, the A operand of P V
-    for i in range(1, n_blocks):
-        start_n = lo + i * BLOCK_N
-        s = i % STAGES
-        prev = (i - 1) % STAGES
-        mbarrier.wait(k_full.index(s), (i // STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_full.index(prev), ((i - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
-        qk = warpgroup_mma_wait(1, deps=[s_tok])  # S_i is ready, P_{i-1} V_{i-1} still computing
-        mbarrier.arrive(k_empty.index(s), count=1)
-        p_new, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, start_n + cols,
-                                                 (start_n < mid_lo) | (start_n >= mid_hi), T, LEFT, RIGHT, qk_scale)
-        acc = warpgroup_mma_wait(0, deps=[o_tok])
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p = gl.convert_layout(p_new.to(dtype), p_layout)
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_full.index(last), ((n_blocks - 1) // STAGES) & 1)
-    acc = warpgroup_mma(p, v_ring.index(last), acc)
-    mbarrier.arrive(v_empty.index(last), count=1)
+        first = it % STAGES
+        mbarrier.wait(k_full.index(first), (it // STAGES) & 1)
+        qk = warpgroup_mma(q, k_ring.index(first).permute((1, 0)), s_zero, use_acc=False)
+        mbarrier.arrive(k_empty.index(first), count=1)
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, lo + cols, (lo < mid_lo) | (lo >= mid_hi),
+                                             T, LEFT, RIGHT, qk_scale)
+        p = gl.convert_layout(p.to(dtype), p_layout)  # P_0 in registers, the A operand of P V
+        for i in range(1, n_blocks):
+            start_n = lo + i * BLOCK_N
+            c = it + i
+            s = c % STAGES
+            prev = (c - 1) % STAGES
+            mbarrier.wait(k_full.index(s), (c // STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_full.index(prev), ((c - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p, v_ring.index(prev), acc, is_async=True)
+            qk = warpgroup_mma_wait(1, deps=[s_tok])  # S_i is ready, P_{i-1} V_{i-1} still computing
+            mbarrier.arrive(k_empty.index(s), count=1)
+            p_new, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, rows, start_n + cols,
+                                                     (start_n < mid_lo) | (start_n >= mid_hi), T, LEFT, RIGHT,
+                                                     qk_scale)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            p = gl.convert_layout(p_new.to(dtype), p_layout)
+        mbarrier.arrive(q_empty.index(wg), count=1)  # the loader may fetch the next tile's Q
+        c = it + n_blocks - 1
+        last = c % STAGES
+        mbarrier.wait(v_full.index(last), (c // STAGES) & 1)
+        acc = warpgroup_mma(p, v_ring.index(last), acc)
+        mbarrier.arrive(v_empty.index(last), count=1)
 
-    # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there). A tile
-    # of 192 rows can reach past T_pad (a multiple of 128): the next head's lse, not stored
-    valid = rows < T
-    l_i = gl.where(valid, l_i, 1.0)
-    gl.store(Lse + lse_base + rows, gl.where(valid, m_i + gl.log2(l_i), float("inf")), mask=rows < T_pad)
-    rows_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
-    cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    offs = gl.expand_dims(rows_o * stride_ot, 1) + gl.expand_dims(cols_o, 0)  # 32-bit, from a 64-bit base
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    # FlashAttention-3's epilogue: O into shared memory, one bulk copy out (stores from the wgmma layout,
-    # 4-byte pieces, cost up to 10% of the forward at 1k tokens: notes/flash_attn_bench.md). The 2D
-    # descriptor would write rows past T into the next sequence's: those tiles store as before
-    if r0 + ROWS <= T:  # Q's last reader, S = Q K^T, is done
-        q.store(out.to(dtype))
-        fence_async_shared()
-        _thread_barrier()
-        _tma_store(desc_o, [o_row + r0, o_col], q)
-        tma.store_wait(pendings=0)
+        # epilogue: O = acc / l, lse = m + log2(l); padding rows get lse = +inf (so P = 0 there). A tile
+        # of 192 rows can reach past T_pad (a multiple of 128): the next head's lse, not stored
+        valid = rows < T
+        l_i = gl.where(valid, l_i, 1.0)
+        gl.store(Lse + bh.to(gl.int64) * T_pad + rows, gl.where(valid, m_i + gl.log2(l_i), float("inf")),
+                 mask=rows < T_pad)
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        # FlashAttention-3's epilogue: O into shared memory (o_smem: Q's buffer is being refilled), one
+        # asynchronous bulk copy out, so the next tile starts without waiting for global stores (stores
+        # from the wgmma layout, 4-byte pieces, cost up to 10% at 1k tokens). The 2D descriptor would
+        # write rows past T into the next sequence's: those tiles use plain stores
+        if r0 + ROWS <= T:
+            tma.store_wait(pendings=0)  # the last tile's copy has read o_smem
+            _thread_barrier()
+            o_smem.index(wg).store(out.to(dtype))
+            fence_async_shared()
+            _thread_barrier()
+            _tma_store(desc_o, [b * T + r0, h * D], o_smem.index(wg))
+        else:
+            # t // n_tiles is 0, but the compiler cannot prove it: the offsets are computed here instead
+            # of hoisted out of the tile loop and kept live through it (1,164 B of spills otherwise)
+            stride_ot = H * D + t // n_tiles
+            rows_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+            cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+            offs = gl.expand_dims(rows_o * stride_ot, 1) + gl.expand_dims(cols_o, 0)  # 32-bit, from a 64-bit base
+            base = (b * T + r0).to(gl.int64) * (H * D) + h * D
+            gl.store(Out + base + offs, out.to(dtype), mask=gl.expand_dims(r0 + rows_o < T, 1))
+        it += n_blocks
+        j += 1
+        t = _read_tile(tile_smem, tile_full, tile_empty, j)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS", "n_m", "n_tiles"])
+def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale, T, T_pad, H, GROUP, LEFT, RIGHT,
+                HEADS, n_m, n_tiles, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr):
+    """n_tiles = n_m query blocks x B * H tiles over the programs: BLOCK_M // 64 consumer warpgroups
+    (2 or 3), each on its own 64 query rows, and the loader warp."""
+    dtype: gl.constexpr = desc_q.dtype
+    D: gl.constexpr = desc_k.block_type.shape[1]
+    W: gl.constexpr = BLOCK_M // 64
+    gl.static_assert(BLOCK_M == 128 or BLOCK_M == 192, "two or three consumer warpgroups of 64 query rows")
+    q_smem = gl.allocate_shared_memory(dtype, [W, 64, D], desc_q.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [W, 64, D], desc_o.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [W, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [W, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tile_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    tile_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(2):
+        mbarrier.init(tile_full.index(s), count=1)
+        mbarrier.init(tile_empty.index(s), count=W)  # read by every warpgroup
+    for w in gl.static_range(W):
+        mbarrier.init(q_bars.index(w), count=1)
+        mbarrier.init(q_empty.index(w), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(s), count=1)
+        mbarrier.init(v_full.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=W)  # released by every warpgroup
+        mbarrier.init(v_empty.index(s), count=W)
+    consumer = (q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, o_smem, desc_o, tile_smem,
+                tile_full, tile_empty, Out, Lse, softmax_scale, T, T_pad, H, LEFT, RIGHT, HEADS, n_m, n_tiles,
+                IS_CAUSAL)
+    loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
+              tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles, IS_CAUSAL)
+    if W == 3:
+        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
+                            (_fwd_warpgroup, (2, ) + consumer), (_fwd_loader, loader)],
+                           [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
     else:
-        gl.store(Out + out_base + r0.to(gl.int64) * stride_ot + offs, out.to(dtype),
-                 mask=gl.expand_dims(r0 + rows_o < T, 1))
-
-
-@gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
-def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
-                T, T_pad, H, GROUP, LEFT, RIGHT, HEADS,
-                IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    # a 1D grid of (query blocks) x (B * H) programs in _tile_order (HEADS heads at a time, L2_GROUP_BYTES);
-    # causal: the longest rows first
-    n_m = gl.cdiv(T, BLOCK_M)
-    pid_m, bh = _tile_order(n_m, HEADS)
-    if IS_CAUSAL:
-        pid_m = n_m - 1 - pid_m
-    _fwd_program(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh, T,
-                 T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh, BLOCK_M, BLOCK_N, STAGES)
+        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
+                            (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
 
 @gluon.jit
@@ -283,49 +398,6 @@ def _tile_at(t, n_tiles, n_blocks, HEADS):
     size = gl.minimum(HEADS, n_tiles // n_blocks - first)  # the last group can be smaller
     r = t - first * n_blocks
     return r // size, first + r % size
-
-
-@gluon.jit
-def _fwd_program(desc_q, desc_k, desc_v, desc_o, Out, Lse, softmax_scale, stride_ob, stride_ot, stride_oh,
-                 T, T_pad, H, GROUP, LEFT, RIGHT, pid_m, bh,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Query block pid_m of (batch, head) bh: BLOCK_M // 64 consumer warpgroups (2 or 3), each on its
-    own 64 query rows, and the loader warp."""
-    b, h = bh // H, bh % H
-    m0 = pid_m * BLOCK_M
-    dtype: gl.constexpr = desc_q.dtype
-    D: gl.constexpr = desc_k.block_type.shape[1]
-    W: gl.constexpr = BLOCK_M // 64
-    gl.static_assert(BLOCK_M == 128 or BLOCK_M == 192, "two or three consumer warpgroups of 64 query rows")
-    q_smem = gl.allocate_shared_memory(dtype, [W, 64, D], desc_q.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [W, 1], mbarrier.MBarrierLayout())
-    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for w in gl.static_range(W):
-        mbarrier.init(q_bars.index(w), count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(k_full.index(s), count=1)
-        mbarrier.init(v_full.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=W)  # released by every warpgroup
-        mbarrier.init(v_empty.index(s), count=W)
-    lo, mid_lo, mid_hi, hi = _block_range(m0, T, T, LEFT, RIGHT, None, 0, BLOCK_M, BLOCK_N, False)  # no documents
-    n_blocks = gl.cdiv(hi - lo, BLOCK_N)  # >= 1: query row m0 < T sees key m0
-    consumer = (q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty, Out, Lse, softmax_scale, stride_ot,
-                b.to(gl.int64) * stride_ob + h * stride_oh, bh.to(gl.int64) * T_pad, m0, lo, mid_lo, mid_hi,
-                n_blocks, T, T_pad, LEFT, RIGHT, desc_o, b * T, h * D)
-    loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, k_full, v_full, k_empty, v_empty,
-              b * T + m0, h * D, b * T, (h // GROUP) * D, lo, n_blocks)
-    if W == 3:
-        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
-                            (_fwd_warpgroup, (2, ) + consumer), (_fwd_loader, loader)],
-                           [4, 4, 1], [COMPUTE_REGS_3, COMPUTE_REGS_3, LOADER_REGS])
-    else:
-        gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
-                            (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])
 
 
 # --------------------------------------------------------------------------- backward
@@ -556,21 +628,33 @@ def _heads_at_a_time(l2_bytes, unit_bytes, heads, unit=1):
     return min(heads, unit * max(1, l2_bytes // unit_bytes))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
     ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
-    bm, bn, stages = tile or FWD_TILES[D]
-    out = torch.empty_like(q)
+    bm, bn, stages = tile or _fwd_tile_for(T, D)
+    out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)  # contiguous, as the kernel writes it
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
     group = H // k.shape[2]
     heads = _heads_at_a_time(l2_bytes, 4 * T * D, B * H, group)  # a kv head's K, V: 2 x 2 x T x D bytes
+    n_m = triton.cdiv(T, bm)
+    counter = torch.zeros(1, device=q.device, dtype=torch.int32)  # tiles handed out after the first of each program
     flash_attn._run(
-        _fwd_kernel, (triton.cdiv(T, bm) * B * H, ),
-        _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, scale, out.stride(0), out.stride(1),
-        out.stride(2), T, T_pad, H, group, left, right, heads, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, **COMPILE_OPTIONS)
+        _fwd_kernel, (min(_sm_count(q.device.index), n_m * B * H), ),
+        _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, counter, scale, T, T_pad, H, group,
+        left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        **COMPILE_OPTIONS)
     return out, lse
+
+
+def _fwd_tile_for(T, D):
+    """FWD_TILES' tile, FWD_TILES_LONG's from FWD_LONG_SEQLEN tokens."""
+    return FWD_TILES_LONG[D] if T >= FWD_LONG_SEQLEN and D in FWD_TILES_LONG else FWD_TILES[D]
 
 
 def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
