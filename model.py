@@ -169,8 +169,9 @@ def apply_rope(x, cos, sin):
 
 
 # "auto" takes flash_attn.py from this many keys on at these head dims: where its forward and backward
-# together are at least cuDNN's (README's attention table; head dim 64 stays 1-4% slower there)
-FLASH_MIN_SEQ = 8192
+# together are at least cuDNN's (README's attention table and training-step table; at head dim 64 and
+# at 1k tokens cuDNN stays the faster)
+FLASH_MIN_SEQ = 2048
 FLASH_LONG_HEAD_DIMS = (128,)
 
 
@@ -180,8 +181,8 @@ def resolve_attn_impl(impl, device, seqlen=0, docs=False, head_dim=128):
     flash_attn.HAVE_TRITON) where it is measured at least as fast as torch's SDPA (cuDNN) in the
     compiled training step: packed documents (docs: SDPA needs a dense (T, T) mask, the kernel skips
     the tiles between documents; README's training-step table) and seqlen >= FLASH_MIN_SEQ keys at
-    FLASH_LONG_HEAD_DIMS. Elsewhere SDPA: on the CPU, and at 1-4k tokens on a GPU, where cuDNN's
-    kernels are the faster. A checkpoint keeps "auto", not the choice."""
+    FLASH_LONG_HEAD_DIMS. Elsewhere SDPA: on the CPU, and on a GPU at other head dims and shorter
+    sequences, where cuDNN's kernels are the faster. A checkpoint keeps "auto", not the choice."""
     if impl != "auto":
         return impl
     if torch.device(device).type != "cuda" or not flash_attn.HAVE_TRITON:
