@@ -128,13 +128,21 @@ RATIOS = [("flash / sdpa, --compile=True", "ours_compile_flash", "ours_compile")
 
 
 def kernel_table(step, x, y, rows):
-    """The `rows` GPU kernels that took the most time in one step (torch.profiler), as a table: where
-    two implementations' steps differ."""
+    """One step under torch.profiler: how much of its wall time the GPU was busy (much less when the host's
+    launches set the pace), its `rows` costliest GPU kernels (where two implementations' steps differ),
+    and its `rows` costliest host operators by their own CPU time (where a host-bound step's time goes;
+    the profiler adds its own cost to every operator)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         step(x, y)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in events) / 1e3  # the profiler counts microseconds
+    return (f"GPU busy {busy_ms:.1f} ms of the profiled step's {wall_ms:.1f} ms\n"
+            + events.table(sort_by="self_device_time_total", row_limit=rows) + "\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def bench(impl, shape_name, steps, warmup, profile_rows=0):
@@ -159,7 +167,7 @@ def bench(impl, shape_name, steps, warmup, profile_rows=0):
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     if profile_rows:  # after the timed steps: compiled, tuned
-        print(f"{shape_name} {impl}: one step's GPU kernels\n{kernel_table(step, x, y, profile_rows)}")
+        print(f"{shape_name} {impl}: one step profiled\n{kernel_table(step, x, y, profile_rows)}")
     del model, step
     gc.collect()
     torch.cuda.empty_cache()
