@@ -323,7 +323,7 @@ def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, 
             _tma_store(desc_o, [b * T + r0, h * D], o_smem.index(wg))
         else:
             # t // n_tiles is 0, but the compiler cannot prove it: the offsets are computed here instead
-            # of hoisted out of the tile loop and kept live through it (1,164 B of spills otherwise)
+            # of hoisted out of the tile loop and kept live through it (spilling them, as a first version did)
             stride_ot = H * D + t // n_tiles
             rows_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
             cols_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
