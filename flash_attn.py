@@ -47,10 +47,10 @@ Loads use TMA tensor descriptors (Hopper's bulk tensor copy engine; Triton falls
 ordinary loads on older GPUs) and Triton's software pipelining (num_stages). Tile sizes are
 autotuned per (head dim, causal, documents, dtype, sequence-length bucket) among a few candidates that fit
 that head dim and dtype, once per GPU and Triton version (the choices are kept in Triton's cache
-directory). The kernels are torch.library custom ops (flash_attn::forward, flash_attn::backward),
-so torch.compile traces flash_attn_func without a graph break; eager calls skip the ops' dispatch
-(_EagerAttention), a kernel's later launches of a shape skip Triton's argument binding (_run), and
-nothing on the launch path synchronizes, so CUDA graphs capture it. Without
+directory). The kernels are torch.library operators (flash_attn::forward, flash_attn::backward),
+so torch.compile traces flash_attn_func without a graph break; a kernel's later launches of a
+shape skip Triton's argument binding (_run), descriptors of a shape skip their checks
+(descriptor), and nothing on the launch path synchronizes, so CUDA graphs capture it. Without
 Triton installed the module still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU (bf16/fp16), flash_attn_hopper.py runs instead at head dim 128, and at head dim
@@ -68,7 +68,6 @@ import math
 import os
 import sys
 import types
-from typing import Optional
 
 import torch
 
@@ -569,19 +568,21 @@ def _launch_key(arg):
     return type(arg), arg
 
 
-def _run(kernel, grid, *args, **kwargs):
+def _run(kernel, grid, *args, key=None, **kwargs):
     """kernel[grid](*args, **kwargs) without Triton's per-launch binding: its JIT specializes every
     argument and looks the compiled kernel up on each call, a large part of the host's time per
-    attention call. The compiled kernel that a launch key (_launch_key of every argument, the keyword
-    arguments) got on its first call is launched directly from then on (CompiledKernel[grid], all
-    arguments in signature order). Exact values in the key: every hit is a launch the JIT would
+    attention call. The compiled kernel that a launch key (_launch_key of every argument, or `key`:
+    a tuple of values that determine all of those, such as the shapes the arguments derive from; and
+    the keyword arguments) got on its first call is launched directly from then on (CompiledKernel[grid],
+    all arguments in signature order). Exact values in the key: every hit is a launch the JIT would
     compile identically. The current device is part of the key (a compiled kernel is loaded per
     device); under the interpreter (kernels without Triton's device caches) nothing is kept. Every
     launch gets FP_FUSION."""
     kwargs = {**FP_FUSION, **kwargs}
     if not hasattr(kernel, "device_caches"):
         return kernel[grid](*args, **kwargs)
-    key = (kernel, torch.cuda.current_device(), *map(_launch_key, args), *kwargs.items())
+    key = (kernel, torch.cuda.current_device(), *(map(_launch_key, args) if key is None else key),
+           *kwargs.items())
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -628,8 +629,26 @@ def _desc(x):
     (rows, width) tile the dots read; (rows, 1, width) went through registers, ptxas_regs.py.)"""
     B, T, H, D = x.shape
     if D != _width(D):
-        return TensorDescriptor(x, [H, B * T, D], [D, H * D, 1], [1, 16, _width(D)])
-    return TensorDescriptor(x, [B * T, H * D], [H * D, 1], [16, D])
+        return descriptor(TensorDescriptor, x, [H, B * T, D], [D, H * D, 1], [1, 16, _width(D)])
+    return descriptor(TensorDescriptor, x, [B * T, H * D], [H * D, 1], [16, D])
+
+
+_DESCRIPTOR_FIELDS = {}  # descriptor's key -> the fields of a descriptor built (and checked) by its class, but base
+
+
+def descriptor(cls, x, shape, strides, block, *extra):
+    """cls(x, shape, strides, block, *extra): a TMA descriptor (triton.tools' or Gluon's TensorDescriptor)
+    in about a microsecond less of host time each (several per attention call). The class's checks run
+    once per (class, dtype, shape, strides, block); later descriptors copy the fields of that first one
+    with x as the base. extra (Gluon's shared-memory layout) must follow from those; the one check that
+    depends on x itself, 16-byte alignment, holds for every base here (_prepare, fresh outputs)."""
+    key = (cls, x.dtype, *shape, *strides, *block)
+    fields = _DESCRIPTOR_FIELDS.get(key)
+    if fields is None:
+        fields = _DESCRIPTOR_FIELDS[key] = vars(cls(x, shape, strides, block, *extra)) | {"base": None}
+    desc = object.__new__(cls)
+    desc.__dict__.update(fields, base=x)
+    return desc
 
 
 def _width(D):
@@ -746,74 +765,49 @@ def _backward_impl(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
     return _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
 
 
-# The kernels as a pair of torch.library custom ops, differentiable through register_autograd:
-# torch.compile keeps each call as one opaque node of its graph (no graph break; the fake functions
-# give it shapes) and AOTAutograd puts the backward op into the backward graph.
-@torch.library.custom_op("flash_attn::forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_range: Optional[torch.Tensor],
-                causal: bool, scale: float, left: int, right: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse (B, Hq, _lse_len(Tq)) float32 in log2 units) = _forward."""
-    return _forward_impl(q, k, v, doc_range, causal, scale, left, right)
+# The kernels as a pair of torch.library operators, so that torch.compile keeps each call as one opaque
+# node of its graph (no graph break; the fake functions give it shapes), with autograd from _Attention,
+# which Dynamo traces: AOTAutograd puts flash_attn::backward into the backward graph. Defined with
+# Library.define/impl rather than torch.library.custom_op, whose Python wrappers (an aliasing check of
+# every output, a Python autograd kernel) cost 150-600 us of host time per call on an H200 host, more
+# than the GPU's time for a 1k-token attention (notes/flash_attn_bench.md).
+_LIB = torch.library.Library("flash_attn", "DEF")
+_LIB.define("forward(Tensor q, Tensor k, Tensor v, Tensor? doc_range, bool causal, float scale, int left, "
+            "int right) -> (Tensor, Tensor)")
+_LIB.define("backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? doc_range, "
+            "bool causal, float scale, int left, int right) -> (Tensor, Tensor, Tensor)")
+_LIB.impl("forward", _forward_impl, "CompositeExplicitAutograd")
+_LIB.impl("backward", _backward_impl, "CompositeExplicitAutograd")
 
 
-@_forward_op.register_fake
+@torch.library.register_fake("flash_attn::forward", lib=_LIB)
 def _(q, k, v, doc_range, causal, scale, left, right):
+    """(out, lse (B, Hq, _lse_len(Tq)) float32 in log2 units) = _forward."""
     B, T, H, D = q.shape
     return q.new_empty(q.shape), q.new_empty(B, H, _lse_len(T), dtype=torch.float32)
 
 
-@torch.library.custom_op("flash_attn::backward", mutates_args=())
-def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, doc_range: Optional[torch.Tensor], causal: bool, scale: float, left: int,
-                 right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) = _backward; out and lse from _forward_op."""
-    return _backward_impl(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
-
-
-@_backward_op.register_fake
+@torch.library.register_fake("flash_attn::backward", lib=_LIB)
 def _(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
+    """(dq, dk, dv) = _backward; out and lse from flash_attn::forward."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, doc_range, causal, scale, left, right = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)  # a statistic: no gradient flows back through it
-    ctx.save_for_backward(q, k, v, out, lse, doc_range)
-    ctx.args = (causal, scale, left, right)
-
-
-def _gradients(backward):
-    """The autograd backward of (out, lse) = forward(q, k, v, ...): dq, dk, dv by backward()."""
-    def grads(ctx, dout, _dlse):
-        q, k, v, out, lse, doc_range = ctx.saved_tensors
-        return (*backward(dout, q, k, v, out, lse, doc_range, *ctx.args), None, None, None, None, None)
-    return grads
-
-
-_forward_op.register_autograd(_gradients(_backward_op), setup_context=_setup_context)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """Outside torch.compile: the same functions without the custom ops' dispatch, which costs
-    about 20 us of host time per forward (torch 2.13, on top of the ~6 us of an autograd.Function),
-    as much as the GPU needs for a whole 1k-token forward at head dim 64. (forward takes ctx: with a
-    separate setup_context, apply binds the arguments through inspect.signature, another ~15 us.)"""
+class _Attention(torch.autograd.Function):
+    """(out, lse) = flash_attn::forward, differentiable in q, k, v (lse is a statistic: no gradient)."""
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+    def forward(ctx, q, k, v, doc_range, causal, scale, left, right):
+        out, lse = torch.ops.flash_attn.forward(q, k, v, doc_range, causal, scale, left, right)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, doc_range)
+        ctx.args = (causal, scale, left, right)
+        return out, lse
 
-    backward = staticmethod(_gradients(_backward_impl))
-
-
-def _attention(q, k, v, doc_range, causal, scale, left, right):
-    """The kernels, differentiable in q, k, v: (out, lse (B, Hq, _lse_len(Tq)) float32 in log2 units,
-    not differentiable)."""
-    if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, doc_range, causal, scale, left, right)
-    return _EagerAttention.apply(q, k, v, doc_range, causal, scale, left, right)
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, doc_range = ctx.saved_tensors
+        dq, dk, dv = torch.ops.flash_attn.backward(dout, q, k, v, out, lse, doc_range, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -922,7 +916,7 @@ def flash_attn_func(q, k, v, causal=True, softmax_scale=None, window_size=None, 
     else:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-        out, lse = _attention(q, k, v, doc_range, bool(causal), float(scale), left, right)
+        out, lse = _Attention.apply(q, k, v, doc_range, bool(causal), float(scale), left, right)
         if return_lse:  # log2 units and padded rows (one more kernel): only when asked for
             lse = lse[..., :Tq] / math.log2(math.e)
     return (out, lse) if return_lse else out

@@ -614,12 +614,12 @@ def _desc(x, rows, cols=None):
     """TMA descriptor over (B, T, H, D) seen as 2D (B*T, H*D), block (rows, cols or D)."""
     B, T, H, D = x.shape
     block = (rows, cols or D)
-    return TensorDescriptor(x, [B * T, H * D], [H * D, 1], list(block), _layout(block, x.dtype))
+    return flash_attn.descriptor(TensorDescriptor, x, [B * T, H * D], [H * D, 1], list(block), _layout(block, x.dtype))
 
 
 def _stat_desc(x, block):
     """1D TMA descriptor over a float32 (B, H, T_pad) statistic: lse or delta."""
-    return TensorDescriptor(x, [x.numel()], [1], [block], _layout((block,), x.dtype))
+    return flash_attn.descriptor(TensorDescriptor, x, [x.numel()], [1], [block], _layout((block,), x.dtype))
 
 
 def _heads_at_a_time(l2_bytes, unit_bytes, heads, unit=1):
@@ -648,7 +648,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
         _fwd_kernel, (min(_sm_count(q.device.index), n_m * B * H), ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, counter, scale, T, T_pad, H, group,
         left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        **COMPILE_OPTIONS)
+        key=(q.dtype, q.shape, k.shape, T_pad, left, right, heads), **COMPILE_OPTIONS)  # the rest follows
     return out, lse
 
 
@@ -672,5 +672,5 @@ def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
         dk.stride(1), dk.stride(2), T, lse.shape[-1], H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, **COMPILE_OPTIONS)
+        STAGES=stages, key=(q.dtype, q.shape, k.shape, lse.shape[-1], left, right, heads), **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

@@ -1,8 +1,12 @@
 """Where flash_attn_func's host time goes on a GPU: cProfile of many tiny calls (the GPU finishes each
 before the host issues the next), top functions by own time, per path (Hopper hd128, portable hd64),
 forward and forward + backward. Also times the pieces alone: one Triton launch, one TensorDescriptor.
+--ops: the custom ops that a compiled training step calls (flash_attn::forward, ::backward) at bench_train.py's
+attention shapes: GPU time per call at the full shape, host time per call (one head: the GPU idles), SDPA
+cuDNN's for comparison, and where the ops' host time goes.
 
     python notes/host_profile.py [--calls 2000]
+    python notes/host_profile.py --ops
 """
 import argparse
 import cProfile
@@ -17,11 +21,63 @@ import flash_attn  # noqa: E402
 from bench_attention import per_call_us  # noqa: E402
 
 
+SHAPES = {"134m": (16, 1024, 12, 12, 64), "1b": (4, 2048, 16, 8, 128)}  # B, T, H, H_kv, D (bench_train.SHAPES)
+
+
+def ops(calls, top):
+    """GPU and host microseconds per call of each op, and SDPA cuDNN's through autograd (its ops' own
+    argument lists change between torch releases), then cProfile of the ops' host path."""
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    fwd_op, bwd_op = torch.ops.flash_attn.forward.default, torch.ops.flash_attn.backward.default
+    for name, (B, T, H, H_kv, D) in SHAPES.items():
+        for label, (b, h, h_kv) in (("full", (B, H, H_kv)), ("one head", (1, H // H_kv, 1))):
+            q = torch.randn(b, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(b, T, h_kv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(2))
+            scale = D ** -0.5
+            out, lse = fwd_op(q, k, v, None, True, scale, T, 0)
+            do = torch.randn_like(out)
+            fwd = lambda: fwd_op(q, k, v, None, True, scale, T, 0)  # noqa: E731
+            bwd = lambda: bwd_op(do, q, k, v, out, lse, None, True, scale, T, 0)  # noqa: E731
+            kv = [x.repeat_interleave(h // h_kv, 2).transpose(1, 2) for x in (k, v)]
+
+            def sdpa_fwd():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), *kv, is_causal=True)
+            o = sdpa_fwd()
+            sdpa_both = lambda: torch.autograd.grad(sdpa_fwd(), (q, ), o)  # noqa: E731
+            ours_both = lambda: torch.autograd.grad(flash_attn.flash_attn_func(q, k, v), (q, ), do)  # noqa: E731
+            if label == "full":
+                timed = (("fwd op", fwd), ("bwd op", bwd), ("sdpa fwd", sdpa_fwd), ("sdpa fwd+bwd", sdpa_both))
+                us = {n: 1e3 * triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") for n, f in timed}
+            else:
+                timed = (("fwd op", fwd), ("bwd op", bwd), ("sdpa fwd", sdpa_fwd), ("sdpa fwd+bwd", sdpa_both),
+                         ("ours fwd+bwd", ours_both))
+                us = {n: per_call_us(f, calls) for n, f in timed}
+            hopper = [d for d in ("forward", "backward") if flash_attn._hopper(q, d)]
+            print(f"{name} {label} (B={b} T={T} H={h}/{h_kv} D={D}; hopper: {', '.join(hopper) or 'none'}) "
+                  f"{'GPU' if label == 'full' else 'host'} us per call: "
+                  + ", ".join(f"{n} {t:.1f}" for n, t in us.items()), flush=True)
+        for n, f in (("fwd op", fwd), ("bwd op", bwd)):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls // 4):
+                f()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"\n=== {name} {n}, one head, {calls // 4} calls")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--ops", action="store_true", help="the custom ops at bench_train.py's shapes instead")
     a = p.parse_args()
+    if a.ops:
+        return ops(a.calls, a.top)
     for D in (128, 64):
         q, k, v = (torch.randn(1, 128, 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         dout = torch.randn_like(q)
