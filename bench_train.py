@@ -132,6 +132,7 @@ def kernel_table(step, x, y, rows):
     launches set the pace), its `rows` costliest GPU kernels (where two implementations' steps differ),
     and its `rows` costliest host operators by their own CPU time (where a host-bound step's time goes;
     the profiler adds its own cost to every operator)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -139,7 +140,8 @@ def kernel_table(step, x, y, rows):
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3
     events = prof.key_averages()
-    busy_ms = sum(e.self_device_time_total for e in events) / 1e3  # the profiler counts microseconds
+    # the GPU's own events (kernels, copies): an operator's row repeats its kernels' time; microseconds
+    busy_ms = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
     return (f"GPU busy {busy_ms:.1f} ms of the profiled step's {wall_ms:.1f} ms\n"
             + events.table(sort_by="self_device_time_total", row_limit=rows) + "\n"
             + events.table(sort_by="self_cpu_time_total", row_limit=rows))

@@ -595,9 +595,9 @@ def _run(kernel, grid, *args, key=None, **kwargs):
     compiled[(*grid, 1, 1)[:3]](*args, *(kwargs.get(name, default) for name, default in params))
 
 
-def _launch(which, T, heads, descs, *args, **meta):
+def _launch(which, T, heads, descs, *args, key=None, **meta):
     """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
-    (keys). Autotuned on a GPU (once per GPU, Triton version, source of this file and key: _tuned); a fixed
+    (keys); key: _run's. Autotuned on a GPU (once per GPU, Triton version, source of this file and key: _tuned); a fixed
     tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
     kernel, autotuned = KERNELS[which]
     rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
@@ -618,7 +618,7 @@ def _launch(which, T, heads, descs, *args, **meta):
     nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
     _set_blocks(nargs)
     grid = (triton.cdiv(T, bn if which == "dkdv" else bm), heads)
-    _run(kernel, grid, *descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, **variant, **meta)
+    _run(kernel, grid, *descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, key=key, **variant, **meta)
 
 
 # --------------------------------------------------------------------------- host side
@@ -703,6 +703,14 @@ def _hopper_failed(e):
           "from now on", file=sys.stderr)
 
 
+def _shapes_key(q, k, do, doc_range, T_pad, left, right):
+    """_run's key for the launches of one attention call: every argument follows from these, as the
+    tensors are contiguous and 16-byte aligned (_prepare, fresh outputs), doc_range (int32, (2, B, T))
+    aside, whose alignment is in the key."""
+    docs = None if doc_range is None else doc_range.data_ptr() % 16 == 0
+    return q.dtype, None if do is None else do.dtype, q.shape, k.shape, T_pad, left, right, docs
+
+
 def _lse_len(T):
     """lse and delta rows per (batch, head): T padded to a multiple of MAX_BLOCK (tiles read past T)."""
     return -(-T // MAX_BLOCK) * MAX_BLOCK
@@ -725,7 +733,8 @@ def _forward(q, k, v, doc_range, causal, scale, left, right):
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
     _launch("fwd", Tq, B * H, [_desc(q), _desc(k), _desc(v)],
             out, lse, doc_range, scale, out.stride(0), out.stride(1), out.stride(2),
-            Tq, Tk, T_pad, H, group, *_band_args(Tq, Tk, left, right, doc_range), **_common(q, causal, doc_range))
+            Tq, Tk, T_pad, H, group, *_band_args(Tq, Tk, left, right, doc_range),
+            key=_shapes_key(q, k, None, doc_range, T_pad, left, right), **_common(q, causal, doc_range))
     return out, lse
 
 
@@ -734,8 +743,9 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     Tk, H_kv = k.shape[1], k.shape[2]
     T_pad = lse.shape[-1]
     delta = torch.empty_like(lse)
+    key = _shapes_key(q, k, do, doc_range, T_pad, left, right)
     _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, out.stride(0), out.stride(1), out.stride(2),
-         Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK)
+         Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK, key=key)
     hopper = _hopper(q, "backward") if doc_range is None and Tq == Tk else None
     if hopper:  # its lse has the same format, so either kernels' forward can come first
         try:
@@ -746,11 +756,11 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     band = _band_args(Tq, Tk, left, right, doc_range)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
     _launch("dkdv", Tk, B * H_kv, descs, dk, dv, lse, delta, doc_range, scale,
-            dk.stride(0), dk.stride(1), dk.stride(2), Tq, Tk, T_pad, H_kv, H // H_kv, *band,
+            dk.stride(0), dk.stride(1), dk.stride(2), Tq, Tk, T_pad, H_kv, H // H_kv, *band, key=key,
             **_common(q, causal, doc_range))
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
     _launch("dq", Tq, B * H, descs, dq, lse, delta, doc_range, scale,
-            dq.stride(0), dq.stride(1), dq.stride(2), Tq, Tk, T_pad, H, H // H_kv, *band,
+            dq.stride(0), dq.stride(1), dq.stride(2), Tq, Tk, T_pad, H, H // H_kv, *band, key=key,
             **_common(q, causal, doc_range))
     return dq, dk, dv
 

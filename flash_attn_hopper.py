@@ -648,7 +648,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
         _fwd_kernel, (min(_sm_count(q.device.index), n_m * B * H), ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, counter, scale, T, T_pad, H, group,
         left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
-        key=(q.dtype, q.shape, k.shape, T_pad, left, right, heads), **COMPILE_OPTIONS)  # the rest follows
+        key=(*flash_attn._shapes_key(q, k, None, None, T_pad, left, right), heads), **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -672,5 +672,6 @@ def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
         dk.stride(1), dk.stride(2), T, lse.shape[-1], H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, key=(q.dtype, q.shape, k.shape, lse.shape[-1], left, right, heads), **COMPILE_OPTIONS)
+        STAGES=stages, key=(*flash_attn._shapes_key(q, k, do, None, lse.shape[-1], left, right), heads),
+        **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

@@ -401,7 +401,8 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     """_run: the first launch of a key goes through kernel[grid] (Triton's JIT: binding, compiling);
     later ones launch the compiled kernel it returned, with every argument in signature order (the
     keyword ones filled in, defaults too). Anything the JIT specializes on makes a new key: dtype,
-    16-byte alignment, a descriptor's block, an integer's value, True against 1; and the device."""
+    16-byte alignment, a descriptor's block, an integer's value, True against 1; and the device. A
+    caller's key= replaces the arguments' part of the key."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
     device = [0]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
@@ -437,6 +438,11 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     device[0] = 1
     run(desc([8, 8]), 5, True, BLOCK=16)
     assert len(jit_calls) == 10 and len(direct) == 2
+    # key=: the caller's values stand for the arguments' (which must follow from them)
+    run(x, 5, True, BLOCK=16, key=("shapes", 1))
+    run(x, 6, True, BLOCK=16, key=("shapes", 1))
+    run(x, 5, True, BLOCK=16, key=("shapes", 2))
+    assert len(jit_calls) == 12 and direct[-1] == ((4, 2, 1), (x, 6, True, 16, 7))
 
 
 @cpu_only
