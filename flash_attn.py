@@ -597,8 +597,8 @@ def _run(kernel, grid, *args, key=None, **kwargs):
 
 def _launch(which, T, heads, descs, *args, key=None, **meta):
     """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
-    (keys); key: _run's. Autotuned on a GPU (once per GPU, Triton version, source of this file and key: _tuned); a fixed
-    tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
+    (keys); key: _run's. Autotuned on a GPU (once per GPU, Triton version, source of this file and
+    tuned_key: _tuned); a fixed tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
     kernel, autotuned = KERNELS[which]
     rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
     tile, variant = FORCE_TILES.get(which), {}
@@ -607,12 +607,12 @@ def _launch(which, T, heads, descs, *args, key=None, **meta):
     elif tile is None:
         space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
         x = descs[0].base
-        key = (f"{_tuned_prefix(x.device)}|{which}|{x.dtype}|D{meta['DIM']}|causal{meta['IS_CAUSAL']}|"
-               f"docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
-        tile, variant = space[0] if not AUTOTUNE else _tuned().get(key, (None, None))
+        tuned_key = (f"{_tuned_prefix(x.device)}|{which}|{x.dtype}|D{meta['DIM']}|causal{meta['IS_CAUSAL']}|"
+                     f"docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
+        tile, variant = space[0] if not AUTOTUNE else _tuned().get(tuned_key, (None, None))
         if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
             autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta, **FP_FUSION)
-            _remember(key, autotuned.best_config)
+            _remember(tuned_key, autotuned.best_config)
             return
     bm, bn, w, s = tile
     nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)

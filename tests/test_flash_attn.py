@@ -397,6 +397,23 @@ def test_descriptors_of_a_shape_are_checked_once(monkeypatch):
         flash_attn.descriptor(TensorDescriptor, x, [128, 32], [31, 1], [16, 32])
 
 
+def test_launch_passes_the_callers_key_to_run(monkeypatch):
+    """_launch on a GPU: the tile comes from the tuned choices (or the default), and _run gets the
+    caller's key, the call's shapes, never the tuned choice's key (which names no shapes: launches of
+    other lengths would reuse a kernel specialized for the first one's integers)."""
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    monkeypatch.setattr(flash_attn, "AUTOTUNE", False)
+    monkeypatch.setattr(flash_attn, "_tuned_prefix", lambda device: "a GPU")
+    keys = []
+    monkeypatch.setattr(flash_attn, "_run", lambda *args, key=None, **kwargs: keys.append(key))
+    q = torch.randn(1, 64, 2, 32)
+    for T in (64, 48):
+        x = q[:, :T].contiguous()
+        flash_attn._launch("dq", T, 2, [flash_attn._desc(x)] * 4, key=("shapes", T),
+                           **flash_attn._common(x, True, None))
+    assert keys == [("shapes", 64), ("shapes", 48)]
+
+
 def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     """_run: the first launch of a key goes through kernel[grid] (Triton's JIT: binding, compiling);
     later ones launch the compiled kernel it returned, with every argument in signature order (the
