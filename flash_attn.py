@@ -779,7 +779,7 @@ def _backward_impl(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
 # node of its graph (no graph break; the fake functions give it shapes), with autograd from _Attention,
 # which Dynamo traces: AOTAutograd puts flash_attn::backward into the backward graph. Defined with
 # Library.define/impl rather than torch.library.custom_op, whose Python wrappers (an aliasing check of
-# every output, a Python autograd kernel) cost 150-600 us of host time per call on an H200 host, more
+# every output, a Python autograd kernel) cost 110-200 us of host time per call on an H200 host, more
 # than the GPU's time for a 1k-token attention (notes/flash_attn_bench.md).
 _LIB = torch.library.Library("flash_attn", "DEF")
 _LIB.define("forward(Tensor q, Tensor k, Tensor v, Tensor? doc_range, bool causal, float scale, int left, "

@@ -373,7 +373,7 @@ def test_custom_ops_pass_opcheck():
 
 def test_ops_carry_no_python_wrappers():
     """flash_attn::forward and ::backward are plain Library operators: not torch.library.custom_op (whose
-    Python wrappers cost 150-600 us of host time per call on an H200 host) and without a Python autograd
+    Python wrappers cost 110-200 us of host time per call on an H200 host) and without a Python autograd
     kernel (~10 us); flash_attn_func is differentiable through _Attention, in eager mode and compiled."""
     from torch._library.custom_ops import _maybe_get_opdef
     for name in ("flash_attn::forward", "flash_attn::backward"):
