@@ -645,6 +645,8 @@ def descriptor(cls, x, shape, strides, block, *extra):
     key = (cls, x.dtype, *shape, *strides, *block)
     fields = _DESCRIPTOR_FIELDS.get(key)
     if fields is None:
+        if len(_DESCRIPTOR_FIELDS) > 4096:  # as _COMPILED: a KV cache's growing Tk makes a key per length
+            _DESCRIPTOR_FIELDS.clear()
         fields = _DESCRIPTOR_FIELDS[key] = vars(cls(x, shape, strides, block, *extra)) | {"base": None}
     desc = object.__new__(cls)
     desc.__dict__.update(fields, base=x)
