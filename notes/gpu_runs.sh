@@ -42,12 +42,14 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m,1b} --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
 ;;
 attn_profile)
-# issue #20's 134M gap (flash 0.76-1.00x sdpa, by machine): the compiled step timed with each attention,
+# issue #20's 134M gap (flash 0.88-1.00x sdpa, by machine): the compiled step timed with each attention,
 # then one step profiled for each: GPU busy time against wall time (host-bound?), its 20 costliest GPU
 # kernels and its 20 costliest host operators
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m} --steps=15 --warmup=4 --impls=ours_compile,ours_compile_flash --profile=20 2>&1 | grep -v "^\s*$" | tee $OUT/attn_profile.log
+# the operators' host and GPU microseconds per call at bench_train's shapes, and cProfile of their host path
+python3 notes/host_profile.py --ops --calls 1000 --top 25 > $OUT/ops.log 2>&1; grep "us per call" $OUT/ops.log
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),
