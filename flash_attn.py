@@ -790,6 +790,8 @@ _LIB.define("backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Ten
             "bool causal, float scale, int left, int right) -> (Tensor, Tensor, Tensor)")
 _LIB.impl("forward", _forward_impl, "CompositeExplicitAutograd")
 _LIB.impl("backward", _backward_impl, "CompositeExplicitAutograd")
+for _name in ("forward", "backward"):  # not differentiable themselves (_Attention is): autograd passes through
+    _LIB.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 
 @torch.library.register_fake("flash_attn::forward", lib=_LIB)
