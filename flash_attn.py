@@ -755,15 +755,13 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
         except Exception as e:  # noqa: BLE001
             _hopper_failed(e)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    band = _band_args(Tq, Tk, left, right, doc_range)
-    descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
+    band, meta = _band_args(Tq, Tk, left, right, doc_range), _common(q, causal, doc_range)
+    descs = [_desc(q), _desc(k), _desc(v), _desc(do)]  # (each launch sets its own tile's block on them)
     _launch("dkdv", Tk, B * H_kv, descs, dk, dv, lse, delta, doc_range, scale,
-            dk.stride(0), dk.stride(1), dk.stride(2), Tq, Tk, T_pad, H_kv, H // H_kv, *band, key=key,
-            **_common(q, causal, doc_range))
+            dk.stride(0), dk.stride(1), dk.stride(2), Tq, Tk, T_pad, H_kv, H // H_kv, *band, key=key, **meta)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]
     _launch("dq", Tq, B * H, descs, dq, lse, delta, doc_range, scale,
-            dq.stride(0), dq.stride(1), dq.stride(2), Tq, Tk, T_pad, H, H // H_kv, *band, key=key,
-            **_common(q, causal, doc_range))
+            dq.stride(0), dq.stride(1), dq.stride(2), Tq, Tk, T_pad, H, H // H_kv, *band, key=key, **meta)
     return dq, dk, dv
 
 

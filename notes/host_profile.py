@@ -1,9 +1,9 @@
 """Where flash_attn_func's host time goes on a GPU: cProfile of many tiny calls (the GPU finishes each
 before the host issues the next), top functions by own time, per path (Hopper hd128, portable hd64),
 forward and forward + backward. Also times the pieces alone: one Triton launch, one TensorDescriptor.
---ops: the custom ops that a compiled training step calls (flash_attn::forward, ::backward) at bench_train.py's
-attention shapes: GPU time per call at the full shape, host time per call (one head: the GPU idles), SDPA
-cuDNN's for comparison, and where the ops' host time goes.
+--ops: the two operators that a compiled training step calls (flash_attn::forward, ::backward) at
+bench_train.py's attention shapes: GPU time per call at the full shape, host time per call (one head:
+the GPU idles), SDPA cuDNN's for comparison, and where the operators' host time goes.
 
     python notes/host_profile.py [--calls 2000]
     python notes/host_profile.py --ops
@@ -74,7 +74,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--top", type=int, default=18)
-    p.add_argument("--ops", action="store_true", help="the custom ops at bench_train.py's shapes instead")
+    p.add_argument("--ops", action="store_true", help="the operators at bench_train.py's shapes instead")
     a = p.parse_args()
     if a.ops:
         return ops(a.calls, a.top)
