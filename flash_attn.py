@@ -553,7 +553,10 @@ def _remember(key, config):
         pass
 
 
-_COMPILED = {}  # _run's launch key -> (Triton CompiledKernel, its parameters after the positional ones)
+_COMPILED = {}  # _run's launch key -> (the compiled kernel's launcher for its grid, the arguments after the positional ones)
+_CHOICES = {}  # _launch's (which, caller's key, forced tile, AUTOTUNE, meta) -> (tile, variant) once chosen
+# the current CUDA device: torch.cuda.current_device without its lazy-init check (a launch is on an initialized GPU)
+_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 def _launch_key(arg):
@@ -573,52 +576,72 @@ def _run(kernel, grid, *args, key=None, **kwargs):
     argument and looks the compiled kernel up on each call, a large part of the host's time per
     attention call. The compiled kernel that a launch key (_launch_key of every argument, or `key`:
     a tuple of values that determine all of those, such as the shapes the arguments derive from; and
-    the keyword arguments) got on its first call is launched directly from then on (CompiledKernel[grid],
-    all arguments in signature order). Exact values in the key: every hit is a launch the JIT would
-    compile identically. The current device is part of the key (a compiled kernel is loaded per
-    device); under the interpreter (kernels without Triton's device caches) nothing is kept. Every
-    launch gets FP_FUSION."""
+    the grid and keyword arguments) got on its first call is launched directly from then on (its
+    launcher for this grid, all arguments in signature order: the keyword ones, fixed by the key,
+    are kept as the tail). Exact values in the key: every hit is a launch the JIT would compile
+    identically. The current device is part of the key (a compiled kernel is loaded per device);
+    under the interpreter (kernels without Triton's device caches) nothing is kept. Every launch
+    gets FP_FUSION."""
     kwargs = {**FP_FUSION, **kwargs}
     if not hasattr(kernel, "device_caches"):
         return kernel[grid](*args, **kwargs)
-    key = (kernel, torch.cuda.current_device(), *(map(_launch_key, args) if key is None else key),
-           *kwargs.items())
+    key = (kernel, _device(), *grid, *(map(_launch_key, args) if key is None else key), *kwargs.items())
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)
         if len(_COMPILED) > 4096:  # e.g. a KV cache's growing Tk: a new key per token
             _COMPILED.clear()
-        params = kernel.params[len(args):]
-        _COMPILED[key] = compiled, [(p.name, p.default) for p in params]
+        tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
+        _COMPILED[key] = compiled[(*grid, 1, 1)[:3]], tail
         return
-    compiled, params = hit
-    compiled[(*grid, 1, 1)[:3]](*args, *(kwargs.get(name, default) for name, default in params))
+    launcher, tail = hit
+    launcher(*args, *tail)
 
 
 def _launch(which, T, heads, descs, *args, key=None, **meta):
     """Grid (row blocks, heads): fwd and dq tile the rows by BLOCK_M (queries), dkdv by BLOCK_N
-    (keys); key: _run's. Autotuned on a GPU (once per GPU, Triton version, source of this file and
-    tuned_key: _tuned); a fixed tile in the interpreter or with FLASH_ATTN_AUTOTUNE=0."""
-    kernel, autotuned = KERNELS[which]
-    rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
-    tile, variant = FORCE_TILES.get(which), {}
-    if tile is None and INTERPRET:
-        tile = INTERPRET_TILES[which]
-    elif tile is None:
-        space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
-        x = descs[0].base
-        tuned_key = (f"{_tuned_prefix(x.device)}|{which}|{x.dtype}|D{meta['DIM']}|causal{meta['IS_CAUSAL']}|"
-                     f"docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
-        tile, variant = space[0] if not AUTOTUNE else _tuned().get(tuned_key, (None, None))
-        if (tile, variant) not in space:  # not tuned yet (or tuned over another TILES)
-            autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta, **FP_FUSION)
-            _remember(tuned_key, autotuned.best_config)
+    (keys); key: _run's. The tile: _choose's, kept per key (_CHOICES) on a GPU, so that later calls
+    of the same shapes skip the lookup."""
+    forced = FORCE_TILES.get(which)
+    choice_key = None if key is None or INTERPRET else (which, key, forced, AUTOTUNE, *meta.values())
+    choice = _CHOICES.get(choice_key)
+    if choice is None:
+        choice = _choose(which, T, heads, descs, args, meta)
+        if choice is None:  # tuned just now: the autotuner has launched this call
             return
-    bm, bn, w, s = tile
+        if choice_key is not None:
+            if len(_CHOICES) > 4096:  # as _COMPILED
+                _CHOICES.clear()
+            _CHOICES[choice_key] = choice
+    (bm, bn, w, s), variant = choice
     nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
     _set_blocks(nargs)
     grid = (triton.cdiv(T, bn if which == "dkdv" else bm), heads)
-    _run(kernel, grid, *descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, key=key, **variant, **meta)
+    _run(KERNELS[which][0], grid, *descs, *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, key=key,
+         **variant, **meta)
+
+
+def _choose(which, T, heads, descs, args, meta):
+    """(tile, variant): FORCE_TILES', the interpreter's, the default (FLASH_ATTN_AUTOTUNE=0) or the
+    autotuned one (once per GPU, Triton version, source of this file and tuned_key: _tuned); None
+    when this call tuned it, the autotuner launching the call itself."""
+    if which in FORCE_TILES:
+        return FORCE_TILES[which], {}
+    if INTERPRET:
+        return INTERPRET_TILES[which], {}
+    space = _space(which, meta["HEAD_DIM"], _elem_bytes(meta))
+    x = descs[0].base
+    tuned_key = (f"{_tuned_prefix(x.device)}|{which}|{x.dtype}|D{meta['DIM']}|causal{meta['IS_CAUSAL']}|"
+                 f"docs{meta['HAS_DOCS']}|bucket{meta['SEQ_BUCKET']}")
+    choice = space[0] if not AUTOTUNE else _tuned().get(tuned_key, (None, None))
+    if choice in space:
+        return choice
+    # not tuned yet (or tuned over another TILES)
+    rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
+    autotuned = KERNELS[which][1]
+    autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta, **FP_FUSION)
+    _remember(tuned_key, autotuned.best_config)
+    return None
 
 
 # --------------------------------------------------------------------------- host side

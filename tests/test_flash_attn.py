@@ -400,20 +400,31 @@ def test_descriptors_of_a_shape_are_checked_once(monkeypatch):
 
 
 def test_launch_passes_the_callers_key_to_run(monkeypatch):
-    """_launch on a GPU: the tile comes from the tuned choices (or the default), and _run gets the
-    caller's key, the call's shapes, never the tuned choice's key (which names no shapes: launches of
-    other lengths would reuse a kernel specialized for the first one's integers)."""
+    """_launch on a GPU: the tile comes from the tuned choices (or the default), looked up once per
+    key (_CHOICES) and again for a forced tile, and _run gets the caller's key, the call's shapes,
+    never the tuned choice's key (which names no shapes: launches of other lengths would reuse a
+    kernel specialized for the first one's integers)."""
     monkeypatch.setattr(flash_attn, "INTERPRET", False)
     monkeypatch.setattr(flash_attn, "AUTOTUNE", False)
-    monkeypatch.setattr(flash_attn, "_tuned_prefix", lambda device: "a GPU")
-    keys = []
-    monkeypatch.setattr(flash_attn, "_run", lambda *args, key=None, **kwargs: keys.append(key))
+    lookups = []
+    monkeypatch.setattr(flash_attn, "_tuned_prefix", lambda device: lookups.append(1) or "a GPU")
+    monkeypatch.setattr(flash_attn, "_CHOICES", {})
+    monkeypatch.setattr(flash_attn, "FORCE_TILES", {})
+    launches = []
+    monkeypatch.setattr(flash_attn, "_run", lambda kernel, grid, *args, key=None, **kwargs:
+                        launches.append((key, grid, kwargs["BLOCK_M"])))
     q = torch.randn(1, 64, 2, 32)
-    for T in (64, 48):
+    default = flash_attn._space("dq", 32, 4)[0][0]
+    for T in (64, 64, 48, "forced", 64):
+        if T == "forced":
+            flash_attn.FORCE_TILES["dq"], T = (16, 16, 4, 1), 64
         x = q[:, :T].contiguous()
         flash_attn._launch("dq", T, 2, [flash_attn._desc(x)] * 4, key=("shapes", T),
                            **flash_attn._common(x, True, None))
-    assert keys == [("shapes", 64), ("shapes", 48)]
+    bm = default[0]
+    assert launches == [(("shapes", 64), (1, 2), bm), (("shapes", 64), (1, 2), bm), (("shapes", 48), (1, 2), bm),
+                        (("shapes", 64), (4, 2), 16), (("shapes", 64), (4, 2), 16)]
+    assert len(lookups) == 2  # 64 and 48; the forced tile needs none
 
 
 def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
@@ -424,7 +435,7 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     caller's key= replaces the arguments' part of the key."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
     device = [0]
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    monkeypatch.setattr(flash_attn, "_device", lambda: device[0])
     jit_calls, direct = [], []
 
     class Compiled:
