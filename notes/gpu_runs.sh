@@ -39,7 +39,7 @@ attn_bench)
 # SHAPES=134m (or 1b) runs one shape
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
-python3 bench_train.py --shapes=${SHAPES:-134m,1b} --steps=15 --warmup=4 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
+python3 bench_train.py --shapes=${SHAPES:-134m,1b} --steps=40 --warmup=5 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
 ;;
 attn_profile)
 # issue #20's 134M gap (flash 0.88-1.00x sdpa, by machine): the compiled step timed with each attention,
