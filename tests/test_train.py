@@ -74,6 +74,34 @@ def test_peak_flops_by_device_name(name, tflops):
     assert train.peak_flops(name, 100.0) == 100e12  # --peak_tflops overrides the table
 
 
+def test_fused_adamw_clips_inside_its_step(monkeypatch):
+    """apply_update with torch's fused AdamW (CUDA's default; fused on the CPU here) folds the global-norm
+    clip into the optimizer's kernel (optimizer.grad_scale): the same parameters as clipping the
+    gradients first, over steps whose norms are above and below grad_clip; and not those of no clip."""
+    torch.manual_seed(0)
+    shapes, clip = [(40, 24), (24,), (7, 5)], 1.0
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * scale for s in shapes] for scale in (3.0, 0.01, 1.5)]  # norms ~20, ~0.07, ~10
+
+    def run(mode):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        model = torch.nn.ParameterList(params)
+        opt = torch.optim.AdamW(params, lr=0.05, fused=mode == "fused")
+        cfg = train.Config(grad_clip=clip if mode != "no clip" else 0.0)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in step_grads]))
+            train.apply_update(cfg, model, opt, norm, train.LossScaler(False))
+        return torch.cat([p.detach().flatten() for p in params])
+
+    foreach, unclipped = run("foreach"), run("no clip")
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", None)  # fused: no pass of its own
+    fused = run("fused")
+    torch.testing.assert_close(fused, foreach, rtol=1e-6, atol=1e-6)
+    assert (fused - unclipped).abs().max() > 1e-3
+
+
 def test_batch_depends_only_on_seed_and_step():
     cfg = train.load_config(["--batch_size=8", "--micro_batch_size=2"])
     o1, o2 = train.batch_offsets(cfg, 10_000, 5, "train"), train.batch_offsets(cfg, 10_000, 5, "train")
