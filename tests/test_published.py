@@ -156,12 +156,13 @@ def test_continued_pretraining_lowers_val_loss(smollm2_dir, corpus, trained, cap
                                     pytest.param("--zero=1", marks=pytest.mark.slow)])
 def test_continued_pretraining_on_two_ranks_equals_one(smollm2_dir, corpus, trained, tmp_path, layout):
     """Two processes (dp=2; pp=2; dp=2 with ZeRO-1) train the same model as one: the same global
-    batch per step. (tp=2 does not divide SmolLM2's 9 heads and is refused.)"""
+    batch per step, over the first 8 of the one-process run's 20 steps (same schedule: lr_decay_iters
+    stays 20). (tp=2 does not divide SmolLM2's 9 heads and is refused.)"""
     out = str(tmp_path / "two")
-    run_ok(train_args(smollm2_dir, corpus, out) + [layout], nproc=2, timeout=900)
+    run_ok(train_args(smollm2_dir, corpus, out) + [layout, "--max_iters=8"], nproc=2, timeout=900)
     one, two = losses(trained), losses(out)
-    assert one.keys() == two.keys() and len(one) == 20
-    for step in one:
+    assert len(one) == 20 and sorted(two) == sorted(one)[:8]
+    for step in two:
         assert abs(one[step] - two[step]) < 1e-4 * one[step], (step, one[step], two[step])
 
 
