@@ -434,14 +434,14 @@ def compute_gradients(cfg, mesh, model, fwd_bwd, optimizer, micro_batches, scale
 
 def apply_update(cfg, model, optimizer, norm, scaler):
     """Scale the gradients by min(1, grad_clip / norm) (global-norm clipping) and step AdamW."""
+    coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0) if cfg.grad_clip > 0 else 1.0
     if isinstance(optimizer, zero.ZeroAdamW):
-        coef = torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0) if cfg.grad_clip > 0 else 1.0
         optimizer.step(grad_scale=coef / scaler.scale)
         return
     if cfg.grad_clip > 0 and optimizer.defaults.get("fused"):
         # fused AdamW divides every gradient by optimizer.grad_scale inside its one kernel (the attribute
         # torch's GradScaler sets for it): the clip without a pass of its own over the gradients
-        optimizer.grad_scale = 1.0 / torch.clamp(cfg.grad_clip / (norm + 1e-6), max=1.0)
+        optimizer.grad_scale = 1.0 / coef
     elif cfg.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, norm)
     optimizer.step()
