@@ -559,6 +559,15 @@ _CHOICES = {}  # _launch's (which, caller's key, forced tile, AUTOTUNE, meta) ->
 _device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
+def _keep(cache, key, value):
+    """cache[key] = value, emptying the cache first above 4096 keys (a KV cache's growing Tk makes a
+    new key per token for _COMPILED, _CHOICES and _DESCRIPTOR_FIELDS). Returns value."""
+    if len(cache) > 4096:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _launch_key(arg):
     """What Triton's JIT specializes a kernel on, for one argument, or finer: a tensor's dtype and
     16-byte alignment; a TMA descriptor's base dtype and alignment, shape, strides, block and layout;
@@ -589,10 +598,8 @@ def _run(kernel, grid, *args, key=None, **kwargs):
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)
-        if len(_COMPILED) > 4096:  # e.g. a KV cache's growing Tk: a new key per token
-            _COMPILED.clear()
         tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
-        _COMPILED[key] = compiled[(*grid, 1, 1)[:3]], tail
+        _keep(_COMPILED, key, (compiled[(*grid, 1, 1)[:3]], tail))
         return
     launcher, tail = hit
     launcher(*args, *tail)
@@ -610,9 +617,7 @@ def _launch(which, T, heads, descs, *args, key=None, **meta):
         if choice is None:  # tuned just now: the autotuner has launched this call
             return
         if choice_key is not None:
-            if len(_CHOICES) > 4096:  # as _COMPILED
-                _CHOICES.clear()
-            _CHOICES[choice_key] = choice
+            _keep(_CHOICES, choice_key, choice)
     (bm, bn, w, s), variant = choice
     nargs = dict(zip(("desc_q", "desc_k", "desc_v", "desc_do"), descs), BLOCK_M=bm, BLOCK_N=bn, **meta)
     _set_blocks(nargs)
@@ -668,9 +673,7 @@ def descriptor(cls, x, shape, strides, block, *extra):
     key = (cls, x.dtype, *shape, *strides, *block)
     fields = _DESCRIPTOR_FIELDS.get(key)
     if fields is None:
-        if len(_DESCRIPTOR_FIELDS) > 4096:  # as _COMPILED: a KV cache's growing Tk makes a key per length
-            _DESCRIPTOR_FIELDS.clear()
-        fields = _DESCRIPTOR_FIELDS[key] = vars(cls(x, shape, strides, block, *extra)) | {"base": None}
+        fields = _keep(_DESCRIPTOR_FIELDS, key, vars(cls(x, shape, strides, block, *extra)) | {"base": None})
     desc = object.__new__(cls)
     desc.__dict__.update(fields, base=x)
     return desc
