@@ -19,7 +19,8 @@ leave through shared memory by TMA stores (O through a buffer of its own; dK, dV
 V's), as FlashAttention-3's epilogue does.
 
 Forward: persistent programs, one per SM, each taking query tiles (128 or 192 rows of one head) from
-an atomic counter in a fixed order, so the next tile's loads overlap this one's epilogue.
+an atomic counter in a fixed order; Q has two buffers, so the next tile's loads overlap this one's
+last blocks and epilogue.
 
 Backward (one program per 128 keys, FlashAttention-2's partitioning, all five matmuls once):
 each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
@@ -71,12 +72,13 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
     raise ImportError(f"Triton {triton.__version__} lacks {' and '.join(_missing_features())}; "
                       f"flash_attn_hopper is tested with Triton {TESTED_TRITON}")
 
-# (query rows, key rows, ring slots) per head dim. Forward: BLOCK_M // 64 consumer warpgroups of 64
-# query rows; at head dim 64 from FWD_LONG_SEQLEN tokens three (FlashAttention-3's tile. H200, causal,
-# TFLOP/s 192 x 128 / 128 x 128: 1k 223 / 289, 4k 388 / 404, 8k 458 / 436, 16k 491 / 450);
-# backward: two warpgroups of 64 keys
-FWD_TILES = {64: (128, 128, 2), 128: (128, 128, 2)}
-FWD_TILES_LONG = {64: (192, 128, 2)}
+# Forward (query rows, key rows, K/V ring slots, Q slots) per head dim: BLOCK_M // 64 consumer
+# warpgroups of 64 query rows; at head dim 64 from FWD_LONG_SEQLEN tokens three (FlashAttention-3's
+# tile. H200, causal, TFLOP/s 192 x 128 / 128 x 128: 1k 226 / 303, 4k 381 / 411, 8k 455 / 437, 16k 486 /
+# 453). Two Q slots against one: head dim 64 1k 303 / 288, 4k 411 / 400; 128 1k 414 / 399, 2k 497 / 490;
+# within 1% from 8k. Backward (query rows, key rows, ring slots): two warpgroups of 64 keys
+FWD_TILES = {64: (128, 128, 2, 2), 128: (128, 128, 2, 2)}
+FWD_TILES_LONG = {64: (192, 128, 2, 2)}
 FWD_LONG_SEQLEN = 8192
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
@@ -184,13 +186,16 @@ def _read_tile(tile_smem, tile_full, tile_empty, j):
 
 
 @gluon.jit
-def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
+def _fwd_loader(desc_q, desc_k, desc_v, q_smem, o_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
                 tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles,
                 IS_CAUSAL: gl.constexpr):
     """Loader warp, per tile: the tile's number to the consumers (_publish_tile; n_tiles or more is the
-    end), each consumer's 64 query rows once its Q buffer is free, then K_i, V_i into slot c % STAGES of
-    their rings (c counts the program's key blocks over all its tiles), each once the slot is released."""
-    W: gl.constexpr = q_smem.shape[0]
+    end), each consumer's 64 query rows into Q slot j % Q_STAGES (j counts the program's tiles) once
+    that slot is free, then K_i, V_i into slot c % STAGES of their rings (c counts the program's key
+    blocks over all its tiles), each once the slot is released. Two Q slots: the next tile's Q (and
+    with it its first K, V) loads while this tile still computes, not after its last S = Q K^T."""
+    W: gl.constexpr = o_smem.shape[0]  # o_smem: only its shape (arguments of partitions are no constexprs)
+    Q_STAGES: gl.constexpr = q_smem.shape[0] // W
     ROWS: gl.constexpr = q_smem.shape[1]
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
@@ -203,9 +208,11 @@ def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty,
         b, h, bh, m0, lo, mid_lo, mid_hi, n_blocks = _fwd_tile(t, n_tiles, n_m, HEADS, H, T, LEFT, RIGHT, IS_CAUSAL,
                                                                W * ROWS, BLOCK_N)
         for w in gl.static_range(W):
-            mbarrier.wait(q_empty.index(w), (j & 1) ^ 1)  # parity of the last release (a fresh barrier passes)
-            mbarrier.expect(q_bars.index(w), desc_q.block_type.nbytes)
-            _tma_load(desc_q, [b * T + m0 + w * ROWS, h * D], q_bars.index(w), q_smem.index(w))
+            q_slot = j % Q_STAGES * W + w
+            # parity of the slot's last release (a fresh barrier passes)
+            mbarrier.wait(q_empty.index(q_slot), ((j // Q_STAGES) & 1) ^ 1)
+            mbarrier.expect(q_bars.index(q_slot), desc_q.block_type.nbytes)
+            _tma_load(desc_q, [b * T + m0 + w * ROWS, h * D], q_bars.index(q_slot), q_smem.index(q_slot))
         for i in range(n_blocks):
             c = it + i
             s = c % STAGES
@@ -245,7 +252,8 @@ def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, 
                    n_tiles, IS_CAUSAL: gl.constexpr):
     """Consumer warpgroup wg, per tile: query rows r0 = m0 + 64 wg ... r0 + 63 against the tile's key
     blocks, then O and lse stored. Out is contiguous (B, T, H, D)."""
-    W: gl.constexpr = q_smem.shape[0]
+    W: gl.constexpr = o_smem.shape[0]
+    Q_STAGES: gl.constexpr = q_smem.shape[0] // W
     ROWS: gl.constexpr = q_smem.shape[1]
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[1]
@@ -254,7 +262,6 @@ def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, 
     o_layout: gl.constexpr = _mma_layout(D)  # O: (rows, D)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P from registers
     dtype: gl.constexpr = q_smem.dtype
-    q = q_smem.index(wg)
     qk_scale = softmax_scale * LOG2E  # exp(x) = exp2(x * log2(e))
     it = 0  # key blocks of the earlier tiles: ring slot and phase of block i are those of it + i
     j = 0
@@ -269,7 +276,9 @@ def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, 
         l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([ROWS, D], gl.float32, layout=o_layout)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-        mbarrier.wait(q_bars.index(wg), j & 1)
+        q_slot = j % Q_STAGES * W + wg
+        q = q_smem.index(q_slot)
+        mbarrier.wait(q_bars.index(q_slot), (j // Q_STAGES) & 1)
 
         first = it % STAGES
         mbarrier.wait(k_full.index(first), (it // STAGES) & 1)
@@ -296,7 +305,7 @@ def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, 
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
             p = gl.convert_layout(p_new.to(dtype), p_layout)
-        mbarrier.arrive(q_empty.index(wg), count=1)  # the loader may fetch the next tile's Q
+        mbarrier.arrive(q_empty.index(q_slot), count=1)  # the loader may fetch a later tile's Q
         c = it + n_blocks - 1
         last = c % STAGES
         mbarrier.wait(v_full.index(last), (c // STAGES) & 1)
@@ -339,19 +348,19 @@ def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS", "n_m", "n_tiles"])
 def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale, T, T_pad, H, GROUP, LEFT, RIGHT,
                 HEADS, n_m, n_tiles, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr):
+                STAGES: gl.constexpr, Q_STAGES: gl.constexpr):
     """n_tiles = n_m query blocks x B * H tiles over the programs: BLOCK_M // 64 consumer warpgroups
     (2 or 3), each on its own 64 query rows, and the loader warp."""
     dtype: gl.constexpr = desc_q.dtype
     D: gl.constexpr = desc_k.block_type.shape[1]
     W: gl.constexpr = BLOCK_M // 64
     gl.static_assert(BLOCK_M == 128 or BLOCK_M == 192, "two or three consumer warpgroups of 64 query rows")
-    q_smem = gl.allocate_shared_memory(dtype, [W, 64, D], desc_q.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_STAGES * W, 64, D], desc_q.layout)  # slot s, warpgroup w: s W + w
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_k.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], desc_v.layout)
     o_smem = gl.allocate_shared_memory(dtype, [W, 64, D], desc_o.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [W, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [W, 1], mbarrier.MBarrierLayout())
+    q_bars = gl.allocate_shared_memory(gl.int64, [Q_STAGES * W, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_STAGES * W, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -362,7 +371,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale
     for s in gl.static_range(2):
         mbarrier.init(tile_full.index(s), count=1)
         mbarrier.init(tile_empty.index(s), count=W)  # read by every warpgroup
-    for w in gl.static_range(W):
+    for w in gl.static_range(Q_STAGES * W):
         mbarrier.init(q_bars.index(w), count=1)
         mbarrier.init(q_empty.index(w), count=1)
     for s in gl.static_range(STAGES):
@@ -373,7 +382,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale
     consumer = (q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, o_smem, desc_o, tile_smem,
                 tile_full, tile_empty, Out, Lse, softmax_scale, T, T_pad, H, LEFT, RIGHT, HEADS, n_m, n_tiles,
                 IS_CAUSAL)
-    loader = (desc_q, desc_k, desc_v, q_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
+    loader = (desc_q, desc_k, desc_v, q_smem, o_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
               tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles, IS_CAUSAL)
     if W == 3:
         gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
@@ -635,9 +644,9 @@ def _sm_count(index):
 
 def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
-    ring slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
+    K/V ring slots, Q slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
-    bm, bn, stages = tile or _fwd_tile_for(T, D)
+    bm, bn, stages, q_stages = tile or _fwd_tile_for(T, D)
     out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)  # contiguous, as the kernel writes it
     lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
     group = H // k.shape[2]
@@ -647,7 +656,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
     flash_attn._run(
         _fwd_kernel, (min(_sm_count(q.device.index), n_m * B * H), ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, counter, scale, T, T_pad, H, group,
-        left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=q_stages,
         key=(*flash_attn._shapes_key(q, k, None, None, T_pad, left, right), heads), **COMPILE_OPTIONS)
     return out, lse
 

@@ -7,8 +7,8 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
 tests/test_flash_attn.py's test_hopper_kernels_compile_for_sm90 runs --compile-only on the shipped kernels
 ("kept", "kept d64", "kept d64 long", "bwd 128", "bwd 64").
 
-A variant is a tile (BLOCK_M, BLOCK_N, STAGES) of the shipped kernels at a head dim (the forward runs
-BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in which the programs start
+A variant is a tile (BLOCK_M, BLOCK_N, STAGES, and the forward's Q_STAGES) of the shipped kernels at a head
+dim (the forward runs BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in which the programs start
 (flash_attn_hopper's l2_bytes: heads in groups whose streamed tiles fill that many bytes, 0 for head by
 head); or the portable kernels of flash_attn.py (tile None). The variants of a shape are timed
 interleaved, round after round, with SDPA cuDNN among them (median_ms).
@@ -27,7 +27,9 @@ plain stores by up to 10% (most at 1-2k) and ships. A persistent forward with a 
 tiles lost even in the kept order (0.85-0.90x of cuDNN with the TMA store); with FlashAttention-3's
 atomic tile counter it beat the kept forward at every length: 0.98-1.11x of cuDNN at head dim 128,
 and at head dim 64 the portable kernels below 8k with a 128 x 128 tile; it ships as the forward (the
-one-program-per-tile forward it replaced is in commit 967a473).
+one-program-per-tile forward it replaced is in commit 967a473). A second Q buffer, so the loader no longer
+waits for a tile's last S = Q K^T before the next tile's Q and first K, V, bought 2-5% below 8k (most at
+1k) and ships; with it a third K/V slot at head dim 64 stayed within 1%.
 """
 import argparse
 import os
@@ -49,6 +51,10 @@ VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopp
     ("kept", 128, fh.FWD_TILES[128], fh.L2_GROUP_BYTES),
     ("kept d64", 64, fh.FWD_TILES[64], fh.L2_GROUP_BYTES),
     ("kept d64 long", 64, fh.FWD_TILES_LONG[64], fh.L2_GROUP_BYTES),  # three consumer warpgroups, from 8k
+    ("one Q", 128, fh.FWD_TILES[128][:3] + (1, ), fh.L2_GROUP_BYTES),  # Q single-buffered, as before 2026-12-03
+    ("one Q d64", 64, fh.FWD_TILES[64][:3] + (1, ), fh.L2_GROUP_BYTES),
+    ("one Q d64 long", 64, fh.FWD_TILES_LONG[64][:3] + (1, ), fh.L2_GROUP_BYTES),
+    ("3 slots d64", 64, (128, 128, 3, 2), fh.L2_GROUP_BYTES),  # a third K/V slot once Q no longer blocks the loader
     ("d64 portable", 64, None, None),  # flash_attn.py's own kernels (autotuned): below MIN_SEQLEN they run
 ]
 
@@ -191,6 +197,8 @@ def compile_all(names):
         layout = gl.NVMMASharedLayout.get_default_for(block, {"bf16": gl.bfloat16, "fp32": gl.float32}[dtype])
         return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
 
+    ERR_CHARS = int(os.environ.get("ERR_CHARS", 300))  # of a failed compile's message
+
     def compile_one(name, D, tile, fn, sig, consts):
         for arg in fn.arg_names:
             sig.setdefault(arg, "constexpr" if arg in consts else "i32")
@@ -198,7 +206,7 @@ def compile_all(names):
             k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                options=fh.COMPILE_OPTIONS)
         except Exception as e:  # noqa: BLE001
-            print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-300:]}")
+            print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-ERR_CHARS:]}")
             return
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(k.asm["ptx"])
@@ -222,7 +230,7 @@ def compile_all(names):
                        "desc_o": desc([64, D]), "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
                 sig["Counter"] = "*i32"
                 compile_one(name, D, (bm, bn, stages, *kind), fh._fwd_kernel, sig,
-                            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
+                            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=kind[0]))
             else:
                 sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                        "desc_do": desc([bm, D]), "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
