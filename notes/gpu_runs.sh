@@ -50,6 +50,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m} --steps=15 --warmup=4 --impls=ours_compile,ours_compile_flash --profile=20 2>&1 | grep -v "^\s*$" | tee $OUT/attn_profile.log
 # the operators' host and GPU microseconds per call at bench_train's shapes, and cProfile of their host path
 python3 notes/host_profile.py --ops --calls 1000 --top 25 > $OUT/ops.log 2>&1; grep "us per call" $OUT/ops.log
+# every kernel's time per step with each attention, the largest differences first
+python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_kernels.log
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),

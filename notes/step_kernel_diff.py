@@ -1,0 +1,55 @@
+"""Where two attentions' compiled training steps differ on the GPU: every kernel's microseconds per step
+(five profiled steps after eight warm-up steps) with attn_impl sdpa and flash, the largest differences
+first, and each step's wall time against the GPU's busy time.
+
+    python notes/step_kernel_diff.py [134m|1b]   # bench_train.py's shapes and steps
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import bench_train  # noqa: E402
+
+
+def kernel_times(impl, shape_name, warmup=8, steps=5):
+    """{kernel name: (microseconds per step, calls per step)} of one implementation, and its wall
+    microseconds per step under the profiler."""
+    shape, batch, seq = bench_train.SHAPES[shape_name]
+    torch.manual_seed(0)
+    model, step = bench_train.IMPLS[impl](shape, batch, seq)
+    xy = bench_train.random_documents(batch, seq, shape["vocab_size"], torch.Generator().manual_seed(0)).cuda()
+    x, y = xy[:, :-1], xy[:, 1:]
+    for _ in range(warmup):
+        step(x, y)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e6
+    times = {e.key: (e.self_device_time_total / steps, e.count / steps) for e in prof.key_averages()
+             if e.device_type != DeviceType.CPU and e.self_device_time_total > 0}
+    del model, step
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return times, wall
+
+
+if __name__ == "__main__":
+    shape_name = sys.argv[1] if len(sys.argv) > 1 else "134m"
+    runs = {}
+    for impl in ("ours_compile", "ours_compile_flash"):
+        runs[impl], wall = kernel_times(impl, shape_name)
+        print(f"{impl}: wall {wall:.0f} us per step (profiled), GPU busy {sum(t for t, _ in runs[impl].values()):.0f}")
+    sdpa, flash = runs["ours_compile"], runs["ours_compile_flash"]
+    rows = sorted(((flash.get(k, (0, 0)), sdpa.get(k, (0, 0)), k) for k in set(sdpa) | set(flash)),
+                  key=lambda r: -abs(r[0][0] - r[1][0]))
+    print("flash - sdpa us | sdpa us (calls) | flash us (calls) | kernel")
+    for (tf, cf), (ts, cs), name in rows[:40]:
+        print(f"{tf - ts:8.1f} | {ts:8.1f} ({cs:4.0f}) | {tf:8.1f} ({cf:4.0f}) | {name[:150]}")
