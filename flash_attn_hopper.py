@@ -186,8 +186,8 @@ def _read_tile(tile_smem, tile_full, tile_empty, j):
 
 
 @gluon.jit
-def _fwd_loader(desc_q, desc_k, desc_v, q_smem, o_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty, v_empty,
-                tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles,
+def _fwd_loader(desc_q, desc_k, desc_v, q_smem, o_smem, k_ring, v_ring, q_bars, q_empty, k_full, v_full, k_empty,
+                v_empty, tile_smem, tile_full, tile_empty, Counter, T, H, GROUP, LEFT, RIGHT, HEADS, n_m, n_tiles,
                 IS_CAUSAL: gl.constexpr):
     """Loader warp, per tile: the tile's number to the consumers (_publish_tile; n_tiles or more is the
     end), each consumer's 64 query rows into Q slot j % Q_STAGES (j counts the program's tiles) once
@@ -644,7 +644,8 @@ def _sm_count(index):
 
 def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_GROUP_BYTES):
     """out, lse (B, H, T_pad) in log2 units, as flash_attn._forward. tile: (query rows, key rows,
-    K/V ring slots, Q slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
+    K/V ring slots, Q slots) and l2_bytes: others than FWD_TILES' and L2_GROUP_BYTES only in
+    notes/hopper_variants.py."""
     B, T, H, D = q.shape
     bm, bn, stages, q_stages = tile or _fwd_tile_for(T, D)
     out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)  # contiguous, as the kernel writes it
@@ -656,8 +657,9 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
     flash_attn._run(
         _fwd_kernel, (min(_sm_count(q.device.index), n_m * B * H), ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, counter, scale, T, T_pad, H, group,
-        left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=q_stages,
-        key=(*flash_attn._shapes_key(q, k, None, None, T_pad, left, right), heads), **COMPILE_OPTIONS)
+        left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+        Q_STAGES=q_stages, key=(*flash_attn._shapes_key(q, k, None, None, T_pad, left, right), heads),
+        **COMPILE_OPTIONS)
     return out, lse
 
 

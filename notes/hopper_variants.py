@@ -7,11 +7,11 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
 tests/test_flash_attn.py's test_hopper_kernels_compile_for_sm90 runs --compile-only on the shipped kernels
 ("kept", "kept d64", "kept d64 long", "bwd 128", "bwd 64").
 
-A variant is a tile (BLOCK_M, BLOCK_N, STAGES, and the forward's Q_STAGES) of the shipped kernels at a head
-dim (the forward runs BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in which the programs start
-(flash_attn_hopper's l2_bytes: heads in groups whose streamed tiles fill that many bytes, 0 for head by
-head); or the portable kernels of flash_attn.py (tile None). The variants of a shape are timed
-interleaved, round after round, with SDPA cuDNN among them (median_ms).
+A variant is a tile (BLOCK_M, BLOCK_N, STAGES, and the forward's Q_STAGES) of the shipped kernels at a
+head dim (the forward runs BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in
+which the programs start (flash_attn_hopper's l2_bytes: heads in groups whose streamed tiles fill that
+many bytes, 0 for head by head); or the portable kernels of flash_attn.py (tile None). The variants of a
+shape are timed interleaved, round after round, with SDPA cuDNN among them (median_ms).
 
 Measured (notes/flash_attn_bench.md): a third or fourth ring slot is within the noise both ways; at
 head dim 64 the forward's 192 x 128 tile (FlashAttention-3's, three warpgroups) beats 128 x 128 and
