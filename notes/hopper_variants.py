@@ -55,6 +55,10 @@ VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopp
     ("one Q d64", 64, fh.FWD_TILES[64][:3] + (1, ), fh.L2_GROUP_BYTES),
     ("one Q d64 long", 64, fh.FWD_TILES_LONG[64][:3] + (1, ), fh.L2_GROUP_BYTES),
     ("3 slots d64", 64, (128, 128, 3, 2), fh.L2_GROUP_BYTES),  # a third K/V slot once Q no longer blocks the loader
+    # 64-key blocks: a shorter serial first and last block per tile (compiled without spills, not yet timed)
+    ("n64 d64", 64, (128, 64, 2, 2), fh.L2_GROUP_BYTES),
+    ("n64 3 slots d64", 64, (128, 64, 3, 2), fh.L2_GROUP_BYTES),
+    ("n64", 128, (128, 64, 2, 2), fh.L2_GROUP_BYTES),
     ("d64 portable", 64, None, None),  # flash_attn.py's own kernels (autotuned): below MIN_SEQLEN they run
 ]
 
