@@ -54,7 +54,6 @@ VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopp
     ("one Q", 128, fh.FWD_TILES[128][:3] + (1, ), fh.L2_GROUP_BYTES),  # Q single-buffered, as before 2026-12-03
     ("one Q d64", 64, fh.FWD_TILES[64][:3] + (1, ), fh.L2_GROUP_BYTES),
     ("one Q d64 long", 64, fh.FWD_TILES_LONG[64][:3] + (1, ), fh.L2_GROUP_BYTES),
-    ("3 slots d64", 64, (128, 128, 3, 2), fh.L2_GROUP_BYTES),  # a third K/V slot once Q no longer blocks the loader
     # 64-key blocks: a shorter serial first and last block per tile (compiled without spills, not yet timed)
     ("n64 d64", 64, (128, 64, 2, 2), fh.L2_GROUP_BYTES),
     ("n64 3 slots d64", 64, (128, 64, 3, 2), fh.L2_GROUP_BYTES),
@@ -201,8 +200,6 @@ def compile_all(names):
         layout = gl.NVMMASharedLayout.get_default_for(block, {"bf16": gl.bfloat16, "fp32": gl.float32}[dtype])
         return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
 
-    ERR_CHARS = int(os.environ.get("ERR_CHARS", 300))  # of a failed compile's message
-
     def compile_one(name, D, tile, fn, sig, consts):
         for arg in fn.arg_names:
             sig.setdefault(arg, "constexpr" if arg in consts else "i32")
@@ -210,7 +207,7 @@ def compile_all(names):
             k = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                options=fh.COMPILE_OPTIONS)
         except Exception as e:  # noqa: BLE001
-            print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-ERR_CHARS:]}")
+            print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-300:]}")
             return
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(k.asm["ptx"])
@@ -228,19 +225,19 @@ def compile_all(names):
         for name, D, tile, _ in variants:
             if tile is not None and (not names or name in names):  # not the portable kernels
                 tiles.setdefault((D, tile), name)
-        for (D, (bm, bn, stages, *kind)), name in tiles.items():
+        for (D, (bm, bn, stages, *q_stages)), name in tiles.items():  # q_stages: [Q_STAGES], forward only
             if direction == "forward":
                 sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                        "desc_o": desc([64, D]), "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
                 sig["Counter"] = "*i32"
-                compile_one(name, D, (bm, bn, stages, *kind), fh._fwd_kernel, sig,
-                            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=kind[0]))
+                compile_one(name, D, (bm, bn, stages, *q_stages), fh._fwd_kernel, sig,
+                            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=q_stages[0]))
             else:
                 sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                        "desc_do": desc([bm, D]), "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
                        "desc_delta": desc([bm], "fp32"), "desc_dk": desc([64, D]), "desc_dv": desc([64, D]),
                        "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
-                compile_one(name, D, (bm, bn, stages, *kind), fh._bwd_kernel, sig,
+                compile_one(name, D, (bm, bn, stages), fh._bwd_kernel, sig,
                             dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
 
 if __name__ == "__main__":
