@@ -26,10 +26,12 @@ Backward (one program per 128 keys, FlashAttention-2's partitioning, all five ma
 each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
 dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory and
 each computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by the
-host, cast at the end). lse and delta come in by TMA with Q and dO: loading them with plain
-loads in the consumers cost 15% (the loads sit in front of every exp2). The reductions land in
-whatever order the programs reach them, so dQ is not bitwise reproducible from run to run (as
-with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects the portable kernels, which add no atomics.
+host, cast at the end). At head dim 128 the two warpgroups meet at every step for that; at 64 each
+issues dQ of the step before with this step's first matmuls, so it runs during the softmax. lse
+and delta come in by TMA with Q and dO: loading them with plain loads in the consumers cost 15%
+(the loads sit in front of every exp2). The reductions land in whatever order the programs
+reach them, so dQ is not bitwise reproducible from run to run (as with FlashAttention-2/3);
+FLASH_ATTN_HOPPER=0 selects the portable kernels, which add no atomics.
 
 Compiled only on a GPU; tests/test_flash_attn.py compiles the kernels for sm_90a on CPU
 machines (no GPU needed) and checks them against the reference on a GPU.
@@ -461,6 +463,17 @@ def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROU
 
 
 @gluon.jit
+def _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty):
+    """A finished half dQ (of a step with dS^T buffer buf and its phase) to the writer warp; the buffer
+    free again as far as this warpgroup goes."""
+    mbarrier.arrive(ds_empty.index(buf), count=1)
+    mbarrier.wait(dq_empty.index(buf), phase ^ 1)  # the writer has added this buffer's last tile
+    dq_smem.index(2 * buf + wg).store(dq)
+    fence_async_shared()
+    mbarrier.arrive(dq_full.index(buf), count=1)
+
+
+@gluon.jit
 def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
                    q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
                    n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col):
@@ -487,6 +500,11 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     st_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=st_layout)
     dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=dq_layout)
     ragged = n0 + 2 * KEYS > T  # keys >= T here are the next sequence's: masked, or dQ would see them
+    # head dim 64: dQ of step j - 1 is issued with step j's S^T and dP^T, so it computes during the softmax and
+    # neither warpgroup waits for the other's dS of the step it is at (H200: +2-5% from 4k tokens). At head dim
+    # 128 that accumulator, live through the softmax, spills (1156 B): there both warpgroups meet at each step's
+    # dQ; issuing it one step late but at the step's end lost 3-9% (notes/flash_attn_bench.md, 2026-12-03)
+    EARLY_DQ: gl.constexpr = D <= 64
     mbarrier.wait(kv_bar, 0)
     for j in range(GROUP * n_q):
         s = j % STAGES
@@ -496,17 +514,26 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
         mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
         s_tok = warpgroup_mma(k_w, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # S^T = K Q^T
         dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # dP^T = V dO^T
+        if EARLY_DQ:  # dQ of step j - 1 (at j = 0 a product of buffer 1 that is thrown away: the wait passes at once)
+            pbuf = (j + 1) % 2
+            pphase = ((j + 3) // 2) & 1  # step j - 1's phase, and 1 at j = 0
+            mbarrier.wait(ds_full.index(pbuf), pphase)
+            dq_tok = warpgroup_mma(ds_smem.index(pbuf).permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
         lse = lse_ring.index(s).load(gl.SliceLayout(0, st_layout))  # log2 units; +inf for rows >= T
-        s_t = warpgroup_mma_wait(1, deps=[s_tok])
+        s_t = warpgroup_mma_wait(1 + EARLY_DQ, deps=[s_tok])
         p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))  # P^T, recomputed
         if (start_m < mid_lo) | (start_m >= mid_hi) | ragged:
             p_t = gl.where(_band(keys, start_m + cols, RIGHT, LEFT) & gl.expand_dims(keys < T, 1), p_t, 0.0)
         dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do, dv, is_async=True)  # dV += P^T dO
         delta = delta_ring.index(s).load(gl.SliceLayout(0, st_layout))
-        dp_t = warpgroup_mma_wait(1, deps=[dp_tok])
+        dp_t = warpgroup_mma_wait(1 + EARLY_DQ, deps=[dp_tok])
         # dS^T = P^T (dP^T - delta), times the softmax scale that dK = scale dS^T Q and dQ = scale dS K share
         ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0)) * softmax_scale).to(dtype)
         dk_tok = warpgroup_mma(gl.convert_layout(ds_t, a_layout), q, dk, is_async=True)  # dK += dS^T Q
+        if EARLY_DQ:
+            dq = warpgroup_mma_wait(2, deps=[dq_tok])
+            if j > 0:
+                _bwd_dq_hand(wg, pbuf, pphase, dq, dq_smem, ds_empty, dq_full, dq_empty)
         # dQ_i = dS K sums over both warpgroups' keys: dS^T goes through shared memory (two buffers)
         buf = j % 2
         phase = (j // 2) & 1
@@ -515,15 +542,22 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
         ds_buf.slice(wg * KEYS, KEYS, dim=0).store(ds_t)
         fence_async_shared()
         mbarrier.arrive(ds_full.index(buf), count=1)
+        if EARLY_DQ:
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+            mbarrier.arrive(q_empty.index(s), count=1)
+        else:
+            mbarrier.wait(ds_full.index(buf), phase)
+            dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
+            mbarrier.arrive(q_empty.index(s), count=1)
+            _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
+    if EARLY_DQ:  # the last step's dQ
+        buf = (GROUP * n_q - 1) % 2
+        phase = ((GROUP * n_q - 1) // 2) & 1
         mbarrier.wait(ds_full.index(buf), phase)
-        dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
-        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
-        mbarrier.arrive(q_empty.index(s), count=1)
-        mbarrier.arrive(ds_empty.index(buf), count=1)
-        mbarrier.wait(dq_empty.index(buf), phase ^ 1)  # the writer has added this buffer's last tile
-        dq_smem.index(2 * buf + wg).store(dq)
-        fence_async_shared()
-        mbarrier.arrive(dq_full.index(buf), count=1)
+        dq_tok = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq_tok])
+        _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
     r0 = n0 + wg * KEYS
     mbarrier.arrive(kv_done, count=1)
     if r0 + KEYS <= T:  # (the backward is 1-10% faster so at head dim 128: notes/flash_attn_bench.md)

@@ -29,7 +29,9 @@ atomic tile counter it beat the kept forward at every length: 0.98-1.11x of cuDN
 and at head dim 64 the portable kernels below 8k with a 128 x 128 tile; it ships as the forward (the
 one-program-per-tile forward it replaced is in commit 967a473). A second Q buffer, so the loader no longer
 waits for a tile's last S = Q K^T before the next tile's Q and first K, V, bought 2-5% below 8k (most at
-1k) and ships; with it a third K/V slot at head dim 64 stayed within 1%.
+1k) and ships; with it a third K/V slot at head dim 64 stayed within 1%. Forward tiles of 64 keys
+(128 x 64, two or three slots) lost at every length: 0.81-0.91x of cuDNN at head dim 64 (kept 0.90-1.05x),
+0.92-0.98x at 128 (kept 0.99-1.09x); removed after commit 476e8a4.
 """
 import argparse
 import os
@@ -54,10 +56,6 @@ VARIANTS = [  # (name, head dim, tile, l2_bytes: the tile order, flash_attn_hopp
     ("one Q", 128, fh.FWD_TILES[128][:3] + (1, ), fh.L2_GROUP_BYTES),  # Q single-buffered, as before 2026-12-03
     ("one Q d64", 64, fh.FWD_TILES[64][:3] + (1, ), fh.L2_GROUP_BYTES),
     ("one Q d64 long", 64, fh.FWD_TILES_LONG[64][:3] + (1, ), fh.L2_GROUP_BYTES),
-    # 64-key blocks: a shorter serial first and last block per tile (compiled without spills, not yet timed)
-    ("n64 d64", 64, (128, 64, 2, 2), fh.L2_GROUP_BYTES),
-    ("n64 3 slots d64", 64, (128, 64, 3, 2), fh.L2_GROUP_BYTES),
-    ("n64", 128, (128, 64, 2, 2), fh.L2_GROUP_BYTES),
     ("d64 portable", 64, None, None),  # flash_attn.py's own kernels (autotuned): below MIN_SEQLEN they run
 ]
 
