@@ -463,6 +463,14 @@ def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROU
 
 
 @gluon.jit
+def _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero):
+    """This warpgroup's half of a step's dQ = dS K_half, asynchronously, once both warpgroups' dS^T are in
+    buffer buf (phase: the step's): the matmul's token."""
+    mbarrier.wait(ds_full.index(buf), phase)
+    return warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
 def _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty):
     """A finished half dQ (of a step with dS^T buffer buf and its phase) to the writer warp; the buffer
     free again as far as this warpgroup goes."""
@@ -517,8 +525,7 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
         if EARLY_DQ:  # dQ of step j - 1 (at j = 0 a product of buffer 1 that is thrown away: the wait passes at once)
             pbuf = (j + 1) % 2
             pphase = ((j + 3) // 2) & 1  # step j - 1's phase, and 1 at j = 0
-            mbarrier.wait(ds_full.index(pbuf), pphase)
-            dq_tok = warpgroup_mma(ds_smem.index(pbuf).permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+            dq_tok = _bwd_dq_start(pbuf, pphase, ds_smem, ds_full, k_half, dq_zero)
         lse = lse_ring.index(s).load(gl.SliceLayout(0, st_layout))  # log2 units; +inf for rows >= T
         s_t = warpgroup_mma_wait(1 + EARLY_DQ, deps=[s_tok])
         p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))  # P^T, recomputed
@@ -538,24 +545,22 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
         buf = j % 2
         phase = (j // 2) & 1
         mbarrier.wait(ds_empty.index(buf), phase ^ 1)  # both dQ matmuls that read this buffer are done
-        ds_buf = ds_smem.index(buf)
-        ds_buf.slice(wg * KEYS, KEYS, dim=0).store(ds_t)
+        ds_smem.index(buf).slice(wg * KEYS, KEYS, dim=0).store(ds_t)
         fence_async_shared()
         mbarrier.arrive(ds_full.index(buf), count=1)
         if EARLY_DQ:
             dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
             mbarrier.arrive(q_empty.index(s), count=1)
         else:
-            mbarrier.wait(ds_full.index(buf), phase)
-            dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+            dq_tok = _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero)  # both dS^T of this step
             dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
             mbarrier.arrive(q_empty.index(s), count=1)
             _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
     if EARLY_DQ:  # the last step's dQ
-        buf = (GROUP * n_q - 1) % 2
-        phase = ((GROUP * n_q - 1) // 2) & 1
-        mbarrier.wait(ds_full.index(buf), phase)
-        dq_tok = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+        last = GROUP * n_q - 1
+        buf = last % 2
+        phase = (last // 2) & 1
+        dq_tok = _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero)
         dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq_tok])
         _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
     r0 = n0 + wg * KEYS
