@@ -44,7 +44,7 @@ python3 bench_train.py --shapes=${SHAPES:-134m,1b} --steps=40 --warmup=5 --impls
 attn_profile)
 # issue #20's 134M gap (flash 0.88-1.00x sdpa, by machine): the compiled step timed with each attention,
 # then one step profiled for each: GPU busy time against wall time (host-bound?), its 20 costliest GPU
-# kernels and its 20 costliest host operators
+# kernels and its 20 costliest host operators; unprofiled, notes/step_host.py
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m} --steps=15 --warmup=4 --impls=ours_compile,ours_compile_flash --profile=20 2>&1 | grep -v "^\s*$" | tee $OUT/attn_profile.log
@@ -52,6 +52,8 @@ python3 bench_train.py --shapes=${SHAPES:-134m} --steps=15 --warmup=4 --impls=ou
 python3 notes/host_profile.py --ops --calls 1000 --top 25 > $OUT/ops.log 2>&1; grep "us per call" $OUT/ops.log
 # every kernel's time per step with each attention, the largest differences first
 python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_kernels.log
+# host-bound? the wall per step, the host's time to issue a step, and the GPU's step given a head start
+python3 notes/step_host.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_host.log
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),

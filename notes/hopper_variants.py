@@ -31,7 +31,9 @@ one-program-per-tile forward it replaced is in commit 967a473). A second Q buffe
 waits for a tile's last S = Q K^T before the next tile's Q and first K, V, bought 2-5% below 8k (most at
 1k) and ships; with it a third K/V slot at head dim 64 stayed within 1%. Forward tiles of 64 keys
 (128 x 64, two or three slots) lost at every length: 0.81-0.91x of cuDNN at head dim 64 (kept 0.90-1.05x),
-0.92-0.98x at 128 (kept 0.99-1.09x); removed after commit 476e8a4.
+0.92-0.98x at 128 (kept 0.99-1.09x); removed after commit 476e8a4. On the atomic-counter forward, ping-pong
+again and FlashAttention-3's rescale order (O rescaled while S computes) stayed within the runs' noise
+(about 2%, notes/flash_attn_bench.md, 2026-12-03); not kept.
 """
 import argparse
 import os

@@ -1,6 +1,7 @@
 """Where two attentions' compiled training steps differ on the GPU: every kernel's microseconds per step
 (five profiled steps after eight warm-up steps) with attn_impl sdpa and flash, the largest differences
-first, and each step's wall time against the GPU's busy time.
+first, and each step's wall time against the GPU's busy time; then where the GPU idles between kernels
+(the gaps of its timeline, summed by the kernels on either side).
 
     python notes/step_kernel_diff.py [134m|1b]   # bench_train.py's shapes and steps
 """
@@ -17,8 +18,9 @@ import bench_train  # noqa: E402
 
 
 def kernel_times(impl, shape_name, warmup=8, steps=5):
-    """{kernel name: (microseconds per step, calls per step)} of one implementation, and its wall
-    microseconds per step under the profiler."""
+    """{kernel name: (microseconds per step, calls per step)} of one implementation, its wall
+    microseconds per step under the profiler, and its GPU timeline's gaps: {(kernel before, kernel
+    after): (microseconds per step, gaps per step)}."""
     shape, batch, seq = bench_train.SHAPES[shape_name]
     torch.manual_seed(0)
     model, step = bench_train.IMPLS[impl](shape, batch, seq)
@@ -35,21 +37,35 @@ def kernel_times(impl, shape_name, warmup=8, steps=5):
         wall = (time.perf_counter() - t0) / steps * 1e6
     times = {e.key: (e.self_device_time_total / steps, e.count / steps) for e in prof.key_averages()
              if e.device_type != DeviceType.CPU and e.self_device_time_total > 0}
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type != DeviceType.CPU and e.time_range.end > e.time_range.start)
+    gaps = {}
+    for (_, end, before), (start, _, after) in zip(spans, spans[1:]):
+        if start > end:
+            key = (before[:60], after[:60])
+            us, n = gaps.get(key, (0.0, 0))
+            gaps[key] = (us + (start - end) / steps, n + 1 / steps)
     del model, step
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    return times, wall
+    return times, wall, gaps
 
 
 if __name__ == "__main__":
     shape_name = sys.argv[1] if len(sys.argv) > 1 else "134m"
-    runs = {}
+    runs, idle = {}, {}
     for impl in ("ours_compile", "ours_compile_flash"):
-        runs[impl], wall = kernel_times(impl, shape_name)
-        print(f"{impl}: wall {wall:.0f} us per step (profiled), GPU busy {sum(t for t, _ in runs[impl].values()):.0f}")
+        runs[impl], wall, idle[impl] = kernel_times(impl, shape_name)
+        print(f"{impl}: wall {wall:.0f} us per step (profiled), GPU busy {sum(t for t, _ in runs[impl].values()):.0f}, "
+              f"{sum(n for _, n in runs[impl].values()):.0f} kernels per step, idle between them "
+              f"{sum(t for t, _ in idle[impl].values()):.0f} us in {sum(n for _, n in idle[impl].values()):.0f} gaps")
     sdpa, flash = runs["ours_compile"], runs["ours_compile_flash"]
     rows = sorted(((flash.get(k, (0, 0)), sdpa.get(k, (0, 0)), k) for k in set(sdpa) | set(flash)),
                   key=lambda r: -abs(r[0][0] - r[1][0]))
     print("flash - sdpa us | sdpa us (calls) | flash us (calls) | kernel")
     for (tf, cf), (ts, cs), name in rows[:40]:
         print(f"{tf - ts:8.1f} | {ts:8.1f} ({cs:4.0f}) | {tf:8.1f} ({cf:4.0f}) | {name[:150]}")
+    for impl, gaps in idle.items():
+        print(f"\n{impl}: the GPU's idle microseconds per step between two kernels, largest first")
+        for (before, after), (us, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:15]:
+            print(f"{us:8.1f} ({n:4.0f} gaps) | {before} -> {after}")

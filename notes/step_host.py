@@ -1,0 +1,81 @@
+"""Is the compiled training step host-bound? bench_train.py's step with attn_impl sdpa and flash, both
+built and compiled once, then timed round after round, interleaved:
+  - wall: milliseconds per step over 30 steps (as bench_train.py times them);
+  - host: milliseconds the host takes to issue one step while the GPU sleeps behind 200 ms of
+    torch.cuda._sleep (so the launch queue never blocks it);
+  - head start: milliseconds per step with a 5 ms GPU sleep before each step, minus the 5 ms: the
+    GPU's own time per step, when the host is never behind.
+Where host is near the GPU's step, the wall time pays for the host's slower steps; the head-start
+ratio is the attentions' ratio on the GPU alone.
+
+    python notes/step_host.py [134m|1b] [--rounds 3]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import bench_train  # noqa: E402
+
+IMPLS = ("ours_compile", "ours_compile_flash")
+
+
+def sleep_ms(ms, cycles_per_ms):
+    torch.cuda._sleep(int(ms * cycles_per_ms))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("shape", nargs="?", default="134m", choices=sorted(bench_train.SHAPES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30)
+    args = p.parse_args()
+    shape, batch, seq = bench_train.SHAPES[args.shape]
+    xy = bench_train.random_documents(batch, seq, shape["vocab_size"], torch.Generator().manual_seed(0)).cuda()
+    x, y = xy[:, :-1], xy[:, 1:]
+    steps = {}
+    for impl in IMPLS:
+        torch.manual_seed(0)
+        steps[impl] = bench_train.IMPLS[impl](shape, batch, seq)[1]
+        for _ in range(8):  # compile, tune
+            steps[impl](x, y)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(100_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    cycles_per_ms = 100_000_000 / start.elapsed_time(end)
+    res = {impl: {"wall": [], "host": [], "head start": []} for impl in IMPLS}
+    for _ in range(args.rounds):
+        for impl, step in steps.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(x, y)
+            torch.cuda.synchronize()
+            res[impl]["wall"].append((time.perf_counter() - t0) / args.steps * 1e3)
+            sleep_ms(200, cycles_per_ms)
+            t0 = time.perf_counter()
+            step(x, y)
+            res[impl]["host"].append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                sleep_ms(5, cycles_per_ms)
+                step(x, y)
+            torch.cuda.synchronize()
+            res[impl]["head start"].append((time.perf_counter() - t0) / args.steps * 1e3 - 5)
+    print(f"{torch.cuda.get_device_name()}, {args.shape}: milliseconds per step, one value per round")
+    for impl, d in res.items():
+        print(f"{impl:20s}", " | ".join(f"{k} " + " / ".join(f"{v:.2f}" for v in vals) for k, vals in d.items()))
+    sdpa, flash = res["ours_compile"], res["ours_compile_flash"]
+    for k in ("wall", "head start"):
+        print(f"flash / sdpa speed, {k}:", " ".join(f"{a / b:.4f}" for a, b in zip(sdpa[k], flash[k])))
+
+
+if __name__ == "__main__":
+    main()
