@@ -6,11 +6,13 @@ built and compiled once, then timed round after round, interleaved:
   - head start: milliseconds per step with a 5 ms GPU sleep before each step, minus the 5 ms: the
     GPU's own time per step, when the host is never behind.
 Where host is near the GPU's step, the wall time pays for the host's slower steps; the head-start
-ratio is the attentions' ratio on the GPU alone.
+ratio is the attentions' ratio on the GPU alone. --gc_freeze moves every object alive after warm-up out
+of the garbage collector's reach (gc.freeze), to see whether its full collections make the slow host steps.
 
-    python notes/step_host.py [134m|1b] [--rounds 3]
+    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze]
 """
 import argparse
+import gc
 import os
 import sys
 import time
@@ -32,6 +34,7 @@ def main():
     p.add_argument("shape", nargs="?", default="134m", choices=sorted(bench_train.SHAPES))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--gc_freeze", action="store_true", help="gc.freeze() after warm-up")
     args = p.parse_args()
     shape, batch, seq = bench_train.SHAPES[args.shape]
     xy = bench_train.random_documents(batch, seq, shape["vocab_size"], torch.Generator().manual_seed(0)).cuda()
@@ -43,6 +46,9 @@ def main():
         for _ in range(8):  # compile, tune
             steps[impl](x, y)
     torch.cuda.synchronize()
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(100_000_000)
@@ -69,7 +75,8 @@ def main():
                 step(x, y)
             torch.cuda.synchronize()
             res[impl]["head start"].append((time.perf_counter() - t0) / args.steps * 1e3 - 5)
-    print(f"{torch.cuda.get_device_name()}, {args.shape}: milliseconds per step, one value per round")
+    print(f"{torch.cuda.get_device_name()}, {args.shape}{', gc.freeze()' if args.gc_freeze else ''}: "
+          "milliseconds per step, one value per round")
     for impl, d in res.items():
         print(f"{impl:20s}", " | ".join(f"{k} " + " / ".join(f"{v:.2f}" for v in vals) for k, vals in d.items()))
     sdpa, flash = res["ours_compile"], res["ours_compile_flash"]
