@@ -228,7 +228,10 @@ def _fwd_loader(desc_q, desc_k, desc_v, q_smem, o_smem, k_ring, v_ring, q_bars, 
             _tma_load(desc_v, [row, (h // GROUP) * D], v_full.index(s), v_ring.index(s))
         it += n_blocks
         j += 1
-        t = gl.num_programs(0) + gl.atomic_add(Counter, 1)  # the first num_programs tiles went at launch
+        fetched = gl.atomic_add(Counter, 1)  # one fetch per tile done: n_tiles in all, values 0 .. n_tiles - 1
+        if fetched == n_tiles - 1:  # the kernel's last fetch: the counter back to 0 for the next call (_tile_counter)
+            gl.atomic_xchg(Counter, 0)
+        t = gl.num_programs(0) + fetched  # the first num_programs tiles went at launch
     _publish_tile(tile_smem, tile_full, tile_empty, j, t)  # the end
 
 
@@ -692,7 +695,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
     group = H // k.shape[2]
     heads = _heads_at_a_time(l2_bytes, 4 * T * D, B * H, group)  # a kv head's K, V: 2 x 2 x T x D bytes
     n_m = triton.cdiv(T, bm)
-    counter = torch.zeros(1, device=q.device, dtype=torch.int32)  # tiles handed out after the first of each program
+    counter = _tile_counter(q.device.index)
     flash_attn._run(
         _fwd_kernel, (min(_sm_count(q.device.index), n_m * B * H), ),
         _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, counter, scale, T, T_pad, H, group,
@@ -700,6 +703,23 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
         Q_STAGES=q_stages, key=(*flash_attn._shapes_key(q, k, None, None, T_pad, left, right), heads),
         **COMPILE_OPTIONS)
     return out, lse
+
+
+_COUNTERS = {}  # (device, stream) -> _fwd_kernel's tile counter
+
+
+def _tile_counter(index):
+    """A zeroed int32 on GPU index for _fwd_kernel's tile counter, which every launch leaves at zero
+    again: one per device and stream, as the kernels of a stream run one after another (no fill
+    kernel per call). While a CUDA graph is captured a fresh one, zeroed in the graph, so that
+    replays share nothing with calls outside it."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, device=f"cuda:{index}", dtype=torch.int32)
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(1, device=f"cuda:{index}", dtype=torch.int32)
+    return counter
 
 
 def _fwd_tile_for(T, D):

@@ -812,6 +812,29 @@ def test_hopper_tile_order_changes_no_bit(head_dim):
 
 
 @cuda_only
+def test_hopper_tile_counter_is_left_at_zero():
+    """The persistent forward's tile counter is one zeroed int32 per device and stream that each launch
+    leaves at zero (its last fetch resets it): calls of different tile counts in a row, on two streams,
+    each equal the reference and leave their stream's counter at 0; while a CUDA graph is captured the
+    counter is a fresh one, not a stream's."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a Hopper GPU")
+    import flash_attn_hopper as fh
+    side = torch.cuda.Stream()
+    for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
+        with torch.cuda.stream(stream):
+            for B, T, H, D in ((1, 1100, 2, 128), (3, 2000, 5, 64), (2, 8200, 1, 64), (1, 1024, 1, 128)):
+                q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                left, right = flash_attn._window(True, None, T, T)
+                out, _ = fh.forward(q, k, v, True, D ** -0.5, left, right, flash_attn._lse_len(T))
+                ref, _ = flash_attn.attention_reference(q.double(), k.double(), v.double())
+                assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-2, (B, T, H, D)
+                assert fh._tile_counter(0).item() == 0
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        assert all(fh._tile_counter(0) is not c for c in fh._COUNTERS.values())
+
+
+@cuda_only
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_hopper_backward_tile_order(head_dim, monkeypatch):
     """flash_attn_hopper's backward with its programs started in the shipped L2_GROUP_BYTES groups (here
