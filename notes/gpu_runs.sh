@@ -53,7 +53,7 @@ python3 notes/host_profile.py --ops --calls 1000 --top 25 > $OUT/ops.log 2>&1; g
 # every kernel's time per step with each attention, the largest differences first
 python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_kernels.log
 # host-bound? the wall per step, the host's time to issue a step, and the GPU's step given a head start
-python3 notes/step_host.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_host.log
+python3 notes/step_host.py ${SHAPES:-134m} --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
 python3 notes/step_host.py ${SHAPES:-134m} --gc_freeze 2>&1 | grep -v Warn | tee $OUT/step_host_gc.log
 ;;
 attn_tests)

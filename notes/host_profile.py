@@ -6,7 +6,8 @@ bench_train.py's attention shapes: GPU time per call at the full shape, host tim
 the GPU idles), SDPA cuDNN's for comparison, and where the operators' host time goes.
 
     python notes/host_profile.py [--calls 2000]
-    python notes/host_profile.py --ops
+    python notes/host_profile.py --ops [--sort ncalls]
+    python notes/host_profile.py --pieces
 """
 import argparse
 import cProfile
@@ -24,7 +25,7 @@ from bench_attention import per_call_us  # noqa: E402
 SHAPES = {"134m": (16, 1024, 12, 12, 64), "1b": (4, 2048, 16, 8, 128)}  # B, T, H, H_kv, D (bench_train.SHAPES)
 
 
-def ops(calls, top):
+def ops(calls, top, sort="tottime"):
     """GPU and host microseconds per call of each op, and SDPA cuDNN's through autograd (its ops' own
     argument lists change between torch releases), then cProfile of the ops' host path."""
     import triton
@@ -67,7 +68,31 @@ def ops(calls, top):
             prof.disable()
             torch.cuda.synchronize()
             print(f"\n=== {name} {n}, one head, {calls // 4} calls")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+            pstats.Stats(prof).sort_stats(sort).print_stats(top)
+
+
+def hopper_pieces(calls):
+    """Host microseconds of each piece of one Hopper forward call at the 134M shape (one head): its
+    allocations, its tile counter, its four descriptors, and the launch of the cached launcher alone."""
+    import flash_attn_hopper as fh
+    q, k, v = (torch.randn(1, 1024, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    fh.forward(q, k, v, True, 0.125, 1024, 0, flash_attn._lse_len(1024))
+    (launcher, tail), = [hit for key, hit in flash_attn._COMPILED.items() if key[0] is fh._fwd_kernel]
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 1024, device="cuda")
+    counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+    descs = [fh._desc(x, 64 if x is q or x is out else 128) for x in (q, k, v, out)]
+    args = (*descs, out, lse, counter, 0.125, 1024, 1024, 1, 1, 1024, 0, 1, 8, 8)
+    pieces = {
+        "whole forward": lambda: fh.forward(q, k, v, True, 0.125, 1024, 0, 1024),
+        "torch.empty x 2": lambda: (torch.empty(1, 1024, 1, 64, device="cuda", dtype=torch.bfloat16),
+                                    torch.empty(1, 1, 1024, device="cuda")),
+        "torch.zeros(1) (tile counter)": lambda: torch.zeros(1, device="cuda", dtype=torch.int32),
+        "4 descriptors": lambda: [fh._desc(x, 64) for x in (q, k, v, out)],
+        "cached launcher alone": lambda: (counter.zero_(), launcher(*args, *tail)),
+        "counter.zero_() alone": lambda: counter.zero_(),
+    }
+    for name, fn in pieces.items():
+        print(f"hopper forward piece, {name}: {per_call_us(fn, calls):.1f} us", flush=True)
 
 
 def main():
@@ -75,9 +100,13 @@ def main():
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--ops", action="store_true", help="the operators at bench_train.py's shapes instead")
+    p.add_argument("--pieces", action="store_true", help="the pieces of one Hopper forward call instead")
+    p.add_argument("--sort", default="tottime", help="--ops' cProfile order: tottime, ncalls, cumtime")
     a = p.parse_args()
     if a.ops:
-        return ops(a.calls, a.top)
+        return ops(a.calls, a.top, a.sort)
+    if a.pieces:
+        return hopper_pieces(a.calls)
     for D in (128, 64):
         q, k, v = (torch.randn(1, 128, 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         dout = torch.randn_like(q)

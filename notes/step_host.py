@@ -2,17 +2,23 @@
 built and compiled once, then timed round after round, interleaved:
   - wall: milliseconds per step over 30 steps (as bench_train.py times them);
   - host: milliseconds the host takes to issue one step while the GPU sleeps behind 200 ms of
-    torch.cuda._sleep (so the launch queue never blocks it);
+    torch.cuda._sleep (so the launch queue never blocks it), the median and the largest of --host_samples;
   - head start: milliseconds per step with a 5 ms GPU sleep before each step, minus the 5 ms: the
     GPU's own time per step, when the host is never behind.
 Where host is near the GPU's step, the wall time pays for the host's slower steps; the head-start
-ratio is the attentions' ratio on the GPU alone. --gc_freeze moves every object alive after warm-up out
+ratio is the attentions' ratio on the GPU alone. The garbage collector's collections and their
+milliseconds (gc.callbacks) are counted per attention over all rounds. --gc_freeze moves every object alive after warm-up out
 of the garbage collector's reach (gc.freeze), to see whether its full collections make the slow host steps.
+--cprofile N: then cProfile over N issued steps of each attention (each behind a GPU sleep), its costliest
+functions by own time; and, unprofiled, the host microseconds spent inside flash_attn's _forward and
+_backward per call over N issued steps (the operators' Python as the compiled step runs it).
 
     python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze]
 """
 import argparse
+import cProfile
 import gc
+import pstats
 import os
 import sys
 import time
@@ -34,6 +40,8 @@ def main():
     p.add_argument("shape", nargs="?", default="134m", choices=sorted(bench_train.SHAPES))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--host_samples", type=int, default=9)
+    p.add_argument("--cprofile", type=int, default=0, metavar="N")
     p.add_argument("--gc_freeze", action="store_true", help="gc.freeze() after warm-up")
     args = p.parse_args()
     shape, batch, seq = bench_train.SHAPES[args.shape]
@@ -55,20 +63,35 @@ def main():
     end.record()
     torch.cuda.synchronize()
     cycles_per_ms = 100_000_000 / start.elapsed_time(end)
-    res = {impl: {"wall": [], "host": [], "head start": []} for impl in IMPLS}
+    res = {impl: {"wall": [], "host": [], "host max": [], "head start": []} for impl in IMPLS}
+    gc_time = {impl: [0, 0.0] for impl in IMPLS}  # collections, milliseconds
+    gc_start = [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            gc_time[current][0] += 1
+            gc_time[current][1] += (time.perf_counter() - gc_start[0]) * 1e3
+    gc.callbacks.append(on_gc)
     for _ in range(args.rounds):
-        for impl, step in steps.items():
+        for current, step in steps.items():
+            impl = current
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 step(x, y)
             torch.cuda.synchronize()
             res[impl]["wall"].append((time.perf_counter() - t0) / args.steps * 1e3)
-            sleep_ms(200, cycles_per_ms)
-            t0 = time.perf_counter()
-            step(x, y)
-            res[impl]["host"].append((time.perf_counter() - t0) * 1e3)
-            torch.cuda.synchronize()
+            host = []
+            for _ in range(args.host_samples):
+                sleep_ms(200, cycles_per_ms)
+                t0 = time.perf_counter()
+                step(x, y)
+                host.append((time.perf_counter() - t0) * 1e3)
+                torch.cuda.synchronize()
+            res[impl]["host"].append(sorted(host)[len(host) // 2])
+            res[impl]["host max"].append(max(host))
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 sleep_ms(5, cycles_per_ms)
@@ -79,9 +102,50 @@ def main():
           "milliseconds per step, one value per round")
     for impl, d in res.items():
         print(f"{impl:20s}", " | ".join(f"{k} " + " / ".join(f"{v:.2f}" for v in vals) for k, vals in d.items()))
+    for impl, (n, ms) in gc_time.items():
+        print(f"{impl:20s} garbage collections: {n}, {ms:.1f} ms in all")
     sdpa, flash = res["ours_compile"], res["ours_compile_flash"]
     for k in ("wall", "head start"):
         print(f"flash / sdpa speed, {k}:", " ".join(f"{a / b:.4f}" for a, b in zip(sdpa[k], flash[k])))
+    for impl, step in steps.items() if args.cprofile else ():
+        prof = cProfile.Profile()
+        for _ in range(args.cprofile):
+            sleep_ms(200, cycles_per_ms)
+            prof.enable()
+            step(x, y)
+            prof.disable()
+            torch.cuda.synchronize()
+        print(f"=== {impl}: cProfile of {args.cprofile} issued steps")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    if args.cprofile:
+        op_host_us(steps["ours_compile_flash"], x, y, args.cprofile, cycles_per_ms)
+
+
+def op_host_us(step, x, y, n, cycles_per_ms):
+    """Host microseconds per call inside flash_attn._forward and _backward over n issued steps."""
+    import flash_attn
+    spent = {"_forward": [], "_backward": []}
+
+    def timed(name, fn):
+        def wrapper(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            spent[name].append(time.perf_counter() - t0)
+            return out
+        return wrapper
+    kept = flash_attn._forward, flash_attn._backward
+    flash_attn._forward, flash_attn._backward = timed("_forward", kept[0]), timed("_backward", kept[1])
+    try:
+        for _ in range(n):
+            sleep_ms(200, cycles_per_ms)
+            step(x, y)
+            torch.cuda.synchronize()
+    finally:
+        flash_attn._forward, flash_attn._backward = kept
+    for name, t in spent.items():
+        t = sorted(t)
+        print(f"flash_attn.{name} in the issued step: {len(t)} calls, median {t[len(t) // 2] * 1e6:.1f} us, "
+              f"max {t[-1] * 1e6:.1f} us, {sum(t) * 1e3 / n:.2f} ms per step")
 
 
 if __name__ == "__main__":
