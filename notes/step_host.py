@@ -7,19 +7,19 @@ built and compiled once, then timed round after round, interleaved:
     GPU's own time per step, when the host is never behind.
 Where host is near the GPU's step, the wall time pays for the host's slower steps; the head-start
 ratio is the attentions' ratio on the GPU alone. The garbage collector's collections and their
-milliseconds (gc.callbacks) are counted per attention over all rounds. --gc_freeze moves every object alive after warm-up out
-of the garbage collector's reach (gc.freeze), to see whether its full collections make the slow host steps.
+milliseconds (gc.callbacks) are counted per attention over all rounds. --gc_freeze moves every object
+alive after warm-up out of the collector's reach (gc.freeze).
 --cprofile N: then cProfile over N issued steps of each attention (each behind a GPU sleep), its costliest
 functions by own time; and, unprofiled, the host microseconds spent inside flash_attn's _forward and
 _backward per call over N issued steps (the operators' Python as the compiled step runs it).
 
-    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze]
+    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze] [--cprofile 5]
 """
 import argparse
 import cProfile
 import gc
-import pstats
 import os
+import pstats
 import sys
 import time
 
@@ -71,12 +71,11 @@ def main():
         if phase == "start":
             gc_start[0] = time.perf_counter()
         else:
-            gc_time[current][0] += 1
-            gc_time[current][1] += (time.perf_counter() - gc_start[0]) * 1e3
+            gc_time[impl][0] += 1
+            gc_time[impl][1] += (time.perf_counter() - gc_start[0]) * 1e3
     gc.callbacks.append(on_gc)
     for _ in range(args.rounds):
-        for current, step in steps.items():
-            impl = current
+        for impl, step in steps.items():  # (on_gc counts for impl)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
