@@ -50,11 +50,13 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m} --steps=15 --warmup=4 --impls=ours_compile,ours_compile_flash --profile=20 2>&1 | grep -v "^\s*$" | tee $OUT/attn_profile.log
 # the operators' host and GPU microseconds per call at bench_train's shapes, and cProfile of their host path
 python3 notes/host_profile.py --ops --calls 1000 --top 25 > $OUT/ops.log 2>&1; grep "us per call" $OUT/ops.log
+# one Hopper forward call's host time, piece by piece
+python3 notes/host_profile.py --pieces 2>&1 | grep "piece"
 # every kernel's time per step with each attention, the largest differences first
 python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_kernels.log
-# host-bound? the wall per step, the host's time to issue a step, and the GPU's step given a head start
+# host-bound? the wall per step, the host's time to issue a step, the GPU's step given a head start, and
+# the operators' host time inside the step (--gc_freeze: the garbage collector is not it, 2026-12-03)
 python3 notes/step_host.py ${SHAPES:-134m} --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
-python3 notes/step_host.py ${SHAPES:-134m} --gc_freeze 2>&1 | grep -v Warn | tee $OUT/step_host_gc.log
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),
