@@ -42,9 +42,10 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m,1b} --steps=40 --warmup=5 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
 ;;
 attn_profile)
-# issue #20's 134M gap (flash 0.99-1.00x sdpa on 2026-12-03, a tie on the GPU, the rest the operators' host time): the compiled step
-# timed with each attention, then one step profiled for each: GPU busy time against wall time, its 20
-# costliest GPU kernels and its 20 costliest host operators; unprofiled, notes/step_host.py
+# issue #20's 134M gap (flash 0.99-1.00x sdpa on 2026-12-03: a tie on the GPU, the rest the operators'
+# host time): the compiled step timed with each attention, then one step profiled for each: GPU busy
+# time against wall time, its 20 costliest GPU kernels and its 20 costliest host operators; unprofiled,
+# notes/step_host.py
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m} --steps=15 --warmup=4 --impls=ours_compile,ours_compile_flash --profile=20 2>&1 | grep -v "^\s*$" | tee $OUT/attn_profile.log
