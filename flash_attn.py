@@ -261,9 +261,10 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
 
 # --------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["T", "T_pad"])
-def _bwd_preprocess(Out, dOut, Delta, stride_b, stride_t, stride_h, T, T_pad, H,
-                    HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta = rowsum(dO * O) (float32), one value per query row; rows >= T get 0."""
+def _bwd_preprocess(Out, dOut, Delta, dQ, stride_b, stride_t, stride_h, T, T_pad, H,
+                    HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr = False):
+    """Delta = rowsum(dO * O) (float32), one value per query row; rows >= T get 0. ZERO_DQ: dQ (float32,
+    O's strides) zeroed in the same pass, for a backward that sums dQ by atomic adds (flash_attn_hopper)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -274,6 +275,8 @@ def _bwd_preprocess(Out, dOut, Delta, stride_b, stride_t, stride_h, T, T_pad, H,
     o = tl.load(Out + offs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(dOut + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * T_pad + offs_m, tl.sum(o * do, 1))
+    if ZERO_DQ:
+        tl.store(dQ + offs, tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), mask=mask)
 
 
 @triton.jit
@@ -767,19 +770,20 @@ def _forward(q, k, v, doc_range, causal, scale, left, right):
 
 
 def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
+    """dq, dk, dv; out and lse from _forward (either kernels'), do and out with q's strides."""
     B, Tq, H, D = q.shape
     Tk, H_kv = k.shape[1], k.shape[2]
     T_pad = lse.shape[-1]
-    delta = torch.empty_like(lse)
-    key = _shapes_key(q, k, do, doc_range, T_pad, left, right)
-    _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, out.stride(0), out.stride(1), out.stride(2),
-         Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK, key=key)
     hopper = _hopper(q, "backward") if doc_range is None and Tq == Tk else None
     if hopper:  # its lse has the same format, so either kernels' forward can come first
         try:
-            return hopper.backward(do, q, k, v, lse, delta, scale, left, right)
+            return hopper.backward(do, q, k, v, out, lse, scale, left, right)
         except Exception as e:  # noqa: BLE001
             _hopper_failed(e)
+    delta = torch.empty_like(lse)
+    key = _shapes_key(q, k, do, doc_range, T_pad, left, right)
+    _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, None, out.stride(0), out.stride(1),
+         out.stride(2), Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK, key=key)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     band, meta = _band_args(Tq, Tk, left, right, doc_range), _common(q, causal, doc_range)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]  # (each launch sets its own tile's block on them)
@@ -797,7 +801,7 @@ def _forward_impl(q, k, v, doc_range, causal, scale, left, right):
 
 
 def _backward_impl(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
-    do, q, k, v, out = (_prepare(x) for x in (do, q, k, v, out))  # do and out: one stride (_bwd_preprocess)
+    do, q, k, v, out = (_prepare(x) for x in (do, q, k, v, out))  # all contiguous: do and out have q's strides
     return _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
 
 

@@ -24,14 +24,15 @@ last blocks and epilogue.
 
 Backward (one program per 128 keys, FlashAttention-2's partitioning, all five matmuls once):
 each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
-dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory and
-each computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by the
-host, cast at the end). At head dim 128 the two warpgroups meet at every step for that; at 64 each
-issues dQ of the step before with this step's first matmuls, so it runs during the softmax. lse
-and delta come in by TMA with Q and dO: loading them with plain loads in the consumers cost 15%
-(the loads sit in front of every exp2). The reductions land in whatever order the programs
-reach them, so dQ is not bitwise reproducible from run to run (as with FlashAttention-2/3);
-FLASH_ATTN_HOPPER=0 selects the portable kernels, which add no atomics.
+dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory and each
+computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by flash_attn's
+_bwd_preprocess in its pass for delta, cast at the end). At head dim 128 the two warpgroups
+meet at every step for that; at 64 each issues dQ of the step before with this step's first
+matmuls, so it runs during the softmax. lse and delta come in by TMA with Q and dO: loading
+them with plain loads in the consumers cost 15% (the loads sit in front of every exp2). The
+reductions land in whatever order the programs reach them, so dQ is not bitwise reproducible
+from run to run (as with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects the portable kernels,
+which add no atomics.
 
 Compiled only on a GPU; tests/test_flash_attn.py compiles the kernels for sm_90a on CPU
 machines (no GPU needed) and checks them against the reference on a GPU.
@@ -727,21 +728,26 @@ def _fwd_tile_for(T, D):
     return FWD_TILES_LONG[D] if T >= FWD_LONG_SEQLEN and D in FWD_TILES_LONG else FWD_TILES[D]
 
 
-def backward(do, q, k, v, lse, delta, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
-    """dq, dk, dv from either forward's lse and flash_attn's delta = rowsum(dO * O). tile: (query
-    rows, key rows, ring slots) and l2_bytes: others than BWD_TILES' and L2_GROUP_BYTES only in
-    notes/hopper_variants.py."""
+def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
+    """dq, dk, dv from either forward's out and lse, do and out with q's strides, as
+    flash_attn._backward. tile: (query rows, key rows, ring slots) and l2_bytes: others than
+    BWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
     H_kv = k.shape[2]
+    T_pad = lse.shape[-1]
     bm, bn, stages = tile or BWD_TILES[D]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq = torch.zeros(B, T, H, D, device=q.device, dtype=torch.float32)  # sum of TMA reductions
+    dq = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32)  # zeroed with delta, then TMA reductions
+    delta = torch.empty_like(lse)
     heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv)  # a kv head's query heads' Q, dO
+    key = (*flash_attn._shapes_key(q, k, do, None, T_pad, left, right), heads)
+    flash_attn._run(flash_attn._bwd_preprocess, (T_pad // flash_attn.MAX_BLOCK, B * H), out, do, delta, dq,
+                    out.stride(0), out.stride(1), out.stride(2), T, T_pad, H, HEAD_DIM=D, DIM=D,
+                    BLOCK_M=flash_attn.MAX_BLOCK, ZERO_DQ=True, key=key)
     flash_attn._run(
         _bwd_kernel, (triton.cdiv(T, bn) * B * H_kv, ),
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
-        dk.stride(1), dk.stride(2), T, lse.shape[-1], H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, key=(*flash_attn._shapes_key(q, k, do, None, lse.shape[-1], left, right), heads),
-        **COMPILE_OPTIONS)
+        dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
+        STAGES=stages, key=key, **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

@@ -105,17 +105,13 @@ BWD_VARIANTS = [  # (name, head dim, tile, l2_bytes) as VARIANTS, flash_attn_hop
 
 
 def backward(do, q, k, v, out, lse, causal, tile, l2_bytes=None):
-    """dq, dk, dv by flash_attn_hopper.backward with a variant's tile and tile order (delta by
-    flash_attn's preprocess; tile None: the portable kernels)."""
-    B, T, H, D = q.shape
+    """dq, dk, dv by flash_attn_hopper.backward with a variant's tile and tile order (tile None: the
+    portable kernels)."""
+    T, D = q.shape[1], q.shape[3]
     left, right = flash_attn._window(causal, None, T, T)
     if tile is None:
         return portable(flash_attn._backward, do, q, k, v, out, lse, None, causal, D ** -0.5, left, right)
-    delta = torch.empty_like(lse)
-    flash_attn._run(flash_attn._bwd_preprocess, (lse.shape[-1] // flash_attn.MAX_BLOCK, B * H), out, do, delta,
-                    out.stride(0), out.stride(1), out.stride(2), T, lse.shape[-1], H, HEAD_DIM=D, DIM=D,
-                    BLOCK_M=flash_attn.MAX_BLOCK)
-    return fh.backward(do, q, k, v, lse, delta, D ** -0.5, left, right, tile=tile, l2_bytes=l2_bytes)
+    return fh.backward(do, q, k, v, out, lse, D ** -0.5, left, right, tile=tile, l2_bytes=l2_bytes)
 
 
 def check_bwd(D, tile, l2_bytes):

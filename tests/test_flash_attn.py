@@ -89,6 +89,20 @@ def test_interpreter_matches_reference(case, dtype, tol):
     check_against_reference(*case, dtype=dtype, device="cpu", tol=tol)
 
 
+@cpu_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_interpreter_backward_reads_only_what_it_wrote(causal, monkeypatch):
+    """Every buffer the kernels get from torch.empty_like starts as nan here, with query tiles of 32
+    rows in the dQ kernel and 64 in the dK/dV kernel and a ragged T = 70 (tiles end at rows 96 and
+    128): no nan reaches a result, so no kernel reads a row of lse, delta or the outputs that nothing
+    wrote (0 * nan is nan in dS)."""
+    monkeypatch.setattr(flash_attn, "FORCE_TILES", {"dq": (32, 32, 4, 1), "dkdv": (64, 32, 4, 1)})
+    full_like = torch.full_like
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: full_like(x, float("nan"), **kw))
+    torch.manual_seed(0)
+    check_against_reference(2, 70, 2, 1, 32, causal, None, dtype=torch.float32, device="cpu", tol=1e-4)
+
+
 def check_qk_case(case, dtype, device, tol):
     """A (B, Tq, Tk, Hq, Hkv, D, causal, window) case of QK_CASES / GPU_QK_CASES, seeded by the case."""
     torch.manual_seed(zlib.crc32(repr(case).encode()))
