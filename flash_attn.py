@@ -769,6 +769,17 @@ def _forward(q, k, v, doc_range, causal, scale, left, right):
     return out, lse
 
 
+def _delta(out, do, T_pad, key, zero_dq=None):
+    """delta = rowsum(dO * O) (B, H, T_pad) float32, by _bwd_preprocess (key: _run's); zero_dq: a
+    float32 tensor of out's shape that the same pass zeroes (flash_attn_hopper's dQ), or None."""
+    B, T, H, D = out.shape
+    delta = torch.empty(B, H, T_pad, device=out.device, dtype=torch.float32)
+    _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, zero_dq, out.stride(0), out.stride(1),
+         out.stride(2), T, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK, ZERO_DQ=zero_dq is not None,
+         key=key)
+    return delta
+
+
 def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     """dq, dk, dv; out and lse from _forward (either kernels'), do and out with q's strides."""
     B, Tq, H, D = q.shape
@@ -780,10 +791,8 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
             return hopper.backward(do, q, k, v, out, lse, scale, left, right)
         except Exception as e:  # noqa: BLE001
             _hopper_failed(e)
-    delta = torch.empty_like(lse)
     key = _shapes_key(q, k, do, doc_range, T_pad, left, right)
-    _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, None, out.stride(0), out.stride(1),
-         out.stride(2), Tq, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK, key=key)
+    delta = _delta(out, do, T_pad, key)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     band, meta = _band_args(Tq, Tk, left, right, doc_range), _common(q, causal, doc_range)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]  # (each launch sets its own tile's block on them)

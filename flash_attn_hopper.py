@@ -26,7 +26,7 @@ Backward (one program per 128 keys, FlashAttention-2's partitioning, all five ma
 each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
 dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory and each
 computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by flash_attn's
-_bwd_preprocess in its pass for delta, cast at the end). At head dim 128 the two warpgroups
+_delta in its pass for delta, cast at the end). At head dim 128 the two warpgroups
 meet at every step for that; at 64 each issues dQ of the step before with this step's first
 matmuls, so it runs during the softmax. lse and delta come in by TMA with Q and dO: loading
 them with plain loads in the consumers cost 15% (the loads sit in front of every exp2). The
@@ -738,12 +738,9 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
     bm, bn, stages = tile or BWD_TILES[D]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32)  # zeroed with delta, then TMA reductions
-    delta = torch.empty_like(lse)
     heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv)  # a kv head's query heads' Q, dO
     key = (*flash_attn._shapes_key(q, k, do, None, T_pad, left, right), heads)
-    flash_attn._run(flash_attn._bwd_preprocess, (T_pad // flash_attn.MAX_BLOCK, B * H), out, do, delta, dq,
-                    out.stride(0), out.stride(1), out.stride(2), T, T_pad, H, HEAD_DIM=D, DIM=D,
-                    BLOCK_M=flash_attn.MAX_BLOCK, ZERO_DQ=True, key=key)
+    delta = flash_attn._delta(out, do, T_pad, key, zero_dq=dq)
     flash_attn._run(
         _bwd_kernel, (triton.cdiv(T, bn) * B * H_kv, ),
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),

@@ -92,13 +92,16 @@ def test_interpreter_matches_reference(case, dtype, tol):
 @cpu_only
 @pytest.mark.parametrize("causal", [True, False])
 def test_interpreter_backward_reads_only_what_it_wrote(causal, monkeypatch):
-    """Every buffer the kernels get from torch.empty_like starts as nan here, with query tiles of 32
-    rows in the dQ kernel and 64 in the dK/dV kernel and a ragged T = 70 (tiles end at rows 96 and
+    """Every float buffer from torch.empty or torch.empty_like starts as nan here, with query tiles of
+    32 rows in the dQ kernel and 64 in the dK/dV kernel and a ragged T = 70 (tiles end at rows 96 and
     128): no nan reaches a result, so no kernel reads a row of lse, delta or the outputs that nothing
     wrote (0 * nan is nan in dS)."""
     monkeypatch.setattr(flash_attn, "FORCE_TILES", {"dq": (32, 32, 4, 1), "dkdv": (64, 32, 4, 1)})
-    full_like = torch.full_like
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: full_like(x, float("nan"), **kw))
+    for name in ("empty", "empty_like"):
+        def nan_filled(*args, _fresh=getattr(torch, name), **kw):
+            x = _fresh(*args, **kw)
+            return x.fill_(float("nan")) if x.is_floating_point() else x
+        monkeypatch.setattr(torch, name, nan_filled)
     torch.manual_seed(0)
     check_against_reference(2, 70, 2, 1, 32, causal, None, dtype=torch.float32, device="cpu", tol=1e-4)
 
