@@ -63,6 +63,7 @@ line on stderr).
 """
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -556,10 +557,11 @@ def _remember(key, config):
         pass
 
 
-_COMPILED = {}  # _run's launch key -> (the compiled kernel's launcher for its grid, the arguments after the positional ones)
+_COMPILED = {}  # _run's launch key -> (_launcher of the compiled kernel for its grid, the arguments after the positional ones)
 _CHOICES = {}  # _launch's (which, caller's key, forced tile, AUTOTUNE, meta) -> (tile, variant) once chosen
 # the current CUDA device: torch.cuda.current_device without its lazy-init check (a launch is on an initialized GPU)
 _device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # a device's current stream's handle (as Triton's)
 
 
 def _keep(cache, key, value):
@@ -588,9 +590,9 @@ def _run(kernel, grid, *args, key=None, **kwargs):
     argument and looks the compiled kernel up on each call, a large part of the host's time per
     attention call. The compiled kernel that a launch key (_launch_key of every argument, or `key`:
     a tuple of values that determine all of those, such as the shapes the arguments derive from; and
-    the grid and keyword arguments) got on its first call is launched directly from then on (its
-    launcher for this grid, all arguments in signature order: the keyword ones, fixed by the key,
-    are kept as the tail). Exact values in the key: every hit is a launch the JIT would compile
+    the grid and keyword arguments) got on its first call is launched directly from then on (by
+    _launcher, all arguments in signature order: the keyword ones, fixed by the key, are kept as
+    the tail). Exact values in the key: every hit is a launch the JIT would compile
     identically. The current device is part of the key (a compiled kernel is loaded per device);
     under the interpreter (kernels without Triton's device caches) nothing is kept. Every launch
     gets FP_FUSION."""
@@ -602,10 +604,60 @@ def _run(kernel, grid, *args, key=None, **kwargs):
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)
         tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
-        _keep(_COMPILED, key, (compiled[(*grid, 1, 1)[:3]], tail))
+        _keep(_COMPILED, key, (_launcher(compiled, (*grid, 1, 1)[:3]), tail))
         return
     launcher, tail = hit
     launcher(*args, *tail)
+
+
+def _launcher(compiled, grid):
+    """A launch of a compiled kernel on grid (3 values), all arguments in signature order. Triton's
+    own (compiled[grid]) costs about 24 us of host per launch on an H200's host: its runner builds
+    launch metadata and calls the launch hooks, a Python wrapper expands each TMA descriptor into a
+    CUtensorMap (fill_tma_descriptor), shape and strides, and the C launcher asks the driver about
+    every tensor. Under Triton 3.6 (the launcher this was written against and tested with; others get
+    Triton's own) the generated C launcher is called straight, about 16 us sooner
+    (notes/flash_attn_bench.md): each descriptor as its CUtensorMap, kept per base address, shape
+    and strides (all that the map encodes but what the compiled kernel fixes), a tensor as its
+    address. Not for kernels with scratch memory, clusters or descriptors Triton decomposes, nor
+    while a launch hook is set (profilers): Triton's own then."""
+    runner = compiled[grid]
+    if not triton.__version__.startswith("3.6."):
+        return runner
+    from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+    run = compiled.run  # Triton's CudaLauncher (compiled[grid] loaded it)
+    kinds = [str(kind) for kind in compiled.src.signature.values()]
+    metas = iter(getattr(compiled.metadata, "tensordesc_meta", None) or ())
+    descs = [(i, next(metas, None)) for i, kind in enumerate(kinds) if kind.startswith("tensordesc")]
+    if (run.global_scratch_size or run.profile_scratch_size or run.num_ctas != 1 or next(metas, None)
+            or any(m is None or m["fp4_padded"] for _, m in descs)):
+        return runner
+    descs = [(i, m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]], m["block_size"])
+             for i, m in reversed(descs)]  # from the last: each expands to 1 + 2 * rank arguments
+    pointers = [i for i, kind in enumerate(kinds) if kind.startswith("*")]
+    c_launch = inspect.getclosurevars(run.launch).nonlocals["launcher"] if descs else run.launch
+    fill = triton.runtime.driver.active.utils.fill_tma_descriptor
+    fixed = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
+             None, None, None)  # function, its launch flags, no scratch, kernel metadata, no launch metadata or hooks
+    knobs, maps = triton.knobs.runtime, {}
+    enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
+
+    def launch(*args):
+        if enter.calls or leave.calls or knobs.launch_enter_hook is not enter or knobs.launch_exit_hook is not leave:
+            return runner(*args)
+        args = list(args)
+        for i in pointers:
+            args[i] = args[i].data_ptr()
+        for i, swizzle, elem_size, elem_type, block in descs:
+            d = args[i]
+            key = (i, d.base.data_ptr(), *d.shape, *d.strides, d.padding)
+            cu_map = maps.get(key)
+            if cu_map is None:
+                cu_map = _keep(maps, key, fill(key[1], swizzle, elem_size, elem_type, block, d.shape, d.strides,
+                                               int(d.padding == "nan")))
+            args[i:i + 1] = (cu_map, *d.shape, *d.strides)
+        c_launch(*grid, _stream(_device()), *fixed, *args)
+    return launch
 
 
 def _launch(which, T, heads, descs, *args, key=None, **meta):
@@ -850,6 +902,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, doc_range, causal, scale, left, right):
         out, lse = torch.ops.flash_attn.forward(q, k, v, doc_range, causal, scale, left, right)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for lse's gradient (eager autograd's default: a fill per call)
         ctx.save_for_backward(q, k, v, out, lse, doc_range)
         ctx.args = (causal, scale, left, right)
         return out, lse

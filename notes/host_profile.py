@@ -1,6 +1,8 @@
 """Where flash_attn_func's host time goes on a GPU: cProfile of many tiny calls (the GPU finishes each
 before the host issues the next), top functions by own time, per path (Hopper hd128, portable hd64),
 forward and forward + backward. Also times the pieces alone: one Triton launch, one TensorDescriptor.
+--launch: the two operators' host time per call (one head, bench_train.py's shapes) with Triton's own
+kernel launcher and with flash_attn._launcher's, interleaved over rounds.
 --ops: the two operators that a compiled training step calls (flash_attn::forward, ::backward) at
 bench_train.py's attention shapes: GPU time per call at the full shape, host time per call (one head:
 the GPU idles), SDPA cuDNN's for comparison, and where the operators' host time goes.
@@ -8,6 +10,7 @@ the GPU idles), SDPA cuDNN's for comparison, and where the operators' host time 
     python notes/host_profile.py [--calls 2000]
     python notes/host_profile.py --ops [--sort ncalls]
     python notes/host_profile.py --pieces
+    python notes/host_profile.py --launch [--rounds 3]
 """
 import argparse
 import cProfile
@@ -97,6 +100,32 @@ def hopper_pieces(calls):
         print(f"hopper forward piece, {name}: {per_call_us(fn, calls):.1f} us", flush=True)
 
 
+def launch_ab(calls, rounds):
+    """Host us per call of flash_attn::forward and ::backward at bench_train's shapes with one head (the
+    GPU idles), each kernel launched by Triton's launcher (compiled[grid]) or by flash_attn._launcher's."""
+    fwd_op, bwd_op = torch.ops.flash_attn.forward.default, torch.ops.flash_attn.backward.default
+    own = flash_attn._launcher
+    launchers = {"triton": lambda compiled, grid: compiled[grid], "_launcher": own}
+    try:
+        for name, (B, T, H, H_kv, D) in SHAPES.items():
+            q = torch.randn(1, T, H // H_kv, D, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(1, T, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            out, lse = fwd_op(q, k, v, None, True, D ** -0.5, T, 0)
+            do = torch.randn_like(out)
+            ops = {"fwd op": lambda: fwd_op(q, k, v, None, True, D ** -0.5, T, 0),
+                   "bwd op": lambda: bwd_op(do, q, k, v, out, lse, None, True, D ** -0.5, T, 0)}
+            for r in range(rounds):
+                for label, launcher in launchers.items():
+                    flash_attn._launcher = launcher
+                    flash_attn._COMPILED.clear()
+                    us = {n: per_call_us(f, calls) for n, f in ops.items()}
+                    print(f"{name} one head (T={T} D={D}), round {r}, {label}: host us per call "
+                          + ", ".join(f"{n} {t:.1f}" for n, t in us.items()), flush=True)
+    finally:
+        flash_attn._launcher = own
+        flash_attn._COMPILED.clear()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=2000)
@@ -104,11 +133,15 @@ def main():
     p.add_argument("--ops", action="store_true", help="the operators at bench_train.py's shapes instead")
     p.add_argument("--pieces", action="store_true", help="the pieces of one Hopper forward call instead")
     p.add_argument("--sort", default="tottime", help="--ops' cProfile order: tottime, ncalls, cumtime")
+    p.add_argument("--launch", action="store_true", help="Triton's launcher against flash_attn._launcher")
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     if a.ops:
         return ops(a.calls, a.top, a.sort)
     if a.pieces:
         return hopper_pieces(a.calls)
+    if a.launch:
+        return launch_ab(a.calls, a.rounds)
     for D in (128, 64):
         q, k, v = (torch.randn(1, 128, 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         dout = torch.randn_like(q)

@@ -9,11 +9,13 @@ Where host is near the GPU's step, the wall time pays for the host's slower step
 ratio is the attentions' ratio on the GPU alone. The garbage collector's collections and their
 milliseconds (gc.callbacks) are counted per attention over all rounds. --gc_freeze moves every object
 alive after warm-up out of the collector's reach (gc.freeze).
+--triton_launch: a third row, the flash step with Triton's own kernel launcher instead of
+flash_attn._launcher's (swapped in and out around its rounds, each swap followed by an untimed step).
 --cprofile N: then cProfile over N issued steps of each attention (each behind a GPU sleep), its costliest
 functions by own time; and, unprofiled, the host microseconds spent inside flash_attn's _forward and
 _backward per call over N issued steps (the operators' Python as the compiled step runs it).
 
-    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze] [--cprofile 5]
+    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze] [--triton_launch] [--cprofile 5]
 """
 import argparse
 import cProfile
@@ -29,6 +31,7 @@ import torch  # noqa: E402
 import bench_train  # noqa: E402
 
 IMPLS = ("ours_compile", "ours_compile_flash")
+TRITON_LAUNCH = "flash, Triton's launch"
 
 
 def sleep_ms(ms, cycles_per_ms):
@@ -43,6 +46,7 @@ def main():
     p.add_argument("--host_samples", type=int, default=9)
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
     p.add_argument("--gc_freeze", action="store_true", help="gc.freeze() after warm-up")
+    p.add_argument("--triton_launch", action="store_true", help="also the flash step with Triton's launcher")
     args = p.parse_args()
     shape, batch, seq = bench_train.SHAPES[args.shape]
     xy = bench_train.random_documents(batch, seq, shape["vocab_size"], torch.Generator().manual_seed(0)).cuda()
@@ -53,6 +57,8 @@ def main():
         steps[impl] = bench_train.IMPLS[impl](shape, batch, seq)[1]
         for _ in range(8):  # compile, tune
             steps[impl](x, y)
+    if args.triton_launch:
+        steps[TRITON_LAUNCH] = steps["ours_compile_flash"]
     torch.cuda.synchronize()
     if args.gc_freeze:
         gc.collect()
@@ -63,8 +69,8 @@ def main():
     end.record()
     torch.cuda.synchronize()
     cycles_per_ms = 100_000_000 / start.elapsed_time(end)
-    res = {impl: {"wall": [], "host": [], "host max": [], "head start": []} for impl in IMPLS}
-    gc_time = {impl: [0, 0.0] for impl in IMPLS}  # collections, milliseconds
+    res = {impl: {"wall": [], "host": [], "host max": [], "head start": []} for impl in steps}
+    gc_time = {impl: [0, 0.0] for impl in steps}  # collections, milliseconds
     gc_start = [0.0]
 
     def on_gc(phase, info):
@@ -76,6 +82,8 @@ def main():
     gc.callbacks.append(on_gc)
     for _ in range(args.rounds):
         for impl, step in steps.items():  # (on_gc counts for impl)
+            if args.triton_launch:
+                use_launcher(impl == TRITON_LAUNCH, step, x, y)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -104,9 +112,13 @@ def main():
     for impl, (n, ms) in gc_time.items():
         print(f"{impl:20s} garbage collections: {n}, {ms:.1f} ms in all")
     gc.callbacks.remove(on_gc)  # (cProfile below: not counted)
-    sdpa, flash = res["ours_compile"], res["ours_compile_flash"]
-    for k in ("wall", "head start"):
-        print(f"flash / sdpa speed, {k}:", " ".join(f"{a / b:.4f}" for a, b in zip(sdpa[k], flash[k])))
+    if args.triton_launch:
+        use_launcher(False, steps["ours_compile_flash"], x, y)
+    sdpa = res["ours_compile"]
+    for impl in [i for i in steps if i != "ours_compile"]:
+        for k in ("wall", "head start"):
+            print(f"{impl} / sdpa speed, {k}:", " ".join(f"{a / b:.4f}" for a, b in zip(sdpa[k], res[impl][k])))
+    steps.pop(TRITON_LAUNCH, None)
     for impl, step in steps.items() if args.cprofile else ():
         prof = cProfile.Profile()
         for _ in range(args.cprofile):
@@ -119,6 +131,21 @@ def main():
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     if args.cprofile:
         op_host_us(steps["ours_compile_flash"], x, y, args.cprofile, cycles_per_ms)
+
+
+_OWN_LAUNCHER = []
+
+
+def use_launcher(triton_own, step, x, y):
+    """flash_attn._run's launches from now on through Triton's kernel launcher (triton_own) or through
+    flash_attn._launcher; the launch cache emptied and refilled by one untimed step."""
+    import flash_attn
+    if not _OWN_LAUNCHER:
+        _OWN_LAUNCHER.append(flash_attn._launcher)
+    flash_attn._launcher = (lambda compiled, grid: compiled[grid]) if triton_own else _OWN_LAUNCHER[0]
+    flash_attn._COMPILED.clear()
+    step(x, y)
+    torch.cuda.synchronize()
 
 
 def op_host_us(step, x, y, n, cycles_per_ms):

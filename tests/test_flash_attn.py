@@ -402,6 +402,80 @@ def test_ops_carry_no_python_wrappers():
     assert type(flash_attn_func(q, q, q).grad_fn).__name__ == "_AttentionBackward"
 
 
+def test_direct_launch_arguments(monkeypatch):
+    """flash_attn._launcher under Triton 3.6 (faked on the CPU): Triton's generated C launcher gets the
+    grid, the current stream, the kernel's function, launch flags and metadata, no scratch or hooks,
+    then every argument in signature order, a descriptor as its CUtensorMap (filled once per base
+    address, shape and strides), shape and strides, a tensor as its address. With a launch hook set,
+    Triton's own launch runs instead; under other releases _launcher is Triton's own launch."""
+    triton = flash_attn.triton
+    fills, c_calls, triton_calls = [], [], []
+
+    def fill(*args):
+        fills.append(args)
+        return ("map", args[0], len(fills))
+    monkeypatch.setattr(triton.runtime.driver, "_active", types.SimpleNamespace(
+        utils=types.SimpleNamespace(fill_tma_descriptor=fill)))
+    monkeypatch.setattr(flash_attn, "_stream", lambda device: 77)
+    monkeypatch.setattr(flash_attn, "_device", lambda: 0)
+
+    def tritons_wrapper(launcher):  # wrap_handle_tensordesc's closure over the C launcher
+        return lambda *args: launcher(*args) and pytest.fail("Triton's descriptor wrapper ran")
+    meta = dict(swizzle=3, elem_size=2, elem_type=10, block_size=[16, 32], fp4_padded=False)  # bf16: host dtype 9
+    run = types.SimpleNamespace(launch=tritons_wrapper(lambda *args: c_calls.append(args)), global_scratch_size=0,
+                                profile_scratch_size=0, num_ctas=1, launch_cooperative_grid=False, launch_pdl=True)
+
+    class Compiled:
+        src = types.SimpleNamespace(signature={"desc_q": "tensordesc<bf16[16, 32]>", "Out": "*bf16", "Docs": "constexpr",
+                                               "scale": "fp32", "desc_k": "tensordesc<bf16[16, 32]>", "T": "i32",
+                                               "BLOCK": "constexpr"})
+        metadata = types.SimpleNamespace(tensordesc_meta=[meta, meta])
+        function, packed_metadata = 1234, (4, 1, 5000)
+
+        def __getitem__(self, grid):
+            return lambda *args: triton_calls.append((grid, args))
+    compiled = Compiled()
+    compiled.run = run
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"  # Triton's own (Compiled's runner)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    launch = flash_attn._launcher(compiled, (3, 2, 1))
+    x, y, out = (torch.zeros(64, 32, dtype=torch.bfloat16) for _ in range(3))
+    desc = lambda t: flash_attn.TensorDescriptor(t, [64, 32], [32, 1], [16, 32])  # noqa: E731
+    launch(desc(x), out, None, 0.5, desc(y), 64, 16)
+    launch(desc(x), out, None, 0.5, desc(y), 64, 16)
+    fixed = (3, 2, 1, 77, 1234, False, True, None, None, (4, 1, 5000), None, None, None)
+    maps = [("map", t.data_ptr(), i) for i, t in ((2, x), (1, y))]  # the last descriptor is filled first
+    expected = (*fixed, maps[0], 64, 32, 32, 1, out.data_ptr(), None, 0.5, maps[1], 64, 32, 32, 1, 64, 16)
+    assert c_calls == [expected, expected] and triton_calls == []
+    assert sorted(fills) == sorted((t.data_ptr(), 3, 2, 9, [16, 32], [64, 32], [32, 1], 0) for t in (x, y))
+    triton.knobs.runtime.launch_enter_hook.add(print)
+    try:
+        launch(desc(x), out, None, 0.5, desc(y), 64, 16)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(print)
+    assert len(c_calls) == 2 and len(triton_calls) == 1
+    run.global_scratch_size = 128  # scratch memory: Triton's own launch
+    assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
+
+
+def test_backward_fills_no_zeros_for_lse():
+    """_Attention's backward gets None for lse's gradient (set_materialize_grads(False)): eager
+    autograd otherwise fills a zero tensor of lse's shape per call, which nothing reads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    calls = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+    q = torch.randn(1, 16, 2, 16, requires_grad=True)
+    out = flash_attn_func(q, q, q)
+    with Ops():
+        out.backward(torch.randn_like(out))
+    assert calls and not [c for c in calls if c.split(".")[0] in ("zeros", "zeros_like", "zero_", "fill_", "full")], calls
+
+
 def test_descriptors_of_a_shape_are_checked_once(monkeypatch):
     """flash_attn.descriptor: the first descriptor of a (class, dtype, shape, strides, block) goes through
     the class (its checks: a bad stride raises), later ones copy its fields with their own base."""
@@ -451,6 +525,7 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     16-byte alignment, a descriptor's block, an integer's value, True against 1; and the device. A
     caller's key= replaces the arguments' part of the key."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    monkeypatch.setattr(flash_attn, "_launcher", lambda compiled, grid: compiled[grid])  # (its own test below)
     device = [0]
     monkeypatch.setattr(flash_attn, "_device", lambda: device[0])
     jit_calls, direct = [], []
@@ -761,6 +836,44 @@ def test_gpu_cuda_graph_replay_equals_eager(head_dim):
         # (out, dq, dk, dv); the Hopper kernels' dQ is a sum of atomic adds in any order
         assert all(rel_err(a, b) < 1e-2 if (i == 1 and head_dim == 128) else torch.equal(a, b)
                    for i, (a, b) in enumerate(zip(captured, expected)))
+
+
+# (B, Tq, Tk, Hq, Hkv, D, causal, documents): every kernel of both paths once on an H100/H200 (Hopper
+# forward + backward at 128; at 64 Hopper's forward with the portable backward at 1k, Hopper's
+# backward from 2k), the portable ones for a padded head dim, Tq != Tk and documents
+DIRECT_CASES = [(2, 1024, 1024, 4, 2, 128, True, False), (2, 1024, 1024, 4, 4, 64, False, False),
+                (1, 2048, 2048, 4, 2, 64, True, False), (1, 600, 600, 4, 2, 40, True, False),
+                (1, 300, 700, 4, 4, 64, True, False), (2, 700, 700, 4, 2, 64, True, True)]
+
+
+@cuda_only
+def test_gpu_direct_launch_equals_tritons(monkeypatch):
+    """flash_attn._launcher: a kernel's first launch goes through Triton, later ones under Triton 3.6
+    straight to its C launcher (other releases: Triton's launcher again). On fresh inputs at other
+    addresses they give what Triton's launch gave; with a launch hook set the launches go through
+    Triton's path, which calls the hook once per launch."""
+    monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    monkeypatch.setattr(flash_attn, "AUTOTUNE", False)  # so the first call is the first launch
+    triton, seen = flash_attn.triton, []
+    for B, Tq, Tk, Hq, Hkv, D, causal, docs in DIRECT_CASES:
+        torch.manual_seed(D + Tq)
+        inputs = [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+                  for T, H in ((Tq, Hq), (Tk, Hkv), (Tk, Hkv), (Tq, Hq))]
+        kw = dict(causal=causal, doc_ids=doc_ids_of([[100, 1, 250, 349]] * B).cuda() if docs else None)
+        call = lambda: run(flash_attn_func, *leaves(*(x.clone() for x in inputs[:3])), inputs[3], **kw)  # noqa: E731
+        first, direct = call(), call()
+        triton.knobs.runtime.launch_enter_hook.add(seen.append)
+        try:
+            hooked = call()
+        finally:
+            triton.knobs.runtime.launch_enter_hook.remove(seen.append)
+        assert len(seen) >= 2, "Triton's launch path did not run with a hook set"
+        seen.clear()
+        for again in (direct, hooked):  # the Hopper backward's dQ is a sum of atomic adds in any order
+            assert all(torch.equal(a, b) or (i == 2 and rel_err(a, b) < 1e-2)
+                       for i, (a, b) in enumerate(zip(first, again)))
+    names = {launch.__name__ for launch, _ in flash_attn._COMPILED.values()}
+    assert names == ({"launch"} if triton.__version__.startswith("3.6.") else {"runner"}), names
 
 
 @cuda_only
