@@ -42,8 +42,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m,1b} --steps=40 --warmup=5 --impls=hf_compile,ours_compile,ours_compile_flash,ours_compile_docs,ours_compile_flash_docs 2>&1 | grep -E "^(NVIDIA|134m|1b|\|)" | tee $OUT/bench_attn.log
 ;;
 attn_profile)
-# issue #20's 134M gap (flash 0.99-1.00x sdpa on 2026-12-03: a tie on the GPU, the rest the operators'
-# host time): the compiled step timed with each attention, then one step profiled for each: GPU busy
+# issue #20's 134M gap (flash 0.998-1.004x sdpa on 2026-12-03 at 5454225: a tie; flash's kernels 0.5% less
+# GPU time per step): the compiled step timed with each attention, then one step profiled for each: GPU busy
 # time against wall time, its 20 costliest GPU kernels and its 20 costliest host operators; unprofiled,
 # notes/step_host.py
 export PYTHONUNBUFFERED=1
@@ -51,13 +51,14 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 python3 bench_train.py --shapes=${SHAPES:-134m} --steps=15 --warmup=4 --impls=ours_compile,ours_compile_flash --profile=20 2>&1 | grep -v "^\s*$" | tee $OUT/attn_profile.log
 # the operators' host and GPU microseconds per call at bench_train's shapes, and cProfile of their host path
 python3 notes/host_profile.py --ops --calls 1000 --top 25 > $OUT/ops.log 2>&1; grep "us per call" $OUT/ops.log
-# one Hopper forward call's host time, piece by piece
+# one Hopper forward call's host time, piece by piece; the operators with Triton's launcher and with flash_attn._launcher
 python3 notes/host_profile.py --pieces 2>&1 | grep "piece"
+python3 notes/host_profile.py --launch --calls 1000 2>&1 | grep "host us"
 # every kernel's time per step with each attention, the largest differences first
 python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_kernels.log
 # host-bound? the wall per step, the host's time to issue a step, the GPU's step given a head start, and
 # the operators' host time inside the step (--gc_freeze: the garbage collector is not it, 2026-12-03)
-python3 notes/step_host.py ${SHAPES:-134m} --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
+python3 notes/step_host.py ${SHAPES:-134m} --triton_launch --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),
