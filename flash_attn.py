@@ -619,28 +619,34 @@ def _launcher(compiled, grid):
     Triton's own) the generated C launcher is called straight, about 16 us sooner
     (notes/flash_attn_bench.md): each descriptor as its CUtensorMap, kept per base address, shape
     and strides (all that the map encodes but what the compiled kernel fixes), a tensor as its
-    address. Not for kernels with scratch memory, clusters or descriptors Triton decomposes, nor
-    while a launch hook is set (profilers): Triton's own then."""
+    address. Not for kernels with scratch memory, clusters or descriptors Triton decomposes, where
+    Triton's internals are not as read here, nor while a launch hook is set (profilers): Triton's
+    own then."""
     runner = compiled[grid]
     if not triton.__version__.startswith("3.6."):
         return runner
-    from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
-    run = compiled.run  # Triton's CudaLauncher (compiled[grid] loaded it)
-    kinds = [str(kind) for kind in compiled.src.signature.values()]
-    metas = iter(getattr(compiled.metadata, "tensordesc_meta", None) or ())
-    descs = [(i, next(metas, None)) for i, kind in enumerate(kinds) if kind.startswith("tensordesc")]
-    if (run.global_scratch_size or run.profile_scratch_size or run.num_ctas != 1 or next(metas, None)
-            or any(m is None or m["fp4_padded"] for _, m in descs)):
+    try:  # Triton 3.6's internals as read here; anything else (a patch release that moved them): its own launch
+        from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+        run = compiled.run  # Triton's CudaLauncher (compiled[grid] loaded it)
+        kinds = [str(kind) for kind in compiled.src.signature.values()]
+        metas = iter(getattr(compiled.metadata, "tensordesc_meta", None) or ())
+        descs = [(i, next(metas, None)) for i, kind in enumerate(kinds) if kind.startswith("tensordesc")]
+        if (run.global_scratch_size or run.profile_scratch_size or run.num_ctas != 1 or next(metas, None)
+                or any(m is None or m["fp4_padded"] for _, m in descs)):
+            return runner
+        descs = [(i, m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]], m["block_size"])
+                 for i, m in reversed(descs)]  # from the last: each expands to 1 + 2 * rank arguments
+        pointers = [i for i, kind in enumerate(kinds) if kind.startswith("*")]
+        c_launch = inspect.getclosurevars(run.launch).nonlocals["launcher"] if descs else run.launch
+        fill = triton.runtime.driver.active.utils.fill_tma_descriptor
+        fixed = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
+                 None, None, None)  # function, launch flags, no scratch, kernel metadata, no launch metadata or hooks
+        knobs, maps = triton.knobs.runtime, {}
+        enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
+        if not (isinstance(enter.calls, list) and isinstance(leave.calls, list)):  # 3.6's hook chains
+            return runner
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
         return runner
-    descs = [(i, m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]], m["block_size"])
-             for i, m in reversed(descs)]  # from the last: each expands to 1 + 2 * rank arguments
-    pointers = [i for i, kind in enumerate(kinds) if kind.startswith("*")]
-    c_launch = inspect.getclosurevars(run.launch).nonlocals["launcher"] if descs else run.launch
-    fill = triton.runtime.driver.active.utils.fill_tma_descriptor
-    fixed = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
-             None, None, None)  # function, its launch flags, no scratch, kernel metadata, no launch metadata or hooks
-    knobs, maps = triton.knobs.runtime, {}
-    enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
 
     def launch(*args):
         if enter.calls or leave.calls or knobs.launch_enter_hook is not enter or knobs.launch_exit_hook is not leave:

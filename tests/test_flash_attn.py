@@ -457,6 +457,10 @@ def test_direct_launch_arguments(monkeypatch):
     assert len(c_calls) == 2 and len(triton_calls) == 1
     run.global_scratch_size = 128  # scratch memory: Triton's own launch
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
+    run.global_scratch_size, run.launch = 0, lambda *args: None  # no C launcher in its closure: Triton's own
+    assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
+    run.launch = tritons_wrapper(lambda *args: c_calls.append(args))
+    assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "launch"
 
 
 def test_backward_fills_no_zeros_for_lse():
