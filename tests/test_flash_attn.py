@@ -419,8 +419,10 @@ def test_direct_launch_arguments(monkeypatch):
     monkeypatch.setattr(flash_attn, "_stream", lambda device: 77)
     monkeypatch.setattr(flash_attn, "_device", lambda: 0)
 
-    def tritons_wrapper(launcher):  # wrap_handle_tensordesc's closure over the C launcher
-        return lambda *args: launcher(*args) and pytest.fail("Triton's descriptor wrapper ran")
+    def tritons_wrapper(launcher):  # wrap_handle_tensordesc's closure over the C launcher, which _launcher calls
+        def inner(*args):
+            pytest.fail(f"Triton's descriptor wrapper ran, not {launcher} itself")
+        return inner
     meta = dict(swizzle=3, elem_size=2, elem_type=10, block_size=[16, 32], fp4_padded=False)  # bf16: host dtype 9
     run = types.SimpleNamespace(launch=tritons_wrapper(lambda *args: c_calls.append(args)), global_scratch_size=0,
                                 profile_scratch_size=0, num_ctas=1, launch_cooperative_grid=False, launch_pdl=True)
