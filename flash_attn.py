@@ -449,6 +449,7 @@ FP_FUSION = {"enable_fp_fusion": True}
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
 HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
 _HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be or once it failed
+DIRECT_LAUNCH = True  # False: every launch through Triton's own launcher (_launcher; notes/host_profile.py --launch)
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
 _TUNED = None  # {key: (tile, variant)}: the autotuned choices, loaded from _tuned_path() on first use
 
@@ -557,7 +558,7 @@ def _remember(key, config):
         pass
 
 
-_COMPILED = {}  # _run's launch key -> (_launcher of the compiled kernel for its grid, the arguments after the positional ones)
+_COMPILED = {}  # _run's launch key -> (_launcher's launch for the compiled kernel and grid, the trailing arguments)
 _CHOICES = {}  # _launch's (which, caller's key, forced tile, AUTOTUNE, meta) -> (tile, variant) once chosen
 # the current CUDA device: torch.cuda.current_device without its lazy-init check (a launch is on an initialized GPU)
 _device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
@@ -620,28 +621,28 @@ def _launcher(compiled, grid):
     (notes/flash_attn_bench.md): each descriptor as its CUtensorMap, kept per base address, shape
     and strides (all that the map encodes but what the compiled kernel fixes), a tensor as its
     address. Not for kernels with scratch memory, clusters or descriptors Triton decomposes, where
-    Triton's internals are not as read here, nor while a launch hook is set (profilers): Triton's
-    own then."""
+    Triton's internals are not as read here, nor while a launch hook is set (profilers), nor with
+    DIRECT_LAUNCH off: Triton's own then."""
     runner = compiled[grid]
-    if not triton.__version__.startswith("3.6."):
+    if not DIRECT_LAUNCH or not triton.__version__.startswith("3.6."):
         return runner
     try:  # Triton 3.6's internals as read here; anything else (a patch release that moved them): its own launch
         from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
         run = compiled.run  # Triton's CudaLauncher (compiled[grid] loaded it)
         kinds = [str(kind) for kind in compiled.src.signature.values()]
-        metas = iter(getattr(compiled.metadata, "tensordesc_meta", None) or ())
-        descs = [(i, next(metas, None)) for i, kind in enumerate(kinds) if kind.startswith("tensordesc")]
-        if (run.global_scratch_size or run.profile_scratch_size or run.num_ctas != 1 or next(metas, None)
-                or any(m is None or m["fp4_padded"] for _, m in descs)):
+        metas = list(getattr(compiled.metadata, "tensordesc_meta", None) or ())
+        at = [i for i, kind in enumerate(kinds) if kind.startswith("tensordesc")]
+        if (run.global_scratch_size or run.profile_scratch_size or run.num_ctas != 1 or len(metas) != len(at)
+                or any(m is None or m["fp4_padded"] for m in metas)):
             return runner
         descs = [(i, m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]], m["block_size"])
-                 for i, m in reversed(descs)]  # from the last: each expands to 1 + 2 * rank arguments
+                 for i, m in reversed(list(zip(at, metas)))]  # from the last: each expands to 1 + 2 * rank arguments
         pointers = [i for i, kind in enumerate(kinds) if kind.startswith("*")]
         c_launch = inspect.getclosurevars(run.launch).nonlocals["launcher"] if descs else run.launch
         fill = triton.runtime.driver.active.utils.fill_tma_descriptor
         fixed = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata,
                  None, None, None)  # function, launch flags, no scratch, kernel metadata, no launch metadata or hooks
-        knobs, maps = triton.knobs.runtime, {}
+        knobs, maps, device = triton.knobs.runtime, {}, _device()  # (_run's key holds the device)
         enter, leave = knobs.launch_enter_hook, knobs.launch_exit_hook
         if not (isinstance(enter.calls, list) and isinstance(leave.calls, list)):  # 3.6's hook chains
             return runner
@@ -662,7 +663,7 @@ def _launcher(compiled, grid):
                 cu_map = _keep(maps, key, fill(key[1], swizzle, elem_size, elem_type, block, d.shape, d.strides,
                                                int(d.padding == "nan")))
             args[i:i + 1] = (cu_map, *d.shape, *d.strides)
-        c_launch(*grid, _stream(_device()), *fixed, *args)
+        c_launch(*grid, _stream(device), *fixed, *args)
     return launch
 
 

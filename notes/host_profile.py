@@ -104,8 +104,6 @@ def launch_ab(calls, rounds):
     """Host us per call of flash_attn::forward and ::backward at bench_train's shapes with one head (the
     GPU idles), each kernel launched by Triton's launcher (compiled[grid]) or by flash_attn._launcher's."""
     fwd_op, bwd_op = torch.ops.flash_attn.forward.default, torch.ops.flash_attn.backward.default
-    own = flash_attn._launcher
-    launchers = {"triton": lambda compiled, grid: compiled[grid], "_launcher": own}
     try:
         for name, (B, T, H, H_kv, D) in SHAPES.items():
             q = torch.randn(1, T, H // H_kv, D, device="cuda", dtype=torch.bfloat16)
@@ -115,14 +113,14 @@ def launch_ab(calls, rounds):
             ops = {"fwd op": lambda: fwd_op(q, k, v, None, True, D ** -0.5, T, 0),
                    "bwd op": lambda: bwd_op(do, q, k, v, out, lse, None, True, D ** -0.5, T, 0)}
             for r in range(rounds):
-                for label, launcher in launchers.items():
-                    flash_attn._launcher = launcher
+                for label, direct in (("triton", False), ("_launcher", True)):
+                    flash_attn.DIRECT_LAUNCH = direct
                     flash_attn._COMPILED.clear()
                     us = {n: per_call_us(f, calls) for n, f in ops.items()}
                     print(f"{name} one head (T={T} D={D}), round {r}, {label}: host us per call "
                           + ", ".join(f"{n} {t:.1f}" for n, t in us.items()), flush=True)
     finally:
-        flash_attn._launcher = own
+        flash_attn.DIRECT_LAUNCH = True
         flash_attn._COMPILED.clear()
 
 

@@ -133,16 +133,11 @@ def main():
         op_host_us(steps["ours_compile_flash"], x, y, args.cprofile, cycles_per_ms)
 
 
-_OWN_LAUNCHER = []
-
-
 def use_launcher(triton_own, step, x, y):
     """flash_attn._run's launches from now on through Triton's kernel launcher (triton_own) or through
-    flash_attn._launcher; the launch cache emptied and refilled by one untimed step."""
+    flash_attn._launcher's; the launch cache emptied and refilled by one untimed step."""
     import flash_attn
-    if not _OWN_LAUNCHER:
-        _OWN_LAUNCHER.append(flash_attn._launcher)
-    flash_attn._launcher = (lambda compiled, grid: compiled[grid]) if triton_own else _OWN_LAUNCHER[0]
+    flash_attn.DIRECT_LAUNCH = not triton_own
     flash_attn._COMPILED.clear()
     step(x, y)
     torch.cuda.synchronize()

@@ -407,7 +407,8 @@ def test_direct_launch_arguments(monkeypatch):
     grid, the current stream, the kernel's function, launch flags and metadata, no scratch or hooks,
     then every argument in signature order, a descriptor as its CUtensorMap (filled once per base
     address, shape and strides), shape and strides, a tensor as its address. With a launch hook set,
-    Triton's own launch runs instead; under other releases _launcher is Triton's own launch."""
+    Triton's own launch runs instead; under other releases, or with DIRECT_LAUNCH off, _launcher is
+    Triton's own launch."""
     triton = flash_attn.triton
     fills, c_calls, triton_calls = [], [], []
 
@@ -428,9 +429,9 @@ def test_direct_launch_arguments(monkeypatch):
                                 profile_scratch_size=0, num_ctas=1, launch_cooperative_grid=False, launch_pdl=True)
 
     class Compiled:
-        src = types.SimpleNamespace(signature={"desc_q": "tensordesc<bf16[16, 32]>", "Out": "*bf16", "Docs": "constexpr",
-                                               "scale": "fp32", "desc_k": "tensordesc<bf16[16, 32]>", "T": "i32",
-                                               "BLOCK": "constexpr"})
+        src = types.SimpleNamespace(signature={
+            "desc_q": "tensordesc<bf16[16, 32]>", "Out": "*bf16", "Docs": "constexpr", "scale": "fp32",
+            "desc_k": "tensordesc<bf16[16, 32]>", "T": "i32", "BLOCK": "constexpr"})
         metadata = types.SimpleNamespace(tensordesc_meta=[meta, meta])
         function, packed_metadata = 1234, (4, 1, 5000)
 
@@ -463,6 +464,8 @@ def test_direct_launch_arguments(monkeypatch):
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
     run.launch = tritons_wrapper(lambda *args: c_calls.append(args))
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "launch"
+    monkeypatch.setattr(flash_attn, "DIRECT_LAUNCH", False)
+    assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
 
 
 def test_backward_fills_no_zeros_for_lse():
@@ -479,7 +482,8 @@ def test_backward_fills_no_zeros_for_lse():
     out = flash_attn_func(q, q, q)
     with Ops():
         out.backward(torch.randn_like(out))
-    assert calls and not [c for c in calls if c.split(".")[0] in ("zeros", "zeros_like", "zero_", "fill_", "full")], calls
+    fills = [c for c in calls if c.split(".")[0] in ("zeros", "zeros_like", "zero_", "fill_", "full")]
+    assert calls and not fills, calls
 
 
 def test_descriptors_of_a_shape_are_checked_once(monkeypatch):
@@ -531,7 +535,7 @@ def test_launch_cache_goes_through_the_jit_once_per_key(monkeypatch):
     16-byte alignment, a descriptor's block, an integer's value, True against 1; and the device. A
     caller's key= replaces the arguments' part of the key."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
-    monkeypatch.setattr(flash_attn, "_launcher", lambda compiled, grid: compiled[grid])  # (its own test below)
+    monkeypatch.setattr(flash_attn, "DIRECT_LAUNCH", False)  # compiled[grid] (_launcher: its own test above)
     device = [0]
     monkeypatch.setattr(flash_attn, "_device", lambda: device[0])
     jit_calls, direct = [], []
