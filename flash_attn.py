@@ -153,6 +153,17 @@ def _block_range(start, T_rows, T, BEFORE, AFTER, Doc, DOC_STRIDE,
 
 # --------------------------------------------------------------------------- tiles of one head
 @triton.jit
+def _wait_for_inputs(GDC: tl.constexpr):
+    """GDC (a dependent launch: _dependent_launch): the kernel may have started before the previous
+    one in the stream ended, so wait here for its results before touching global memory. Then let
+    the next kernel start early too: a kernel of ours, which waits likewise; others are launched
+    without PDL and wait for this one to end, as usual."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _tile(desc, row, head, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr):
     """Rows row..row+ROWS-1 of one head as a (ROWS, HEAD_DIM) tile (_desc). A head dim DIM that is not
     a power of two is padded here: the descriptor is 3D (H, B*T, DIM) and TMA fills columns DIM..
@@ -219,7 +230,8 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
                 stride_ob, stride_ot, stride_oh,
                 Tq, Tk, T_pad, H, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GDC: tl.constexpr = False):
+    _wait_for_inputs(GDC)
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     # q/k/v are seen as 2D (B*T, heads*D) (3D for a padded head dim, _desc): a tile is BLOCK rows of
     # one head's D columns.
@@ -263,9 +275,11 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, Lse, Docs, softmax_scale,
 # --------------------------------------------------------------------------- backward
 @triton.jit(do_not_specialize=["T", "T_pad"])
 def _bwd_preprocess(Out, dOut, Delta, dQ, stride_b, stride_t, stride_h, T, T_pad, H,
-                    HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr = False):
+                    HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr = False,
+                    GDC: tl.constexpr = False):
     """Delta = rowsum(dO * O) (float32), one value per query row; rows >= T get 0. ZERO_DQ: dQ (float32,
     O's strides) zeroed in the same pass, for a backward that sums dQ by atomic adds (flash_attn_hopper)."""
+    _wait_for_inputs(GDC)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -315,7 +329,9 @@ def _bwd_dkdv_kernel(desc_q, desc_k, desc_v, desc_do, dK, dV, Lse, Delta, Docs, 
                      Tq, Tk, T_pad, H_KV, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                      PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False,
+                     GDC: tl.constexpr = False):
+    _wait_for_inputs(GDC)
     # grid: (key blocks, B * H_KV); causal: the first key blocks have the most work and start first
     bhk = tl.program_id(1)
     b, hk = bhk // H_KV, bhk % H_KV
@@ -391,7 +407,8 @@ def _bwd_dq_kernel(desc_q, desc_k, desc_v, desc_do, dQ, Lse, Delta, Docs, softma
                    Tq, Tk, T_pad, H, GROUP, LEFT, RIGHT, DOC_STRIDE, SEQ_BUCKET,
                    HEAD_DIM: tl.constexpr, DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
                    PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GDC: tl.constexpr = False):
+    _wait_for_inputs(GDC)
     bh, b, h, m0 = _query_block(H, IS_CAUSAL, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = _tile(desc_q, b * Tq + m0, h, BLOCK_M, HEAD_DIM, DIM)  # (BLOCK_M, D)
@@ -449,6 +466,7 @@ FP_FUSION = {"enable_fp_fusion": True}
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles, no tuning (quick tests)
 HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
 _HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be or once it failed
+PDL = True  # False: no programmatic dependent launch (_dependent_launch; notes/step_host.py --no_pdl)
 DIRECT_LAUNCH = True  # False: every launch through Triton's own launcher (_launcher; notes/host_profile.py --launch)
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
 _TUNED = None  # {key: (tile, variant)}: the autotuned choices, loaded from _tuned_path() on first use
@@ -756,7 +774,22 @@ def _common(q, causal, doc_range):
     B, T, H, D = q.shape
     return dict(HEAD_DIM=_width(D), DIM=D, IS_CAUSAL=causal, HAS_DOCS=doc_range is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                SEQ_BUCKET=0 if T <= 1024 else 1 if T <= 4096 else 2)
+                SEQ_BUCKET=0 if T <= 1024 else 1 if T <= 4096 else 2, **_dependent_launch(q.device))
+
+
+def _dependent_launch(device):
+    """The kernels' launch options on device: programmatic dependent launch (PDL) on sm_90 and later,
+    while PDL is set. Such a launch lets a kernel's programs onto the SMs as the previous kernel in
+    the stream finishes, instead of after it has ended (about 0.3% of the 134M training step,
+    notes/flash_attn_bench.md). The protocol: a kernel launched so (launch_pdl) waits for the previous
+    one's results (GDC: _wait_for_inputs) before it touches global memory."""
+    gdc = PDL and device.type == "cuda" and not INTERPRET and _sm90(device.index)
+    return dict(GDC=gdc, launch_pdl=gdc)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index):
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def _hopper(q, direction):
@@ -835,7 +868,7 @@ def _delta(out, do, T_pad, key, zero_dq=None):
     delta = torch.empty(B, H, T_pad, device=out.device, dtype=torch.float32)
     _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, zero_dq, out.stride(0), out.stride(1),
          out.stride(2), T, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK, ZERO_DQ=zero_dq is not None,
-         key=key)
+         key=key, **_dependent_launch(out.device))
     return delta
 
 

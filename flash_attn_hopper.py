@@ -354,7 +354,7 @@ def _fwd_warpgroup(wg, q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS", "n_m", "n_tiles"])
 def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale, T, T_pad, H, GROUP, LEFT, RIGHT,
                 HEADS, n_m, n_tiles, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, Q_STAGES: gl.constexpr):
+                STAGES: gl.constexpr, Q_STAGES: gl.constexpr, GDC: gl.constexpr = False):
     """n_tiles = n_m query blocks x B * H tiles over the programs: BLOCK_M // 64 consumer warpgroups
     (2 or 3), each on its own 64 query rows, and the loader warp."""
     dtype: gl.constexpr = desc_q.dtype
@@ -385,6 +385,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale
         mbarrier.init(v_full.index(s), count=1)
         mbarrier.init(k_empty.index(s), count=W)  # released by every warpgroup
         mbarrier.init(v_empty.index(s), count=W)
+    _wait_for_inputs(GDC)  # (the tile counter too: the kernel before may be this one)
     consumer = (q_smem, q_bars, q_empty, k_ring, v_ring, k_full, v_full, k_empty, v_empty, o_smem, desc_o, tile_smem,
                 tile_full, tile_empty, Out, Lse, softmax_scale, T, T_pad, H, LEFT, RIGHT, HEADS, n_m, n_tiles,
                 IS_CAUSAL)
@@ -591,19 +592,19 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GDC: gl.constexpr = False):
     # a 1D grid of (key blocks) x (B * H_KV) programs in _tile_order (HEADS kv heads at a time); causal:
     # the first key blocks, which the most query blocks see, are the longest and start first
     pid_n, bhk = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
     _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M,
-                 BLOCK_N, STAGES)
+                 BLOCK_N, STAGES, GDC)
 
 
 @gluon.jit
 def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GDC: gl.constexpr):
     """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys, the loader warp
     and the dQ writer warp."""
     b, hk = bhk // H_KV, bhk % H_KV
@@ -637,6 +638,7 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
         mbarrier.init(ds_empty.index(i), count=2)
         mbarrier.init(dq_full.index(i), count=2)
         mbarrier.init(dq_empty.index(i), count=1)  # released by the writer
+    _wait_for_inputs(GDC)
     # the query rows that see these keys: the transpose of the forward's band (LEFT <-> RIGHT)
     lo, mid_lo, mid_hi, hi = _block_range(n0, T, T, RIGHT, LEFT, None, 0, BLOCK_N, BLOCK_M, False)
     n_q = gl.cdiv(hi - lo, BLOCK_M)
@@ -652,6 +654,15 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
                         (_bwd_loader, loader), (_bwd_dq_writer, writer)],
                        [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
+
+
+@gluon.jit
+def _wait_for_inputs(GDC: gl.constexpr):
+    """flash_attn._wait_for_inputs, called after the prologue (shared memory, barriers), which so
+    overlaps the previous kernel's end."""
+    if GDC:
+        gl.inline_asm_elementwise("griddepcontrol.wait; griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
 
 
 # --------------------------------------------------------------------------- host side
@@ -702,7 +713,7 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
         _desc(q, 64), _desc(k, bn), _desc(v, bn), _desc(out, 64), out, lse, counter, scale, T, T_pad, H, group,
         left, right, heads, n_m, n_m * B * H, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
         Q_STAGES=q_stages, key=(*flash_attn._shapes_key(q, k, None, None, T_pad, left, right), heads),
-        **COMPILE_OPTIONS)
+        **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -746,5 +757,5 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
         dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, key=key, **COMPILE_OPTIONS)
+        STAGES=stages, key=key, **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
     return dq.to(q.dtype), dk, dv

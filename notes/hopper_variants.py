@@ -214,6 +214,7 @@ def compile_all(names):
         regs = re.search(r"Used (\d+) registers", log)  # per thread at launch: bounds the programs per SM
         print(f"{name:14s} D={D:3d} tile {tile}: {regs.group(1) if regs else '?'} registers, "
               f"smem {k.metadata.shared} B, spill stores {spill.group(1) if spill else '?'} B, "
+              f"{k.asm['ptx'].count('griddepcontrol.wait')} grid dependency wait(s), "
               f"{'wgmma serialized' if 'serialized' in log else 'pipelined'}")
 
     for direction, variants in (("forward", VARIANTS), ("backward", BWD_VARIANTS)):
@@ -227,14 +228,15 @@ def compile_all(names):
                        "desc_o": desc([64, D]), "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
                 sig["Counter"] = "*i32"
                 compile_one(name, D, (bm, bn, stages, *q_stages), fh._fwd_kernel, sig,
-                            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=q_stages[0]))
+                            dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=q_stages[0],
+                                 GDC=True))
             else:
                 sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                        "desc_do": desc([bm, D]), "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
                        "desc_delta": desc([bm], "fp32"), "desc_dk": desc([64, D]), "desc_dv": desc([64, D]),
                        "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
                 compile_one(name, D, (bm, bn, stages), fh._bwd_kernel, sig,
-                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages))
+                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, GDC=True))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

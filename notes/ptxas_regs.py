@@ -53,6 +53,7 @@ def compile_one(fn, consts, bm, bn, d, warps, stages, dtype="bf16"):
     consts = dict(consts)
     if "GROUP" in fn.arg_names and "GROUP" not in fn.do_not_specialize:
         consts["GROUP"] = 1  # Triton specializes ints equal to 1 (multi-head attention, no groups)
+    consts.setdefault("GDC", True)  # launched as on Hopper (flash_attn._dependent_launch)
     for p in fn.params:  # constexpr parameters left at their defaults
         if p.is_constexpr and p.name not in consts:
             consts[p.name] = p.default

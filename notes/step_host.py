@@ -9,13 +9,15 @@ Where host is near the GPU's step, the wall time pays for the host's slower step
 ratio is the attentions' ratio on the GPU alone. The garbage collector's collections and their
 milliseconds (gc.callbacks) are counted per attention over all rounds. --gc_freeze moves every object
 alive after warm-up out of the collector's reach (gc.freeze).
---triton_launch: a third row, the flash step with Triton's own kernel launcher instead of
-flash_attn._launcher's (swapped in and out around its rounds, each swap followed by an untimed step).
+--triton_launch: another row, the flash step with Triton's own kernel launcher instead of
+flash_attn._launcher's; --no_pdl: another, the flash step without programmatic dependent launch
+(flash_attn.DIRECT_LAUNCH and flash_attn.PDL off around the row's rounds, each switch followed by an
+untimed step).
 --cprofile N: then cProfile over N issued steps of each attention (each behind a GPU sleep), its costliest
 functions by own time; and, unprofiled, the host microseconds spent inside flash_attn's _forward and
 _backward per call over N issued steps (the operators' Python as the compiled step runs it).
 
-    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze] [--triton_launch] [--cprofile 5]
+    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze] [--triton_launch] [--no_pdl] [--cprofile 5]
 """
 import argparse
 import cProfile
@@ -31,7 +33,8 @@ import torch  # noqa: E402
 import bench_train  # noqa: E402
 
 IMPLS = ("ours_compile", "ours_compile_flash")
-TRITON_LAUNCH = "flash, Triton's launch"
+TRITON_LAUNCH, NO_PDL = "flash, Triton's launch", "flash, no PDL"
+SWITCHES = {TRITON_LAUNCH: "DIRECT_LAUNCH", NO_PDL: "PDL"}  # row -> the flash_attn switch off for it alone
 
 
 def sleep_ms(ms, cycles_per_ms):
@@ -47,6 +50,7 @@ def main():
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
     p.add_argument("--gc_freeze", action="store_true", help="gc.freeze() after warm-up")
     p.add_argument("--triton_launch", action="store_true", help="also the flash step with Triton's launcher")
+    p.add_argument("--no_pdl", action="store_true", help="also the flash step without dependent launch")
     args = p.parse_args()
     shape, batch, seq = bench_train.SHAPES[args.shape]
     xy = bench_train.random_documents(batch, seq, shape["vocab_size"], torch.Generator().manual_seed(0)).cuda()
@@ -57,8 +61,9 @@ def main():
         steps[impl] = bench_train.IMPLS[impl](shape, batch, seq)[1]
         for _ in range(8):  # compile, tune
             steps[impl](x, y)
-    if args.triton_launch:
-        steps[TRITON_LAUNCH] = steps["ours_compile_flash"]
+    for row, wanted in ((TRITON_LAUNCH, args.triton_launch), (NO_PDL, args.no_pdl)):
+        if wanted:
+            steps[row] = steps["ours_compile_flash"]
     torch.cuda.synchronize()
     if args.gc_freeze:
         gc.collect()
@@ -82,8 +87,8 @@ def main():
     gc.callbacks.append(on_gc)
     for _ in range(args.rounds):
         for impl, step in steps.items():  # (on_gc counts for impl)
-            if args.triton_launch:
-                use_launcher(impl == TRITON_LAUNCH, step, x, y)
+            if set(steps) & set(SWITCHES):
+                use_switches(impl, step, x, y)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -112,13 +117,14 @@ def main():
     for impl, (n, ms) in gc_time.items():
         print(f"{impl:20s} garbage collections: {n}, {ms:.1f} ms in all")
     gc.callbacks.remove(on_gc)  # (cProfile below: not counted)
-    if args.triton_launch:
-        use_launcher(False, steps["ours_compile_flash"], x, y)
+    if set(steps) & set(SWITCHES):
+        use_switches(None, steps["ours_compile_flash"], x, y)
     sdpa = res["ours_compile"]
     for impl in [i for i in steps if i != "ours_compile"]:
         for k in ("wall", "head start"):
             print(f"{impl} / sdpa speed, {k}:", " ".join(f"{a / b:.4f}" for a, b in zip(sdpa[k], res[impl][k])))
-    steps.pop(TRITON_LAUNCH, None)
+    for row in SWITCHES:
+        steps.pop(row, None)
     for impl, step in steps.items() if args.cprofile else ():
         prof = cProfile.Profile()
         for _ in range(args.cprofile):
@@ -133,11 +139,12 @@ def main():
         op_host_us(steps["ours_compile_flash"], x, y, args.cprofile, cycles_per_ms)
 
 
-def use_launcher(triton_own, step, x, y):
-    """flash_attn._run's launches from now on through Triton's kernel launcher (triton_own) or through
-    flash_attn._launcher's; the launch cache emptied and refilled by one untimed step."""
+def use_switches(impl, step, x, y):
+    """flash_attn's switches as row impl wants them (SWITCHES: its own off, the others on); the launch
+    cache emptied and refilled by one untimed step."""
     import flash_attn
-    flash_attn.DIRECT_LAUNCH = not triton_own
+    for row, switch in SWITCHES.items():
+        setattr(flash_attn, switch, impl != row)
     flash_attn._COMPILED.clear()
     step(x, y)
     torch.cuda.synchronize()

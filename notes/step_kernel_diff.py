@@ -1,10 +1,12 @@
 """Where two attentions' compiled training steps differ on the GPU: every kernel's microseconds per step
 (five profiled steps after eight warm-up steps) with attn_impl sdpa and flash, the largest differences
-first, and each step's wall time against the GPU's busy time; then where the GPU idles between kernels
-(the gaps of its timeline, summed by the kernels on either side).
+first, and each step's GPU time against its busy time; then where the GPU idles between kernels (the
+gaps of its timeline, summed by the kernels on either side). The profiled steps are issued while the GPU
+sleeps (a head start of --sleep_ms), so that the gaps are the GPU's own, not the profiled host's.
 
-    python notes/step_kernel_diff.py [134m|1b]   # bench_train.py's shapes and steps
+    python notes/step_kernel_diff.py [134m|1b] [--sleep_ms 1000]   # bench_train.py's shapes and steps
 """
+import argparse
 import os
 import sys
 import time
@@ -17,10 +19,10 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import bench_train  # noqa: E402
 
 
-def kernel_times(impl, shape_name, warmup=8, steps=5):
-    """{kernel name: (microseconds per step, calls per step)} of one implementation, its wall
-    microseconds per step under the profiler, and its GPU timeline's gaps: {(kernel before, kernel
-    after): (microseconds per step, gaps per step)}."""
+def kernel_times(impl, shape_name, sleep_ms, warmup=8, steps=5):
+    """{kernel name: (microseconds per step, calls per step)} of one implementation, its GPU
+    microseconds per step under the profiler (issued behind a sleep of sleep_ms), and its GPU
+    timeline's gaps: {(kernel before, kernel after): (microseconds per step, gaps per step)}."""
     shape, batch, seq = bench_train.SHAPES[shape_name]
     torch.manual_seed(0)
     model, step = bench_train.IMPLS[impl](shape, batch, seq)
@@ -28,17 +30,28 @@ def kernel_times(impl, shape_name, warmup=8, steps=5):
     x, y = xy[:, :-1], xy[:, 1:]
     for _ in range(warmup):
         step(x, y)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10 ** 8)
+    end.record()
     torch.cuda.synchronize()
+    cycles_per_ms = 10 ** 8 / start.elapsed_time(end)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
+        start.record()
         t0 = time.perf_counter()
         for _ in range(steps):
             step(x, y)
+        end.record()
+        issued = (time.perf_counter() - t0) * 1e3
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / steps * 1e6
+        wall = start.elapsed_time(end) / steps * 1e3
+    print(f"{impl}: the host issued {steps} profiled steps in {issued:.0f} ms "
+          f"({'within' if issued < sleep_ms else 'NOT within'} the GPU's {sleep_ms} ms sleep)")
     times = {e.key: (e.self_device_time_total / steps, e.count / steps) for e in prof.key_averages()
-             if e.device_type != DeviceType.CPU and e.self_device_time_total > 0}
+             if e.device_type != DeviceType.CPU and 0 < e.self_device_time_total < 10 ** 5 * steps}
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type != DeviceType.CPU and e.time_range.end > e.time_range.start)
+                   if e.device_type != DeviceType.CPU and 0 < e.time_range.end - e.time_range.start < 10 ** 5)
     gaps = {}
     for (_, end, before), (start, _, after) in zip(spans, spans[1:]):
         if start > end:
@@ -52,11 +65,14 @@ def kernel_times(impl, shape_name, warmup=8, steps=5):
 
 
 if __name__ == "__main__":
-    shape_name = sys.argv[1] if len(sys.argv) > 1 else "134m"
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("shape", nargs="?", default="134m", choices=sorted(bench_train.SHAPES))
+    p.add_argument("--sleep_ms", type=int, default=1000, help="the GPU's head start before the profiled steps")
+    args = p.parse_args()
     runs, idle = {}, {}
     for impl in ("ours_compile", "ours_compile_flash"):
-        runs[impl], wall, idle[impl] = kernel_times(impl, shape_name)
-        print(f"{impl}: wall {wall:.0f} us per step (profiled), GPU busy {sum(t for t, _ in runs[impl].values()):.0f}, "
+        runs[impl], wall, idle[impl] = kernel_times(impl, args.shape, args.sleep_ms)
+        print(f"{impl}: GPU {wall:.0f} us per step (profiled), busy {sum(t for t, _ in runs[impl].values()):.0f}, "
               f"{sum(n for _, n in runs[impl].values()):.0f} kernels per step, idle between them "
               f"{sum(t for t, _ in idle[impl].values()):.0f} us in {sum(n for _, n in idle[impl].values()):.0f} gaps")
     sdpa, flash = runs["ours_compile"], runs["ours_compile_flash"]

@@ -18,6 +18,8 @@ HAS_CUDA = torch.cuda.is_available()  # without it, conftest.py turns on Triton'
 pytest.importorskip("triton", reason="flash_attn.py needs the triton package (pip install triton)")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flash_attn  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from flash_attn import attention_reference, flash_attn_func  # noqa: E402
 
 
@@ -402,6 +404,20 @@ def test_ops_carry_no_python_wrappers():
     assert type(flash_attn_func(q, q, q).grad_fn).__name__ == "_AttentionBackward"
 
 
+def test_dependent_launch_only_on_sm90(monkeypatch):
+    """Programmatic dependent launch (launch_pdl, and the kernels' wait: GDC) on CUDA GPUs of compute
+    capability 9 and later while flash_attn.PDL is set; never on the CPU or older GPUs."""
+    capability = {0: (9, 0), 1: (8, 0)}
+    monkeypatch.setattr(flash_attn, "_sm90", lambda index: capability[index] >= (9, 0))
+    monkeypatch.setattr(flash_attn, "INTERPRET", False)
+    on, off = dict(GDC=True, launch_pdl=True), dict(GDC=False, launch_pdl=False)
+    assert flash_attn._dependent_launch(torch.device("cuda", 0)) == on
+    assert flash_attn._dependent_launch(torch.device("cuda", 1)) == off
+    assert flash_attn._dependent_launch(torch.device("cpu")) == off
+    monkeypatch.setattr(flash_attn, "PDL", False)
+    assert flash_attn._dependent_launch(torch.device("cuda", 0)) == off
+
+
 def test_direct_launch_arguments(monkeypatch):
     """flash_attn._launcher under Triton 3.6 (faked on the CPU): Triton's generated C launcher gets the
     grid, the current stream, the kernel's function, launch flags and metadata, no scratch or hooks,
@@ -409,7 +425,6 @@ def test_direct_launch_arguments(monkeypatch):
     address, shape and strides), shape and strides, a tensor as its address. With a launch hook set,
     Triton's own launch runs instead; under other releases, or with DIRECT_LAUNCH off, _launcher is
     Triton's own launch."""
-    triton = flash_attn.triton
     fills, c_calls, triton_calls = [], [], []
 
     def fill(*args):
@@ -864,7 +879,7 @@ def test_gpu_direct_launch_equals_tritons(monkeypatch):
     Triton's path, which calls the hook once per launch."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
     monkeypatch.setattr(flash_attn, "AUTOTUNE", False)  # so the first call is the first launch
-    triton, seen = flash_attn.triton, []
+    seen = []
     for B, Tq, Tk, Hq, Hkv, D, causal, docs in DIRECT_CASES:
         torch.manual_seed(D + Tq)
         inputs = [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
@@ -884,6 +899,54 @@ def test_gpu_direct_launch_equals_tritons(monkeypatch):
                        for i, (a, b) in enumerate(zip(first, again)))
     names = {launch.__name__ for launch, _ in flash_attn._COMPILED.values()}
     assert names == ({"launch"} if triton.__version__.startswith("3.6.") else {"runner"}), names
+
+
+@triton.jit
+def _late_copy(src, dst, n, DELAY_NS: tl.constexpr, BLOCK: tl.constexpr):
+    """dst = src after DELAY_NS of spinning, having let the next kernel launch at once (as a
+    dependent launch): if that kernel reads dst without waiting for this one, it reads the old dst."""
+    tl.extra.cuda.gdc_launch_dependents()
+    start = tl.extra.cuda.globaltimer()
+    while tl.extra.cuda.globaltimer() - start < DELAY_NS:
+        pass
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+
+@cuda_only
+def test_gpu_dependent_launch_waits_for_inputs():
+    """On sm_90+ every kernel is a dependent launch (flash_attn._dependent_launch): it may start
+    before the kernel ahead of it ends. Each operator's first kernel runs right after a kernel that
+    lets it start at once and writes its inputs 200 us later (nan until then): the results equal
+    those on inputs written long before, on every kernel path."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    assert flash_attn._dependent_launch(torch.device("cuda"))["launch_pdl"]
+
+    def late(*xs):
+        """xs (of one dtype) rewritten by one _late_copy into a nan-filled buffer: views of it, in order."""
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        buf = torch.full_like(flat, float("nan"))
+        n = flat.numel()
+        _late_copy[(triton.cdiv(n, 1024), )](flat, buf, n, DELAY_NS=200_000, BLOCK=1024)
+        return [v.view_as(x) for v, x in zip(buf.split([x.numel() for x in xs]), xs)]
+
+    for B, Tq, Tk, Hq, Hkv, D, causal, docs in DIRECT_CASES:
+        torch.manual_seed(D + Tq)
+        q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+                       for T, H in ((Tq, Hq), (Tk, Hkv), (Tk, Hkv), (Tq, Hq)))
+        doc_range = flash_attn.document_bounds(doc_ids_of([[100, 1, 250, 349]] * B).cuda()) if docs else None
+        args = (doc_range, causal, D ** -0.5, *flash_attn._window(causal, None, Tq, Tk))
+        out, lse = torch.ops.flash_attn.forward(q, k, v, *args)
+        grads = torch.ops.flash_attn.backward(do, q, k, v, out, lse, *args)
+        torch.cuda.synchronize()
+        late_out, late_lse = torch.ops.flash_attn.forward(*late(q, k, v), *args)
+        late_grads = torch.ops.flash_attn.backward(*late(do, q, k, v, out), lse, *args)
+        # (lse's rows past Tq are padding, never written)
+        assert torch.equal(late_out, out) and torch.equal(late_lse[..., :Tq], lse[..., :Tq]), (B, Tq, Tk, D)
+        # the Hopper backward's dQ is a sum of atomic adds in any order
+        assert all(torch.equal(a, b) or (i == 0 and rel_err(a, b) < 1e-2)
+                   for i, (a, b) in enumerate(zip(late_grads, grads))), (B, Tq, Tk, D)
 
 
 @cuda_only
@@ -1104,5 +1167,6 @@ def test_hopper_kernels_compile_for_sm90():
     for name, line in lines.items():
         smem = int(line.split("smem ")[1].split()[0])
         assert smem <= 227 * 1024 and line.endswith("pipelined"), line
+        assert ", 1 grid dependency wait(s)," in line, line  # compiled as launched on Hopper (GDC)
         spill = int(line.split("spill stores ")[1].split()[0])
         assert spill <= SHIPPED_SPILLS[name], line
