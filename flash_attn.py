@@ -50,7 +50,9 @@ that head dim and dtype, once per GPU and Triton version (the choices are kept i
 directory). The kernels are torch.library operators (flash_attn::forward, flash_attn::backward),
 so torch.compile traces flash_attn_func without a graph break; a kernel's later launches of a
 shape skip Triton's argument binding (_run), descriptors of a shape skip their checks
-(descriptor), and nothing on the launch path synchronizes, so CUDA graphs capture it. Without
+(descriptor), and nothing on the launch path synchronizes, so CUDA graphs capture it. On sm_90 and
+later each kernel is a programmatic dependent launch: it starts during the previous kernel's end
+and waits for its results first thing (_dependent_launch). Without
 Triton installed the module still imports and flash_attn_func is attention_reference (HAVE_TRITON).
 
 On a Hopper GPU (bf16/fp16), flash_attn_hopper.py runs instead at head dim 128, and at head dim

@@ -58,7 +58,7 @@ python3 notes/host_profile.py --launch --calls 1000 2>&1 | grep "host us"
 python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT/step_kernels.log
 # host-bound? the wall per step, the host's time to issue a step, the GPU's step given a head start, and
 # the operators' host time inside the step (--gc_freeze: the garbage collector is not it, 2026-12-03)
-python3 notes/step_host.py ${SHAPES:-134m} --triton_launch --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
+python3 notes/step_host.py ${SHAPES:-134m} --triton_launch --no_pdl --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),
