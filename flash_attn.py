@@ -469,6 +469,7 @@ AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles
 HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
 _HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be or once it failed
 PDL = True  # False: no programmatic dependent launch (_dependent_launch; notes/step_host.py --no_pdl)
+REPLAY = True  # False: operator calls never replayed (_replayed; notes/step_host.py --no_replay)
 DIRECT_LAUNCH = True  # False: every launch through Triton's own launcher (_launcher; notes/host_profile.py --launch)
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
 _TUNED = None  # {key: (tile, variant)}: the autotuned choices, loaded from _tuned_path() on first use
@@ -940,11 +941,11 @@ def _not_replayable_launch():
 
 
 def _replayable(x):
-    """Whether a call on x may be recorded or replayed: on a GPU, with _launcher's direct launches, no
+    """Whether a call on x may be recorded or replayed: on a GPU, with REPLAY and _launcher's direct launches, no
     launch hook set (Triton 3.6's empty hook chains) and no CUDA graph being captured (whose replays
     own their buffers)."""
     knobs = triton.knobs.runtime
-    return (x.is_cuda and DIRECT_LAUNCH and not any(getattr(hook, "calls", True) for hook in
+    return (x.is_cuda and REPLAY and DIRECT_LAUNCH and not any(getattr(hook, "calls", True) for hook in
                                                     (knobs.launch_enter_hook, knobs.launch_exit_hook))
             and not torch.cuda.is_current_stream_capturing())
 
