@@ -623,15 +623,17 @@ def _run(kernel, grid, *args, key=None, **kwargs):
         return kernel[grid](*args, **kwargs)
     key = (kernel, _device(), *grid, *(map(_launch_key, args) if key is None else key), *kwargs.items())
     hit = _COMPILED.get(key)
-    if _RECORDING is not None:
-        _RECORDING.runs += 1  # (a complete record has a direct launch for each)
     if hit is None:
+        _not_replayable_launch()
         compiled = kernel[grid](*args, **kwargs)
         tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
         _keep(_COMPILED, key, (_launcher(compiled, (*grid, 1, 1)[:3]), tail))
         return
     launcher, tail = hit
+    recorded = None if _RECORDING is None else len(_RECORDING.launches)
     launcher(*args, *tail)
+    if recorded is not None and len(_RECORDING.launches) == recorded:  # Triton's own launch, not a direct one
+        _RECORDING.direct = False
 
 
 def _launcher(compiled, grid):
@@ -920,7 +922,8 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
 # it writes no tensor by a torch op, and its outputs are its allocations; a call that breaks it
 # (a copy in _prepare, a torch op's output such as the Hopper backward's dQ.to) is never replayed.
 _PLANS = {}  # _replayed's call key -> the recorded call's replay, or None: such calls are never replayed
-_RECORDING = None  # while _replayed records a call: .launches (launch's parts, arguments) and .allocs (_empty's)
+_RECORDING = None  # while _replayed records a call: .launches (launch's parts, arguments), .allocs (_empty's),
+# .complete (no launch through Triton's compile/tune path) and .direct (every later launch a direct one)
 _KEPT_TENSORS = {}  # id -> a device tensor that outlives calls (flash_attn_hopper's tile counters): replays reuse it
 
 
@@ -933,20 +936,19 @@ def _empty(shape, dtype, device):
 
 
 def _not_replayable_launch():
-    """A launch outside _run (autotuning): the call being recorded is not complete, so it is recorded
-    again next time; as it is when one of _run's launches is not _launcher's direct one (a first
-    launch, a launch hook, another Triton release)."""
+    """A launch through Triton (a kernel's first, autotuning): the call being recorded is not
+    complete, so the next call is recorded again. (A later launch that is still Triton's, as under
+    other Triton releases, makes such calls never replayed: _run.)"""
     if _RECORDING is not None:
         _RECORDING.complete = False
 
 
 def _replayable(x):
-    """Whether a call on x may be recorded or replayed: on a GPU, with REPLAY and _launcher's direct launches, no
+    """Whether a call on x may be recorded or replayed: on a GPU, with REPLAY and DIRECT_LAUNCH, no
     launch hook set (Triton 3.6's empty hook chains) and no CUDA graph being captured (whose replays
     own their buffers)."""
-    knobs = triton.knobs.runtime
-    return (x.is_cuda and REPLAY and DIRECT_LAUNCH and not any(getattr(hook, "calls", True) for hook in
-                                                    (knobs.launch_enter_hook, knobs.launch_exit_hook))
+    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+    return (x.is_cuda and REPLAY and DIRECT_LAUNCH and not any(getattr(hook, "calls", True) for hook in hooks)
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -966,14 +968,14 @@ def _replayed(path, inputs, n_prepared, statics):
     prepared = [_prepare(t) for t in inputs[:n_prepared]] + list(inputs[n_prepared:])
     if plan is None:
         return path(*prepared, *statics)
-    _RECORDING = types.SimpleNamespace(launches=[], allocs=[], runs=0, complete=True)
+    _RECORDING = types.SimpleNamespace(launches=[], allocs=[], complete=True, direct=True)
     try:
         outputs = path(*prepared, *statics)
         record = _RECORDING
     finally:
         _RECORDING = None
-    if record.complete and record.runs == len(record.launches):  # (a copy by _prepare: a tensor _replay refuses)
-        _keep(_PLANS, key, _replay(record, inputs, outputs, device))
+    if record.complete:  # (a copy by _prepare: a tensor that _replay refuses)
+        _keep(_PLANS, key, _replay(record, inputs, outputs, device) if record.direct else None)
     return outputs
 
 

@@ -551,6 +551,13 @@ def test_replayed_call_launches_as_recorded(monkeypatch, fake_triton36):
         for inputs in (first(), first(), transposed() if first is transposed else fresh()):
             flash_attn._replayed(case, (*inputs, None), 2, (0.5, ))
         assert len(runs) == 3
+    # and launches that stay Triton's own (another release): every call runs the path
+    monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    runs.clear()
+    for _ in range(4):
+        flash_attn._replayed(functools.partial(path), (*fresh(), None), 2, (0.5, ))
+    assert len(runs) == 4 and len(f.triton_calls) == 2 * 4 - 1  # every launch but the first (a compile) is Triton's
 
 
 def test_backward_fills_no_zeros_for_lse():
