@@ -553,10 +553,11 @@ def test_replayed_call_launches_as_recorded(monkeypatch, fake_triton36):
         assert len(runs) == 3
     # and launches that stay Triton's own (another release): every call runs the path
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    monkeypatch.setattr(flash_attn, "_PLANS", {})
     monkeypatch.setattr(triton, "__version__", "3.9.0")
     runs.clear()
     for _ in range(4):
-        flash_attn._replayed(functools.partial(path), (*fresh(), None), 2, (0.5, ))
+        flash_attn._replayed(path, (*fresh(), None), 2, (0.5, ))
     assert len(runs) == 4 and len(f.triton_calls) == 2 * 4 - 1  # every launch but the first (a compile) is Triton's
 
 
