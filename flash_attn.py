@@ -913,8 +913,8 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
 
 # --------------------------------------------------------------------------- replayed calls
 # Inside a compiled training step an operator call's Python (shapes, tiles, descriptors, launch keys)
-# costs the host about 100 us per forward and 210 per backward on an H200 host, enough to make the
-# 134M step host-bound (notes/flash_attn_bench.md). All of it follows from the call's shapes and
+# costs the host about 100 us per forward and 210 per backward on an H200 host, which leaves the
+# 134M step close to host-bound (notes/flash_attn_bench.md). All of it follows from the call's shapes and
 # switches, so a call is recorded once (the C-launcher arguments of its launches, and which of them
 # are the call's inputs, its allocations or kept buffers) and later calls with the same key only
 # allocate, read addresses and launch. The protocol a path (_forward, _backward and
