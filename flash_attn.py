@@ -795,8 +795,8 @@ def _common(q, causal, doc_range):
 def _dependent_launch(device):
     """The kernels' launch options on device: programmatic dependent launch (PDL) on sm_90 and later,
     while PDL is set. Such a launch lets a kernel's programs onto the SMs as the previous kernel in
-    the stream finishes, instead of after it has ended (about 0.3% of the 134M training step,
-    notes/flash_attn_bench.md). The protocol: a kernel launched so (launch_pdl) waits for the previous
+    the stream finishes, instead of after it has ended (it saves 0.1-0.3% of the 134M training
+    step's GPU time, notes/flash_attn_bench.md). The protocol: a kernel launched so (launch_pdl) waits for the previous
     one's results (GDC: _wait_for_inputs) before it touches global memory."""
     gdc = PDL and device.type == "cuda" and not INTERPRET and _sm90(device.index)
     return dict(GDC=gdc, launch_pdl=gdc)
