@@ -991,7 +991,7 @@ def _replay(record, inputs, outputs, device):
     if len(index) != sum(t is not None for t in tensors):  # an input passed twice: which position is which?
         return None
     allocs = [(t.shape, t.stride(), t.dtype, t.device) for t in record.allocs]
-    if not all(id(t) in index and index[id(t)] >= len(inputs) for t in outputs):
+    if not all(len(inputs) <= index.get(id(t), -1) < len(inputs) + len(allocs) for t in outputs):
         return None
     out_at = [index[id(t)] for t in outputs]
     launches = []

@@ -505,7 +505,7 @@ def test_replayed_call_launches_as_recorded(monkeypatch, fake_triton36):
     without running the path, they allocate the outputs afresh and give the C launcher exactly what a
     direct launch of the same tensors gives (their addresses and CUtensorMaps; a kept buffer's address).
     A call whose output is not its allocation, whose input _prepare copies, or that gets one tensor
-    twice is never replayed."""
+    twice is never replayed, nor one whose launches stay Triton's."""
     f = fake_triton36
     for name, value in (("_replayable", lambda x: True), ("_PLANS", {}), ("_COMPILED", {}), ("_KEPT_TENSORS", {})):
         monkeypatch.setattr(flash_attn, name, value)
@@ -543,9 +543,10 @@ def test_replayed_call_launches_as_recorded(monkeypatch, fake_triton36):
             assert f.c_calls[2:] == replayed and replayed[1][18] == kept.data_ptr()
     assert len(f.triton_calls) == 0 and len(flash_attn._PLANS) == 1
     # never replayed (the path runs on every call, distinct new tensors last): an output that is a torch
-    # op's, an input that _prepare copies, one tensor passed twice
+    # op's or a kept buffer, an input that _prepare copies, one tensor passed twice
     transposed = lambda: [t.t().contiguous().t() for t in fresh()]  # noqa: E731
-    for first, out_is in ((fresh, lambda out: out.clone()), (transposed, None), (lambda: fresh(1) * 2, None)):
+    for first, out_is in ((fresh, lambda out: out.clone()), (fresh, lambda out: kept), (transposed, None),
+                          (lambda: fresh(1) * 2, None)):
         runs.clear()
         case = functools.partial(path, out_is=out_is)
         for inputs in (first(), first(), transposed() if first is transposed else fresh()):
