@@ -159,7 +159,8 @@ def _wait_for_inputs(GDC: tl.constexpr):
     """GDC (a dependent launch: _dependent_launch): the kernel may have started before the previous
     one in the stream ended, so wait here for its results before touching global memory. Then let
     the next kernel start early too: a kernel of ours, which waits likewise; others are launched
-    without PDL and wait for this one to end, as usual."""
+    without PDL and wait for this one to end, as usual. (flash_attn_hopper's kernels call it too,
+    after their prologue: shared memory and barriers.)"""
     if GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -796,8 +797,8 @@ def _dependent_launch(device):
     """The kernels' launch options on device: programmatic dependent launch (PDL) on sm_90 and later,
     while PDL is set. Such a launch lets a kernel's programs onto the SMs as the previous kernel in
     the stream finishes, instead of after it has ended (it saves 0.1-0.3% of the 134M training
-    step's GPU time, notes/flash_attn_bench.md). The protocol: a kernel launched so (launch_pdl) waits for the previous
-    one's results (GDC: _wait_for_inputs) before it touches global memory."""
+    step's GPU time, notes/flash_attn_bench.md). The protocol: a kernel launched so (launch_pdl)
+    waits for the previous one's results (GDC: _wait_for_inputs) before it touches global memory."""
     gdc = PDL and device.type == "cuda" and not INTERPRET and _sm90(device.index)
     return dict(GDC=gdc, launch_pdl=gdc)
 

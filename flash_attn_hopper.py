@@ -107,6 +107,7 @@ LOG2E = flash_attn.LOG2E
 # the portable kernels' mask helpers, compiled as Gluon (pure scalar / elementwise code)
 _block_range = gluon.jit(flash_attn._block_range.fn)
 _band = gluon.jit(flash_attn._band.fn)
+_wait_for_inputs = gluon.jit(flash_attn._wait_for_inputs.fn)  # (the kernels call it after their prologue)
 
 
 def supported(q, direction):
@@ -654,15 +655,6 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
                         (_bwd_loader, loader), (_bwd_dq_writer, writer)],
                        [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
-
-
-@gluon.jit
-def _wait_for_inputs(GDC: gl.constexpr):
-    """flash_attn._wait_for_inputs, called after the prologue (shared memory, barriers), which so
-    overlaps the previous kernel's end."""
-    if GDC:
-        gl.inline_asm_elementwise("griddepcontrol.wait; griddepcontrol.launch_dependents; // dummy $0", "=r", [],
-                                  dtype=gl.int32, is_pure=False, pack=1)
 
 
 # --------------------------------------------------------------------------- host side
