@@ -470,6 +470,7 @@ AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"  # 0: default tiles
 HOPPER = os.environ.get("FLASH_ATTN_HOPPER", "1") != "0"  # 0: the portable kernels on Hopper too
 _HOPPER_MODULE = None  # flash_attn_hopper once imported, False if it cannot be or once it failed
 PDL = True  # False: no programmatic dependent launch (_dependent_launch; notes/step_host.py --no_pdl)
+REPLAY = True  # False: operator calls never replayed (_replayed; notes/step_host.py --no_replay)
 DIRECT_LAUNCH = True  # False: every launch through Triton's own launcher (_launcher; notes/host_profile.py --launch)
 FORCE_TILES = {}  # e.g. {"fwd": (128, 64, 4, 3)}: bench_attention.py --tiles times each tile this way
 _TUNED = None  # {key: (tile, variant)}: the autotuned choices, loaded from _tuned_path() on first use
@@ -624,12 +625,16 @@ def _run(kernel, grid, *args, key=None, **kwargs):
     key = (kernel, _device(), *grid, *(map(_launch_key, args) if key is None else key), *kwargs.items())
     hit = _COMPILED.get(key)
     if hit is None:
+        _not_replayable_launch()
         compiled = kernel[grid](*args, **kwargs)
         tail = tuple(kwargs.get(p.name, p.default) for p in kernel.params[len(args):])
         _keep(_COMPILED, key, (_launcher(compiled, (*grid, 1, 1)[:3]), tail))
         return
     launcher, tail = hit
+    recorded = None if _RECORDING is None else len(_RECORDING.launches)
     launcher(*args, *tail)
+    if recorded is not None and len(_RECORDING.launches) == recorded:  # Triton's own launch, not a direct one
+        _RECORDING.direct = False
 
 
 def _launcher(compiled, grid):
@@ -670,21 +675,28 @@ def _launcher(compiled, grid):
     except (ImportError, AttributeError, KeyError, TypeError, ValueError):
         return runner
 
+    def cu_map(ptr, i, swizzle, elem_size, elem_type, block, shape, strides, padding):
+        """Descriptor i's CUtensorMap over the tensor at ptr, kept per base address, shape and strides."""
+        key = (i, ptr, *shape, *strides, padding)
+        found = maps.get(key)
+        if found is None:
+            found = _keep(maps, key, fill(ptr, swizzle, elem_size, elem_type, block, shape, strides,
+                                          int(padding == "nan")))
+        return found
+
     def launch(*args):
         if enter.calls or leave.calls or knobs.launch_enter_hook is not enter or knobs.launch_exit_hook is not leave:
             return runner(*args)
-        args = list(args)
+        expanded = list(args)
         for i in pointers:
-            args[i] = args[i].data_ptr()
-        for i, swizzle, elem_size, elem_type, block in descs:
-            d = args[i]
-            key = (i, d.base.data_ptr(), *d.shape, *d.strides, d.padding)
-            cu_map = maps.get(key)
-            if cu_map is None:
-                cu_map = _keep(maps, key, fill(key[1], swizzle, elem_size, elem_type, block, d.shape, d.strides,
-                                               int(d.padding == "nan")))
-            args[i:i + 1] = (cu_map, *d.shape, *d.strides)
-        c_launch(*grid, _stream(device), *fixed, *args)
+            expanded[i] = expanded[i].data_ptr()
+        for i, *spec in descs:
+            d = expanded[i]
+            expanded[i:i + 1] = (cu_map(d.base.data_ptr(), i, *spec, d.shape, d.strides, d.padding), *d.shape,
+                                 *d.strides)
+        c_launch(*grid, _stream(device), *fixed, *expanded)
+        if _RECORDING is not None:
+            _RECORDING.launches.append((c_launch, grid, fixed, pointers, descs, cu_map, args))
     return launch
 
 
@@ -727,6 +739,7 @@ def _choose(which, T, heads, descs, args, meta):
     # not tuned yet (or tuned over another TILES)
     rows = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
     autotuned = KERNELS[which][1]
+    _not_replayable_launch()
     autotuned[lambda cfg: (triton.cdiv(T, cfg[rows]), heads)](*descs, *args, **meta, **FP_FUSION)
     _remember(tuned_key, autotuned.best_config)
     return None
@@ -855,8 +868,8 @@ def _forward(q, k, v, doc_range, causal, scale, left, right):
             return hopper.forward(q, k, v, causal, scale, left, right, T_pad)
         except Exception as e:  # noqa: BLE001
             _hopper_failed(e)
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)  # log2 units
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((B, H, T_pad), torch.float32, q.device)  # log2 units
     _launch("fwd", Tq, B * H, [_desc(q), _desc(k), _desc(v)],
             out, lse, doc_range, scale, out.stride(0), out.stride(1), out.stride(2),
             Tq, Tk, T_pad, H, group, *_band_args(Tq, Tk, left, right, doc_range),
@@ -868,7 +881,7 @@ def _delta(out, do, T_pad, key, zero_dq=None):
     """delta = rowsum(dO * O) (B, H, T_pad) float32, by _bwd_preprocess (key: _run's); zero_dq: a
     float32 tensor of out's shape that the same pass zeroes (flash_attn_hopper's dQ), or None."""
     B, T, H, D = out.shape
-    delta = torch.empty(B, H, T_pad, device=out.device, dtype=torch.float32)
+    delta = _empty((B, H, T_pad), torch.float32, out.device)
     _run(_bwd_preprocess, (T_pad // MAX_BLOCK, B * H), out, do, delta, zero_dq, out.stride(0), out.stride(1),
          out.stride(2), T, T_pad, H, HEAD_DIM=_width(D), DIM=D, BLOCK_M=MAX_BLOCK, ZERO_DQ=zero_dq is not None,
          key=key, **_dependent_launch(out.device))
@@ -888,7 +901,7 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
             _hopper_failed(e)
     key = _shapes_key(q, k, do, doc_range, T_pad, left, right)
     delta = _delta(out, do, T_pad, key)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (_empty(x.shape, x.dtype, x.device) for x in (q, k, v))
     band, meta = _band_args(Tq, Tk, left, right, doc_range), _common(q, causal, doc_range)
     descs = [_desc(q), _desc(k), _desc(v), _desc(do)]  # (each launch sets its own tile's block on them)
     _launch("dkdv", Tk, B * H_kv, descs, dk, dv, lse, delta, doc_range, scale,
@@ -899,14 +912,131 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
     return dq, dk, dv
 
 
+# --------------------------------------------------------------------------- replayed calls
+# Inside a compiled training step an operator call's Python (shapes, tiles, descriptors, launch keys)
+# costs the host about 100 us per forward and 210 per backward on an H200 host, which leaves the
+# 134M step close to host-bound (notes/flash_attn_bench.md). All of it follows from the call's shapes and
+# switches, so a call is recorded once (the C-launcher arguments of its launches, and which of them
+# are the call's inputs, its allocations or kept buffers) and later calls with the same key only
+# allocate, read addresses and launch. The protocol a path (_forward, _backward and
+# flash_attn_hopper's) keeps: its GPU work is launches through _run and allocations through _empty,
+# it writes no tensor by a torch op, and its outputs are its allocations; a call that breaks it
+# (a copy in _prepare, a torch op's output such as the Hopper backward's dQ.to) is never replayed.
+_PLANS = {}  # _replayed's call key -> the recorded call's replay, or None: such calls are never replayed
+_RECORDING = None  # while _replayed records a call: .launches (launch's parts, arguments), .allocs (_empty's),
+# .complete (no launch through Triton's compile/tune path) and .direct (every later launch a direct one)
+_KEPT_TENSORS = {}  # id -> a device tensor that outlives calls (flash_attn_hopper's tile counters): replays reuse it
+
+
+def _empty(shape, dtype, device):
+    """torch.empty for a path's outputs and scratch, recorded while _replayed records."""
+    x = torch.empty(shape, dtype=dtype, device=device)
+    if _RECORDING is not None:
+        _RECORDING.allocs.append(x)
+    return x
+
+
+def _not_replayable_launch():
+    """A launch through Triton (a kernel's first, autotuning): the call being recorded is not
+    complete, so the next call is recorded again. (A later launch that is still Triton's, as under
+    other Triton releases, makes such calls never replayed: _run.)"""
+    if _RECORDING is not None:
+        _RECORDING.complete = False
+
+
+def _replayable(x):
+    """Whether a call on x may be recorded or replayed: on a GPU, with REPLAY and DIRECT_LAUNCH, no
+    launch hook set (Triton 3.6's empty hook chains) and no CUDA graph being captured (whose replays
+    own their buffers)."""
+    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+    return (x.is_cuda and REPLAY and DIRECT_LAUNCH and not any(getattr(hook, "calls", True) for hook in hooks)
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _replayed(path, inputs, n_prepared, statics):
+    """path(*inputs, *statics), the first n_prepared inputs contiguous and 16-byte aligned (_prepare);
+    recorded, and replayed (_replay) once a call with the same key was, while _replayable."""
+    global _RECORDING
+    if not _replayable(inputs[0]):
+        return path(*(_prepare(t) for t in inputs[:n_prepared]), *inputs[n_prepared:], *statics)
+    device = _device()
+    key = (path, *statics, device, _stream(device), PDL, HOPPER, _HOPPER_MODULE is False, AUTOTUNE,
+           *sorted(FORCE_TILES.items()),
+           *(None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in inputs))
+    plan = _PLANS.get(key, False)
+    if plan:
+        return plan(inputs)
+    prepared = [_prepare(t) for t in inputs[:n_prepared]] + list(inputs[n_prepared:])
+    if plan is None:
+        return path(*prepared, *statics)
+    _RECORDING = types.SimpleNamespace(launches=[], allocs=[], complete=True, direct=True)
+    try:
+        outputs = path(*prepared, *statics)
+        record = _RECORDING
+    finally:
+        _RECORDING = None
+    if record.complete:  # (a copy by _prepare: a tensor that _replay refuses)
+        _keep(_PLANS, key, _replay(record, inputs, outputs, device) if record.direct else None)
+    return outputs
+
+
+def _replay(record, inputs, outputs, device):
+    """The recorded call as a function of new inputs (same key): allocate as the call did, then each
+    launch's C-launcher arguments as recorded, with the addresses of this call's tensors and their
+    CUtensorMaps patched in, on the current stream of device (the key's). None if a launch used a
+    tensor that is neither an input, nor allocated by the call, nor kept, or an output is not one
+    of its allocations."""
+    kept = list(_KEPT_TENSORS.values())
+    tensors = [*inputs, *record.allocs, *kept]
+    index = {id(t): j for j, t in enumerate(tensors) if t is not None}
+    if len(index) != sum(t is not None for t in tensors):  # an input passed twice: which position is which?
+        return None
+    allocs = [(t.shape, t.stride(), t.dtype, t.device) for t in record.allocs]
+    if not all(len(inputs) <= index.get(id(t), -1) < len(inputs) + len(allocs) for t in outputs):
+        return None
+    out_at = [index[id(t)] for t in outputs]
+    launches = []
+    for c_launch, grid, fixed, pointers, descs, cu_map, args in record.launches:
+        desc_at = {i: spec for i, *spec in descs}
+        template, patches = [], []  # the C launcher's arguments after the stream; (position, tensor, map spec)
+        for i, a in enumerate(args):
+            if i in desc_at:
+                if id(a.base) not in index:
+                    return None
+                patches.append((len(template), index[id(a.base)], (i, *desc_at[i], a.shape, a.strides, a.padding)))
+                template += [None, *a.shape, *a.strides]
+            elif i in pointers:
+                if id(a) not in index:
+                    return None
+                patches.append((len(template), index[id(a)], None))
+                template.append(None)
+            else:
+                template.append(a)
+        launches.append((c_launch, grid, fixed, template, patches, cu_map))
+    kept_ptrs = [t.data_ptr() for t in kept]  # (alive in _KEPT_TENSORS for good)
+
+    def replay(new_inputs):
+        fresh = [torch.empty_strided(shape, stride, dtype=dtype, device=at) for shape, stride, dtype, at in allocs]
+        ptrs = [None if t is None else t.data_ptr() for t in new_inputs] + [t.data_ptr() for t in fresh] + kept_ptrs
+        stream = _stream(device)
+        for c_launch, grid, fixed, template, patches, cu_map in launches:
+            args = template.copy()
+            for at, j, spec in patches:
+                args[at] = ptrs[j] if spec is None else cu_map(ptrs[j], *spec)
+            c_launch(*grid, stream, *fixed, *args)
+        all_tensors = [*new_inputs, *fresh]
+        return tuple(all_tensors[j] for j in out_at)
+    return replay
+
+
 def _forward_impl(q, k, v, doc_range, causal, scale, left, right):
     """_forward on contiguous, 16-byte aligned inputs (TMA), so every output is contiguous."""
-    return _forward(_prepare(q), _prepare(k), _prepare(v), doc_range, causal, scale, left, right)
+    return _replayed(_forward, (q, k, v, doc_range), 3, (causal, scale, left, right))
 
 
 def _backward_impl(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
-    do, q, k, v, out = (_prepare(x) for x in (do, q, k, v, out))  # all contiguous: do and out have q's strides
-    return _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right)
+    """_backward on contiguous inputs: do and out with q's strides."""
+    return _replayed(_backward, (do, q, k, v, out, lse, doc_range), 5, (causal, scale, left, right))
 
 
 # The kernels as a pair of torch.library operators, so that torch.compile keeps each call as one opaque

@@ -694,8 +694,8 @@ def forward(q, k, v, causal, scale, left, right, T_pad, tile=None, l2_bytes=L2_G
     notes/hopper_variants.py."""
     B, T, H, D = q.shape
     bm, bn, stages, q_stages = tile or _fwd_tile_for(T, D)
-    out = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)  # contiguous, as the kernel writes it
-    lse = torch.empty(B, H, T_pad, device=q.device, dtype=torch.float32)
+    out = flash_attn._empty((B, T, H, D), q.dtype, q.device)  # contiguous, as the kernel writes it
+    lse = flash_attn._empty((B, H, T_pad), torch.float32, q.device)
     group = H // k.shape[2]
     heads = _heads_at_a_time(l2_bytes, 4 * T * D, B * H, group)  # a kv head's K, V: 2 x 2 x T x D bytes
     n_m = triton.cdiv(T, bm)
@@ -723,6 +723,7 @@ def _tile_counter(index):
     counter = _COUNTERS.get(key)
     if counter is None:
         counter = _COUNTERS[key] = torch.zeros(1, device=f"cuda:{index}", dtype=torch.int32)
+        flash_attn._KEPT_TENSORS[id(counter)] = counter  # (replays use it as it is)
     return counter
 
 

@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|attn_table|triton390|attn_profile|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|attn_table|triton390|attn_profile|host_replay|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -59,6 +59,16 @@ python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT
 # host-bound? the wall per step, the host's time to issue a step, the GPU's step given a head start, and
 # the operators' host time inside the step (--gc_freeze: the garbage collector is not it, 2026-12-03)
 python3 notes/step_host.py ${SHAPES:-134m} --triton_launch --no_pdl --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
+;;
+host_replay)
+# branch host-plan (flash_attn._replayed, not GPU-run when written): the GPU tests of flash_attn.py's
+# kernel paths, then the 134M compiled step with replayed operator calls against without (host per call
+# inside the step, wall and head start), then the compiled-step table's 134M rows
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+FLASH_ATTN_AUTOTUNE=0 python3 -m pytest -q -x tests/test_flash_attn.py -k "test_gpu_ or test_hopper_" 2>&1 | tail -3
+python3 notes/step_host.py 134m --no_replay --rounds 3 --cprofile 3 2>&1 | grep -v Warn | tee $OUT/step_host.log | grep -v "^ "
+SHAPES=134m bash "$0" attn_bench
 ;;
 attn_tests)
 # every GPU test of flash_attn.py (all kernel paths, CUDA-graph capture, torch.compile mode="reduce-overhead"),

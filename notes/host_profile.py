@@ -2,7 +2,7 @@
 before the host issues the next), top functions by own time, per path (Hopper hd128, portable hd64),
 forward and forward + backward. Also times the pieces alone: one Triton launch, one TensorDescriptor.
 --launch: the two operators' host time per call (one head, bench_train.py's shapes) with Triton's own
-kernel launcher and with flash_attn._launcher's, interleaved over rounds.
+kernel launcher, with flash_attn._launcher's, and replayed (flash_attn._replayed), interleaved over rounds.
 --ops: the two operators that a compiled training step calls (flash_attn::forward, ::backward) at
 bench_train.py's attention shapes: GPU time per call at the full shape, host time per call (one head:
 the GPU idles), SDPA cuDNN's for comparison, and where the operators' host time goes.
@@ -102,7 +102,8 @@ def hopper_pieces(calls):
 
 def launch_ab(calls, rounds):
     """Host us per call of flash_attn::forward and ::backward at bench_train's shapes with one head (the
-    GPU idles), each kernel launched by Triton's launcher (compiled[grid]) or by flash_attn._launcher's."""
+    GPU idles): each kernel launched by Triton's launcher (compiled[grid]), by flash_attn._launcher's,
+    and the whole call replayed (flash_attn._replayed)."""
     fwd_op, bwd_op = torch.ops.flash_attn.forward.default, torch.ops.flash_attn.backward.default
     try:
         for name, (B, T, H, H_kv, D) in SHAPES.items():
@@ -113,15 +114,18 @@ def launch_ab(calls, rounds):
             ops = {"fwd op": lambda: fwd_op(q, k, v, None, True, D ** -0.5, T, 0),
                    "bwd op": lambda: bwd_op(do, q, k, v, out, lse, None, True, D ** -0.5, T, 0)}
             for r in range(rounds):
-                for label, direct in (("triton", False), ("_launcher", True)):
-                    flash_attn.DIRECT_LAUNCH = direct
+                for label, direct, replay in (("triton", False, False), ("_launcher", True, False),
+                                              ("replayed", True, True)):
+                    flash_attn.DIRECT_LAUNCH, flash_attn.REPLAY = direct, replay
                     flash_attn._COMPILED.clear()
+                    flash_attn._PLANS.clear()
                     us = {n: per_call_us(f, calls) for n, f in ops.items()}
                     print(f"{name} one head (T={T} D={D}), round {r}, {label}: host us per call "
                           + ", ".join(f"{n} {t:.1f}" for n, t in us.items()), flush=True)
     finally:
-        flash_attn.DIRECT_LAUNCH = True
+        flash_attn.DIRECT_LAUNCH = flash_attn.REPLAY = True
         flash_attn._COMPILED.clear()
+        flash_attn._PLANS.clear()
 
 
 def main():
@@ -131,7 +135,8 @@ def main():
     p.add_argument("--ops", action="store_true", help="the operators at bench_train.py's shapes instead")
     p.add_argument("--pieces", action="store_true", help="the pieces of one Hopper forward call instead")
     p.add_argument("--sort", default="tottime", help="--ops' cProfile order: tottime, ncalls, cumtime")
-    p.add_argument("--launch", action="store_true", help="Triton's launcher against flash_attn._launcher")
+    p.add_argument("--launch", action="store_true",
+                   help="Triton's launcher against flash_attn._launcher's and replayed calls")
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     if a.ops:

@@ -10,14 +10,16 @@ ratio is the attentions' ratio on the GPU alone. The garbage collector's collect
 milliseconds (gc.callbacks) are counted per attention over all rounds. --gc_freeze moves every object
 alive after warm-up out of the collector's reach (gc.freeze).
 --triton_launch: another row, the flash step with Triton's own kernel launcher instead of
-flash_attn._launcher's; --no_pdl: another, the flash step without programmatic dependent launch
-(flash_attn.DIRECT_LAUNCH and flash_attn.PDL off around the row's rounds, each switch followed by an
-untimed step).
+flash_attn._launcher's; --no_pdl: another, the flash step without programmatic dependent launch;
+--no_replay: another, the flash step with every operator call running its path (flash_attn.DIRECT_LAUNCH,
+PDL or REPLAY off around the row's rounds, each switch followed by an untimed step).
 --cprofile N: then cProfile over N issued steps of each attention (each behind a GPU sleep), its costliest
-functions by own time; and, unprofiled, the host microseconds spent inside flash_attn's _forward and
-_backward per call over N issued steps (the operators' Python as the compiled step runs it).
+functions by own time; and, unprofiled, the host microseconds per forward and backward call spent in
+flash_attn._replayed over N issued steps (the operators' Python as the compiled step runs it), with
+replays and without.
 
-    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze] [--triton_launch] [--no_pdl] [--cprofile 5]
+    python notes/step_host.py [134m|1b] [--rounds 3] [--gc_freeze] [--triton_launch] [--no_pdl] [--no_replay]
+                              [--cprofile 5]
 """
 import argparse
 import cProfile
@@ -31,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import bench_train  # noqa: E402
+import flash_attn  # noqa: E402
 
 IMPLS = ("ours_compile", "ours_compile_flash")
-TRITON_LAUNCH, NO_PDL = "flash, Triton's launch", "flash, no PDL"
-SWITCHES = {TRITON_LAUNCH: "DIRECT_LAUNCH", NO_PDL: "PDL"}  # row -> the flash_attn switch off for it alone
+TRITON_LAUNCH, NO_PDL, NO_REPLAY = "flash, Triton's launch", "flash, no PDL", "flash, no replay"
+SWITCHES = {TRITON_LAUNCH: "DIRECT_LAUNCH", NO_PDL: "PDL", NO_REPLAY: "REPLAY"}  # row -> flash_attn's switch off
 
 
 def sleep_ms(ms, cycles_per_ms):
@@ -51,6 +54,7 @@ def main():
     p.add_argument("--gc_freeze", action="store_true", help="gc.freeze() after warm-up")
     p.add_argument("--triton_launch", action="store_true", help="also the flash step with Triton's launcher")
     p.add_argument("--no_pdl", action="store_true", help="also the flash step without dependent launch")
+    p.add_argument("--no_replay", action="store_true", help="also the flash step without replayed calls")
     args = p.parse_args()
     shape, batch, seq = bench_train.SHAPES[args.shape]
     xy = bench_train.random_documents(batch, seq, shape["vocab_size"], torch.Generator().manual_seed(0)).cuda()
@@ -61,7 +65,7 @@ def main():
         steps[impl] = bench_train.IMPLS[impl](shape, batch, seq)[1]
         for _ in range(8):  # compile, tune
             steps[impl](x, y)
-    for row, wanted in ((TRITON_LAUNCH, args.triton_launch), (NO_PDL, args.no_pdl)):
+    for row, wanted in ((TRITON_LAUNCH, args.triton_launch), (NO_PDL, args.no_pdl), (NO_REPLAY, args.no_replay)):
         if wanted:
             steps[row] = steps["ours_compile_flash"]
     torch.cuda.synchronize()
@@ -135,46 +139,47 @@ def main():
             torch.cuda.synchronize()
         print(f"=== {impl}: cProfile of {args.cprofile} issued steps")
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-    if args.cprofile:
+    for replay in (True, False) if args.cprofile else ():
+        flash_attn.REPLAY = replay
         op_host_us(steps["ours_compile_flash"], x, y, args.cprofile, cycles_per_ms)
+    flash_attn.REPLAY = True
 
 
 def use_switches(impl, step, x, y):
     """flash_attn's switches as row impl wants them (SWITCHES: its own off, the others on); the launch
-    cache emptied and refilled by one untimed step."""
-    import flash_attn
+    and replay caches emptied and refilled by two untimed steps."""
     for row, switch in SWITCHES.items():
         setattr(flash_attn, switch, impl != row)
     flash_attn._COMPILED.clear()
+    flash_attn._PLANS.clear()
     step(x, y)
+    step(x, y)  # (recorded)
     torch.cuda.synchronize()
 
 
 def op_host_us(step, x, y, n, cycles_per_ms):
-    """Host microseconds per call inside flash_attn._forward and _backward over n issued steps."""
-    import flash_attn
-    spent = {"_forward": [], "_backward": []}
+    """Host microseconds per forward and backward call in flash_attn._replayed (an operator's body) over
+    n issued steps, replayed or not as flash_attn.REPLAY says."""
+    replayed = flash_attn._replayed
+    spent = {flash_attn._forward: [], flash_attn._backward: []}
 
-    def timed(name, fn):
-        def wrapper(*a):
-            t0 = time.perf_counter()
-            out = fn(*a)
-            spent[name].append(time.perf_counter() - t0)
-            return out
-        return wrapper
-    kept = flash_attn._forward, flash_attn._backward
-    flash_attn._forward, flash_attn._backward = timed("_forward", kept[0]), timed("_backward", kept[1])
+    def timed(path, *args):
+        t0 = time.perf_counter()
+        out = replayed(path, *args)
+        spent[path].append(time.perf_counter() - t0)
+        return out
+    flash_attn._replayed = timed
     try:
         for _ in range(n):
             sleep_ms(200, cycles_per_ms)
             step(x, y)
             torch.cuda.synchronize()
     finally:
-        flash_attn._forward, flash_attn._backward = kept
-    for name, t in spent.items():
+        flash_attn._replayed = replayed
+    for path, t in spent.items():
         t = sorted(t)
-        print(f"flash_attn.{name} in the issued step: {len(t)} calls, median {t[len(t) // 2] * 1e6:.1f} us, "
-              f"max {t[-1] * 1e6:.1f} us, {sum(t) * 1e3 / n:.2f} ms per step")
+        print(f"flash_attn.{path.__name__} in the issued step, REPLAY={flash_attn.REPLAY}: {len(t)} calls, median "
+              f"{t[len(t) // 2] * 1e6:.1f} us, max {t[-1] * 1e6:.1f} us, {sum(t) * 1e3 / n:.2f} ms per step")
 
 
 if __name__ == "__main__":

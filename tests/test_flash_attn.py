@@ -418,13 +418,20 @@ def test_dependent_launch_only_on_sm90(monkeypatch):
     assert flash_attn._dependent_launch(torch.device("cuda", 0)) == off
 
 
-def test_direct_launch_arguments(monkeypatch):
-    """flash_attn._launcher under Triton 3.6 (faked on the CPU): Triton's generated C launcher gets the
-    grid, the current stream, the kernel's function, launch flags and metadata, no scratch or hooks,
-    then every argument in signature order, a descriptor as its CUtensorMap (filled once per base
-    address, shape and strides), shape and strides, a tensor as its address. With a launch hook set,
-    Triton's own launch runs instead; under other releases, or with DIRECT_LAUNCH off, _launcher is
-    Triton's own launch."""
+def _tritons_wrapper(launcher):
+    """Triton 3.6's wrap_handle_tensordesc: a closure over the C launcher, which _launcher calls itself."""
+    def inner(*args):
+        pytest.fail(f"Triton's descriptor wrapper ran, not {launcher} itself")
+    return inner
+
+
+@pytest.fixture
+def fake_triton36(monkeypatch):
+    """Triton 3.6's launch path faked on the CPU: .compiled, a compiled kernel (a descriptor, a pointer,
+    a None, a float, a descriptor, an int, a constexpr) whose C launcher records its arguments in
+    .c_calls and whose own runner records in .triton_calls; fill_tma_descriptor records in .fills
+    and returns ("map", address, fill number); stream 77 on device 0; .desc(t), a descriptor over a
+    (64, 32) bf16 tensor."""
     fills, c_calls, triton_calls = [], [], []
 
     def fill(*args):
@@ -434,13 +441,9 @@ def test_direct_launch_arguments(monkeypatch):
         utils=types.SimpleNamespace(fill_tma_descriptor=fill)))
     monkeypatch.setattr(flash_attn, "_stream", lambda device: 77)
     monkeypatch.setattr(flash_attn, "_device", lambda: 0)
-
-    def tritons_wrapper(launcher):  # wrap_handle_tensordesc's closure over the C launcher, which _launcher calls
-        def inner(*args):
-            pytest.fail(f"Triton's descriptor wrapper ran, not {launcher} itself")
-        return inner
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
     meta = dict(swizzle=3, elem_size=2, elem_type=10, block_size=[16, 32], fp4_padded=False)  # bf16: host dtype 9
-    run = types.SimpleNamespace(launch=tritons_wrapper(lambda *args: c_calls.append(args)), global_scratch_size=0,
+    run = types.SimpleNamespace(launch=_tritons_wrapper(lambda *args: c_calls.append(args)), global_scratch_size=0,
                                 profile_scratch_size=0, num_ctas=1, launch_cooperative_grid=False, launch_pdl=True)
 
     class Compiled:
@@ -454,12 +457,25 @@ def test_direct_launch_arguments(monkeypatch):
             return lambda *args: triton_calls.append((grid, args))
     compiled = Compiled()
     compiled.run = run
+    desc = lambda t: flash_attn.TensorDescriptor(t, [64, 32], [32, 1], [16, 32])  # noqa: E731
+    return types.SimpleNamespace(compiled=compiled, run=run, fills=fills, c_calls=c_calls, triton_calls=triton_calls,
+                                 desc=desc)
+
+
+def test_direct_launch_arguments(monkeypatch, fake_triton36):
+    """flash_attn._launcher under Triton 3.6 (faked on the CPU): Triton's generated C launcher gets the
+    grid, the current stream, the kernel's function, launch flags and metadata, no scratch or hooks,
+    then every argument in signature order, a descriptor as its CUtensorMap (filled once per base
+    address, shape and strides), shape and strides, a tensor as its address. With a launch hook set,
+    Triton's own launch runs instead; under other releases, or with DIRECT_LAUNCH off, _launcher is
+    Triton's own launch."""
+    f = fake_triton36
+    compiled, run, fills, c_calls, triton_calls, desc = f.compiled, f.run, f.fills, f.c_calls, f.triton_calls, f.desc
     monkeypatch.setattr(triton, "__version__", "3.9.0")
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"  # Triton's own (Compiled's runner)
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     launch = flash_attn._launcher(compiled, (3, 2, 1))
     x, y, out = (torch.zeros(64, 32, dtype=torch.bfloat16) for _ in range(3))
-    desc = lambda t: flash_attn.TensorDescriptor(t, [64, 32], [32, 1], [16, 32])  # noqa: E731
     launch(desc(x), out, None, 0.5, desc(y), 64, 16)
     launch(desc(x), out, None, 0.5, desc(y), 64, 16)
     fixed = (3, 2, 1, 77, 1234, False, True, None, None, (4, 1, 5000), None, None, None)
@@ -477,10 +493,73 @@ def test_direct_launch_arguments(monkeypatch):
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
     run.global_scratch_size, run.launch = 0, lambda *args: None  # no C launcher in its closure: Triton's own
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
-    run.launch = tritons_wrapper(lambda *args: c_calls.append(args))
+    run.launch = _tritons_wrapper(lambda *args: c_calls.append(args))
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "launch"
     monkeypatch.setattr(flash_attn, "DIRECT_LAUNCH", False)
     assert flash_attn._launcher(compiled, (3, 2, 1)).__name__ == "<lambda>"
+
+
+def test_replayed_call_launches_as_recorded(monkeypatch, fake_triton36):
+    """flash_attn._replayed (the GPU's path; Triton 3.6 faked): a key's first call launches through
+    Triton, its second (every launch direct) is recorded, and later calls on new tensors are replayed:
+    without running the path, they allocate the outputs afresh and give the C launcher exactly what a
+    direct launch of the same tensors gives (their addresses and CUtensorMaps; a kept buffer's address).
+    A call whose output is not its allocation, whose input _prepare copies, or that gets one tensor
+    twice is never replayed, nor one whose launches stay Triton's."""
+    f = fake_triton36
+    for name, value in (("_replayable", lambda x: True), ("_PLANS", {}), ("_COMPILED", {}), ("_KEPT_TENSORS", {})):
+        monkeypatch.setattr(flash_attn, name, value)
+    kept = torch.zeros(8, dtype=torch.bfloat16)
+    flash_attn._KEPT_TENSORS[id(kept)] = kept
+
+    class Kernel:  # a JIT function as _run sees it
+        device_caches = {}
+        params = [types.SimpleNamespace(name=name, default=None) for name in f.compiled.src.signature]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: f.compiled
+    kernel, runs = Kernel(), []
+
+    def path(x, y, docs, scale, out_is=None):
+        runs.append(x)
+        out = flash_attn._empty(x.shape, x.dtype, x.device)
+        flash_attn._run(kernel, (3, 2), f.desc(x), out, None, scale, f.desc(y), 64, 16, key=(x.shape, y.shape))
+        flash_attn._run(kernel, (3, 2), f.desc(out), kept, None, scale, f.desc(y), 64, 16, key=(x.shape, y.shape))
+        return (out if out_is is None else out_is(out), )
+
+    def fresh(n=2):
+        return [torch.randn(64, 32).to(torch.bfloat16) for _ in range(n)]
+    for call in range(4):
+        x, y = fresh()
+        f.c_calls.clear()
+        (out, ) = flash_attn._replayed(path, (x, y, None), 2, (0.5, ))
+        assert len(runs) == min(call + 1, 2) and out.shape == x.shape and out.dtype == x.dtype
+        if call >= 2:  # replayed: the C launcher got what direct launches of these tensors give
+            assert len(f.c_calls) == 2 and all(t is not out for t in runs)
+            replayed = list(f.c_calls)
+            launch, _ = next(iter(flash_attn._COMPILED.values()))
+            launch(f.desc(x), out, None, 0.5, f.desc(y), 64, 16)
+            launch(f.desc(out), kept, None, 0.5, f.desc(y), 64, 16)
+            assert f.c_calls[2:] == replayed and replayed[1][18] == kept.data_ptr()
+    assert len(f.triton_calls) == 0 and len(flash_attn._PLANS) == 1
+    # never replayed (the path runs on every call, distinct new tensors last): an output that is a torch
+    # op's or a kept buffer, an input that _prepare copies, one tensor passed twice
+    transposed = lambda: [t.t().contiguous().t() for t in fresh()]  # noqa: E731
+    for first, out_is in ((fresh, lambda out: out.clone()), (fresh, lambda out: kept), (transposed, None),
+                          (lambda: fresh(1) * 2, None)):
+        runs.clear()
+        case = functools.partial(path, out_is=out_is)
+        for inputs in (first(), first(), transposed() if first is transposed else fresh()):
+            flash_attn._replayed(case, (*inputs, None), 2, (0.5, ))
+        assert len(runs) == 3
+    # and launches that stay Triton's own (another release): every call runs the path
+    monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    monkeypatch.setattr(flash_attn, "_PLANS", {})
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    runs.clear()
+    for _ in range(4):
+        flash_attn._replayed(path, (*fresh(), None), 2, (0.5, ))
+    assert len(runs) == 4 and len(f.triton_calls) == 2 * 4 - 1  # every launch but the first (a compile) is Triton's
 
 
 def test_backward_fills_no_zeros_for_lse():
@@ -874,11 +953,16 @@ DIRECT_CASES = [(2, 1024, 1024, 4, 2, 128, True, False), (2, 1024, 1024, 4, 4, 6
 @cuda_only
 def test_gpu_direct_launch_equals_tritons(monkeypatch):
     """flash_attn._launcher: a kernel's first launch goes through Triton, later ones under Triton 3.6
-    straight to its C launcher (other releases: Triton's launcher again). On fresh inputs at other
-    addresses they give what Triton's launch gave; with a launch hook set the launches go through
-    Triton's path, which calls the hook once per launch."""
+    straight to its C launcher (other releases: Triton's launcher again), and from the third call of
+    a shape the operators replay the recorded launches (_replayed: the forward's path does not run).
+    On fresh inputs at other addresses they give what Triton's launch gave; with a launch hook set the
+    launches go through Triton's path, which calls the hook once per launch."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
+    monkeypatch.setattr(flash_attn, "_PLANS", {})
     monkeypatch.setattr(flash_attn, "AUTOTUNE", False)  # so the first call is the first launch
+    forward, runs = flash_attn._forward, []
+    monkeypatch.setattr(flash_attn, "_forward", lambda *args: runs.append(args) or forward(*args))
+    direct_launch = triton.__version__.startswith("3.6.")
     seen = []
     for B, Tq, Tk, Hq, Hkv, D, causal, docs in DIRECT_CASES:
         torch.manual_seed(D + Tq)
@@ -886,7 +970,9 @@ def test_gpu_direct_launch_equals_tritons(monkeypatch):
                   for T, H in ((Tq, Hq), (Tk, Hkv), (Tk, Hkv), (Tq, Hq))]
         kw = dict(causal=causal, doc_ids=doc_ids_of([[100, 1, 250, 349]] * B).cuda() if docs else None)
         call = lambda: run(flash_attn_func, *leaves(*(x.clone() for x in inputs[:3])), inputs[3], **kw)  # noqa: E731
-        first, direct = call(), call()
+        runs.clear()
+        first, direct, replayed = call(), call(), call()  # compiled; recorded; replayed (_replayed)
+        assert len(runs) == (2 if direct_launch else 3)
         triton.knobs.runtime.launch_enter_hook.add(seen.append)
         try:
             hooked = call()
@@ -894,11 +980,11 @@ def test_gpu_direct_launch_equals_tritons(monkeypatch):
             triton.knobs.runtime.launch_enter_hook.remove(seen.append)
         assert len(seen) >= 2, "Triton's launch path did not run with a hook set"
         seen.clear()
-        for again in (direct, hooked):  # the Hopper backward's dQ is a sum of atomic adds in any order
+        for again in (direct, replayed, hooked):  # the Hopper backward's dQ is a sum of atomic adds in any order
             assert all(torch.equal(a, b) or (i == 2 and rel_err(a, b) < 1e-2)
                        for i, (a, b) in enumerate(zip(first, again)))
     names = {launch.__name__ for launch, _ in flash_attn._COMPILED.values()}
-    assert names == ({"launch"} if triton.__version__.startswith("3.6.") else {"runner"}), names
+    assert names == ({"launch"} if direct_launch else {"runner"}), names
 
 
 @triton.jit
