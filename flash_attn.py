@@ -298,6 +298,15 @@ def _bwd_preprocess(Out, dOut, Delta, dQ, stride_b, stride_t, stride_h, T, T_pad
 
 
 @triton.jit
+def _cast(Src, Dst, N, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
+    """Dst[:N] = Src[:N] in Dst's dtype: flash_attn_hopper's float32 dQ in q's dtype, by a launch of
+    ours rather than torch's .to, so that the backward's call is one that _replayed can replay."""
+    _wait_for_inputs(GDC)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Dst + offs, tl.load(Src + offs, mask=offs < N).to(Dst.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, desc_q, desc_do, Lse, Delta, q_row, q_head, bh, offs_n, start, end,
                 T, T_pad, LEFT, RIGHT, doc_start, doc_end, qk_scale,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
@@ -914,14 +923,14 @@ def _backward(do, q, k, v, out, lse, doc_range, causal, scale, left, right):
 
 # --------------------------------------------------------------------------- replayed calls
 # Inside a compiled training step an operator call's Python (shapes, tiles, descriptors, launch keys)
-# costs the host about 100 us per forward and 210 per backward on an H200 host, which leaves the
-# 134M step close to host-bound (notes/flash_attn_bench.md). All of it follows from the call's shapes and
-# switches, so a call is recorded once (the C-launcher arguments of its launches, and which of them
-# are the call's inputs, its allocations or kept buffers) and later calls with the same key only
-# allocate, read addresses and launch. The protocol a path (_forward, _backward and
+# costs an H200 machine's host 60-100 us per forward and 150-210 per backward (notes/flash_attn_bench.md),
+# which a host-bound step (a small model, a slow host) waits for. All of it follows from the call's
+# shapes and switches, so a call is recorded once (the C-launcher arguments of its launches, and which
+# of them are the call's inputs, its allocations or kept buffers) and later calls with the same key
+# only allocate, read addresses and launch. The protocol a path (_forward, _backward and
 # flash_attn_hopper's) keeps: its GPU work is launches through _run and allocations through _empty,
 # it writes no tensor by a torch op, and its outputs are its allocations; a call that breaks it
-# (a copy in _prepare, a torch op's output such as the Hopper backward's dQ.to) is never replayed.
+# (a copy in _prepare, say) is never replayed.
 _PLANS = {}  # _replayed's call key -> the recorded call's replay, or None: such calls are never replayed
 _RECORDING = None  # while _replayed records a call: .launches (launch's parts, arguments), .allocs (_empty's),
 # .complete (no launch through Triton's compile/tune path) and .direct (every later launch a direct one)

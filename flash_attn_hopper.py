@@ -84,6 +84,7 @@ FWD_TILES = {64: (128, 128, 2, 2), 128: (128, 128, 2, 2)}
 FWD_TILES_LONG = {64: (192, 128, 2, 2)}
 FWD_LONG_SEQLEN = 8192
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
+CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype (flash_attn._cast)
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
 # tokens per batch, TFLOP/s portable / these, notes/flash_attn_bench.md 2026-12-02): head dim 64
 # forward 1k 274 / 289, 2k 333 / 362; backward 1k 254 / 238, 2k 299 / 305, 4k 321 / 351
@@ -740,8 +741,8 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
     H_kv = k.shape[2]
     T_pad = lse.shape[-1]
     bm, bn, stages = tile or BWD_TILES[D]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32)  # zeroed with delta, then TMA reductions
+    dk, dv = (flash_attn._empty(x.shape, x.dtype, x.device) for x in (k, v))
+    dq = flash_attn._empty((B, T, H, D), torch.float32, q.device)  # zeroed with delta, then TMA reductions
     heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv)  # a kv head's query heads' Q, dO
     key = (*flash_attn._shapes_key(q, k, do, None, T_pad, left, right), heads)
     delta = flash_attn._delta(out, do, T_pad, key, zero_dq=dq)
@@ -751,4 +752,7 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
         dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
         STAGES=stages, key=key, **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
-    return dq.to(q.dtype), dk, dv
+    dq_out = flash_attn._empty(q.shape, q.dtype, q.device)
+    flash_attn._run(flash_attn._cast, (triton.cdiv(dq.numel(), CAST_BLOCK), ), dq, dq_out, dq.numel(),
+                    BLOCK=CAST_BLOCK, **flash_attn._dependent_launch(q.device))
+    return dq_out, dk, dv

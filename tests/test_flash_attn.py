@@ -196,6 +196,17 @@ def test_interpreter_kv_cache_prefill(window):
         assert rel_err(flash_attn_func(q[:, -n:], k, v, causal=True, window_size=window), full[:, -n:]) < 1e-5
 
 
+@cpu_only
+def test_interpreter_cast():
+    """flash_attn._cast (flash_attn_hopper's dQ from float32 to q's dtype) equals .to over a length
+    that is not a multiple of its block, and writes nothing past it."""
+    torch.manual_seed(5)
+    src = torch.randn(3 * 64 + 5) * 100
+    dst = torch.full((len(src) + 70, ), 7.0, dtype=torch.float16)
+    flash_attn._run(flash_attn._cast, (triton.cdiv(len(src), 64), ), src, dst, len(src), BLOCK=64)
+    assert torch.equal(dst[:len(src)], src.half()) and (dst[len(src):] == 7).all()
+
+
 def naive_attention(q, k, v, causal, window):
     """Row by row, float64: query i, at p = i + Tk - Tq, attends to keys j with p-left <= j <= p+right."""
     B, T, H, D = q.shape
@@ -954,14 +965,16 @@ DIRECT_CASES = [(2, 1024, 1024, 4, 2, 128, True, False), (2, 1024, 1024, 4, 4, 6
 def test_gpu_direct_launch_equals_tritons(monkeypatch):
     """flash_attn._launcher: a kernel's first launch goes through Triton, later ones under Triton 3.6
     straight to its C launcher (other releases: Triton's launcher again), and from the third call of
-    a shape the operators replay the recorded launches (_replayed: the forward's path does not run).
+    a shape the operators replay the recorded launches (_replayed: neither path runs).
     On fresh inputs at other addresses they give what Triton's launch gave; with a launch hook set the
     launches go through Triton's path, which calls the hook once per launch."""
     monkeypatch.setattr(flash_attn, "_COMPILED", {})
     monkeypatch.setattr(flash_attn, "_PLANS", {})
     monkeypatch.setattr(flash_attn, "AUTOTUNE", False)  # so the first call is the first launch
-    forward, runs = flash_attn._forward, []
-    monkeypatch.setattr(flash_attn, "_forward", lambda *args: runs.append(args) or forward(*args))
+    runs = []
+    for name in ("_forward", "_backward"):
+        path = getattr(flash_attn, name)
+        monkeypatch.setattr(flash_attn, name, lambda *args, path=path: runs.append(path) or path(*args))
     direct_launch = triton.__version__.startswith("3.6.")
     seen = []
     for B, Tq, Tk, Hq, Hkv, D, causal, docs in DIRECT_CASES:
@@ -972,7 +985,7 @@ def test_gpu_direct_launch_equals_tritons(monkeypatch):
         call = lambda: run(flash_attn_func, *leaves(*(x.clone() for x in inputs[:3])), inputs[3], **kw)  # noqa: E731
         runs.clear()
         first, direct, replayed = call(), call(), call()  # compiled; recorded; replayed (_replayed)
-        assert len(runs) == (2 if direct_launch else 3)
+        assert len(runs) == (4 if direct_launch else 6), runs  # forward and backward (Hopper's too)
         triton.knobs.runtime.launch_enter_hook.add(seen.append)
         try:
             hooked = call()
