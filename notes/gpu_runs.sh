@@ -61,9 +61,9 @@ python3 notes/step_kernel_diff.py ${SHAPES:-134m} 2>&1 | grep -v Warn | tee $OUT
 python3 notes/step_host.py ${SHAPES:-134m} --triton_launch --no_pdl --cprofile 5 2>&1 | grep -v Warn | tee $OUT/step_host.log
 ;;
 host_replay)
-# branch host-plan (flash_attn._replayed, not GPU-run when written): the GPU tests of flash_attn.py's
-# kernel paths, then the 134M compiled step with replayed operator calls against without (host per call
-# inside the step, wall and head start), then the compiled-step table's 134M rows
+# replayed operator calls (flash_attn._replayed; first run 2026-12-03 at 6858b6a): the GPU tests of
+# flash_attn.py's kernel paths, then the 134M compiled step with replayed operator calls against without
+# (host per call inside the step, wall and head start), then the compiled-step table's 134M rows
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 FLASH_ATTN_AUTOTUNE=0 python3 -m pytest -q -x tests/test_flash_attn.py -k "test_gpu_ or test_hopper_" 2>&1 | tail -3
