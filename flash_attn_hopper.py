@@ -83,7 +83,7 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
 FWD_TILES = {64: (128, 128, 2, 2), 128: (128, 128, 2, 2)}
 FWD_TILES_LONG = {64: (192, 128, 2, 2)}
 FWD_LONG_SEQLEN = 8192
-BWD_TILES = {64: (64, 128, 2, False), 128: (64, 128, 2, False)}
+BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype (flash_attn._cast)
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
 # tokens per batch, TFLOP/s portable / these, notes/flash_attn_bench.md 2026-12-02): head dim 64
@@ -455,13 +455,12 @@ def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v
 def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROUP):
     """Writer warp: global dQ_i += both warpgroups' halves, by TMA bulk reductions, so that no
     consumer waits for them."""
-    BUFS: gl.constexpr = dq_smem.shape[0] // 2
     BLOCK_M: gl.constexpr = dq_smem.shape[1]
     HALF_D: gl.constexpr = dq_smem.shape[2]
     for j in range(GROUP * n_q):
-        buf = j % BUFS
+        buf = j % 2
         g, start_m = _bwd_step(j, n_q, lo, BLOCK_M)
-        mbarrier.wait(dq_full.index(buf), (j // BUFS) & 1)
+        mbarrier.wait(dq_full.index(buf), (j // 2) & 1)
         # rows >= T of the tile are the next sequence's (or clipped by TMA): their dS, so dQ, is 0
         for w in gl.static_range(2):
             _tma_reduce_add(desc_dq, [q_row + start_m, (h0 + g) * 2 * HALF_D + w * HALF_D],
@@ -479,13 +478,11 @@ def _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero):
 
 
 @gluon.jit
-def _bwd_dq_hand(wg, step, dq, dq_smem, ds_empty, dq_full, dq_empty):
-    """A finished half dQ of a step to the writer warp (dq_smem: [2 x buffers + wg]); the step's
-    dS buffer (of two) free again as far as this warpgroup goes."""
-    BUFS: gl.constexpr = dq_smem.shape[0] // 2
-    mbarrier.arrive(ds_empty.index(step % 2), count=1)
-    buf = step % BUFS
-    mbarrier.wait(dq_empty.index(buf), ((step // BUFS) & 1) ^ 1)  # the writer has added this buffer's last tile
+def _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty):
+    """A finished half dQ (of a step with dS^T buffer buf and its phase) to the writer warp; the buffer
+    free again as far as this warpgroup goes."""
+    mbarrier.arrive(ds_empty.index(buf), count=1)
+    mbarrier.wait(dq_empty.index(buf), phase ^ 1)  # the writer has added this buffer's last tile
     dq_smem.index(2 * buf + wg).store(dq)
     fence_async_shared()
     mbarrier.arrive(dq_full.index(buf), count=1)
@@ -550,7 +547,7 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
         if EARLY_DQ:
             dq = warpgroup_mma_wait(2, deps=[dq_tok])
             if j > 0:
-                _bwd_dq_hand(wg, j - 1, dq, dq_smem, ds_empty, dq_full, dq_empty)
+                _bwd_dq_hand(wg, pbuf, pphase, dq, dq_smem, ds_empty, dq_full, dq_empty)
         # dQ_i = dS K sums over both warpgroups' keys: dS^T goes through shared memory (two buffers)
         buf = j % 2
         phase = (j // 2) & 1
@@ -565,112 +562,14 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
             dq_tok = _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero)  # both dS^T of this step
             dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
             mbarrier.arrive(q_empty.index(s), count=1)
-            _bwd_dq_hand(wg, j, dq, dq_smem, ds_empty, dq_full, dq_empty)
+            _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
     if EARLY_DQ:  # the last step's dQ
         last = GROUP * n_q - 1
         buf = last % 2
         phase = (last // 2) & 1
         dq_tok = _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero)
         dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq_tok])
-        _bwd_dq_hand(wg, last, dq, dq_smem, ds_empty, dq_full, dq_empty)
-    _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, T, desc_dk, desc_dv, kv_row, kv_col)
-
-
-@gluon.jit
-def _bwd_s_dp(q_ring, do_ring, q_full, k_w, v_w, j, s_layout: gl.constexpr, is_async: gl.constexpr = False):
-    """S = Q_j K^T and dP = dO_j V^T of step j, (BLOCK_M queries, 64 keys), once the loader has them."""
-    STAGES: gl.constexpr = q_ring.shape[0]
-    BLOCK_M: gl.constexpr = q_ring.shape[1]
-    KEYS: gl.constexpr = k_w.shape[0]
-    s = j % STAGES
-    mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
-    zero = gl.zeros([BLOCK_M, KEYS], gl.float32, layout=s_layout)
-    s_ij = warpgroup_mma(q_ring.index(s), k_w.permute((1, 0)), zero, use_acc=False, is_async=is_async)
-    dp = warpgroup_mma(do_ring.index(s), v_w.permute((1, 0)), zero, use_acc=False, is_async=is_async)
-    return s_ij, dp
-
-
-@gluon.jit
-def _bwd_warpgroup_rows(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
-                        q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
-                        n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row,
-                        kv_col, p_smem):
-    """_bwd_warpgroup with the tiles as the forward's, queries along rows (FlashAttention-3's
-    backward at head dim 64, 128 queries a step): S and dP of (BLOCK_M queries, 64 keys), whose
-    lse and delta are a few registers per thread, where the transposed tiles hold BLOCK_M / 4 of
-    each. dV += P^T dO and dK += dS^T Q then read P and dS from shared memory."""
-    STAGES: gl.constexpr = q_ring.shape[0]
-    BLOCK_M: gl.constexpr = q_ring.shape[1]
-    D: gl.constexpr = q_ring.shape[2]
-    KEYS: gl.constexpr = 64
-    s_layout: gl.constexpr = _mma_layout(KEYS)  # S, dP: (queries, keys)
-    kv_layout: gl.constexpr = _mma_layout(D)  # dK, dV: (keys, D)
-    dq_layout: gl.constexpr = _mma_layout(D // 2)  # half of dQ_i: (queries, D / 2)
-    dtype: gl.constexpr = q_ring.dtype
-    qk_scale = softmax_scale * LOG2E
-    k_w = k_smem.slice(wg * KEYS, KEYS, dim=0)  # (64 keys, D)
-    v_w = v_smem.slice(wg * KEYS, KEYS, dim=0)
-    k_half = k_smem.slice(wg * (D // 2), D // 2, dim=1)  # (128 keys, D / 2): dQ_i's half is dS K_half
-    p_w = p_smem.index(wg)  # (BLOCK_M, 64 keys)
-    keys = n0 + wg * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(0, s_layout))
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    dk = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
-    dv = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
-    ragged = n0 + 2 * KEYS > T  # keys >= T here are the next sequence's: masked, or dQ would see them
-    n_steps = GROUP * n_q
-    mbarrier.wait(kv_bar, 0)
-    # S and dP of step j + 1 are issued before step j's softmax, so they compute while it runs (the rows
-    # layout leaves the registers for them); the loader then needs Q_{j+1} a step earlier: 3 ring slots
-    s_ij, dp = _bwd_s_dp(q_ring, do_ring, q_full, k_w, v_w, 0, s_layout)
-    for j in range(n_steps):
-        s = j % STAGES
-        _, start_m = _bwd_step(j, n_q, lo, BLOCK_M)  # (the loader fetched query head g's Q, dO, lse, delta)
-        q = q_ring.index(s)
-        do = do_ring.index(s)
-        # step j + 1's (the last step's again at the end: thrown away)
-        s_tok, dp_tok = _bwd_s_dp(q_ring, do_ring, q_full, k_w, v_w, gl.minimum(j + 1, n_steps - 1), s_layout,
-                                  is_async=True)
-        lse = lse_ring.index(s).load(gl.SliceLayout(1, s_layout))  # log2 units; +inf for rows >= T
-        p = gl.exp2(s_ij * qk_scale - gl.expand_dims(lse, 1))  # P, recomputed
-        if (start_m < mid_lo) | (start_m >= mid_hi) | ragged:
-            # (rows - (keys - start_m): with start_m + rows, rows - keys, a (BLOCK_M, 64) constant, is
-            # hoisted out of the loop and spilled)
-            p = gl.where(_band(rows, keys - start_m, LEFT, RIGHT) & gl.expand_dims(keys < T, 0), p, 0.0)
-        p_w.store(p.to(dtype))  # (the last step's dV, which read it, is done)
-        fence_async_shared()
-        _thread_barrier()  # every warp's rows are in before the warpgroup's wgmma reads them
-        dv_tok = warpgroup_mma(p_w.permute((1, 0)), do, dv, is_async=True)  # dV += P^T dO
-        delta = delta_ring.index(s).load(gl.SliceLayout(1, s_layout))
-        # dS = P (dP - delta), times the softmax scale that dK = scale dS^T Q and dQ = scale dS K share
-        ds = (p * (dp - gl.expand_dims(delta, 1)) * softmax_scale).to(dtype)
-        # dQ_i = dS K sums over both warpgroups' keys: dS goes through shared memory (two buffers)
-        buf = j % 2
-        mbarrier.wait(ds_empty.index(buf), ((j // 2) & 1) ^ 1)  # both dQ matmuls that read this buffer are done
-        ds_w = ds_smem.index(2 * buf + wg)  # (BLOCK_M, 64 keys)
-        ds_w.store(ds)
-        fence_async_shared()
-        _thread_barrier()
-        mbarrier.arrive(ds_full.index(buf), count=1)
-        dk_tok = warpgroup_mma(ds_w.permute((1, 0)), q, dk, is_async=True)  # dK += dS^T Q
-        mbarrier.wait(ds_full.index(buf), (j // 2) & 1)  # the other warpgroup's dS too
-        dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=dq_layout)
-        dq_tok = warpgroup_mma(ds_smem.index(2 * buf), k_half.slice(0, KEYS, dim=0), dq_zero, use_acc=False,
-                               is_async=True)
-        dq_tok = warpgroup_mma(ds_smem.index(2 * buf + 1), k_half.slice(KEYS, KEYS, dim=0), dq_tok, is_async=True)
-        s_ij, dp, dv, dk, dq = warpgroup_mma_wait(0, deps=[s_tok, dp_tok, dv_tok, dk_tok, dq_tok])
-        mbarrier.arrive(q_empty.index(s), count=1)
-        _bwd_dq_hand(wg, j, dq, dq_smem, ds_empty, dq_full, dq_empty)
-    _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, T, desc_dk, desc_dv, kv_row, kv_col)
-
-
-@gluon.jit
-def _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, T, desc_dk, desc_dv, kv_row, kv_col):
-    """dK, dV (64 keys, D) of consumer warpgroup wg out, through K's and V's buffers by TMA stores
-    where the 64 keys are this sequence's, as the forward's O."""
-    KEYS: gl.constexpr = 64
-    D: gl.constexpr = k_w.shape[1]
-    dtype: gl.constexpr = k_w.dtype
-    kv_layout: gl.constexpr = _mma_layout(D)
+        _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
     r0 = n0 + wg * KEYS
     mbarrier.arrive(kv_done, count=1)
     if r0 + KEYS <= T:  # (the backward is 1-10% faster so at head dim 128: notes/flash_attn_bench.md)
@@ -695,23 +594,21 @@ def _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr = False,
-                GDC: gl.constexpr = False):
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GDC: gl.constexpr = False):
     # a 1D grid of (key blocks) x (B * H_KV) programs in _tile_order (HEADS kv heads at a time); causal:
     # the first key blocks, which the most query blocks see, are the longest and start first
     pid_n, bhk = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
     _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M,
-                 BLOCK_N, STAGES, ROWS, GDC)
+                 BLOCK_N, STAGES, GDC)
 
 
 @gluon.jit
 def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr,
-                 GDC: gl.constexpr):
-    """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys (ROWS:
-    _bwd_warpgroup_rows, else _bwd_warpgroup), the loader warp and the dQ writer warp."""
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GDC: gl.constexpr):
+    """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys, the loader warp
+    and the dQ writer warp."""
     b, hk = bhk // H_KV, bhk % H_KV
     n0 = pid_n * BLOCK_N
     dtype: gl.constexpr = desc_q.dtype
@@ -722,16 +619,9 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     do_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], desc_do.layout)
     lse_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], desc_lse.layout)
     delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], desc_delta.layout)
-    if ROWS:  # dS of each warpgroup, [2 buffer + wg]; P; one dQ buffer (shared memory is full)
-        ds_smem = gl.allocate_shared_memory(dtype, [4, BLOCK_M, 64],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], dtype))
-        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, 64],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], dtype))
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, D // 2], desc_dq.layout)  # [wg]
-    else:
-        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],  # dS^T of both warpgroups
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-        dq_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M, D // 2], desc_dq.layout)  # [2 buffer + wg]
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],  # dS^T of both warpgroups
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    dq_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M, D // 2], desc_dq.layout)  # [2 buffer + wg]
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -763,15 +653,9 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
               delta_ring, kv_bar, q_full, q_empty, b * T + n0, hk * D, b * T, h0, GROUP, lo, n_q,
               (b * H_KV * GROUP + h0) * T_pad, T_pad)
     writer = (desc_dq, dq_smem, dq_full, dq_empty, b * T, h0, lo, n_q, GROUP)
-    if ROWS:
-        gl.warp_specialize([(_bwd_warpgroup_rows, (0, ) + consumer + (p_smem, )),
-                            (_bwd_warpgroup_rows, (1, ) + consumer + (p_smem, )),
-                            (_bwd_loader, loader), (_bwd_dq_writer, writer)],
-                           [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
-    else:
-        gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
-                            (_bwd_loader, loader), (_bwd_dq_writer, writer)],
-                           [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
+    gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
+                        (_bwd_loader, loader), (_bwd_dq_writer, writer)],
+                       [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
 
 
 # --------------------------------------------------------------------------- host side
@@ -856,7 +740,7 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
     B, T, H, D = q.shape
     H_kv = k.shape[2]
     T_pad = lse.shape[-1]
-    bm, bn, stages, rows = tile or BWD_TILES[D]
+    bm, bn, stages = tile or BWD_TILES[D]
     dk, dv = (flash_attn._empty(x.shape, x.dtype, x.device) for x in (k, v))
     dq = flash_attn._empty((B, T, H, D), torch.float32, q.device)  # zeroed with delta, then TMA reductions
     heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv)  # a kv head's query heads' Q, dO
@@ -867,7 +751,7 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
         dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, ROWS=rows, key=key, **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
+        STAGES=stages, key=key, **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
     dq_out = flash_attn._empty(q.shape, q.dtype, q.device)
     flash_attn._run(flash_attn._cast, (triton.cdiv(dq.numel(), CAST_BLOCK), ), dq, dq_out, dq.numel(),
                     BLOCK=CAST_BLOCK, **flash_attn._dependent_launch(q.device))
