@@ -28,8 +28,10 @@ dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared m
 computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by flash_attn's
 _delta in its pass for delta, cast at the end). At head dim 128 the two warpgroups
 meet at every step for that; at 64 each issues dQ of the step before with this step's first
-matmuls, so it runs during the softmax. lse and delta come in by TMA with Q and dO: loading
-them with plain loads in the consumers cost 15% (the loads sit in front of every exp2). The
+matmuls, so it runs during the softmax, and holds its K and V in registers (there shared
+memory's bandwidth, not the tensor cores, bounds a step). lse and delta come in by TMA with Q
+and dO: loading them with plain loads in the consumers cost 15% (the loads sit in front of
+every exp2). The
 reductions land in whatever order the programs reach them, so dQ is not bitwise reproducible
 from run to run (as with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects the portable kernels,
 which add no atomics.
@@ -85,10 +87,11 @@ FWD_TILES_LONG = {64: (192, 128, 2, 2)}
 FWD_LONG_SEQLEN = 8192
 BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
 CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype (flash_attn._cast)
-# the shortest sequence these kernels take; below it the portable ones are faster (H200, causal, 16k
-# tokens per batch, TFLOP/s portable / these, notes/flash_attn_bench.md 2026-12-02): head dim 64
-# forward 1k 274 / 289, 2k 333 / 362; backward 1k 254 / 238, 2k 299 / 305, 4k 321 / 351
-MIN_SEQLEN = {("forward", 64): 1024, ("backward", 64): 2048}
+# the shortest sequence these kernels take; below it the portable ones are faster (H200, 16k tokens per
+# batch, TFLOP/s portable / these): head dim 64 forward, causal, 1k 274 / 289, 2k 333 / 362 (2026-12-02);
+# backward 2k 298 / 337, and at 1k 273 / 255 causal but 318 / 336 full, while the compiled 134M step (causal,
+# 1k) is 1.007x SDPA's with this backward and 1.001x with the portable one (notes/flash_attn_bench.md, 2026-12-04)
+MIN_SEQLEN = {("forward", 64): 1024, ("backward", 64): 1024}
 # the order in which the programs start (_tile_order): heads in groups whose streamed tiles (the forward's
 # K and V, the backward's Q and dO) fill this many bytes of the H200's 50 MB L2, within a group the
 # longest blocks of all its heads first. Head by head (flash_attn.py's grid order) the last head's longest
@@ -520,15 +523,30 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     # 128 that accumulator, live through the softmax, spills (1156 B): there both warpgroups meet at each step's
     # dQ; issuing it one step late but at the step's end lost 3-9% (notes/flash_attn_bench.md, 2026-12-03)
     EARLY_DQ: gl.constexpr = D <= 64
+    # head dim 64: K and V are the A operands of S^T and dP^T from registers, not shared memory. There a step
+    # is bound by shared memory's bandwidth, not by the tensor cores: counted, with both operands of S^T and
+    # dP^T, dQ's dS and K, and the stores and copies in shared memory, two warpgroups move about 210 KB a step
+    # (1,600 clocks at 128 B a clock) for 1,300 clocks of matmuls at the tensor cores' peak (and shrinking the
+    # dQ matmul to 1/8 sped a step up 10-18%, more than its share of the FLOPs). K and V in registers save
+    # 32 KB of it: H200 +5-8% at every length. At head dim 128 the 64 more registers spill and ptxas
+    # serializes the wgmma (notes/flash_attn_bench.md, 2026-12-04)
+    KV_IN_REGISTERS: gl.constexpr = D <= 64
     mbarrier.wait(kv_bar, 0)
+    if KV_IN_REGISTERS:
+        kv_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
+        k_a = k_w.load(kv_a)
+        v_a = v_w.load(kv_a)
+    else:
+        k_a = k_w
+        v_a = v_w
     for j in range(GROUP * n_q):
         s = j % STAGES
         _, start_m = _bwd_step(j, n_q, lo, BLOCK_M)  # (the loader fetched query head g's Q, dO, lse, delta)
         q = q_ring.index(s)
         do = do_ring.index(s)
         mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
-        s_tok = warpgroup_mma(k_w, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # S^T = K Q^T
-        dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # dP^T = V dO^T
+        s_tok = warpgroup_mma(k_a, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # S^T = K Q^T
+        dp_tok = warpgroup_mma(v_a, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # dP^T = V dO^T
         if EARLY_DQ:  # dQ of step j - 1 (at j = 0 a product of buffer 1 that is thrown away: the wait passes at once)
             pbuf = (j + 1) % 2
             pphase = ((j + 3) // 2) & 1  # step j - 1's phase, and 1 at j = 0

@@ -168,11 +168,11 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-# "auto" takes flash_attn.py from this many keys on at these head dims: where its forward and backward
-# together are at least cuDNN's (README's attention table and training-step table; at head dim 64 and
-# at 1k tokens cuDNN stays the faster)
-FLASH_MIN_SEQ = 2048
-FLASH_LONG_HEAD_DIMS = (128,)
+# "auto" takes flash_attn.py from this many keys on at each head dim: where the compiled training step
+# with it is at least as fast as with cuDNN's (README's training-step table: 134M at head dim 64 and 1k
+# tokens, 1.1B at 128 and 2k), and its forward and backward together at least cuDNN's in the attention
+# table; at other head dims and shorter sequences cuDNN stays the faster
+FLASH_MIN_SEQ = {64: 1024, 128: 2048}
 
 
 def resolve_attn_impl(impl, device, seqlen=0, docs=False, head_dim=128):
@@ -180,14 +180,14 @@ def resolve_attn_impl(impl, device, seqlen=0, docs=False, head_dim=128):
     themselves. "auto" takes flash_attn.py's Triton kernel on CUDA (with Triton installed,
     flash_attn.HAVE_TRITON) where it is measured at least as fast as torch's SDPA (cuDNN) in the
     compiled training step: packed documents (docs: SDPA needs a dense (T, T) mask, the kernel skips
-    the tiles between documents; README's training-step table) and seqlen >= FLASH_MIN_SEQ keys at
-    FLASH_LONG_HEAD_DIMS. Elsewhere SDPA: on the CPU, and on a GPU at other head dims and shorter
-    sequences, where cuDNN's kernels are the faster. A checkpoint keeps "auto", not the choice."""
+    the tiles between documents; README's training-step table) and from FLASH_MIN_SEQ[head_dim] keys.
+    Elsewhere SDPA: on the CPU, and on a GPU at other head dims and shorter sequences, where cuDNN's
+    kernels are the faster. A checkpoint keeps "auto", not the choice."""
     if impl != "auto":
         return impl
     if torch.device(device).type != "cuda" or not flash_attn.HAVE_TRITON:
         return "sdpa"
-    return "flash" if docs or (seqlen >= FLASH_MIN_SEQ and head_dim in FLASH_LONG_HEAD_DIMS) else "sdpa"
+    return "flash" if docs or seqlen >= FLASH_MIN_SEQ.get(head_dim, math.inf) else "sdpa"
 
 
 def causal_attention(q, k, v, impl, q_offset=0, docs=None):

@@ -142,48 +142,51 @@ def median_ms(fns, rounds):
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def time_direction(direction, variants, check_fn, rounds):
-    """Every variant of one direction and SDPA cuDNN, interleaved (median_ms), causal, 16k tokens per
-    batch and 2048 = heads x head dim: a markdown table of TFLOP/s."""
+def time_direction(direction, variants, check_fn, rounds, masks=(True, )):
+    """Every variant of one direction and SDPA cuDNN, interleaved (median_ms), for each mask (causal
+    True / False), 16k tokens per batch and 2048 = heads x head dim: a markdown table of TFLOP/s."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
     for D in sorted({v[1] for v in variants}, reverse=True):
         here = [v for v in variants if v[1] == D]
         status = {name: check_fn(D, tile, l2) for name, _, tile, l2 in here}
-        for T in (1024, 2048, 4096, 8192, 16384):
-            B, H = 16384 // T, 2048 // D
-            q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-            qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
-            flops = 4 * B * H * T * T * D * 0.5 * (2.5 if direction == "backward" else 1)
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-            if direction == "forward":
-                fns = {name: (lambda t=tile, l2=l2: forward(q, k, v, True, t, l2)) for name, _, tile, l2 in here}
+        for causal in masks:
+            for T in (1024, 2048, 4096, 8192, 16384):
+                B, H = 16384 // T, 2048 // D
+                q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+                flops = 4 * B * H * T * T * D * (0.5 if causal else 1) * (2.5 if direction == "backward" else 1)
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                if direction == "forward":
+                    fns = {name: (lambda t=tile, l2=l2: forward(q, k, v, causal, t, l2))
+                           for name, _, tile, l2 in here}
 
-                def cudnn():
-                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                        torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-            else:
-                out, lse = forward(q, k, v, True, fh.FWD_TILES[D])
-                fns = {name: (lambda t=tile, l2=l2: backward(do, q, k, v, out, lse, True, t, l2))
-                       for name, _, tile, l2 in here}
+                    def cudnn():
+                        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                            torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                else:
+                    out, lse = forward(q, k, v, causal, fh.FWD_TILES[D])
+                    fns = {name: (lambda t=tile, l2=l2: backward(do, q, k, v, out, lse, causal, t, l2))
+                           for name, _, tile, l2 in here}
 
-                def cudnn():
-                    torch.autograd.grad(ref, (qt, kt, vt), do.transpose(1, 2), retain_graph=True)
-            with torch.no_grad() if direction == "forward" else torch.enable_grad():
-                ms = median_ms({**fns, "cuDNN": cudnn}, rounds)
-            for name in fns:
-                rows.append((name, D, T, status[name], flops / ms[name] * 1e-9, flops / ms["cuDNN"] * 1e-9))
-                print(*rows[-1], flush=True)
+                    def cudnn():
+                        torch.autograd.grad(ref, (qt, kt, vt), do.transpose(1, 2), retain_graph=True)
+                with torch.no_grad() if direction == "forward" else torch.enable_grad():
+                    ms = median_ms({**fns, "cuDNN": cudnn}, rounds)
+                for name in fns:
+                    rows.append((name, D, "causal" if causal else "full", T, status[name],
+                                 flops / ms[name] * 1e-9, flops / ms["cuDNN"] * 1e-9))
+                    print(*rows[-1], flush=True)
     print_table(direction, rows)
 
 
 def print_table(direction, rows):
-    """rows: (variant, head dim, seqlen, check, our TFLOP/s, SDPA cuDNN's) as a markdown table."""
-    print(f"\n| {direction} variant | head dim | seqlen | check | TFLOP/s | SDPA cuDNN | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, D, T, status, ours, cudnn in rows:
-        print(f"| {name} | {D} | {T} | {status} | {ours:.0f} | {cudnn:.0f} | {ours / cudnn:.2f} |")
+    """rows: (variant, head dim, mask, seqlen, check, our TFLOP/s, SDPA cuDNN's) as a markdown table."""
+    print(f"\n| {direction} variant | head dim | mask | seqlen | check | TFLOP/s | SDPA cuDNN | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, D, mask, T, status, ours, cudnn in rows:
+        print(f"| {name} | {D} | {mask} | {T} | {status} | {ours:.0f} | {cudnn:.0f} | {ours / cudnn:.2f} |")
 
 
 def compile_all(names):
@@ -245,14 +248,16 @@ if __name__ == "__main__":
     p.add_argument("--only", choices=["forward", "backward"], help="time one direction's variants")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, the variants interleaved in each")
     p.add_argument("--names", nargs="+", metavar="NAME", help="time only these variants (a hang stops just them)")
+    p.add_argument("--masks", default="causal", choices=["causal", "full", "both"], help="the masks timed")
     args = p.parse_args()
     if args.compile_only is not None:
         compile_all(args.compile_only)
     else:
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+        masks = {"causal": (True, ), "full": (False, ), "both": (True, False)}[args.masks]
         def chosen(variants):
             return [v for v in variants if not args.names or v[0] in args.names]
         if args.only != "forward" and chosen(BWD_VARIANTS):
-            time_direction("backward", chosen(BWD_VARIANTS), check_bwd, args.rounds)
+            time_direction("backward", chosen(BWD_VARIANTS), check_bwd, args.rounds, masks)
         if args.only != "backward" and chosen(VARIANTS):
-            time_direction("forward", chosen(VARIANTS), check, args.rounds)
+            time_direction("forward", chosen(VARIANTS), check, args.rounds, masks)

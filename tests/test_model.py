@@ -226,25 +226,30 @@ def test_flash_prefill_with_a_filled_cache_equals_full_forward(monkeypatch):
 
 def test_auto_attention_resolves_by_device(monkeypatch):
     """attn_impl="auto" (the default) is sdpa on the CPU; on CUDA with flash_attn's Triton kernels,
-    flash for packed documents and from FLASH_MIN_SEQ keys on at head dim 128 (where it was measured
-    at least as fast), sdpa elsewhere; without Triton sdpa. The config keeps "auto"."""
+    flash for packed documents and from FLASH_MIN_SEQ[head dim] keys on (where it was measured at least
+    as fast), sdpa elsewhere; without Triton sdpa. The config keeps "auto"."""
     from model import FLASH_MIN_SEQ, resolve_attn_impl
     assert ModelConfig().attn_impl == "auto"
     assert resolve_attn_impl("auto", "cpu") == resolve_attn_impl("auto", torch.device("cpu")) == "sdpa"
-    assert resolve_attn_impl("auto", "cpu", FLASH_MIN_SEQ, docs=True) == "sdpa"
+    assert resolve_attn_impl("auto", "cpu", 4096, docs=True) == "sdpa"
     assert [resolve_attn_impl(i, "cuda") for i in ("flash", "sdpa", "math")] == ["flash", "sdpa", "math"]
     flash_attn = pytest.importorskip("flash_attn")
     monkeypatch.setattr(flash_attn, "HAVE_TRITON", True)
-    assert resolve_attn_impl("auto", "cuda:0", 1024) == "sdpa"  # cuDNN's is faster at 1k
-    assert resolve_attn_impl("auto", "cuda:0", 1024, docs=True) == "flash"
-    assert resolve_attn_impl("auto", "cuda:0", FLASH_MIN_SEQ) == "flash"
-    assert resolve_attn_impl("auto", "cuda:0", FLASH_MIN_SEQ, head_dim=64) == "sdpa"  # cuDNN's backward is faster
-    assert resolve_attn_impl("auto", "cuda:0", 2048, docs=True, head_dim=64) == "flash"
+    assert FLASH_MIN_SEQ == {64: 1024, 128: 2048}
+    for head_dim, min_seq in FLASH_MIN_SEQ.items():
+        assert resolve_attn_impl("auto", "cuda:0", min_seq, head_dim=head_dim) == "flash"
+        assert resolve_attn_impl("auto", "cuda:0", min_seq - 1, head_dim=head_dim) == "sdpa"  # cuDNN's is faster
+        assert resolve_attn_impl("auto", "cuda:0", min_seq - 1, docs=True, head_dim=head_dim) == "flash"
+    assert resolve_attn_impl("auto", "cuda:0", 1024) == "sdpa"  # head dim 128 by default
+    assert resolve_attn_impl("auto", "cuda:0", 8192, head_dim=96) == "sdpa"  # no Hopper kernels at 96
+    assert resolve_attn_impl("auto", "cuda:0", 256, docs=True, head_dim=96) == "flash"
     # the same inside torch.compile's trace, which is where a training step resolves it
     assert torch.compile(lambda x: resolve_attn_impl("auto", "cuda", 64, True) == "flash" and x + 1,
                          fullgraph=True)(torch.ones(1))
+    assert torch.compile(lambda x: resolve_attn_impl("auto", "cuda", 1024, head_dim=64) == "flash" and x + 1,
+                         fullgraph=True)(torch.ones(1))
     monkeypatch.setattr(flash_attn, "HAVE_TRITON", False)
-    assert resolve_attn_impl("auto", "cuda", FLASH_MIN_SEQ, docs=True) == "sdpa"
+    assert resolve_attn_impl("auto", "cuda", 4096, docs=True) == "sdpa"
     # on the CPU an "auto" model computes as an "sdpa" one
     torch.manual_seed(0)
     auto = randomize(Transformer(our_config("gqa", "auto"))).eval()
