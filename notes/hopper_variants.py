@@ -33,7 +33,11 @@ waits for a tile's last S = Q K^T before the next tile's Q and first K, V, bough
 (128 x 64, two or three slots) lost at every length: 0.81-0.91x of cuDNN at head dim 64 (kept 0.90-1.05x),
 0.92-0.98x at 128 (kept 0.99-1.09x); removed after commit 476e8a4. On the atomic-counter forward, ping-pong
 again and FlashAttention-3's rescale order (O rescaled while S computes) stayed within the runs' noise
-(about 2%, notes/flash_attn_bench.md, 2026-12-03); not kept.
+(about 2%, notes/flash_attn_bench.md, 2026-12-03); not kept. The backward with the forward's tile layout
+(queries along rows, P and dS through shared memory: FlashAttention-3's at head dim 64) lost: 0.82-0.90x
+cuDNN at head dim 64 with 128 queries a step (kept 0.91-1.00), the kept's speed with 64, 0.72-0.86x with
+the next step's S and dP issued before the softmax, 0.95-1.04x at 128 (kept 0.97-1.04); removed after
+commit 95ea7aa (notes/flash_attn_bench.md, 2026-12-04).
 """
 import argparse
 import os
