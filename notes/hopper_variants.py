@@ -1,7 +1,8 @@
 """Variants of flash_attn_hopper's kernels, checked and timed in one GPU call, or compiled for sm_90a
 on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma pipelined).
 
-    python notes/hopper_variants.py [--only forward|backward]  # GPU: correctness, then TFLOP/s against SDPA cuDNN
+    python notes/hopper_variants.py [--only forward|backward] [--masks causal|full|both]  # GPU: correctness, then
+                                                   # TFLOP/s against SDPA cuDNN (causal by default)
     python notes/hopper_variants.py --compile-only [NAME ...]  # CPU: Triton's sm_90a compile and ptxas -v
 
 tests/test_flash_attn.py's test_hopper_kernels_compile_for_sm90 runs --compile-only on the shipped kernels
