@@ -31,10 +31,9 @@ meet at every step for that; at 64 each issues dQ of the step before with this s
 matmuls, so it runs during the softmax, and holds its K and V in registers (there shared
 memory's bandwidth, not the tensor cores, bounds a step). lse and delta come in by TMA with Q
 and dO: loading them with plain loads in the consumers cost 15% (the loads sit in front of
-every exp2). The
-reductions land in whatever order the programs reach them, so dQ is not bitwise reproducible
-from run to run (as with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects the portable kernels,
-which add no atomics.
+every exp2). The reductions land in whatever order the programs reach them, so dQ is not
+bitwise reproducible from run to run (as with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects
+the portable kernels, which add no atomics.
 
 Compiled only on a GPU; tests/test_flash_attn.py compiles the kernels for sm_90a on CPU
 machines (no GPU needed) and checks them against the reference on a GPU.
