@@ -90,7 +90,7 @@ CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype
 # batch, TFLOP/s portable / these): head dim 64 forward, causal, 1k 274 / 289, 2k 333 / 362 (2026-12-02);
 # backward 2k 298 / 337, and at 1k 273 / 255 causal but 318 / 336 full, while the compiled 134M step (causal,
 # 1k) is 1.007x SDPA's with this backward and 1.001x with the portable one (notes/flash_attn_bench.md, 2026-12-04)
-MIN_SEQLEN = {("forward", 64): 1024, ("backward", 64): 1024}
+MIN_SEQLEN = {64: 1024}  # head dim -> tokens, both directions
 # the order in which the programs start (_tile_order): heads in groups whose streamed tiles (the forward's
 # K and V, the backward's Q and dO) fill this many bytes of the H200's 50 MB L2, within a group the
 # longest blocks of all its heads first. Head by head (flash_attn.py's grid order) the last head's longest
@@ -118,7 +118,7 @@ def supported(q, direction):
     that long, 16-bit; lse small enough for the int32 coordinates of its 1D TMA."""
     B, T, H, D = q.shape
     tiles = FWD_TILES if direction == "forward" else BWD_TILES
-    return (q.is_cuda and D in tiles and T >= MIN_SEQLEN.get((direction, D), 0)
+    return (q.is_cuda and D in tiles and T >= MIN_SEQLEN.get(D, 0)
             and q.dtype in (torch.bfloat16, torch.float16)
             and B * H * (T + 128) < 2 ** 31 and _is_hopper(q.device.index))
 
