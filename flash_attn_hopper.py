@@ -84,7 +84,7 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
 FWD_TILES = {64: (128, 128, 2, 2), 128: (128, 128, 2, 2)}
 FWD_TILES_LONG = {64: (192, 128, 2, 2)}
 FWD_LONG_SEQLEN = 8192
-BWD_TILES = {64: (64, 128, 2), 128: (64, 128, 2)}
+BWD_TILES = {64: (64, 128, 2, 1), 128: (64, 128, 2, 2)}  # (query rows, key rows, ring slots, dQ parts)
 CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype (flash_attn._cast)
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, 16k tokens per
 # batch, TFLOP/s portable / these): head dim 64 forward, causal, 1k 274 / 289, 2k 333 / 362 (2026-12-02);
@@ -457,56 +457,84 @@ def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v
 def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROUP):
     """Writer warp: global dQ_i += both warpgroups' halves, by TMA bulk reductions, so that no
     consumer waits for them."""
+    PARTS: gl.constexpr = dq_smem.shape[0] // 2  # of dQ_i's head dim: 2 halves, or 1 (DQ_PARTS)
     BLOCK_M: gl.constexpr = dq_smem.shape[1]
-    HALF_D: gl.constexpr = dq_smem.shape[2]
+    PART_D: gl.constexpr = dq_smem.shape[2]
     for j in range(GROUP * n_q):
         buf = j % 2
         g, start_m = _bwd_step(j, n_q, lo, BLOCK_M)
         mbarrier.wait(dq_full.index(buf), (j // 2) & 1)
         # rows >= T of the tile are the next sequence's (or clipped by TMA): their dS, so dQ, is 0
-        for w in gl.static_range(2):
-            _tma_reduce_add(desc_dq, [q_row + start_m, (h0 + g) * 2 * HALF_D + w * HALF_D],
-                            dq_smem.index(2 * buf + w))
+        for w in gl.static_range(PARTS):
+            _tma_reduce_add(desc_dq, [q_row + start_m, (h0 + g) * PARTS * PART_D + w * PART_D],
+                            dq_smem.index(PARTS * buf + w))
         tma.store_wait(pendings=0)
         mbarrier.arrive(dq_empty.index(buf), count=1)
 
 
 @gluon.jit
-def _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero):
-    """This warpgroup's half of a step's dQ = dS K_half, asynchronously, once both warpgroups' dS^T are in
-    buffer buf (phase: the step's): the matmul's token."""
-    mbarrier.wait(ds_full.index(buf), phase)
-    return warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+def _bwd_dq_hand(part, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty):
+    """A finished part of dQ (of a step with dS^T buffer buf and its phase) to the writer warp; the buffer
+    free again as far as this warpgroup goes."""
+    PARTS: gl.constexpr = dq_smem.shape[0] // 2
+    mbarrier.arrive(ds_empty.index(buf), count=1)
+    mbarrier.wait(dq_empty.index(buf), phase ^ 1)  # the writer has added this buffer's last tile
+    dq_smem.index(PARTS * buf + part).store(dq)
+    fence_async_shared()
+    mbarrier.arrive(dq_full.index(buf), count=1)
 
 
 @gluon.jit
-def _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty):
-    """A finished half dQ (of a step with dS^T buffer buf and its phase) to the writer warp; the buffer
-    free again as far as this warpgroup goes."""
-    mbarrier.arrive(ds_empty.index(buf), count=1)
-    mbarrier.wait(dq_empty.index(buf), phase ^ 1)  # the writer has added this buffer's last tile
-    dq_smem.index(2 * buf + wg).store(dq)
+def _bwd_scores(k_a, v_a, q, do, lse_smem, delta_smem, dk, dv, st_zero, keys, cols, start_m, mid_lo, mid_hi, ragged,
+                T, LEFT, RIGHT, softmax_scale, qk_scale):
+    """A step's first four matmuls for 64 keys (K, V: the A operands k_a, v_a, in registers or shared memory)
+    against the query block start_m (Q, dO in shared memory): S^T and dP^T, then dV += P^T dO and dK += dS^T Q
+    issued, not waited for. Tokens of dV and dK, and dS^T (to dtype) for dQ."""
+    st_layout: gl.constexpr = st_zero.type.layout  # S^T, dP^T: (keys, queries)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)  # P^T, dS^T
+    dtype: gl.constexpr = q.dtype
+    s_tok = warpgroup_mma(k_a, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # S^T = K Q^T
+    dp_tok = warpgroup_mma(v_a, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # dP^T = V dO^T
+    lse = lse_smem.load(gl.SliceLayout(0, st_layout))  # log2 units; +inf for rows >= T
+    s_t = warpgroup_mma_wait(1, deps=[s_tok])
+    p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))  # P^T, recomputed
+    if (start_m < mid_lo) | (start_m >= mid_hi) | ragged:
+        p_t = gl.where(_band(keys, start_m + cols, RIGHT, LEFT) & gl.expand_dims(keys < T, 1), p_t, 0.0)
+    dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do, dv, is_async=True)  # dV += P^T dO
+    delta = delta_smem.load(gl.SliceLayout(0, st_layout))
+    dp_t = warpgroup_mma_wait(1, deps=[dp_tok])
+    # dS^T = P^T (dP^T - delta), times the softmax scale that dK = scale dS^T Q and dQ = scale dS K share
+    ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0)) * softmax_scale).to(dtype)
+    dk_tok = warpgroup_mma(gl.convert_layout(ds_t, a_layout), q, dk, is_async=True)  # dK += dS^T Q
+    return dv_tok, dk_tok, ds_t
+
+
+@gluon.jit
+def _bwd_publish_ds(ds_t, wg, buf, phase, ds_smem, ds_full, ds_empty):
+    """This warpgroup's dS^T of a step (its buffer and phase) into its rows of the buffer, once the dQ
+    matmuls of two steps before that read the buffer are done."""
+    mbarrier.wait(ds_empty.index(buf), phase ^ 1)
+    ds_smem.index(buf).slice(wg * 64, 64, dim=0).store(ds_t)
     fence_async_shared()
-    mbarrier.arrive(dq_full.index(buf), count=1)
+    mbarrier.arrive(ds_full.index(buf), count=1)
 
 
 @gluon.jit
 def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
                    q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
                    n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col):
-    """Consumer warpgroup wg: keys n0 + 64 wg ... + 63 against every query block (tiles are
-    transposed, keys along rows, so dK and dV come out as (keys, D), through K's and V's buffers by
-    TMA stores where the 64 keys are this sequence's, as the forward's O)."""
+    """Consumer warpgroup wg at head dim 128 (DQ_PARTS 2): keys n0 + 64 wg ... + 63 against every query
+    block (tiles are transposed, keys along rows, so dK and dV come out as (keys, D)). dQ_i = dS K sums
+    over both warpgroups' keys: at each step's end both meet at the dS^T buffer and each computes half of
+    dQ_i's head dim. (Issued a step early, during the next softmax, that accumulator spills 1156 B; a step
+    late at the step's end lost 3-9%; K in registers spills and ptxas serializes the wgmma:
+    notes/flash_attn_bench.md, 2026-12-03 and 04.)"""
     STAGES: gl.constexpr = q_ring.shape[0]
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
     KEYS: gl.constexpr = 64
     st_layout: gl.constexpr = _mma_layout(BLOCK_M)  # S^T, dP^T: (keys, queries)
     kv_layout: gl.constexpr = _mma_layout(D)  # dK, dV: (keys, D)
-    dq_layout: gl.constexpr = _mma_layout(D // 2)  # half of dQ_i: (queries, D / 2)
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)  # P^T, dS^T
-    dtype: gl.constexpr = q_ring.dtype
-    qk_scale = softmax_scale * LOG2E
     k_w = k_smem.slice(wg * KEYS, KEYS, dim=0)  # (64 keys, D)
     v_w = v_smem.slice(wg * KEYS, KEYS, dim=0)
     k_half = k_smem.slice(wg * (D // 2), D // 2, dim=1)  # (128 keys, D / 2): dQ_i's half is dS K_half
@@ -515,78 +543,106 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     dk = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
     dv = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
     st_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=st_layout)
-    dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=dq_layout)
+    dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=_mma_layout(D // 2))
     ragged = n0 + 2 * KEYS > T  # keys >= T here are the next sequence's: masked, or dQ would see them
-    # head dim 64: dQ of step j - 1 is issued with step j's S^T and dP^T, so it computes during the softmax and
-    # neither warpgroup waits for the other's dS of the step it is at (H200: +2-5% from 4k tokens). At head dim
-    # 128 that accumulator, live through the softmax, spills (1156 B): there both warpgroups meet at each step's
-    # dQ; issuing it one step late but at the step's end lost 3-9% (notes/flash_attn_bench.md, 2026-12-03)
-    EARLY_DQ: gl.constexpr = D <= 64
-    # head dim 64: K and V are the A operands of S^T and dP^T from registers, not shared memory. There a step
-    # is bound by shared memory's bandwidth, not by the tensor cores: counted, with both operands of S^T and
-    # dP^T, dQ's dS and K, and the stores and copies in shared memory, two warpgroups move about 210 KB a step
-    # (1,600 clocks at 128 B a clock) for 1,300 clocks of matmuls at the tensor cores' peak (and shrinking the
-    # dQ matmul to 1/8 sped a step up 10-18%, more than its share of the FLOPs). K and V in registers save
-    # 32 KB of it: H200 +5-8% at every length. At head dim 128 the 64 more registers spill and ptxas
-    # serializes the wgmma (notes/flash_attn_bench.md, 2026-12-04)
-    KV_IN_REGISTERS: gl.constexpr = D <= 64
+    qk_scale = softmax_scale * LOG2E
     mbarrier.wait(kv_bar, 0)
-    if KV_IN_REGISTERS:
-        kv_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
-        k_a = k_w.load(kv_a)
-        v_a = v_w.load(kv_a)
-    else:
-        k_a = k_w
-        v_a = v_w
     for j in range(GROUP * n_q):
         s = j % STAGES
         _, start_m = _bwd_step(j, n_q, lo, BLOCK_M)  # (the loader fetched query head g's Q, dO, lse, delta)
         q = q_ring.index(s)
         do = do_ring.index(s)
         mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
-        s_tok = warpgroup_mma(k_a, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # S^T = K Q^T
-        dp_tok = warpgroup_mma(v_a, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)  # dP^T = V dO^T
-        if EARLY_DQ:  # dQ of step j - 1 (at j = 0 a product of buffer 1 that is thrown away: the wait passes at once)
-            pbuf = (j + 1) % 2
-            pphase = ((j + 3) // 2) & 1  # step j - 1's phase, and 1 at j = 0
-            dq_tok = _bwd_dq_start(pbuf, pphase, ds_smem, ds_full, k_half, dq_zero)
-        lse = lse_ring.index(s).load(gl.SliceLayout(0, st_layout))  # log2 units; +inf for rows >= T
-        s_t = warpgroup_mma_wait(1 + EARLY_DQ, deps=[s_tok])
-        p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))  # P^T, recomputed
-        if (start_m < mid_lo) | (start_m >= mid_hi) | ragged:
-            p_t = gl.where(_band(keys, start_m + cols, RIGHT, LEFT) & gl.expand_dims(keys < T, 1), p_t, 0.0)
-        dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do, dv, is_async=True)  # dV += P^T dO
-        delta = delta_ring.index(s).load(gl.SliceLayout(0, st_layout))
-        dp_t = warpgroup_mma_wait(1 + EARLY_DQ, deps=[dp_tok])
-        # dS^T = P^T (dP^T - delta), times the softmax scale that dK = scale dS^T Q and dQ = scale dS K share
-        ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0)) * softmax_scale).to(dtype)
-        dk_tok = warpgroup_mma(gl.convert_layout(ds_t, a_layout), q, dk, is_async=True)  # dK += dS^T Q
-        if EARLY_DQ:
-            dq = warpgroup_mma_wait(2, deps=[dq_tok])
-            if j > 0:
-                _bwd_dq_hand(wg, pbuf, pphase, dq, dq_smem, ds_empty, dq_full, dq_empty)
-        # dQ_i = dS K sums over both warpgroups' keys: dS^T goes through shared memory (two buffers)
+        dv_tok, dk_tok, ds_t = _bwd_scores(k_w, v_w, q, do, lse_ring.index(s),
+                                           delta_ring.index(s), dk, dv, st_zero, keys, cols, start_m, mid_lo,
+                                           mid_hi, ragged, T, LEFT, RIGHT, softmax_scale, qk_scale)
         buf = j % 2
         phase = (j // 2) & 1
-        mbarrier.wait(ds_empty.index(buf), phase ^ 1)  # both dQ matmuls that read this buffer are done
-        ds_smem.index(buf).slice(wg * KEYS, KEYS, dim=0).store(ds_t)
-        fence_async_shared()
-        mbarrier.arrive(ds_full.index(buf), count=1)
-        if EARLY_DQ:
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
-            mbarrier.arrive(q_empty.index(s), count=1)
-        else:
-            dq_tok = _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero)  # both dS^T of this step
+        _bwd_publish_ds(ds_t, wg, buf, phase, ds_smem, ds_full, ds_empty)
+        mbarrier.wait(ds_full.index(buf), phase)  # both warpgroups' dS^T of this step
+        dq_tok = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_half, dq_zero, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
+        mbarrier.arrive(q_empty.index(s), count=1)
+        _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
+    _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, T, desc_dk, desc_dv, kv_row, kv_col)
+
+
+@gluon.jit
+def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar,
+                            q_full, q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t,
+                            kv_base, n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done,
+                            kv_row, kv_col):
+    """_bwd_warpgroup at head dim 64 (DQ_PARTS 1), where shared memory's bandwidth, not the tensor cores,
+    bounds a step (counted, two warpgroups moved about 210 KB a step through it, 1,600 clocks at 128 B a
+    clock, for 1,300 clocks of matmuls; shrinking the dQ matmul to 1/8 sped a step up 10-18%):
+      - K and V are the A operands of S^T and dP^T from registers (32 KB a step less; H200 +5-8%);
+      - dQ_i = dS K over all of the head dim is one warpgroup's, in turns: warpgroup (j + 1) % 2 issues
+        step j's in step j + 1 after that step's dV and dK (its accumulator is not live through the
+        softmax, where it spills). It reads dS and K once (32 KB) where two halves read dS twice (48 KB),
+        and the other warpgroup does not wait for the meeting point: H200 +2-5% (notes/flash_attn_bench.md,
+        2026-12-04)."""
+    STAGES: gl.constexpr = q_ring.shape[0]
+    BLOCK_M: gl.constexpr = q_ring.shape[1]
+    D: gl.constexpr = q_ring.shape[2]
+    KEYS: gl.constexpr = 64
+    gl.static_assert(D <= 64 and BLOCK_M == 64, "registers for K and V, and dQ_i in dK's layout")
+    st_layout: gl.constexpr = _mma_layout(BLOCK_M)  # S^T, dP^T: (keys, queries)
+    kv_layout: gl.constexpr = _mma_layout(D)  # dK, dV: (keys, D); dQ_i: (queries, D)
+    kv_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
+    k_w = k_smem.slice(wg * KEYS, KEYS, dim=0)  # (64 keys, D)
+    v_w = v_smem.slice(wg * KEYS, KEYS, dim=0)
+    keys = n0 + wg * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, st_layout))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+    dk = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
+    dv = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
+    st_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=st_layout)
+    dq_zero = gl.zeros([BLOCK_M, D], gl.float32, layout=kv_layout)
+    ragged = n0 + 2 * KEYS > T  # keys >= T here are the next sequence's: masked, or dQ would see them
+    qk_scale = softmax_scale * LOG2E
+    mbarrier.wait(kv_bar, 0)
+    k_a = k_w.load(kv_a)
+    v_a = v_w.load(kv_a)
+    for j in range(GROUP * n_q):
+        s = j % STAGES
+        _, start_m = _bwd_step(j, n_q, lo, BLOCK_M)  # (the loader fetched query head g's Q, dO, lse, delta)
+        q = q_ring.index(s)
+        do = do_ring.index(s)
+        mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
+        dv_tok, dk_tok, ds_t = _bwd_scores(k_a, v_a, q, do, lse_ring.index(s),
+                                           delta_ring.index(s), dk, dv, st_zero, keys, cols, start_m, mid_lo,
+                                           mid_hi, ragged, T, LEFT, RIGHT, softmax_scale, qk_scale)
+        _bwd_publish_ds(ds_t, wg, j % 2, (j // 2) & 1, ds_smem, ds_full, ds_empty)
+        if (j + 1) % 2 == wg:  # step j - 1's dQ is this warpgroup's (at j = 0 a product thrown away)
+            pbuf = (j + 1) % 2
+            pphase = ((j + 3) // 2) & 1  # step j - 1's phase, and 1 at j = 0: the wait passes at once
+            mbarrier.wait(ds_full.index(pbuf), pphase)
+            dq_tok = warpgroup_mma(ds_smem.index(pbuf).permute((1, 0)), k_smem, dq_zero, use_acc=False,
+                                   is_async=True)
             dv, dk, dq = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok])
             mbarrier.arrive(q_empty.index(s), count=1)
-            _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
-    if EARLY_DQ:  # the last step's dQ
-        last = GROUP * n_q - 1
+            if j > 0:
+                _bwd_dq_hand(0, pbuf, pphase, dq, dq_smem, ds_empty, dq_full, dq_empty)
+        else:
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+            mbarrier.arrive(q_empty.index(s), count=1)
+    last = GROUP * n_q - 1
+    if last % 2 == wg:  # the last step's dQ
         buf = last % 2
         phase = (last // 2) & 1
-        dq_tok = _bwd_dq_start(buf, phase, ds_smem, ds_full, k_half, dq_zero)
-        dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq_tok])
-        _bwd_dq_hand(wg, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
+        mbarrier.wait(ds_full.index(buf), phase)
+        dq = warpgroup_mma(ds_smem.index(buf).permute((1, 0)), k_smem, dq_zero, use_acc=False)
+        _bwd_dq_hand(0, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty)
+    _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, T, desc_dk, desc_dv, kv_row, kv_col)
+
+
+@gluon.jit
+def _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, T, desc_dk, desc_dv, kv_row, kv_col):
+    """dK, dV (64 keys, D) of consumer warpgroup wg out, through K's and V's buffers by TMA stores
+    where the 64 keys are this sequence's, as the forward's O."""
+    KEYS: gl.constexpr = 64
+    D: gl.constexpr = k_w.shape[1]
+    dtype: gl.constexpr = k_w.dtype
+    kv_layout: gl.constexpr = _mma_layout(D)
     r0 = n0 + wg * KEYS
     mbarrier.arrive(kv_done, count=1)
     if r0 + KEYS <= T:  # (the backward is 1-10% faster so at head dim 128: notes/flash_attn_bench.md)
@@ -611,21 +667,24 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GDC: gl.constexpr = False):
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DQ_PARTS: gl.constexpr,
+                GDC: gl.constexpr = False):
     # a 1D grid of (key blocks) x (B * H_KV) programs in _tile_order (HEADS kv heads at a time); causal:
     # the first key blocks, which the most query blocks see, are the longest and start first
     pid_n, bhk = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
     _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M,
-                 BLOCK_N, STAGES, GDC)
+                 BLOCK_N, STAGES, DQ_PARTS, GDC)
 
 
 @gluon.jit
 def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GDC: gl.constexpr):
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DQ_PARTS: gl.constexpr,
+                 GDC: gl.constexpr):
     """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys, the loader warp
-    and the dQ writer warp."""
+    and the dQ writer warp. DQ_PARTS 2: each warpgroup computes half of dQ_i's head dim at every step
+    (_bwd_warpgroup); 1: one warpgroup all of it, in turns (_bwd_warpgroup_dq_turns)."""
     b, hk = bhk // H_KV, bhk % H_KV
     n0 = pid_n * BLOCK_N
     dtype: gl.constexpr = desc_q.dtype
@@ -638,7 +697,8 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     delta_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], desc_delta.layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],  # dS^T of both warpgroups
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-    dq_smem = gl.allocate_shared_memory(gl.float32, [4, BLOCK_M, D // 2], desc_dq.layout)  # [2 buffer + wg]
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_PARTS, BLOCK_M, D // DQ_PARTS],  # [PARTS buffer + part]
+                                        desc_dq.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -654,8 +714,8 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
         mbarrier.init(q_empty.index(s), count=2)  # released by both warpgroups
     for i in gl.static_range(2):
         mbarrier.init(ds_full.index(i), count=2)
-        mbarrier.init(ds_empty.index(i), count=2)
-        mbarrier.init(dq_full.index(i), count=2)
+        mbarrier.init(ds_empty.index(i), count=DQ_PARTS)  # released by the warpgroups whose dQ read it
+        mbarrier.init(dq_full.index(i), count=DQ_PARTS)
         mbarrier.init(dq_empty.index(i), count=1)  # released by the writer
     _wait_for_inputs(GDC)
     # the query rows that see these keys: the transpose of the forward's band (LEFT <-> RIGHT)
@@ -670,9 +730,14 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
               delta_ring, kv_bar, q_full, q_empty, b * T + n0, hk * D, b * T, h0, GROUP, lo, n_q,
               (b * H_KV * GROUP + h0) * T_pad, T_pad)
     writer = (desc_dq, dq_smem, dq_full, dq_empty, b * T, h0, lo, n_q, GROUP)
-    gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
-                        (_bwd_loader, loader), (_bwd_dq_writer, writer)],
-                       [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
+    if DQ_PARTS == 2:
+        gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
+                            (_bwd_loader, loader), (_bwd_dq_writer, writer)],
+                           [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([(_bwd_warpgroup_dq_turns, (0, ) + consumer), (_bwd_warpgroup_dq_turns, (1, ) + consumer),
+                            (_bwd_loader, loader), (_bwd_dq_writer, writer)],
+                           [4, 1, 1], [COMPUTE_REGS, LOADER_REGS, LOADER_REGS])
 
 
 # --------------------------------------------------------------------------- host side
@@ -757,7 +822,7 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
     B, T, H, D = q.shape
     H_kv = k.shape[2]
     T_pad = lse.shape[-1]
-    bm, bn, stages = tile or BWD_TILES[D]
+    bm, bn, stages, dq_parts = tile or BWD_TILES[D]
     dk, dv = (flash_attn._empty(x.shape, x.dtype, x.device) for x in (k, v))
     dq = flash_attn._empty((B, T, H, D), torch.float32, q.device)  # zeroed with delta, then TMA reductions
     heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv)  # a kv head's query heads' Q, dO
@@ -765,10 +830,10 @@ def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_G
     delta = flash_attn._delta(out, do, T_pad, key, zero_dq=dq)
     flash_attn._run(
         _bwd_kernel, (triton.cdiv(T, bn) * B * H_kv, ),
-        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // 2),
+        _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // dq_parts),
         _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
         dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, key=key, **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
+        STAGES=stages, DQ_PARTS=dq_parts, key=key, **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
     dq_out = flash_attn._empty(q.shape, q.dtype, q.device)
     flash_attn._run(flash_attn._cast, (triton.cdiv(dq.numel(), CAST_BLOCK), ), dq, dq_out, dq.numel(),
                     BLOCK=CAST_BLOCK, **flash_attn._dependent_launch(q.device))

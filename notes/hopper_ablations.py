@@ -39,11 +39,11 @@ ABLATIONS = {  # name: [(text in flash_attn_hopper.py, its replacement)]
 }
 
 
-def ablated(name, source):
-    """flash_attn_hopper with ABLATIONS[name] applied, as a module of its own."""
-    for old, new in ABLATIONS[name]:
+def ablated(name, source, substitutions=None):
+    """flash_attn_hopper with substitutions (default ABLATIONS[name]) applied, as a module of its own."""
+    for old, new in ABLATIONS[name] if substitutions is None else substitutions:
         if old not in source:
-            sys.exit(f"ablation {name}: its text is no longer in flash_attn_hopper.py; update ABLATIONS")
+            sys.exit(f"{name}: its text is no longer in flash_attn_hopper.py; update its substitution")
         source = source.replace(old, new)
     path = os.path.join(tempfile.mkdtemp(), f"fh_{name}.py")  # Triton compiles from the file's source
     with open(path, "w") as f:

@@ -230,7 +230,7 @@ def compile_all(names):
         for name, D, tile, _ in variants:
             if tile is not None and (not names or name in names):  # not the portable kernels
                 tiles.setdefault((D, tile), name)
-        for (D, (bm, bn, stages, *q_stages)), name in tiles.items():  # q_stages: [Q_STAGES], forward only
+        for (D, (bm, bn, stages, *q_stages)), name in tiles.items():  # forward [Q_STAGES], backward [DQ_PARTS]
             if direction == "forward":
                 sig = {"desc_q": desc([64, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                        "desc_o": desc([64, D]), "Out": "*bf16", "Lse": "*fp32", "softmax_scale": "fp32"}
@@ -240,11 +240,11 @@ def compile_all(names):
                                  GDC=True))
             else:
                 sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
-                       "desc_do": desc([bm, D]), "desc_dq": desc([bm, D // 2], "fp32"), "desc_lse": desc([bm], "fp32"),
+                       "desc_do": desc([bm, D]), "desc_dq": desc([bm, D // q_stages[0]], "fp32"), "desc_lse": desc([bm], "fp32"),
                        "desc_delta": desc([bm], "fp32"), "desc_dk": desc([64, D]), "desc_dv": desc([64, D]),
                        "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
-                compile_one(name, D, (bm, bn, stages), fh._bwd_kernel, sig,
-                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, GDC=True))
+                compile_one(name, D, (bm, bn, stages, *q_stages), fh._bwd_kernel, sig,
+                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DQ_PARTS=q_stages[0], GDC=True))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
