@@ -24,16 +24,15 @@ last blocks and epilogue.
 
 Backward (one program per 128 keys, FlashAttention-2's partitioning, all five matmuls once):
 each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
-dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory and each
-computes half of dQ_i's head dim, which the writer adds to a float32 dQ (zeroed by flash_attn's
-_delta in its pass for delta, cast at the end). At head dim 128 the two warpgroups
-meet at every step for that; at 64 each issues dQ of the step before with this step's first
-matmuls, so it runs during the softmax, and holds its K and V in registers (there shared
-memory's bandwidth, not the tensor cores, bounds a step). lse and delta come in by TMA with Q
-and dO: loading them with plain loads in the consumers cost 15% (the loads sit in front of
-every exp2). The reductions land in whatever order the programs reach them, so dQ is not
-bitwise reproducible from run to run (as with FlashAttention-2/3); FLASH_ATTN_HOPPER=0 selects
-the portable kernels, which add no atomics.
+dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory, and the
+writer adds each dQ_i to a float32 dQ (zeroed by flash_attn's _delta in its pass for delta, cast
+at the end). At head dim 128 the two warpgroups meet at every step and each computes half of
+dQ_i's head dim; at 64, where shared memory's bandwidth rather than the tensor cores bounds a
+step, the warpgroups take turns at whole dQ_i, a step late, and hold K and V in registers. lse
+and delta come in by TMA with Q and dO: loading them with plain loads in the consumers cost 15%
+(the loads sit in front of every exp2). The reductions land in whatever order the programs reach
+them, so dQ is not bitwise reproducible from run to run (as with FlashAttention-2/3);
+FLASH_ATTN_HOPPER=0 selects the portable kernels, which add no atomics.
 
 Compiled only on a GPU; tests/test_flash_attn.py compiles the kernels for sm_90a on CPU
 machines (no GPU needed) and checks them against the reference on a GPU.
@@ -80,16 +79,16 @@ if _missing_features():  # before the first call: flash_attn then keeps its port
 # warpgroups of 64 query rows; at head dim 64 from FWD_LONG_SEQLEN tokens three (FlashAttention-3's
 # tile. H200, causal, TFLOP/s 192 x 128 / 128 x 128: 1k 226 / 303, 4k 381 / 411, 8k 455 / 437, 16k 486 /
 # 453). Two Q slots against one: head dim 64 1k 303 / 288, 4k 411 / 400; 128 1k 414 / 399, 2k 497 / 490;
-# within 1% from 8k. Backward (query rows, key rows, ring slots): two warpgroups of 64 keys
+# within 1% from 8k. Backward (query rows, key rows, ring slots, dQ_i's parts: _bwd_program): two
+# warpgroups of 64 keys
 FWD_TILES = {64: (128, 128, 2, 2), 128: (128, 128, 2, 2)}
 FWD_TILES_LONG = {64: (192, 128, 2, 2)}
 FWD_LONG_SEQLEN = 8192
-BWD_TILES = {64: (64, 128, 2, 1), 128: (64, 128, 2, 2)}  # (query rows, key rows, ring slots, dQ parts)
+BWD_TILES = {64: (64, 128, 2, 1), 128: (64, 128, 2, 2)}
 CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype (flash_attn._cast)
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, 16k tokens per
 # batch, TFLOP/s portable / these): head dim 64 forward, causal, 1k 274 / 289, 2k 333 / 362 (2026-12-02);
-# backward 2k 298 / 337, and at 1k 273 / 255 causal but 318 / 336 full, while the compiled 134M step (causal,
-# 1k) is 1.007x SDPA's with this backward and 1.001x with the portable one (notes/flash_attn_bench.md, 2026-12-04)
+# backward 1k 259 / 263 causal, 308 / 347 full (README's table, 2026-12-04)
 MIN_SEQLEN = {64: 1024}  # head dim -> tokens, both directions
 # the order in which the programs start (_tile_order): heads in groups whose streamed tiles (the forward's
 # K and V, the backward's Q and dO) fill this many bytes of the H200's 50 MB L2, within a group the
@@ -455,9 +454,9 @@ def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v
 
 @gluon.jit
 def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROUP):
-    """Writer warp: global dQ_i += both warpgroups' halves, by TMA bulk reductions, so that no
-    consumer waits for them."""
-    PARTS: gl.constexpr = dq_smem.shape[0] // 2  # of dQ_i's head dim: 2 halves, or 1 (DQ_PARTS)
+    """Writer warp: global dQ_i += its parts (two halves of the head dim, or all of it), by TMA bulk
+    reductions, so that no consumer waits for them."""
+    PARTS: gl.constexpr = dq_smem.shape[0] // 2  # DQ_PARTS
     BLOCK_M: gl.constexpr = dq_smem.shape[1]
     PART_D: gl.constexpr = dq_smem.shape[2]
     for j in range(GROUP * n_q):

@@ -38,7 +38,9 @@ again and FlashAttention-3's rescale order (O rescaled while S computes) stayed 
 (queries along rows, P and dS through shared memory: FlashAttention-3's at head dim 64) lost: 0.82-0.90x
 cuDNN at head dim 64 with 128 queries a step (kept 0.91-1.00), the kept's speed with 64, 0.72-0.86x with
 the next step's S and dP issued before the softmax, 0.95-1.04x at 128 (kept 0.97-1.04); removed after
-commit 95ea7aa (notes/flash_attn_bench.md, 2026-12-04).
+commit 95ea7aa (notes/flash_attn_bench.md, 2026-12-04). At head dim 64 the backward's dQ_i whole, by
+one warpgroup in turns a step late, beat halves by both (each reading all of dS) by 2-5% and ships
+(BWD_TILES' last entry, 1; notes/hopper_ab.py times it against an older flash_attn_hopper.py).
 """
 import argparse
 import os
