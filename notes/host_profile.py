@@ -75,7 +75,8 @@ def ops(calls, top, sort="tottime"):
 
 
 def hopper_pieces(calls):
-    """Host microseconds of each piece of one Hopper forward call at the 134M shape (one head): its
+    """Host microseconds of each piece of one Hopper forward call at the 134M shape (one head): the
+    operator's replayed call, its replay alone (the rest is the dispatcher and _replayed's key), its
     allocations, its four descriptors, and its launch through the cached launcher alone (the arguments
     of one call, recorded); and a torch.zeros(1), the tile counter's cost per call before a6b4860."""
     import flash_attn_hopper as fh
@@ -89,8 +90,15 @@ def hopper_pieces(calls):
     finally:
         flash_attn._run = run
     (launcher, tail), = [hit for key, hit in flash_attn._COMPILED.items() if key[0] is fh._fwd_kernel]
+    op = lambda: torch.ops.flash_attn.forward.default(q, k, v, None, True, 0.125, 1024, 0)  # noqa: E731
+    op(), op()  # recorded, then replayed
+    plan, = [p for p in flash_attn._PLANS.values() if p]
     pieces = {
-        "whole forward": forward,
+        "operator call, replayed": op,
+        "its replay alone (allocations, CUtensorMaps, launch)": lambda: plan((q, k, v, None)),
+        "torch.empty_strided x 2": lambda: (torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device="cuda"),
+                                            torch.empty_strided((1, 1, 1024), (1024, 1024, 1), device="cuda")),
+        "whole forward, not replayed": forward,
         "torch.empty x 2": lambda: (torch.empty_like(q), torch.empty(1, 1, 1024, device="cuda")),
         "4 descriptors": lambda: [fh._desc(x, 64) for x in (q, k, v, q)],
         "cached launcher alone": lambda: launcher(*recorded[0], *tail),
