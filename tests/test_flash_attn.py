@@ -1249,6 +1249,25 @@ def test_hopper_import_names_a_missing_gluon_feature(monkeypatch):
 SHIPPED_SPILLS = {"kept": 0, "kept d64": 0, "kept d64 long": 112, "bwd 128": 180, "bwd 64": 0}
 
 
+def test_hopper_notes_substitutions_match_the_kernels():
+    """notes/hopper_ablations.py's ABLATIONS and notes/hopper_ab.py's CHANGES are text substitutions in
+    flash_attn_hopper.py (a GPU script stops at one whose text is gone): each still finds its text, once
+    applied after the ones before it. Read as literals, not imported (those scripts leave the interpreter)."""
+    import ast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = open(os.path.join(root, "flash_attn_hopper.py")).read()
+    for script, name in (("hopper_ablations.py", "ABLATIONS"), ("hopper_ab.py", "CHANGES")):
+        tree = ast.parse(open(os.path.join(root, "notes", script)).read())
+        table, = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == name for t in node.targets)]
+        assert table, script
+        for entry, substitutions in table.items():
+            text = source
+            for old, new in substitutions:
+                assert old in text, f"notes/{script} {name}[{entry!r}] no longer matches: {old[:80]!r}"
+                text = text.replace(old, new)
+
+
 def test_hopper_kernels_compile_for_sm90():
     """flash_attn_hopper's shipped kernels (notes/hopper_variants.py --compile-only with their names: once
     per tile and direction, the tile orders being an argument) compile for sm_90a without a GPU (Triton +
