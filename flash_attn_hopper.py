@@ -488,7 +488,9 @@ def _bwd_scores(k_a, v_a, q, do, lse_smem, delta_smem, dk, dv, st_zero, keys, co
                 T, LEFT, RIGHT, softmax_scale, qk_scale):
     """A step's first four matmuls for 64 keys (K, V: the A operands k_a, v_a, in registers or shared memory)
     against the query block start_m (Q, dO in shared memory): S^T and dP^T, then dV += P^T dO and dK += dS^T Q
-    issued, not waited for. Tokens of dV and dK, and dS^T (to dtype) for dQ."""
+    issued, not waited for. Tokens of dV and dK, and dS^T (to dtype) for dQ. (The callers wait for the ring
+    slot themselves: with that wait in here ptxas allocates the head-dim-128 kernel otherwise, 172 B of
+    spills against 148.)"""
     st_layout: gl.constexpr = st_zero.type.layout  # S^T, dP^T: (keys, queries)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)  # P^T, dS^T
     dtype: gl.constexpr = q.dtype
@@ -519,6 +521,21 @@ def _bwd_publish_ds(ds_t, wg, buf, phase, ds_smem, ds_full, ds_empty):
 
 
 @gluon.jit
+def _bwd_consumer_setup(wg, n0, T, BLOCK_M: gl.constexpr, D: gl.constexpr):
+    """A consumer warpgroup's loop-invariant values for its 64 keys n0 + 64 wg ...: the keys (rows of S^T),
+    the query offsets (its columns), zeroed dK and dV, a zero S^T, and whether keys past T are in the block."""
+    st_layout: gl.constexpr = _mma_layout(BLOCK_M)  # S^T, dP^T: (keys, queries)
+    kv_layout: gl.constexpr = _mma_layout(D)  # dK, dV: (keys, D)
+    keys = n0 + wg * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+    dk = gl.zeros([64, D], gl.float32, layout=kv_layout)
+    dv = gl.zeros([64, D], gl.float32, layout=kv_layout)
+    st_zero = gl.zeros([64, BLOCK_M], gl.float32, layout=st_layout)
+    ragged = n0 + 128 > T  # keys >= T here are the next sequence's: masked, or dQ would see them
+    return keys, cols, dk, dv, st_zero, ragged
+
+
+@gluon.jit
 def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
                    q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
                    n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col):
@@ -532,18 +549,11 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
     KEYS: gl.constexpr = 64
-    st_layout: gl.constexpr = _mma_layout(BLOCK_M)  # S^T, dP^T: (keys, queries)
-    kv_layout: gl.constexpr = _mma_layout(D)  # dK, dV: (keys, D)
     k_w = k_smem.slice(wg * KEYS, KEYS, dim=0)  # (64 keys, D)
     v_w = v_smem.slice(wg * KEYS, KEYS, dim=0)
     k_half = k_smem.slice(wg * (D // 2), D // 2, dim=1)  # (128 keys, D / 2): dQ_i's half is dS K_half
-    keys = n0 + wg * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, st_layout))
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-    dk = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
-    dv = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
-    st_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=st_layout)
+    keys, cols, dk, dv, st_zero, ragged = _bwd_consumer_setup(wg, n0, T, BLOCK_M, D)
     dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=_mma_layout(D // 2))
-    ragged = n0 + 2 * KEYS > T  # keys >= T here are the next sequence's: masked, or dQ would see them
     qk_scale = softmax_scale * LOG2E
     mbarrier.wait(kv_bar, 0)
     for j in range(GROUP * n_q):
@@ -590,13 +600,8 @@ def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta
     kv_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
     k_w = k_smem.slice(wg * KEYS, KEYS, dim=0)  # (64 keys, D)
     v_w = v_smem.slice(wg * KEYS, KEYS, dim=0)
-    keys = n0 + wg * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, st_layout))
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-    dk = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
-    dv = gl.zeros([KEYS, D], gl.float32, layout=kv_layout)
-    st_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=st_layout)
+    keys, cols, dk, dv, st_zero, ragged = _bwd_consumer_setup(wg, n0, T, BLOCK_M, D)
     dq_zero = gl.zeros([BLOCK_M, D], gl.float32, layout=kv_layout)
-    ragged = n0 + 2 * KEYS > T  # keys >= T here are the next sequence's: masked, or dQ would see them
     qk_scale = softmax_scale * LOG2E
     mbarrier.wait(kv_bar, 0)
     k_a = k_w.load(kv_a)
@@ -816,7 +821,7 @@ def _fwd_tile_for(T, D):
 
 def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
     """dq, dk, dv from either forward's out and lse, do and out with q's strides, as
-    flash_attn._backward. tile: (query rows, key rows, ring slots) and l2_bytes: others than
+    flash_attn._backward. tile: (query rows, key rows, ring slots, dQ_i's parts) and l2_bytes: others than
     BWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
     B, T, H, D = q.shape
     H_kv = k.shape[2]

@@ -99,7 +99,6 @@ def hopper_pieces(calls):
         "torch.empty_strided x 2": lambda: (torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device="cuda"),
                                             torch.empty_strided((1, 1, 1024), (1024, 1024, 1), device="cuda")),
         "whole forward, not replayed": forward,
-        "torch.empty x 2": lambda: (torch.empty_like(q), torch.empty(1, 1, 1024, device="cuda")),
         "4 descriptors": lambda: [fh._desc(x, 64) for x in (q, k, v, q)],
         "cached launcher alone": lambda: launcher(*recorded[0], *tail),
         "torch.zeros(1)": lambda: torch.zeros(1, device="cuda", dtype=torch.int32),
