@@ -40,7 +40,10 @@ cuDNN at head dim 64 with 128 queries a step (kept 0.91-1.00), the kept's speed 
 the next step's S and dP issued before the softmax, 0.95-1.04x at 128 (kept 0.97-1.04); removed after
 commit 95ea7aa (notes/flash_attn_bench.md, 2026-12-04). At head dim 64 the backward's dQ_i whole, by
 one warpgroup in turns a step late, beat halves by both (each reading all of dS) by 2-5% and ships
-(BWD_TILES' last entry, 1; notes/hopper_ab.py times it against an older flash_attn_hopper.py).
+(BWD_TILES' last entry, 1; notes/hopper_ab.py times it against an older flash_attn_hopper.py). Forward
+tiles that read K and V less often through 64-key blocks (256 x 64 with two row blocks per warpgroup,
+192 x 64 with three warpgroups) lost 4-23% at head dim 128, and a third Q/dO slot in the backward (in place
+of a dQ staging buffer) 3-9%; removed after commit 8cec06a (notes/flash_attn_bench.md, 2026-12-04).
 """
 import argparse
 import os
