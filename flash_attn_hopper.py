@@ -484,13 +484,25 @@ def _bwd_dq_hand(part, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty):
 
 
 @gluon.jit
+def _bwd_step_inputs(j, q_ring, do_ring, q_full, n_q, lo):
+    """A consumer's step j: its ring slot, first query row, and Q, dO once the loader has filled the slot
+    (query head g's Q, dO, lse, delta). Kept out of _bwd_scores: with the wait in there ptxas allocates the
+    head-dim-128 kernel otherwise (172 B of spills against 148)."""
+    STAGES: gl.constexpr = q_ring.shape[0]
+    s = j % STAGES
+    _, start_m = _bwd_step(j, n_q, lo, q_ring.shape[1])
+    q = q_ring.index(s)
+    do = do_ring.index(s)
+    mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
+    return s, start_m, q, do
+
+
+@gluon.jit
 def _bwd_scores(k_a, v_a, q, do, lse_smem, delta_smem, dk, dv, st_zero, keys, cols, start_m, mid_lo, mid_hi, ragged,
                 T, LEFT, RIGHT, softmax_scale, qk_scale):
     """A step's first four matmuls for 64 keys (K, V: the A operands k_a, v_a, in registers or shared memory)
     against the query block start_m (Q, dO in shared memory): S^T and dP^T, then dV += P^T dO and dK += dS^T Q
-    issued, not waited for. Tokens of dV and dK, and dS^T (to dtype) for dQ. (The callers wait for the ring
-    slot themselves: with that wait in here ptxas allocates the head-dim-128 kernel otherwise, 172 B of
-    spills against 148.)"""
+    issued, not waited for. Tokens of dV and dK, and dS^T (to dtype) for dQ."""
     st_layout: gl.constexpr = st_zero.type.layout  # S^T, dP^T: (keys, queries)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)  # P^T, dS^T
     dtype: gl.constexpr = q.dtype
@@ -545,7 +557,6 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     dQ_i's head dim. (Issued a step early, during the next softmax, that accumulator spills 1156 B; a step
     late at the step's end lost 3-9%; K in registers spills and ptxas serializes the wgmma:
     notes/flash_attn_bench.md, 2026-12-03 and 04.)"""
-    STAGES: gl.constexpr = q_ring.shape[0]
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
     KEYS: gl.constexpr = 64
@@ -557,11 +568,7 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     qk_scale = softmax_scale * LOG2E
     mbarrier.wait(kv_bar, 0)
     for j in range(GROUP * n_q):
-        s = j % STAGES
-        _, start_m = _bwd_step(j, n_q, lo, BLOCK_M)  # (the loader fetched query head g's Q, dO, lse, delta)
-        q = q_ring.index(s)
-        do = do_ring.index(s)
-        mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
+        s, start_m, q, do = _bwd_step_inputs(j, q_ring, do_ring, q_full, n_q, lo)
         dv_tok, dk_tok, ds_t = _bwd_scores(k_w, v_w, q, do, lse_ring.index(s),
                                            delta_ring.index(s), dk, dv, st_zero, keys, cols, start_m, mid_lo,
                                            mid_hi, ragged, T, LEFT, RIGHT, softmax_scale, qk_scale)
@@ -590,7 +597,6 @@ def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta
         softmax, where it spills). It reads dS and K once (32 KB) where two halves read dS twice (48 KB),
         and the other warpgroup does not wait for the meeting point: H200 +2-5% (notes/flash_attn_bench.md,
         2026-12-04)."""
-    STAGES: gl.constexpr = q_ring.shape[0]
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
     KEYS: gl.constexpr = 64
@@ -607,11 +613,7 @@ def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta
     k_a = k_w.load(kv_a)
     v_a = v_w.load(kv_a)
     for j in range(GROUP * n_q):
-        s = j % STAGES
-        _, start_m = _bwd_step(j, n_q, lo, BLOCK_M)  # (the loader fetched query head g's Q, dO, lse, delta)
-        q = q_ring.index(s)
-        do = do_ring.index(s)
-        mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
+        s, start_m, q, do = _bwd_step_inputs(j, q_ring, do_ring, q_full, n_q, lo)
         dv_tok, dk_tok, ds_t = _bwd_scores(k_a, v_a, q, do, lse_ring.index(s),
                                            delta_ring.index(s), dk, dv, st_zero, keys, cols, start_m, mid_lo,
                                            mid_hi, ragged, T, LEFT, RIGHT, softmax_scale, qk_scale)
