@@ -10,7 +10,9 @@ substitution that no longer matches the source stops the script with the ablatio
 cut to 1/8 of its work bought 10-18%, more than its share of the FLOPs, while the warpgroups' meeting
 point, the exp2s and the writer's reductions bought 0-7%: a step was bound by shared memory's bandwidth.
 Later, half the L2 reads of the K/V stream (forward) or of Q and dO (backward) bought 8-14% at head dim
-128 and 4-9% at 64 from 4k tokens, the forward's exp2s 0-6% at 128: the kernels wait on L2.
+128 and 4-9% at 64 from 4k tokens, the forward's exp2s 0-6% at 128: the kernels wait on those streams.
+Not on the L2's bandwidth alone: TMA multicast, which halves the L2 reads but not each SM's intake, bought
+the forward 0-4% (notes/fwd_cluster.py, 2026-12-04).
 """
 import argparse
 import importlib.util

@@ -44,6 +44,8 @@ one warpgroup in turns a step late, beat halves by both (each reading all of dS)
 tiles that read K and V less often through 64-key blocks (256 x 64 with two row blocks per warpgroup,
 192 x 64 with three warpgroups) lost 4-23% at head dim 128, and a third Q/dO slot in the backward (in place
 of a dQ staging buffer) 3-9%; removed after commit 8cec06a (notes/flash_attn_bench.md, 2026-12-04).
+The forward in clusters of two CTAs sharing K and V by TMA multicast (Triton 3.8) bought 0-4%, below the
+halved reads' 8-14%: notes/fwd_cluster.py.
 """
 import argparse
 import os

@@ -1288,3 +1288,20 @@ def test_hopper_kernels_compile_for_sm90():
         assert ", 1 grid dependency wait(s)," in line, line  # compiled as launched on Hopper (GDC)
         spill = int(line.split("spill stores ")[1].split()[0])
         assert spill <= SHIPPED_SPILLS[name], line
+
+
+@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8),
+                    reason="notes/fwd_cluster.py needs Triton 3.8's barriers shared by a cluster")
+def test_cluster_forward_compiles_for_sm90():
+    """notes/fwd_cluster.py (the forward in clusters of two CTAs sharing K/V by TMA multicast: measured,
+    not shipped) still compiles for sm_90a as measured: in shared memory, no spills, K and V each copied
+    by multicast (two 64-column boxes apiece), wgmma pipelined."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "notes/fwd_cluster.py", "--compile-only"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    line = run.stdout.strip().splitlines()[-1]
+    assert int(line.split("smem ")[1].split()[0]) <= 227 * 1024, line
+    assert "spill stores 0 B, 4 multicast copies, pipelined" in line, line
