@@ -24,7 +24,9 @@ check passes (ragged, grouped heads, both masks); against the shipped forward co
 interleaved, two runs: full +1 to +4% (1k-16k), causal -2 to -4% at 1-2k, -1 to +3% at 4-16k. A fraction
 of what halving the reads bought in the ablation: the SM's own intake (each CTA still receives every
 K/V tile) or the lockstep of two CTAs on each slot takes most of it. Not shipped for that, and because
-the lent GPU's Triton cannot compile it.
+the lent GPU's Triton cannot compile it. (Timed as a prototype; this file differs from it in names, state
+kept per device and the cluster count asked of the driver after the first launch, and was compiled, not
+run, after those edits: no GPU time was left.)
 """
 import argparse
 import os
