@@ -15,9 +15,10 @@ a tile is 256 query rows, each consumer warpgroup 128 of them, 64 in each CTA (c
 the rows split), so both CTAs of a causal tile see the same key blocks; K and V are whole in each CTA
 (cga_layout [[0, 0]]) and the lead CTA loads them for both (multicast=True). Two things Gluon does
 not do inside warp_specialize: its atomics in a cluster kernel synchronize the cluster, so the tile
-counter is inline PTX (_atom) in the lead, which passes each tile to the other CTA (_pass_tile); and it
-ends a warp-specialized cluster kernel without a cluster barrier, so a CTA could leave while the other
-still arrived on its barriers (unspecified launch failures, at 33 clusters and more): one is added.
+counter is inline PTX (_atom) in the lead, which passes each tile to the other CTA (_pass_tile); and
+Triton 3.8 ends a warp-specialized cluster kernel without a cluster barrier, so a CTA could leave while
+the other still arrived on its barriers (unspecified launch failures, at 33 clusters and more): one is
+added (3.9's PTX has two cluster barriers more than 3.8's without it, likely the same fix).
 
 Measured (1x H200, torch 2.11, Triton 3.8.0, 2026-12-04; notes/flash_attn_bench.md): the float64
 check passes (ragged, grouped heads, both masks); against the shipped forward compiled by the same Triton,
@@ -306,7 +307,7 @@ def _fwd_cluster_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, Mailb
               HEADS, n_m, n_tiles, IS_CAUSAL)
     gl.warp_specialize([(_fwd_warpgroup, (0, ) + consumer), (_fwd_warpgroup, (1, ) + consumer),
                         (_fwd_loader, loader)], [4, 1], [COMPUTE_REGS, LOADER_REGS])
-    # no CTA leaves while the other may still arrive on its barriers (Gluon adds this only without
+    # no CTA leaves while the other may still arrive on its barriers (Triton 3.8 adds this only without
     # warp_specialize)
     if hasattr(cluster, "barrier"):  # Triton 3.9
         cluster.barrier()
