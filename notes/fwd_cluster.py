@@ -33,7 +33,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -352,13 +352,10 @@ def forward(q, k, v, causal, scale, left, right, T_pad, l2_bytes=fh.L2_GROUP_BYT
 
 
 def compile_only():
-    """Compile for sm_90a here (no GPU): shared memory, registers, spills, wgmma pipelined or not."""
-    import re
-    import subprocess
-    import tempfile
+    """Compile for sm_90a here (no GPU): shared memory, spills, wgmma pipelined or not."""
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
+    from hopper_variants import ptxas_report
 
     def desc(cga):
         layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16, cga_layout=cga)
@@ -370,20 +367,13 @@ def compile_only():
         sig.setdefault(arg, "constexpr" if arg in consts else "i32")
     k = triton.compile(GluonASTSource(_fwd_cluster_kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=4, num_ctas=2, **flash_attn.FP_FUSION))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                         capture_output=True, text=True).stderr
-    os.unlink(f.name)
-    spill = re.search(r"(\d+) bytes spill stores", log)
-    print(f"cluster forward D=128: smem {k.metadata.shared} B, spill stores {spill.group(1) if spill else '?'} B, "
-          f"{k.asm['ptx'].count('multicast::cluster')} multicast copies, "
-          f"{'wgmma serialized' if 'serialized' in log else 'pipelined'}")
+    _, spill, wgmma = ptxas_report(k)
+    print(f"cluster forward D=128: smem {k.metadata.shared} B, spill stores {spill} B, "
+          f"{k.asm['ptx'].count('multicast::cluster')} multicast copies, {wgmma}")
 
 
 def main():
     """The float64 check, then the shipped forward and this one against SDPA cuDNN (hopper_variants)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import hopper_variants as hv
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     shipped = hv.forward

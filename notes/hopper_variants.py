@@ -201,10 +201,25 @@ def print_table(direction, rows):
         print(f"| {name} | {D} | {mask} | {T} | {status} | {ours:.0f} | {cudnn:.0f} | {ours / cudnn:.2f} |")
 
 
+def ptxas_report(k):
+    """`ptxas -v` of a kernel compiled for sm_90a (Triton's bundled ptxas): registers per thread at launch
+    (they bound the programs per SM), bytes of spill stores, and "pipelined" or "wgmma serialized" (what
+    ptxas does to the wgmma when registers run out)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    return (regs.group(1) if regs else "?", spill.group(1) if spill else "?",
+            "wgmma serialized" if "serialized" in log else "pipelined")
+
+
 def compile_all(names):
     """Compile the variants called names (all if empty), each tile once per direction."""
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
     def desc(block, dtype="bf16"):
@@ -220,17 +235,9 @@ def compile_all(names):
         except Exception as e:  # noqa: BLE001
             print(f"{name:14s} D={D:3d} tile {tile}: FAILED {type(e).__name__}: {str(e)[-300:]}")
             return
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(k.asm["ptx"])
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
-        os.unlink(f.name)
-        spill = re.search(r"(\d+) bytes spill stores", log)
-        regs = re.search(r"Used (\d+) registers", log)  # per thread at launch: bounds the programs per SM
-        print(f"{name:14s} D={D:3d} tile {tile}: {regs.group(1) if regs else '?'} registers, "
-              f"smem {k.metadata.shared} B, spill stores {spill.group(1) if spill else '?'} B, "
-              f"{k.asm['ptx'].count('griddepcontrol.wait')} grid dependency wait(s), "
-              f"{'wgmma serialized' if 'serialized' in log else 'pipelined'}")
+        regs, spill, wgmma = ptxas_report(k)
+        print(f"{name:14s} D={D:3d} tile {tile}: {regs} registers, smem {k.metadata.shared} B, spill stores {spill} B, "
+              f"{k.asm['ptx'].count('griddepcontrol.wait')} grid dependency wait(s), {wgmma}")
 
     for direction, variants in (("forward", VARIANTS), ("backward", BWD_VARIANTS)):
         tiles = {}  # the orders are an argument (l2_bytes) of one compiled kernel per tile
