@@ -96,7 +96,10 @@ MIN_SEQLEN = {64: 1024}  # head dim -> tokens, both directions
 # causal tiles start last while SMs idle; all heads at once stream every head's tiles through L2. H200,
 # head dim 128, causal, TFLOP/s head by head / these groups (interleaved runs, notes/flash_attn_bench.md):
 # forward 2k 432 / 442, 4k 499 / 522, 8k 562 / 569, 16k 607 / 598 (8 and 32 MB within 2% of 16; all heads
-# at once 0.70-0.97x); backward 2k 375 / 377, 4k 433 / 448, 8k 486 / 494, 16k 524 / 521
+# at once 0.70-0.97x); backward 2k 375 / 377, 4k 433 / 448, 8k 486 / 494, 16k 524 / 521. Heads left over
+# join the last group (_tile_at): alone, a few heads' longest causal tiles started last in the same way
+# (causal, forward / backward: 4 x 4224 tokens x 16 heads in groups of 7, 545 / 447 -> 565 / 471; 2 x 6000
+# x 16 in groups of 5, 552 / 456 -> 576 / 488; full mask 0.98-1.01x)
 L2_GROUP_BYTES = 16 << 20
 COMPUTE_REGS = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64K registers
 COMPUTE_REGS_3 = gl.constexpr(160)  # three consumer warpgroups: 3 x 128 x 160 + 128 x 24 <= 64K
@@ -405,16 +408,27 @@ def _fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, Counter, softmax_scale
 
 @gluon.jit
 def _tile_order(n_blocks, HEADS):
-    """(block, head) of this program of a 1D grid of n_blocks x heads: the heads in groups of HEADS, one
-    group after another; within a group block by block, every head of the group at each block."""
+    """(block, head) of this program of a 1D grid of n_blocks x heads: the heads in groups of HEADS (the last
+    with the leftover heads), one group after another; within a group block by block, every head of the
+    group at each block."""
     return _tile_at(gl.program_id(0), gl.num_programs(0), n_blocks, HEADS)
 
 
 @gluon.jit
 def _tile_at(t, n_tiles, n_blocks, HEADS):
-    """_tile_order's (block, head) of tile t of n_tiles = n_blocks x heads."""
+    """_tile_order's (block, head) of tile t of n_tiles = n_blocks x heads. The last group also takes the
+    heads left over, so that no group but a lone one has fewer than HEADS: a small last group's longest
+    causal tiles would start when the other SMs run out of work. Scalar code only (tests run it as Python)."""
+    n_heads = n_tiles // n_blocks
+    last = n_heads // HEADS * HEADS - HEADS  # the last group's first head
+    if last < 0:  # fewer than HEADS heads: one group
+        last = 0
     first = t // (HEADS * n_blocks) * HEADS  # the group's first head
-    size = gl.minimum(HEADS, n_tiles // n_blocks - first)  # the last group can be smaller
+    if first > last:
+        first = last
+    size = HEADS
+    if first == last:
+        size = n_heads - last
     r = t - first * n_blocks
     return r // size, first + r % size
 
@@ -768,7 +782,7 @@ def _stat_desc(x, block):
 
 def _heads_at_a_time(l2_bytes, unit_bytes, heads, unit=1):
     """_tile_order's HEADS: as many units of `unit` heads as have their streamed tiles (unit_bytes each)
-    fit in l2_bytes; at least one unit, at most all heads."""
+    fit in l2_bytes; at least one unit, at most all heads (the last group also takes the heads left over)."""
     return min(heads, unit * max(1, l2_bytes // unit_bytes))
 
 
