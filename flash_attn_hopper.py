@@ -469,7 +469,9 @@ def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v
 @gluon.jit
 def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROUP):
     """Writer warp: global dQ_i += its parts (two halves of the head dim, or all of it), by TMA bulk
-    reductions, so that no consumer waits for them."""
+    reductions, so that no consumer waits for them. (The consumers adding dQ from their registers by
+    red.global.add instead, without this warp and the staging buffers, lost 29-35% at head dim 128 and
+    7-15% at 64: notes/flash_attn_bench.md, 2026-12-04.)"""
     PARTS: gl.constexpr = dq_smem.shape[0] // 2  # DQ_PARTS
     BLOCK_M: gl.constexpr = dq_smem.shape[1]
     PART_D: gl.constexpr = dq_smem.shape[2]

@@ -4,6 +4,7 @@ interleaved with the shipped module and SDPA cuDNN, round after round.
 
     python notes/hopper_ab.py --names fence [--direction forward|backward] [--head-dims 128 64]
     git show REV:flash_attn_hopper.py > old.py; python notes/hopper_ab.py --names --also old.py  # against REV
+    python notes/hopper_ab.py --names --also old.py --head-dims 128 --shapes 4,4224,16 2,6000,16  # B,T,heads
 
 Unlike notes/hopper_ablations.py (parts taken out, results wrong), a change here is a candidate to ship.
 Measured: notes/flash_attn_bench.md.
@@ -68,20 +69,22 @@ def main():
     p.add_argument("--direction", default="forward", choices=["forward", "backward"])
     p.add_argument("--head-dims", nargs="+", type=int, default=[128, 64])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shapes", nargs="+", metavar="B,T,H", help="batch, tokens, heads (default: 16k tokens per "
+                   "batch and 2048 = heads x head dim at 1k-16k tokens)")
     args = p.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     source = open(fh.__file__).read()
     modules = {"kept": fh, **{name: ablated(name, source, CHANGES[name]) for name in args.names},
                **{path: ablated(os.path.basename(path)[:-3], open(path).read(), []) for path in args.also}}
-    print(f"GPU: {torch.cuda.get_device_name()}; {args.direction} TFLOP/s, 16k tokens per batch")
+    print(f"GPU: {torch.cuda.get_device_name()}; {args.direction} TFLOP/s" + ("" if args.shapes else ", 16k tokens per batch"))
     for D in args.head_dims:
         print(f"head dim {D}: " + ", ".join(f"{n} {check(m, args.direction, D)}" for n, m in modules.items()))
-    print("| change | head dim | mask | seqlen | TFLOP/s | kept | cuDNN | change / kept | change / cuDNN |")
+    print("| change | head dim | mask | B, seqlen, heads | TFLOP/s | kept | cuDNN | change / kept | change / cuDNN |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for D in args.head_dims:
         for causal in (True, False):
-            for T in (1024, 2048, 4096, 8192, 16384):
-                B, H = 16384 // T, 2048 // D
+            for B, T, H in ([tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else
+                            [(16384 // T, T, 2048 // D) for T in (1024, 2048, 4096, 8192, 16384)]):
                 q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
                 qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
                 flops = 4 * B * H * T * T * D * (0.5 if causal else 1) * (2.5 if args.direction == "backward" else 1)
@@ -102,7 +105,7 @@ def main():
                 for n in modules:
                     if n == "kept":
                         continue
-                    print(f"| {n} | {D} | {'causal' if causal else 'full'} | {T} | {tf[n]:.0f} | {tf['kept']:.0f} | "
+                    print(f"| {n} | {D} | {'causal' if causal else 'full'} | {B}, {T}, {H} | {tf[n]:.0f} | {tf['kept']:.0f} | "
                           f"{tf['cuDNN']:.0f} | {tf[n] / tf['kept']:.3f} | {tf[n] / tf['cuDNN']:.2f} |", flush=True)
 
 

@@ -45,7 +45,9 @@ tiles that read K and V less often through 64-key blocks (256 x 64 with two row 
 192 x 64 with three warpgroups) lost 4-23% at head dim 128, and a third Q/dO slot in the backward (in place
 of a dQ staging buffer) 3-9%; removed after commit 8cec06a (notes/flash_attn_bench.md, 2026-12-04).
 The forward in clusters of two CTAs sharing K and V by TMA multicast (Triton 3.8) bought 0-4%, below the
-halved reads' 8-14%: notes/fwd_cluster.py.
+halved reads' 8-14%: notes/fwd_cluster.py. The backward's dQ added from the consumers' registers by
+red.global.add (no writer warp, no staging) lost 29-35% at head dim 128 and 7-15% at 64 (the patch is in commit
+634a0d3); its last partial wave (2,048 programs, 15.5 waves) costs nothing that shapes of whole waves recover.
 """
 import argparse
 import os
