@@ -298,12 +298,18 @@ def _bwd_preprocess(Out, dOut, Delta, dQ, stride_b, stride_t, stride_h, T, T_pad
 
 
 @triton.jit
-def _cast(Src, Dst, N, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
-    """Dst[:N] = Src[:N] in Dst's dtype: flash_attn_hopper's float32 dQ in q's dtype, by a launch of
-    ours rather than torch's .to, so that the backward's call is one that _replayed can replay."""
+def _cast(Src, Dst, N, ROW, BLOCK: tl.constexpr, PARTS: tl.constexpr = 1, GDC: tl.constexpr = False):
+    """Dst[:N] = Src's float32 in Dst's dtype: with PARTS > 1 the sum of PARTS parts, Dst's row r (ROW
+    elements) being the sum of Src's rows r PARTS ... r PARTS + PARTS - 1. flash_attn_hopper's dQ, or
+    its dK, dV from partial sums, in q's dtype, by a launch of ours rather than torch's .to, so that the
+    backward's call is one that _replayed can replay."""
     _wait_for_inputs(GDC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Dst + offs, tl.load(Src + offs, mask=offs < N).to(Dst.dtype.element_ty), mask=offs < N)
+    src = offs + offs // ROW * ((PARTS - 1) * ROW)  # part 0 of the element's row
+    acc = tl.load(Src + src, mask=offs < N)
+    for p in tl.static_range(1, PARTS):  # in order: the same sum on every run
+        acc += tl.load(Src + src + p * ROW, mask=offs < N)
+    tl.store(Dst + offs, acc.to(Dst.dtype.element_ty), mask=offs < N)
 
 
 @triton.jit

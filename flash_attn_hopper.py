@@ -23,7 +23,9 @@ an atomic counter in a fixed order; Q has two buffers, so the next tile's loads 
 last blocks and epilogue.
 
 Backward (one program per 128 keys, FlashAttention-2's partitioning, all five matmuls once):
-each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64.
+each warpgroup keeps dK, dV for its 64 keys in registers and loops over query blocks of 64 (with a
+causal mask and few programs, a key block's query blocks are split over several programs, whose
+float32 partial dK, dV are added up after: BWD_SPLIT_WAVES).
 dQ_i = dS K needs dS for all 128 keys, so both warpgroups write dS^T to shared memory, and the
 writer adds each dQ_i to a float32 dQ (zeroed by flash_attn's _delta in its pass for delta, cast
 at the end). At head dim 128 the two warpgroups meet at every step and each computes half of
@@ -86,6 +88,18 @@ FWD_TILES_LONG = {64: (192, 128, 2, 2)}
 FWD_LONG_SEQLEN = 8192
 BWD_TILES = {64: (64, 128, 2, 1), 128: (64, 128, 2, 2)}
 CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype (flash_attn._cast)
+# The backward's programs (one per key block and kv head) are few where B x kv heads x T / 128 is small,
+# and long with grouped-query heads (each loops over the group's query heads); with a causal mask, whose
+# first key blocks take the longest, the SMs then run dry before the end. There each key block's steps
+# are split over up to BWD_MAX_SPLITS programs (_splits_for), as many as stay within BWD_SPLIT_WAVES waves
+# with parts of at least BWD_MIN_STEPS steps (shorter ones cost more in their fixed work, the float32
+# partial dK, dV, than they recover), which _cast adds up in order (the same bits on every run). H200,
+# causal, TFLOP/s unsplit / split (cuDNN): 1 x 8192 tokens x 32/8 heads 438 / 490 in 2 (450); 2 x 4096 x
+# 28/4 332 / 441 in 4 (443); 2 x 4096 x 32/8 411 / 448 in 2 (446); 8 heads 1 x 4096, 64 steps, 446 /
+# 334 in 2 (321); full mask: unsplit best (notes/flash_attn_bench.md)
+BWD_SPLIT_WAVES = 8
+BWD_MAX_SPLITS = 8
+BWD_MIN_STEPS = 96
 # the shortest sequence these kernels take; below it the portable ones are faster (H200, 16k tokens per
 # batch, TFLOP/s portable / these): head dim 64 forward, causal, 1k 274 / 289, 2k 333 / 362 (2026-12-02);
 # backward 1k 259 / 263 causal, 308 / 347 full (README's table, 2026-12-04)
@@ -444,19 +458,19 @@ def _bwd_step(j, n_q, lo, BLOCK_M: gl.constexpr):
 
 @gluon.jit
 def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v_smem, q_ring, do_ring,
-                lse_ring, delta_ring, kv_bar, q_full, q_empty, kv_row, kv_col, q_row, h0, GROUP, lo, n_q,
+                lse_ring, delta_ring, kv_bar, q_full, q_empty, kv_row, kv_col, q_row, h0, j0, n_steps, lo, n_q,
                 stat_base, T_pad):
-    """Loader warp: this program's K, V once, then Q_i, dO_i, lse_i, delta_i of each query block
-    of each query head of the group into slot j % STAGES."""
+    """Loader warp: this program's K, V once, then Q_i, dO_i, lse_i, delta_i of each of its steps (a query
+    block of a query head of the group) into slot j % STAGES."""
     STAGES: gl.constexpr = q_ring.shape[0]
     BLOCK_M: gl.constexpr = q_ring.shape[1]
     D: gl.constexpr = q_ring.shape[2]
     mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes)
     _tma_load(desc_k, [kv_row, kv_col], kv_bar, k_smem)
     _tma_load(desc_v, [kv_row, kv_col], kv_bar, v_smem)
-    for j in range(GROUP * n_q):
+    for j in range(n_steps):
         s = j % STAGES
-        g, start_m = _bwd_step(j, n_q, lo, BLOCK_M)
+        g, start_m = _bwd_step(j0 + j, n_q, lo, BLOCK_M)
         mbarrier.wait(q_empty.index(s), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(q_full.index(s), 2 * desc_q.block_type.nbytes + 2 * desc_lse.block_type.nbytes)
         _tma_load(desc_q, [q_row + start_m, (h0 + g) * D], q_full.index(s), q_ring.index(s))
@@ -467,7 +481,7 @@ def _bwd_loader(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v
 
 
 @gluon.jit
-def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROUP):
+def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, j0, n_steps):
     """Writer warp: global dQ_i += its parts (two halves of the head dim, or all of it), by TMA bulk
     reductions, so that no consumer waits for them. (The consumers adding dQ from their registers by
     red.global.add instead, without this warp and the staging buffers, lost 29-35% at head dim 128 and
@@ -475,9 +489,9 @@ def _bwd_dq_writer(desc_dq, dq_smem, dq_full, dq_empty, q_row, h0, lo, n_q, GROU
     PARTS: gl.constexpr = dq_smem.shape[0] // 2  # DQ_PARTS
     BLOCK_M: gl.constexpr = dq_smem.shape[1]
     PART_D: gl.constexpr = dq_smem.shape[2]
-    for j in range(GROUP * n_q):
+    for j in range(n_steps):
         buf = j % 2
-        g, start_m = _bwd_step(j, n_q, lo, BLOCK_M)
+        g, start_m = _bwd_step(j0 + j, n_q, lo, BLOCK_M)
         mbarrier.wait(dq_full.index(buf), (j // 2) & 1)
         # rows >= T of the tile are the next sequence's (or clipped by TMA): their dS, so dQ, is 0
         for w in gl.static_range(PARTS):
@@ -500,13 +514,13 @@ def _bwd_dq_hand(part, buf, phase, dq, dq_smem, ds_empty, dq_full, dq_empty):
 
 
 @gluon.jit
-def _bwd_step_inputs(j, q_ring, do_ring, q_full, n_q, lo):
-    """A consumer's step j: its ring slot, first query row, and Q, dO once the loader has filled the slot
-    (query head g's Q, dO, lse, delta). Kept out of _bwd_scores: with the wait in there ptxas allocates the
-    head-dim-128 kernel otherwise (172 B of spills against 148)."""
+def _bwd_step_inputs(j, j0, q_ring, do_ring, q_full, n_q, lo):
+    """A consumer's step j (the program's j0 + j): its ring slot, first query row, and Q, dO once the loader
+    has filled the slot (query head g's Q, dO, lse, delta). Kept out of _bwd_scores: with the wait in there
+    ptxas allocates the head-dim-128 kernel otherwise (172 B of spills against 148)."""
     STAGES: gl.constexpr = q_ring.shape[0]
     s = j % STAGES
-    _, start_m = _bwd_step(j, n_q, lo, q_ring.shape[1])
+    _, start_m = _bwd_step(j0 + j, n_q, lo, q_ring.shape[1])
     q = q_ring.index(s)
     do = do_ring.index(s)
     mbarrier.wait(q_full.index(s), (j // STAGES) & 1)
@@ -566,7 +580,7 @@ def _bwd_consumer_setup(wg, n0, T, BLOCK_M: gl.constexpr, D: gl.constexpr):
 @gluon.jit
 def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full,
                    q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t, kv_base,
-                   n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col):
+                   n0, lo, mid_lo, mid_hi, n_q, j0, n_steps, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, kv_row, kv_col):
     """Consumer warpgroup wg at head dim 128 (DQ_PARTS 2): keys n0 + 64 wg ... + 63 against every query
     block (tiles are transposed, keys along rows, so dK and dV come out as (keys, D)). dQ_i = dS K sums
     over both warpgroups' keys: at each step's end both meet at the dS^T buffer and each computes half of
@@ -583,8 +597,8 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
     dq_zero = gl.zeros([BLOCK_M, D // 2], gl.float32, layout=_mma_layout(D // 2))
     qk_scale = softmax_scale * LOG2E
     mbarrier.wait(kv_bar, 0)
-    for j in range(GROUP * n_q):
-        s, start_m, q, do = _bwd_step_inputs(j, q_ring, do_ring, q_full, n_q, lo)
+    for j in range(n_steps):
+        s, start_m, q, do = _bwd_step_inputs(j, j0, q_ring, do_ring, q_full, n_q, lo)
         dv_tok, dk_tok, ds_t = _bwd_scores(k_w, v_w, q, do, lse_ring.index(s),
                                            delta_ring.index(s), dk, dv, st_zero, keys, cols, start_m, mid_lo,
                                            mid_hi, ragged, T, LEFT, RIGHT, softmax_scale, qk_scale)
@@ -602,8 +616,8 @@ def _bwd_warpgroup(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds
 @gluon.jit
 def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar,
                             q_full, q_empty, ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t,
-                            kv_base, n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT, desc_dk, desc_dv, kv_done,
-                            kv_row, kv_col):
+                            kv_base, n0, lo, mid_lo, mid_hi, n_q, j0, n_steps, T, LEFT, RIGHT, desc_dk, desc_dv,
+                            kv_done, kv_row, kv_col):
     """_bwd_warpgroup at head dim 64 (DQ_PARTS 1), where shared memory's bandwidth, not the tensor cores,
     bounds a step (counted, two warpgroups moved about 210 KB a step through it, 1,600 clocks at 128 B a
     clock, for 1,300 clocks of matmuls; shrinking the dQ matmul to 1/8 sped a step up 10-18%):
@@ -628,8 +642,8 @@ def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta
     mbarrier.wait(kv_bar, 0)
     k_a = k_w.load(kv_a)
     v_a = v_w.load(kv_a)
-    for j in range(GROUP * n_q):
-        s, start_m, q, do = _bwd_step_inputs(j, q_ring, do_ring, q_full, n_q, lo)
+    for j in range(n_steps):
+        s, start_m, q, do = _bwd_step_inputs(j, j0, q_ring, do_ring, q_full, n_q, lo)
         dv_tok, dk_tok, ds_t = _bwd_scores(k_a, v_a, q, do, lse_ring.index(s),
                                            delta_ring.index(s), dk, dv, st_zero, keys, cols, start_m, mid_lo,
                                            mid_hi, ragged, T, LEFT, RIGHT, softmax_scale, qk_scale)
@@ -647,8 +661,8 @@ def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta
         else:
             dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
             mbarrier.arrive(q_empty.index(s), count=1)
-    last = GROUP * n_q - 1
-    if last % 2 == wg:  # the last step's dQ
+    last = n_steps - 1
+    if (last >= 0) & (last % 2 == wg):  # the last step's dQ
         buf = last % 2
         phase = (last // 2) & 1
         mbarrier.wait(ds_full.index(buf), phase)
@@ -660,14 +674,19 @@ def _bwd_warpgroup_dq_turns(wg, k_smem, v_smem, q_ring, do_ring, lse_ring, delta
 @gluon.jit
 def _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, T, desc_dk, desc_dv, kv_row, kv_col):
     """dK, dV (64 keys, D) of consumer warpgroup wg out, through K's and V's buffers by TMA stores
-    where the 64 keys are this sequence's, as the forward's O."""
+    where the 64 keys are this sequence's, as the forward's O; float32 partial sums (dK, dV pointing at
+    them) by plain stores."""
     KEYS: gl.constexpr = 64
     D: gl.constexpr = k_w.shape[1]
     dtype: gl.constexpr = k_w.dtype
     kv_layout: gl.constexpr = _mma_layout(D)
     r0 = n0 + wg * KEYS
     mbarrier.arrive(kv_done, count=1)
-    if r0 + KEYS <= T:  # (the backward is 1-10% faster so at head dim 128: notes/flash_attn_bench.md)
+    if dK.dtype.element_ty == gl.float32:  # partial sums
+        by_tma = False
+    else:  # where the 64 keys are this sequence's (the backward is 1-10% faster so at 128: notes/flash_attn_bench.md)
+        by_tma = r0 + KEYS <= T
+    if by_tma:
         v_w.store(dv.to(dtype))  # only this warpgroup read these rows of V
         mbarrier.wait(kv_done, 0)  # both warpgroups' last dQ matmuls, which read every row of K, are done
         k_w.store(dk.to(dtype))
@@ -682,31 +701,35 @@ def _bwd_epilogue(wg, dk, dv, k_w, v_w, kv_done, dK, dV, stride_t, kv_base, n0, 
         offs = gl.expand_dims(rows * stride_t, 1) + gl.expand_dims(cols_d, 0)  # 32-bit, from a 64-bit base
         base = kv_base + r0.to(gl.int64) * stride_t
         mask = gl.expand_dims(r0 + rows < T, 1)
-        gl.store(dK + base + offs, dk.to(dtype), mask=mask)
-        gl.store(dV + base + offs, dv.to(dtype), mask=mask)
+        gl.store(dK + base + offs, dk.to(dK.dtype.element_ty), mask=mask)
+        gl.store(dV + base + offs, dv.to(dV.dtype.element_ty), mask=mask)
 
 
 @gluon.jit(do_not_specialize=["T", "T_pad", "GROUP", "LEFT", "RIGHT", "HEADS"])
 def _bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
-                softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS,
+                softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, HEADS, SPLITS,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DQ_PARTS: gl.constexpr,
                 GDC: gl.constexpr = False):
-    # a 1D grid of (key blocks) x (B * H_KV) programs in _tile_order (HEADS kv heads at a time); causal:
-    # the first key blocks, which the most query blocks see, are the longest and start first
-    pid_n, bhk = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
+    # a 1D grid of (key blocks) x (B * H_KV * SPLITS) programs in _tile_order (HEADS of those at a time, the
+    # SPLITS parts of a kv head together); causal: the first key blocks, which the most query blocks see,
+    # are the longest and start first
+    pid_n, part = _tile_order(gl.cdiv(T, BLOCK_N), HEADS)
     _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
-                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk, BLOCK_M,
-                 BLOCK_N, STAGES, DQ_PARTS, GDC)
+                 softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n,
+                 part // SPLITS, part % SPLITS, SPLITS, BLOCK_M, BLOCK_N, STAGES, DQ_PARTS, GDC)
 
 
 @gluon.jit
 def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta, desc_dk, desc_dv, dK, dV,
                  softmax_scale, stride_b, stride_t, stride_h, T, T_pad, H_KV, GROUP, LEFT, RIGHT, pid_n, bhk,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DQ_PARTS: gl.constexpr,
-                 GDC: gl.constexpr):
+                 split, SPLITS, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 DQ_PARTS: gl.constexpr, GDC: gl.constexpr):
     """Key block pid_n of (batch, kv head) bhk: two consumer warpgroups of 64 keys, the loader warp
     and the dQ writer warp. DQ_PARTS 2: each warpgroup computes half of dQ_i's head dim at every step
-    (_bwd_warpgroup); 1: one warpgroup all of it, in turns (_bwd_warpgroup_dq_turns)."""
+    (_bwd_warpgroup); 1: one warpgroup all of it, in turns (_bwd_warpgroup_dq_turns). The block's steps
+    (query blocks of each query head of the group) in SPLITS near-equal parts, of which this program takes
+    part `split`; with more than one, dK and dV are float32 partial sums, head split * H_KV + hk of
+    (B, T, SPLITS * H_KV, D) (backward's _split_for)."""
     b, hk = bhk // H_KV, bhk % H_KV
     n0 = pid_n * BLOCK_N
     dtype: gl.constexpr = desc_q.dtype
@@ -743,15 +766,17 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     # the query rows that see these keys: the transpose of the forward's band (LEFT <-> RIGHT)
     lo, mid_lo, mid_hi, hi = _block_range(n0, T, T, RIGHT, LEFT, None, 0, BLOCK_N, BLOCK_M, False)
     n_q = gl.cdiv(hi - lo, BLOCK_M)
+    j0 = split * (GROUP * n_q) // SPLITS  # this program's steps: j0 .. j0 + n_steps - 1
+    n_steps = (split + 1) * (GROUP * n_q) // SPLITS - j0
     h0 = hk * GROUP  # grouped-query: the query heads h0 .. h0 + GROUP - 1 share this kv head
     consumer = (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, ds_smem, dq_smem, kv_bar, q_full, q_empty,
                 ds_full, ds_empty, dq_full, dq_empty, dK, dV, softmax_scale, stride_t,
-                b.to(gl.int64) * stride_b + hk * stride_h, n0, lo, mid_lo, mid_hi, n_q, GROUP, T, LEFT, RIGHT,
-                desc_dk, desc_dv, kv_done, b * T, hk * D)
+                b.to(gl.int64) * stride_b + (split * H_KV + hk) * stride_h, n0, lo, mid_lo, mid_hi, n_q, j0, n_steps,
+                T, LEFT, RIGHT, desc_dk, desc_dv, kv_done, b * T, hk * D)
     loader = (desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, k_smem, v_smem, q_ring, do_ring, lse_ring,
-              delta_ring, kv_bar, q_full, q_empty, b * T + n0, hk * D, b * T, h0, GROUP, lo, n_q,
+              delta_ring, kv_bar, q_full, q_empty, b * T + n0, hk * D, b * T, h0, j0, n_steps, lo, n_q,
               (b * H_KV * GROUP + h0) * T_pad, T_pad)
-    writer = (desc_dq, dq_smem, dq_full, dq_empty, b * T, h0, lo, n_q, GROUP)
+    writer = (desc_dq, dq_smem, dq_full, dq_empty, b * T, h0, lo, n_q, j0, n_steps)
     if DQ_PARTS == 2:
         gl.warp_specialize([(_bwd_warpgroup, (0, ) + consumer), (_bwd_warpgroup, (1, ) + consumer),
                             (_bwd_loader, loader), (_bwd_dq_writer, writer)],
@@ -837,26 +862,47 @@ def _fwd_tile_for(T, D):
     return FWD_TILES_LONG[D] if T >= FWD_LONG_SEQLEN and D in FWD_TILES_LONG else FWD_TILES[D]
 
 
-def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES):
+def _splits_for(programs, steps, sms):
+    """How many programs share each key block's steps in a causal backward (_bwd_program): as many as keep
+    the programs within BWD_SPLIT_WAVES waves on sms SMs, at most BWD_MAX_SPLITS, none with fewer than
+    BWD_MIN_STEPS of the longest block's `steps`; at least 1."""
+    return max(1, min(BWD_MAX_SPLITS, BWD_SPLIT_WAVES * sms // programs, steps // BWD_MIN_STEPS))
+
+
+def backward(do, q, k, v, out, lse, scale, left, right, tile=None, l2_bytes=L2_GROUP_BYTES, splits=None):
     """dq, dk, dv from either forward's out and lse, do and out with q's strides, as
-    flash_attn._backward. tile: (query rows, key rows, ring slots, dQ_i's parts) and l2_bytes: others than
-    BWD_TILES' and L2_GROUP_BYTES only in notes/hopper_variants.py."""
+    flash_attn._backward. tile: (query rows, key rows, ring slots, dQ_i's parts), l2_bytes and splits:
+    others than BWD_TILES', L2_GROUP_BYTES and _splits_for's only in tests and notes/ scripts."""
     B, T, H, D = q.shape
     H_kv = k.shape[2]
     T_pad = lse.shape[-1]
     bm, bn, stages, dq_parts = tile or BWD_TILES[D]
+    programs = triton.cdiv(T, bn) * B * H_kv
+    causal = min(left, right) == 0 and max(left, right) >= T  # (or its mirror): blocks of very unequal lengths
+    if splits is None:
+        splits = _splits_for(programs, H // H_kv * triton.cdiv(T, bm), _sm_count(q.device.index)) if causal else 1
     dk, dv = (flash_attn._empty(x.shape, x.dtype, x.device) for x in (k, v))
+    # split: float32 partial sums (B, T, splits x kv heads, D) that _cast adds up
+    dk_part, dv_part = dk, dv
+    if splits > 1:
+        dk_part, dv_part = (flash_attn._empty((B, T, splits * H_kv, D), torch.float32, q.device) for _ in range(2))
     dq = flash_attn._empty((B, T, H, D), torch.float32, q.device)  # zeroed with delta, then TMA reductions
-    heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv)  # a kv head's query heads' Q, dO
-    key = (*flash_attn._shapes_key(q, k, do, None, T_pad, left, right), heads)
+    # a kv head's query heads' Q, dO (each of its parts streams a share)
+    heads = _heads_at_a_time(l2_bytes, 4 * T * D * (H // H_kv), B * H_kv * splits, splits)
+    key = (*flash_attn._shapes_key(q, k, do, None, T_pad, left, right), heads, splits)
     delta = flash_attn._delta(out, do, T_pad, key, zero_dq=dq)
     flash_attn._run(
-        _bwd_kernel, (triton.cdiv(T, bn) * B * H_kv, ),
+        _bwd_kernel, (programs * splits, ),
         _desc(q, bm), _desc(k, bn), _desc(v, bn), _desc(do, bm), _desc(dq, bm, D // dq_parts),
-        _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk, dv, scale, dk.stride(0),
-        dk.stride(1), dk.stride(2), T, T_pad, H_kv, H // H_kv, left, right, heads, BLOCK_M=bm, BLOCK_N=bn,
-        STAGES=stages, DQ_PARTS=dq_parts, key=key, **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
+        _stat_desc(lse, bm), _stat_desc(delta, bm), _desc(dk, 64), _desc(dv, 64), dk_part, dv_part, scale,
+        dk_part.stride(0), dk_part.stride(1), dk_part.stride(2), T, T_pad, H_kv, H // H_kv, left, right, heads,
+        splits, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DQ_PARTS=dq_parts, key=key,
+        **flash_attn._dependent_launch(q.device), **COMPILE_OPTIONS)
     dq_out = flash_attn._empty(q.shape, q.dtype, q.device)
-    flash_attn._run(flash_attn._cast, (triton.cdiv(dq.numel(), CAST_BLOCK), ), dq, dq_out, dq.numel(),
+    flash_attn._run(flash_attn._cast, (triton.cdiv(dq.numel(), CAST_BLOCK), ), dq, dq_out, dq.numel(), 1,
                     BLOCK=CAST_BLOCK, **flash_attn._dependent_launch(q.device))
+    if splits > 1:
+        for part, whole in ((dk_part, dk), (dv_part, dv)):
+            flash_attn._run(flash_attn._cast, (triton.cdiv(whole.numel(), CAST_BLOCK), ), part, whole, whole.numel(),
+                            H_kv * D, BLOCK=CAST_BLOCK, PARTS=splits, **flash_attn._dependent_launch(q.device))
     return dq_out, dk, dv

@@ -76,7 +76,8 @@ def main():
     source = open(fh.__file__).read()
     modules = {"kept": fh, **{name: ablated(name, source, CHANGES[name]) for name in args.names},
                **{path: ablated(os.path.basename(path)[:-3], open(path).read(), []) for path in args.also}}
-    print(f"GPU: {torch.cuda.get_device_name()}; {args.direction} TFLOP/s" + ("" if args.shapes else ", 16k tokens per batch"))
+    shapes = "" if args.shapes else ", 16k tokens per batch"
+    print(f"GPU: {torch.cuda.get_device_name()}; {args.direction} TFLOP/s{shapes}")
     for D in args.head_dims:
         print(f"head dim {D}: " + ", ".join(f"{n} {check(m, args.direction, D)}" for n, m in modules.items()))
     print("| change | head dim | mask | B, seqlen, heads | TFLOP/s | kept | cuDNN | change / kept | change / cuDNN |")

@@ -6,7 +6,8 @@ on any machine (--compile-only: shared memory, spills, whether ptxas kept wgmma 
     python notes/hopper_variants.py --compile-only [NAME ...]  # CPU: Triton's sm_90a compile and ptxas -v
 
 tests/test_flash_attn.py's test_hopper_kernels_compile_for_sm90 runs --compile-only on the shipped kernels
-("kept", "kept d64", "kept d64 long", "bwd 128", "bwd 64").
+("kept", "kept d64", "kept d64 long", "bwd 128", "bwd 64", and the backward split over programs, "bwd 128 split",
+"bwd 64 split").
 
 A variant is a tile (BLOCK_M, BLOCK_N, STAGES, and the forward's Q_STAGES) of the shipped kernels at a
 head dim (the forward runs BLOCK_M // 64 consumer warpgroups, 2 or 3; the backward two) and an order in
@@ -97,7 +98,7 @@ def forward(q, k, v, causal, tile, l2_bytes=fh.L2_GROUP_BYTES):
 
 def check(D, tile, l2_bytes):
     """Fresh random ragged inputs (grouped heads, a partial last tile; 48 heads at 3000 tokens, so the
-    16 MB groups are 20 + 20 + 8 heads at head dim 128, 42 + 6 at 64) against the float64 reference."""
+    16 MB groups are 20 + 28 heads at head dim 128, all 48 at 64) against the float64 reference."""
     for causal in (True, False):
         q = torch.randn(3, 3000, 16, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(3, 3000, 8, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -111,9 +112,12 @@ def check(D, tile, l2_bytes):
 
 
 # --------------------------------------------------------------------------- backward
-BWD_VARIANTS = [  # (name, head dim, tile, l2_bytes) as VARIANTS, flash_attn_hopper.backward's order
+BWD_VARIANTS = [  # (name, head dim, tile, l2_bytes) as VARIANTS, flash_attn_hopper.backward's order; a tile's
+    # fifth entry: each key block's steps split over that many programs (float32 partial dK, dV)
     ("bwd 128", 128, fh.BWD_TILES[128], fh.L2_GROUP_BYTES),
     ("bwd 64", 64, fh.BWD_TILES[64], fh.L2_GROUP_BYTES),
+    ("bwd 128 split", 128, fh.BWD_TILES[128] + (2, ), fh.L2_GROUP_BYTES),
+    ("bwd 64 split", 64, fh.BWD_TILES[64] + (2, ), fh.L2_GROUP_BYTES),
     ("bwd 64 portable", 64, None, None),  # as "d64 portable"
 ]
 
@@ -125,7 +129,8 @@ def backward(do, q, k, v, out, lse, causal, tile, l2_bytes=None):
     left, right = flash_attn._window(causal, None, T, T)
     if tile is None:
         return portable(flash_attn._backward, do, q, k, v, out, lse, None, causal, D ** -0.5, left, right)
-    return fh.backward(do, q, k, v, out, lse, D ** -0.5, left, right, tile=tile, l2_bytes=l2_bytes)
+    return fh.backward(do, q, k, v, out, lse, D ** -0.5, left, right, tile=tile[:4], l2_bytes=l2_bytes,
+                       splits=tile[4] if len(tile) > 4 else 1)
 
 
 def check_bwd(D, tile, l2_bytes):
@@ -254,13 +259,16 @@ def compile_all(names):
                 compile_one(name, D, (bm, bn, stages, *q_stages), fh._fwd_kernel, sig,
                             dict(IS_CAUSAL=True, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, Q_STAGES=q_stages[0],
                                  GDC=True))
-            else:
+            else:  # [DQ_PARTS, splits]: unsplit, SPLITS is 1 as the launch specializes it; split, dK and dV float32
+                split = len(q_stages) > 1
                 sig = {"desc_q": desc([bm, D]), "desc_k": desc([bn, D]), "desc_v": desc([bn, D]),
                        "desc_do": desc([bm, D]), "desc_dq": desc([bm, D // q_stages[0]], "fp32"), "desc_lse": desc([bm], "fp32"),
                        "desc_delta": desc([bm], "fp32"), "desc_dk": desc([64, D]), "desc_dv": desc([64, D]),
-                       "dK": "*bf16", "dV": "*bf16", "softmax_scale": "fp32"}
+                       "dK": "*fp32" if split else "*bf16", "dV": "*fp32" if split else "*bf16",
+                       "softmax_scale": "fp32"}
                 compile_one(name, D, (bm, bn, stages, *q_stages), fh._bwd_kernel, sig,
-                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DQ_PARTS=q_stages[0], GDC=True))
+                            dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, DQ_PARTS=q_stages[0], GDC=True,
+                                 **({} if split else {"SPLITS": 1})))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -199,12 +199,19 @@ def test_interpreter_kv_cache_prefill(window):
 @cpu_only
 def test_interpreter_cast():
     """flash_attn._cast (flash_attn_hopper's dQ from float32 to q's dtype) equals .to over a length
-    that is not a multiple of its block, and writes nothing past it."""
+    that is not a multiple of its block, and writes nothing past it; with PARTS it sums the parts of each
+    row (the backward's dK, dV from partial sums: (B, T, parts x kv heads, D)) in order, then casts."""
     torch.manual_seed(5)
     src = torch.randn(3 * 64 + 5) * 100
     dst = torch.full((len(src) + 70, ), 7.0, dtype=torch.float16)
-    flash_attn._run(flash_attn._cast, (triton.cdiv(len(src), 64), ), src, dst, len(src), BLOCK=64)
+    flash_attn._run(flash_attn._cast, (triton.cdiv(len(src), 64), ), src, dst, len(src), 1, BLOCK=64)
     assert torch.equal(dst[:len(src)], src.half()) and (dst[len(src):] == 7).all()
+    parts = torch.randn(2, 7, 3, 5, 4) * 100  # B, T, parts, kv heads, D
+    dst = torch.full((2 * 7 * 5 * 4 + 70, ), 7.0, dtype=torch.float16)  # (the interpreter rounds bf16 otherwise)
+    n = dst.numel() - 70
+    flash_attn._run(flash_attn._cast, (triton.cdiv(n, 64), ), parts, dst, n, 5 * 4, BLOCK=64, PARTS=3)
+    want = (parts[:, :, 0] + parts[:, :, 1] + parts[:, :, 2]).half().flatten()
+    assert torch.equal(dst[:n], want) and (dst[n:] == 7).all()
 
 
 def naive_attention(q, k, v, causal, window):
@@ -1186,6 +1193,47 @@ def test_hopper_backward_tile_order(head_dim, monkeypatch):
 
 @cuda_only
 @pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_backward_split(head_dim):
+    """flash_attn_hopper's backward with each key block's steps split over 2, 3 or 8 programs (float32
+    partial dK, dV summed by _cast; at 8 some causal blocks have fewer steps than parts, so some parts are
+    empty) matches the float64 reference and the unsplit backward, and gives the same bits on a second run;
+    _splits_for splits only where the programs are few."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a Hopper GPU")
+    import flash_attn_hopper as fh
+    T, scale = 1100, head_dim ** -0.5  # 9 key blocks, the last ragged
+    q = torch.randn(2, T, 6, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, T, 3, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    for causal in (True, False):
+        left, right = flash_attn._window(causal, None, T, T)
+        out, lse = flash_attn._forward(q, k, v, None, causal, scale, left, right)
+        leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        want = torch.autograd.grad(flash_attn.attention_reference(*leaves, causal=causal)[0], leaves, do.double())
+        whole = fh.backward(do, q, k, v, out, lse, scale, left, right, splits=1)
+        for splits in (1, 2, 3, 8):
+            got = fh.backward(do, q, k, v, out, lse, scale, left, right, splits=splits)
+            for name, g, w, u in zip("qkv", got, want, whole):
+                assert ((g.double() - w).norm() / w.norm()).item() < 2e-2, (causal, splits, name)
+                assert ((g.float() - u.float()).norm() / u.float().norm()).item() < 1e-2, (causal, splits, name)
+            again = fh.backward(do, q, k, v, out, lse, scale, left, right, splits=splits)
+            assert torch.equal(again[1], got[1]) and torch.equal(again[2], got[2]), (causal, splits)
+
+
+def test_hopper_backward_splits_only_few_programs():
+    """flash_attn_hopper._splits_for: as many waves as BWD_SPLIT_WAVES or more, or blocks shorter than two
+    parts of BWD_MIN_STEPS, are not split; a single wave of programs with long blocks takes the most parts."""
+    import flash_attn_hopper as fh
+    sms, long = 132, 100 * fh.BWD_MIN_STEPS
+    assert fh._splits_for(fh.BWD_SPLIT_WAVES * sms, long, sms) == 1
+    assert fh._splits_for(fh.BWD_SPLIT_WAVES * sms // 2, long, sms) == 2
+    assert fh._splits_for(sms, long, sms) == min(fh.BWD_MAX_SPLITS, fh.BWD_SPLIT_WAVES)
+    assert fh._splits_for(sms, 2 * fh.BWD_MIN_STEPS - 1, sms) == 1
+    assert fh._splits_for(sms, 3 * fh.BWD_MIN_STEPS, sms) == 3
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_model_trains_like_sdpa(head_dim):
     """Same init, same batches, bf16 autocast: "flash" follows "sdpa" as closely as "math" (float32
     attention) does, i.e. to bf16 noise (which training amplifies over the steps)."""
@@ -1261,9 +1309,11 @@ def test_hopper_import_names_a_missing_gluon_feature(monkeypatch):
 
 # the most bytes of spill stores per thread that each shipped kernel (notes/hopper_variants.py's name for it)
 # compiles to under Triton 3.6-3.9, the largest of the four releases; more is a change that costs registers
-# (kept d64 long: 0 / 0 / 0 / 112 B under 3.6 / 3.7 / 3.8 / 3.9; bwd 128: 204 / 164 / 180 / 32 B, 148 under 3.6
-# before _tile_at's last group took the leftover heads: ptxas allocates the same loop otherwise, timed within 2%)
-SHIPPED_SPILLS = {"kept": 0, "kept d64": 0, "kept d64 long": 112, "bwd 128": 204, "bwd 64": 0}
+# (kept d64 long: 0 / 0 / 0 / 112 B under 3.6 / 3.7 / 3.8 / 3.9; bwd 128: 208 / 172 / 184 / 28 B, and split
+# over programs 188 / 160 / 168 / 84 B; 148 under 3.6 before _tile_at's last group took the leftover heads and
+# the steps could be split: ptxas allocates the same loop otherwise, timed within 2%)
+SHIPPED_SPILLS = {"kept": 0, "kept d64": 0, "kept d64 long": 112, "bwd 128": 208, "bwd 64": 0, "bwd 128 split": 188,
+                  "bwd 64 split": 0}
 
 
 def test_hopper_notes_substitutions_match_the_kernels():
