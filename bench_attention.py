@@ -5,6 +5,7 @@
     python bench_attention.py --tiles --seqlens 8192 --head-dims 128 --causal 1   # time every tile config
     python bench_attention.py --host                           # host (CPU) microseconds per call
     python bench_attention.py --seqlens 4096 --head-dims 128 --dim 4096 --group 4   # 32 query / 8 kv heads
+    python bench_attention.py --models                         # published models' attention shapes, causal
 
 All four (this kernel, flash_attn.py's portable kernels, SDPA flash, SDPA cuDNN) run in the same process
 on the same inputs, (batch, seqlen, heads, headdim) bf16 with batch * seqlen = --tokens and heads *
@@ -105,6 +106,36 @@ def time_host(dtype):
         flash_attn.HOPPER = True
 
 
+# (model, batch, seqlen, query heads, kv heads, head dim): the attention of published models at a few
+# training batches, and shapes with few programs (8 heads) or an odd length
+MODEL_SHAPES = [("Llama-3-8B", 1, 8192, 32, 8, 128), ("Llama-3-8B", 2, 4096, 32, 8, 128),
+                ("Llama-3-8B", 4, 2048, 32, 8, 128), ("Llama-2-7B", 2, 4096, 32, 32, 128),
+                ("Llama-2-13B", 1, 4096, 40, 40, 128), ("Qwen2.5-7B", 2, 4096, 28, 4, 128),
+                ("Llama-3.2-1B", 4, 4096, 32, 8, 64), ("SmolLM2-135M", 8, 2048, 9, 3, 64),
+                ("SmolLM2-360M", 8, 2048, 15, 5, 64), ("GPT-2", 16, 1024, 12, 12, 64), ("8 heads", 1, 4096, 8, 8, 128),
+                ("odd length", 3, 3000, 20, 20, 128), ("long", 1, 32768, 32, 8, 128)]
+
+
+def time_models(dtype):
+    """flash_attn_func against SDPA cuDNN at MODEL_SHAPES, causal: the better of two rounds each."""
+    ours, cudnn = IMPLS["triton"], IMPLS["sdpa-cudnn"]
+    print("| model | batch, seqlen, heads q / kv, head dim | ours fwd / bwd | SDPA cuDNN fwd / bwd | ours / cuDNN |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, B, T, H, H_kv, D in MODEL_SHAPES:
+        q = torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(B, T, H_kv, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        kx, vx = (x.detach().repeat_interleave(H // H_kv, 2).requires_grad_() for x in (k, v))  # for SDPA
+        times = {"ours": [], "cudnn": []}
+        for _ in range(2):
+            times["ours"].append(bench_one(ours, q, k, v, True))
+            times["cudnn"].append(bench_one(cudnn, q, kx, vx, True))
+        (of, ob), (cf, cb) = ([min(t[i] for t in times[n]) for i in (0, 1)] for n in ("ours", "cudnn"))
+        flops = 2 * B * H * T * T * D  # causal: half of 4 B H T^2 D
+        print(f"| {name} | {B}, {T}, {H} / {H_kv}, {D} | {flops / of * 1e-9:.0f} / {2.5 * flops / ob * 1e-9:.0f} | "
+              f"{flops / cf * 1e-9:.0f} / {2.5 * flops / cb * 1e-9:.0f} | {cf / of:.2f} / {cb / ob:.2f} |", flush=True)
+        del q, k, v, kx, vx
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
@@ -116,12 +147,15 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--tiles", action="store_true", help="time each tile config of flash_attn.py instead")
     p.add_argument("--host", action="store_true", help="host (CPU) microseconds per call instead")
+    p.add_argument("--models", action="store_true", help="published models' attention shapes (MODEL_SHAPES) instead")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"{args.dtype}, batch*seqlen={args.tokens}, heads*headdim={args.dim}, query heads per kv head={args.group}")
     if args.host:
         return time_host(dtype)
+    if args.models:
+        return time_models(dtype)
 
     rows = []
     for causal in [bool(int(c)) for c in args.causal.split(",")]:
