@@ -93,7 +93,8 @@ CAST_BLOCK = 4096  # dQ elements per program of the backward's cast to q's dtype
 # first key blocks take the longest, the SMs then run dry before the end. There each key block's steps
 # are split over up to BWD_MAX_SPLITS programs (_splits_for), as many as stay within BWD_SPLIT_WAVES waves
 # with parts of at least BWD_MIN_STEPS steps (shorter ones cost more in their fixed work, the float32
-# partial dK, dV, than they recover), which _cast adds up in order (the same bits on every run). H200,
+# partial dK, dV, than they recover), which _cast adds up in order (the same bits on every run; at most
+# 8 waves x 128 keys x D x 2 x 4 bytes in all: 138 MB at head dim 128 on 132 SMs). H200,
 # causal, TFLOP/s unsplit / split (cuDNN): 1 x 8192 tokens x 32/8 heads 438 / 490 in 2 (450); 2 x 4096 x
 # 28/4 332 / 441 in 4 (443); 2 x 4096 x 32/8 411 / 448 in 2 (446); 8 heads 1 x 4096, 64 steps, 446 /
 # 334 in 2 (321); full mask: unsplit best (notes/flash_attn_bench.md)
@@ -729,7 +730,7 @@ def _bwd_program(desc_q, desc_k, desc_v, desc_do, desc_dq, desc_lse, desc_delta,
     (_bwd_warpgroup); 1: one warpgroup all of it, in turns (_bwd_warpgroup_dq_turns). The block's steps
     (query blocks of each query head of the group) in SPLITS near-equal parts, of which this program takes
     part `split`; with more than one, dK and dV are float32 partial sums, head split * H_KV + hk of
-    (B, T, SPLITS * H_KV, D) (backward's _split_for)."""
+    (B, T, SPLITS * H_KV, D) (backward's _splits_for)."""
     b, hk = bhk // H_KV, bhk % H_KV
     n0 = pid_n * BLOCK_N
     dtype: gl.constexpr = desc_q.dtype
