@@ -1196,8 +1196,9 @@ def test_hopper_backward_tile_order(head_dim, monkeypatch):
 def test_hopper_backward_split(head_dim):
     """flash_attn_hopper's backward with each key block's steps split over 2, 3 or 8 programs (float32
     partial dK, dV summed by _cast; at 8 some causal blocks have fewer steps than parts, so some parts are
-    empty) matches the float64 reference and the unsplit backward, and gives the same bits on a second run;
-    _splits_for splits only where the programs are few."""
+    empty) matches the float64 reference and the unsplit backward, and gives the same bits on a second run.
+    Through flash_attn_func, at a causal shape that _splits_for splits (two calls: the second replayed),
+    the gradients match float64 too."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("not a Hopper GPU")
     import flash_attn_hopper as fh
@@ -1218,6 +1219,17 @@ def test_hopper_backward_split(head_dim):
                 assert ((g.float() - u.float()).norm() / u.float().norm()).item() < 1e-2, (causal, splits, name)
             again = fh.backward(do, q, k, v, out, lse, scale, left, right, splits=splits)
             assert torch.equal(again[1], got[1]) and torch.equal(again[2], got[2]), (causal, splits)
+    T = 3072  # 24 key blocks x 2 kv heads, 4 query heads each: 192 steps at the first block, two parts
+    assert fh._splits_for(T // 128 * 2, 4 * T // 64, fh._sm_count(q.device.index)) == 2
+    q = torch.randn(1, T, 8, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, T, 2, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = torch.autograd.grad(flash_attn.attention_reference(*leaves, causal=True)[0], leaves, do.double())
+    for _ in range(2):
+        got = torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), do)
+        for name, g, w in zip("qkv", got, want):
+            assert ((g.double() - w).norm() / w.norm()).item() < 2e-2, name
 
 
 def test_hopper_backward_splits_only_few_programs():
