@@ -4,6 +4,7 @@ interleaved with the shipped module and SDPA cuDNN, round after round.
 
     python notes/hopper_ab.py --names fence [--direction forward|backward] [--head-dims 128 64]
     git show REV:flash_attn_hopper.py > old.py; python notes/hopper_ab.py --names --also old.py  # against REV
+    # (before 43653ff its backward calls flash_attn._cast without ROW: add ", 1" after "dq.numel()" in old.py)
     python notes/hopper_ab.py --names --also old.py --head-dims 128 --shapes 4,4224,16 2,6000,16  # B,T,heads
 
 Unlike notes/hopper_ablations.py (parts taken out, results wrong), a change here is a candidate to ship.
