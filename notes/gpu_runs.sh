@@ -1,7 +1,7 @@
 # The exact GPU runs behind README's training-step and multi-GPU tables (2026-11-27, H200).
 # .gpudata/pystdlib_small: the first 6M train / 0.5M val tokens of data/pystdlib (prepare.py's
 # offline default), written with prepare.write_tokens and carried to the GPU machine.
-# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|attn_table|triton390|attn_profile|host_replay|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
+# Run from the repository root: bash notes/gpu_runs.sh one_gpu|attn_all|attn_table|attn_models|triton390|attn_profile|host_replay|attn_tests|attn_kernel|hopper_variants|attn_bench|doc_mask_loss|bench_multi|train_multi|ckpt_stall|first_call (or: multi = the
 # last two, one_gpu = one_gpu_bench + one_gpu_loss). bench_multi / train_multi use 4 GPUs where there
 # are 4 (2-GPU rows use CUDA_VISIBLE_DEVICES=0,1). LAYOUTS="one pp2_1f1b ..." limits train_multi's runs.
 if [ "$1" = multi ]; then bash "$0" bench_multi; bash "$0" train_multi; exit; fi
@@ -107,8 +107,16 @@ attn_table)
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
 timeout 300 python3 bench_attention.py > $OUT/attn_bench.log 2>&1; grep "^causal\|^|" $OUT/attn_bench.log
-timeout 90 python3 bench_attention.py --causal=1 --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
+timeout 90 python3 bench_attention.py --seqlens=4096 --head-dims=128 --dim=4096 --group=4 > $OUT/attn_gqa.log 2>&1
 grep "^causal\|^|" $OUT/attn_gqa.log
+;;
+attn_models)
+# README's published-models table: bench_attention.py --models twice (the second sweep is its last column),
+# then each backward kernel's time against cuDNN's (notes/bwd_kernel_times.py; ~2 minutes in all)
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader; date -u
+for i in 1 2; do timeout 200 python3 bench_attention.py --models 2>&1 | tee $OUT/models$i.log; done
+timeout 200 python3 notes/bwd_kernel_times.py 2>&1 | grep -v Warn | tee $OUT/bwd_kernels.log
 ;;
 hopper_variants)
 # the variants of flash_attn_hopper (notes/hopper_variants.py), backward then forward: checked, then timed against SDPA cuDNN
